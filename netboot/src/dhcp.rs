@@ -1,0 +1,1 @@
+//! dhcp: see module owner.

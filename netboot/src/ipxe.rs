@@ -1,0 +1,1 @@
+//! ipxe: see module owner.

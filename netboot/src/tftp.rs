@@ -1,0 +1,1 @@
+//! tftp: see module owner.
