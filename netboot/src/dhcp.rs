@@ -1,1 +1,0 @@
-//! dhcp: see module owner.

@@ -1,0 +1,140 @@
+//! Response bodies: nothing, a small buffer, or a file streamed in bounded chunks.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Frame, SizeHint};
+use tokio::io::{AsyncRead, ReadBuf};
+
+/// Largest chunk read from a file at once; with hyper's write buffer this bounds the memory one
+/// download uses, whatever the file size.
+const CHUNK: usize = 64 * 1024;
+
+pub enum Body {
+    Empty,
+    Full(Option<Bytes>),
+    File(FileStream),
+}
+
+impl Body {
+    pub fn text(s: impl Into<String>) -> Self {
+        Body::Full(Some(Bytes::from(s.into())))
+    }
+}
+
+/// `len` bytes of `file` from its current position. Logs when dropped before the end (client
+/// went away, or shutdown aborted it) and calls `on_complete` once the last byte was handed to
+/// hyper.
+pub struct FileStream {
+    file: tokio::fs::File,
+    remaining: u64,
+    len: u64,
+    buf: Vec<u8>,
+    path: String,
+    on_complete: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl FileStream {
+    pub fn new(file: tokio::fs::File, len: u64, path: String) -> Self {
+        FileStream {
+            file,
+            remaining: len,
+            len,
+            buf: Vec::new(),
+            path,
+            on_complete: None,
+        }
+    }
+
+    pub fn on_complete(mut self, f: impl FnOnce() + Send + Sync + 'static) -> Self {
+        self.on_complete = Some(Box::new(f));
+        self
+    }
+}
+
+impl Drop for FileStream {
+    fn drop(&mut self) {
+        if self.remaining > 0 {
+            tracing::info!(
+                path = %self.path,
+                sent = self.len - self.remaining,
+                len = self.len,
+                "file transfer not completed"
+            );
+        }
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        match self.get_mut() {
+            Body::Empty => Poll::Ready(None),
+            Body::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Body::File(f) => f.poll_chunk(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Empty => true,
+            Body::Full(data) => data.is_none(),
+            Body::File(f) => f.remaining == 0,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Empty => SizeHint::with_exact(0),
+            Body::Full(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Body::File(f) => SizeHint::with_exact(f.remaining),
+        }
+    }
+}
+
+impl FileStream {
+    fn poll_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        if self.remaining == 0 {
+            if let Some(done) = self.on_complete.take() {
+                done();
+            }
+            return Poll::Ready(None);
+        }
+        let want = usize::try_from(self.remaining).map_or(CHUNK, |r| r.min(CHUNK));
+        self.buf.resize(want, 0);
+        let mut read = ReadBuf::new(&mut self.buf[..want]);
+        match Pin::new(&mut self.file).poll_read(cx, &mut read) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Ready(Ok(())) => {
+                let n = read.filled().len();
+                if n == 0 {
+                    // The file shrank under us: end the connection rather than send a response
+                    // shorter than its Content-Length.
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("{} ended {} bytes early", self.path, self.remaining),
+                    ))));
+                }
+                self.remaining -= n as u64;
+                let chunk = Bytes::copy_from_slice(read.filled());
+                if self.remaining == 0 {
+                    if let Some(done) = self.on_complete.take() {
+                        done();
+                    }
+                }
+                Poll::Ready(Some(Ok(Frame::data(chunk))))
+            }
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! Static files: confinement, validators, conditional requests and single byte ranges.
+
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Response, StatusCode};
+use tokio::io::AsyncSeekExt;
+
+use super::body::{Body, FileStream};
+use super::{plain, Outcome};
+use crate::path::{open_confined, PathError};
+
+/// What the client asked for, by `Range`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum RangeRequest {
+    /// No usable `Range` header: the whole file. This includes several ranges in one header,
+    /// which we answer with the whole file (allowed by RFC 9110 §14.2) instead of multipart.
+    Whole,
+    /// Bytes `start..=end`, already clamped to the file.
+    Part { start: u64, end: u64 },
+    /// No byte of the range is in the file: 416.
+    Unsatisfiable,
+}
+
+/// Parses one `Range` header value against a file of `len` bytes (RFC 9110 §14.1.2).
+/// Syntax we do not understand is ignored, as the RFC asks.
+pub(crate) fn parse_range(value: &str, len: u64) -> RangeRequest {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeRequest::Whole;
+    };
+    if spec.contains(',') {
+        return RangeRequest::Whole;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return RangeRequest::Whole;
+    };
+    let number = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        // Longer than u64: treat as "beyond any file".
+        Some(s.parse().unwrap_or(u64::MAX))
+    };
+    match (first.trim().is_empty(), last.trim().is_empty()) {
+        // "-n": the last n bytes.
+        (true, false) => match number(last) {
+            Some(0) => RangeRequest::Unsatisfiable,
+            Some(_) if len == 0 => RangeRequest::Unsatisfiable,
+            Some(n) => RangeRequest::Part {
+                start: len - n.min(len),
+                end: len - 1,
+            },
+            None => RangeRequest::Whole,
+        },
+        // "a-": from a to the end.
+        (false, true) => match number(first) {
+            Some(a) if a >= len => RangeRequest::Unsatisfiable,
+            Some(a) => RangeRequest::Part {
+                start: a,
+                end: len - 1,
+            },
+            None => RangeRequest::Whole,
+        },
+        (false, false) => match (number(first), number(last)) {
+            (Some(a), Some(b)) if a > b => RangeRequest::Whole,
+            (Some(a), Some(_)) if a >= len => RangeRequest::Unsatisfiable,
+            (Some(a), Some(b)) => RangeRequest::Part {
+                start: a,
+                end: b.min(len - 1),
+            },
+            _ => RangeRequest::Whole,
+        },
+        (true, true) => RangeRequest::Whole,
+    }
+}
+
+struct Validators {
+    etag: String,
+    modified: SystemTime,
+    last_modified: String,
+}
+
+fn validators(meta: &std::fs::Metadata) -> Validators {
+    let modified = UNIX_EPOCH
+        + Duration::from_secs(u64::try_from(meta.mtime()).unwrap_or(0))
+        + Duration::from_nanos(u64::try_from(meta.mtime_nsec()).unwrap_or(0));
+    Validators {
+        etag: format!(
+            "\"{:x}-{:x}-{:x}.{:x}\"",
+            meta.ino(),
+            meta.len(),
+            meta.mtime(),
+            meta.mtime_nsec()
+        ),
+        modified,
+        last_modified: httpdate::fmt_http_date(modified),
+    }
+}
+
+/// `If-None-Match` (weak comparison): true when one of the listed tags, or `*`, matches.
+fn none_match_hits(value: &str, etag: &str) -> bool {
+    let ours = etag.trim_start_matches("W/");
+    value
+        .split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t.trim_start_matches("W/") == ours)
+}
+
+/// `If-Modified-Since`: true when the file has not changed since the given date (1 s
+/// resolution, as HTTP dates have).
+fn not_modified_since(value: &str, modified: SystemTime) -> bool {
+    let Ok(since) = httpdate::parse_http_date(value) else {
+        return false;
+    };
+    let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    secs(modified) <= secs(since)
+}
+
+/// `If-Range`: the range applies only if the entity tag matches strongly or the date equals
+/// Last-Modified.
+fn if_range_holds(value: &str, v: &Validators) -> bool {
+    let value = value.trim();
+    if value.starts_with('"') || value.starts_with("W/") {
+        return !value.starts_with("W/") && value == v.etag;
+    }
+    value == v.last_modified
+}
+
+/// Opens `rel` under `root` and answers per the request headers. `rel` has already been
+/// percent-decoded and checked for `..` and NUL by the router.
+pub(crate) async fn serve_file(
+    root: &Path,
+    rel: &str,
+    head: bool,
+    headers: &HeaderMap,
+    outcome: &mut Outcome,
+) -> Response<Body> {
+    let root: PathBuf = root.to_path_buf();
+    let rel_owned = rel.to_string();
+    let opened = tokio::task::spawn_blocking(move || {
+        let (file, _len, real) = open_confined(&root, &rel_owned)?;
+        let meta = file
+            .metadata()
+            .map_err(|e| PathError::Io(real.display().to_string(), e))?;
+        Ok::<_, PathError>((file, meta))
+    })
+    .await;
+    let (file, meta) = match opened {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => {
+            let status = match &e {
+                PathError::NotAllowed(_) => StatusCode::BAD_REQUEST,
+                PathError::NotFound(_) | PathError::NotAFile(_) | PathError::Escapes(_) => {
+                    StatusCode::NOT_FOUND
+                }
+                PathError::Io(_, io) if io.kind() == io::ErrorKind::PermissionDenied => {
+                    StatusCode::FORBIDDEN
+                }
+                PathError::Io(..) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            outcome.note = Some(e.to_string());
+            return plain(status, status.canonical_reason().unwrap_or("error"));
+        }
+        Err(e) => {
+            outcome.note = Some(format!("file open task failed: {e}"));
+            return plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+        }
+    };
+    let len = meta.len();
+    let v = validators(&meta);
+
+    let mut builder = Response::builder()
+        .header(header::ETAG, &v.etag)
+        .header(header::LAST_MODIFIED, &v.last_modified)
+        .header(header::ACCEPT_RANGES, "bytes");
+
+    let header_str = |name: header::HeaderName| -> Option<&str> {
+        headers
+            .get(name)
+            .and_then(|h: &HeaderValue| h.to_str().ok())
+    };
+
+    // RFC 9110 §13.2.2: If-None-Match, else If-Modified-Since; then Range (with If-Range).
+    let not_modified = match header_str(header::IF_NONE_MATCH) {
+        Some(inm) => none_match_hits(inm, &v.etag),
+        None => header_str(header::IF_MODIFIED_SINCE)
+            .is_some_and(|ims| not_modified_since(ims, v.modified)),
+    };
+    if not_modified {
+        return builder
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Body::Empty)
+            .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error"));
+    }
+
+    let mut range = RangeRequest::Whole;
+    let ranges: Vec<_> = headers.get_all(header::RANGE).iter().collect();
+    if ranges.len() == 1 {
+        let applies = match header_str(header::IF_RANGE) {
+            Some(ir) => if_range_holds(ir, &v),
+            None => true,
+        };
+        if applies {
+            if let Ok(value) = ranges[0].to_str() {
+                range = parse_range(value, len);
+            }
+        }
+    }
+
+    let (status, start, count) = match range {
+        RangeRequest::Whole => (StatusCode::OK, 0, len),
+        RangeRequest::Part { start, end } => {
+            builder = builder.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"));
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+        RangeRequest::Unsatisfiable => {
+            builder = builder.header(header::CONTENT_RANGE, format!("bytes */{len}"));
+            let body = "range not satisfiable";
+            return builder
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+                .header(header::CONTENT_LENGTH, body.len())
+                .body(if head { Body::Empty } else { Body::text(body) })
+                .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error"));
+        }
+    };
+    builder = builder
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type(rel))
+        .header(header::CONTENT_LENGTH, count);
+
+    let body = if head {
+        Body::Empty
+    } else {
+        let mut file = tokio::fs::File::from_std(file);
+        if start > 0 {
+            if let Err(e) = file.seek(io::SeekFrom::Start(start)).await {
+                outcome.note = Some(format!("seek failed: {e}"));
+                return plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+            }
+        }
+        outcome.bytes = count;
+        let path = rel.to_string();
+        let full = status == StatusCode::OK;
+        Body::File(
+            FileStream::new(file, count, rel.to_string()).on_complete(move || {
+                tracing::debug!(path = %path, bytes = count, full, "file transfer complete");
+            }),
+        )
+    };
+    builder
+        .body(body)
+        .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))
+}
+
+fn content_type(rel: &str) -> &'static str {
+    let ext = rel.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("ipxe" | "txt" | "cfg") => "text/plain; charset=utf-8",
+        Some("json") => "application/json",
+        Some("yaml" | "yml") => "application/yaml",
+        _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_single_ranges() {
+        use RangeRequest::*;
+        let len = 1000;
+        assert_eq!(parse_range("bytes=0-99", len), Part { start: 0, end: 99 });
+        assert_eq!(
+            parse_range("bytes=100-", len),
+            Part {
+                start: 100,
+                end: 999
+            }
+        );
+        assert_eq!(
+            parse_range("bytes=-10", len),
+            Part {
+                start: 990,
+                end: 999
+            }
+        );
+        assert_eq!(parse_range("bytes=-5000", len), Part { start: 0, end: 999 });
+        assert_eq!(
+            parse_range("bytes=990-5000", len),
+            Part {
+                start: 990,
+                end: 999
+            }
+        );
+        assert_eq!(parse_range("bytes= 5 - 6 ", len), Part { start: 5, end: 6 });
+        assert_eq!(
+            parse_range("bytes=999-999", len),
+            Part {
+                start: 999,
+                end: 999
+            }
+        );
+    }
+
+    #[test]
+    fn detects_unsatisfiable_ranges() {
+        use RangeRequest::*;
+        assert_eq!(parse_range("bytes=1000-", 1000), Unsatisfiable);
+        assert_eq!(parse_range("bytes=1000-2000", 1000), Unsatisfiable);
+        assert_eq!(parse_range("bytes=-0", 1000), Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-", 0), Unsatisfiable);
+        assert_eq!(parse_range("bytes=-1", 0), Unsatisfiable);
+        assert_eq!(
+            parse_range("bytes=99999999999999999999999-", 1000),
+            Unsatisfiable
+        );
+    }
+
+    #[test]
+    fn ignores_other_ranges() {
+        use RangeRequest::*;
+        for v in [
+            "items=0-1",
+            "bytes=0-1,5-6",
+            "bytes=5-4",
+            "bytes=a-b",
+            "bytes=-",
+            "bytes=",
+            "bytes=1",
+            "0-1",
+            "bytes=+1-2",
+        ] {
+            assert_eq!(parse_range(v, 1000), Whole, "{v}");
+        }
+    }
+
+    #[test]
+    fn conditional_helpers() {
+        assert!(none_match_hits("\"a\"", "\"a\""));
+        assert!(none_match_hits("\"x\", W/\"a\"", "\"a\""));
+        assert!(none_match_hits("*", "\"a\""));
+        assert!(!none_match_hits("\"b\"", "\"a\""));
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_millis(300);
+        assert!(not_modified_since(&httpdate::fmt_http_date(t), t));
+        assert!(!not_modified_since(
+            &httpdate::fmt_http_date(t - Duration::from_secs(1)),
+            t
+        ));
+        assert!(!not_modified_since("garbage", t));
+        let v = Validators {
+            etag: "\"e\"".into(),
+            modified: t,
+            last_modified: httpdate::fmt_http_date(t),
+        };
+        assert!(if_range_holds("\"e\"", &v));
+        assert!(!if_range_holds("W/\"e\"", &v));
+        assert!(!if_range_holds("\"f\"", &v));
+        assert!(if_range_holds(&httpdate::fmt_http_date(t), &v));
+        assert!(!if_range_holds("Mon, 01 Jan 2001 00:00:00 GMT", &v));
+    }
+}
