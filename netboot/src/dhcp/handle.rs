@@ -1,0 +1,342 @@
+//! The protocol core: one request in, at most one reply out. Pure: no I/O, no clock.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use dhcproto::v4::{DhcpOption, HType, Message, MessageType, Opcode, OptionCode};
+
+use super::boot::{boot_client, boot_file, BootClient};
+use super::packet::{encode_ordered, max_payload, PacketError};
+use super::DhcpSettings;
+use crate::{BootEvent, MacAddr, Machine, MachineLookup};
+
+pub const SERVER_PORT: u16 = 67;
+pub const CLIENT_PORT: u16 = 68;
+
+/// A reply and where to send it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub message: Message,
+    pub destination: SocketAddr,
+    /// Order of options on the wire: 53 and 54 first, then the client's parameter request list.
+    pub option_order: Vec<OptionCode>,
+}
+
+impl Reply {
+    /// The datagram to send.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, PacketError> {
+        encode_ordered(&self.message, &self.option_order)
+    }
+
+    pub fn message_type(&self) -> Option<MessageType> {
+        self.message.opts().msg_type()
+    }
+}
+
+/// Why a request got no reply (besides an unknown MAC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ignored {
+    /// A BOOTREPLY, or not Ethernet.
+    NotEthernetRequest,
+    /// No option 53: a BOOTP client, which we do not serve.
+    Bootp,
+    /// A message type a server never receives (OFFER, ACK, …).
+    UnexpectedType(MessageType),
+    /// REQUEST, RELEASE or DECLINE addressed to another server (option 54): RFC 2131 §4.3.2.
+    OtherServer(Ipv4Addr),
+    /// REQUEST naming no address at all (no option 50, no ciaddr).
+    NoAddress,
+    /// The reservation is outside the served subnet (inventory error).
+    OutsideSubnet(Ipv4Addr),
+}
+
+/// What [`handle`] decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Send `reply`; report `event`, if any, for `machine`.
+    Reply {
+        reply: Box<Reply>,
+        machine: Machine,
+        event: Option<BootEvent>,
+        client: BootClient,
+    },
+    /// Nothing to send, something to report (RELEASE, DECLINE).
+    Report {
+        machine: Machine,
+        event: BootEvent,
+    },
+    /// Not a reserved MAC: stay silent.
+    UnknownMac(MacAddr),
+    Ignored(Ignored),
+}
+
+impl Outcome {
+    pub fn reply(&self) -> Option<&Reply> {
+        match self {
+            Outcome::Reply { reply, .. } => Some(reply),
+            _ => None,
+        }
+    }
+}
+
+fn server_id(msg: &Message) -> Option<Ipv4Addr> {
+    match msg.opts().get(OptionCode::ServerIdentifier) {
+        Some(DhcpOption::ServerIdentifier(ip)) => Some(*ip),
+        _ => None,
+    }
+}
+
+fn requested_ip(msg: &Message) -> Option<Ipv4Addr> {
+    match msg.opts().get(OptionCode::RequestedIpAddress) {
+        Some(DhcpOption::RequestedIpAddress(ip)) => Some(*ip),
+        _ => None,
+    }
+}
+
+fn nonzero(ip: Ipv4Addr) -> Option<Ipv4Addr> {
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+/// Where a reply goes. Relayed: to the relay's server port. Renewing or INFORM (the client has
+/// its address): unicast to it. Otherwise broadcast: the client has no address yet, and a
+/// unicast to `yiaddr` would need a static ARP entry, i.e. CAP_NET_ADMIN, which we do not have.
+/// NAKs are always broadcast unless relayed (RFC 2131 §4.3.2).
+fn destination(request: &Message, kind: MessageType) -> SocketAddr {
+    let to = |ip: Ipv4Addr, port| SocketAddr::V4(SocketAddrV4::new(ip, port));
+    if let Some(giaddr) = nonzero(request.giaddr()) {
+        return to(giaddr, SERVER_PORT);
+    }
+    match nonzero(request.ciaddr()) {
+        Some(ciaddr) if kind != MessageType::Nak => to(ciaddr, CLIENT_PORT),
+        _ => to(Ipv4Addr::BROADCAST, CLIENT_PORT),
+    }
+}
+
+/// The reply skeleton: BOOTREPLY echoing xid, flags, giaddr and chaddr.
+fn skeleton(request: &Message, kind: MessageType, settings: &DhcpSettings) -> Message {
+    let mut msg = Message::default();
+    msg.set_opcode(Opcode::BootReply)
+        .set_htype(HType::Eth)
+        .set_xid(request.xid())
+        .set_chaddr(request.chaddr())
+        .set_giaddr(request.giaddr());
+    let mut flags = request.flags();
+    if kind == MessageType::Nak && !request.giaddr().is_unspecified() {
+        flags = flags.set_broadcast();
+    }
+    msg.set_flags(flags);
+    let opts = msg.opts_mut();
+    opts.insert(DhcpOption::MessageType(kind));
+    opts.insert(DhcpOption::ServerIdentifier(settings.server_ip));
+    if let Some(id) = request.opts().get(OptionCode::ClientIdentifier) {
+        // RFC 6842: echo the client identifier.
+        opts.insert(id.clone());
+    }
+    msg
+}
+
+/// Option order on the wire: 53, 54, then the parameter request list, then the rest.
+fn option_order(request: &Message) -> Vec<OptionCode> {
+    let mut order = vec![OptionCode::MessageType, OptionCode::ServerIdentifier];
+    if let Some(DhcpOption::ParameterRequestList(prl)) =
+        request.opts().get(OptionCode::ParameterRequestList)
+    {
+        for code in prl {
+            if !order.contains(code) {
+                order.push(*code);
+            }
+        }
+    }
+    order
+}
+
+/// Options that are never dropped to respect the client's maximum message size.
+const ESSENTIAL: [OptionCode; 4] = [
+    OptionCode::MessageType,
+    OptionCode::ServerIdentifier,
+    OptionCode::AddressLeaseTime,
+    OptionCode::Message,
+];
+
+/// Builds the reply, dropping the least wanted options (last in wire order) until it fits the
+/// client's maximum message size.
+fn finish(request: &Message, mut message: Message, kind: MessageType) -> Reply {
+    let option_order = option_order(request);
+    let limit = max_payload(request);
+    loop {
+        let reply = Reply {
+            message: message.clone(),
+            destination: destination(request, kind),
+            option_order: option_order.clone(),
+        };
+        let fits = reply.to_bytes().map(|b| b.len() <= limit).unwrap_or(false);
+        if fits {
+            return reply;
+        }
+        let mut wire: Vec<OptionCode> = option_order.clone();
+        let mut rest: Vec<OptionCode> = message
+            .opts()
+            .iter()
+            .map(|(c, _)| *c)
+            .filter(|c| !wire.contains(c))
+            .collect();
+        rest.sort_by_key(|c| u8::from(*c));
+        wire.extend(rest);
+        let victim = wire
+            .iter()
+            .rev()
+            .find(|c| !ESSENTIAL.contains(c) && message.opts().get(**c).is_some())
+            .copied();
+        match victim {
+            Some(code) => {
+                message.opts_mut().remove(code);
+            }
+            None => return reply,
+        }
+    }
+}
+
+fn nak(request: &Message, settings: &DhcpSettings, text: &str) -> Reply {
+    let mut msg = skeleton(request, MessageType::Nak, settings);
+    msg.opts_mut().insert(DhcpOption::Message(text.to_string()));
+    finish(request, msg, MessageType::Nak)
+}
+
+fn lease_secs(settings: &DhcpSettings) -> u32 {
+    u32::try_from(settings.lease_time.as_secs())
+        .unwrap_or(u32::MAX - 1)
+        .max(1)
+}
+
+/// OFFER, ACK, or ACK to an INFORM (no `yiaddr`, no lease).
+fn configure(
+    request: &Message,
+    kind: MessageType,
+    inform: bool,
+    machine: &Machine,
+    client: BootClient,
+    settings: &DhcpSettings,
+) -> Reply {
+    let mut msg = skeleton(request, kind, settings);
+    let boot = boot_file(client, machine, settings);
+    msg.set_siaddr(boot.next_server);
+    if kind == MessageType::Ack {
+        msg.set_ciaddr(request.ciaddr());
+    }
+    if !inform {
+        msg.set_yiaddr(machine.ip);
+    }
+    let opts = msg.opts_mut();
+    if !inform {
+        let lease = lease_secs(settings);
+        opts.insert(DhcpOption::AddressLeaseTime(lease));
+        opts.insert(DhcpOption::Renewal(lease / 2));
+        opts.insert(DhcpOption::Rebinding((u64::from(lease) * 7 / 8) as u32));
+    }
+    opts.insert(DhcpOption::SubnetMask(settings.subnet.netmask()));
+    if let Some(gateway) = settings.gateway {
+        opts.insert(DhcpOption::Router(vec![gateway]));
+    }
+    if !settings.dns_servers.is_empty() {
+        opts.insert(DhcpOption::DomainNameServer(settings.dns_servers.clone()));
+    }
+    opts.insert(DhcpOption::Hostname(machine.hostname().to_string()));
+    if let Some(file) = &boot.file {
+        opts.insert(DhcpOption::BootfileName(file.clone().into_bytes()));
+    }
+    for option in boot.options {
+        opts.insert(option);
+    }
+    if matches!(
+        client,
+        BootClient::Bios | BootClient::UefiX64 | BootClient::UefiHttp
+    ) {
+        // PXE (RFC 4578) and EDK2 expect their client UUID back.
+        if let Some(uuid) = request.opts().get(OptionCode::ClientMachineIdentifier) {
+            opts.insert(uuid.clone());
+        }
+    }
+    if let Some(file) = &boot.file {
+        // The BOOTP `file` field holds 127 bytes and a NUL; longer names go in option 67 only.
+        if file.len() < 128 {
+            msg.set_fname_str(file);
+        }
+    }
+    finish(request, msg, kind)
+}
+
+/// Decides the answer to one decoded request. Replies only for reserved MACs.
+pub fn handle(request: &Message, settings: &DhcpSettings, machines: &dyn MachineLookup) -> Outcome {
+    if request.opcode() != Opcode::BootRequest || request.htype() != HType::Eth {
+        return Outcome::Ignored(Ignored::NotEthernetRequest);
+    }
+    let Some(mac) = MacAddr::from_slice(request.chaddr()).filter(|_| request.hlen() == 6) else {
+        return Outcome::Ignored(Ignored::NotEthernetRequest);
+    };
+    let Some(kind) = request.opts().msg_type() else {
+        return Outcome::Ignored(Ignored::Bootp);
+    };
+    let Some(machine) = machines.by_mac(&mac) else {
+        return Outcome::UnknownMac(mac);
+    };
+    if !settings.subnet.contains(&machine.ip) {
+        return Outcome::Ignored(Ignored::OutsideSubnet(machine.ip));
+    }
+    let client = boot_client(request);
+    let other_server = server_id(request).filter(|id| *id != settings.server_ip);
+    let reply = |reply, event| Outcome::Reply {
+        reply: Box::new(reply),
+        machine: machine.clone(),
+        event,
+        client,
+    };
+    match kind {
+        MessageType::Discover => {
+            let offer = configure(
+                request,
+                MessageType::Offer,
+                false,
+                &machine,
+                client,
+                settings,
+            );
+            reply(offer, Some(BootEvent::DhcpOffered))
+        }
+        MessageType::Request => {
+            if let Some(other) = other_server {
+                return Outcome::Ignored(Ignored::OtherServer(other));
+            }
+            let named: Vec<Ipv4Addr> = requested_ip(request)
+                .into_iter()
+                .chain(nonzero(request.ciaddr()))
+                .collect();
+            if named.is_empty() {
+                return Outcome::Ignored(Ignored::NoAddress);
+            }
+            if named.iter().any(|ip| *ip != machine.ip) {
+                let text = format!(
+                    "address not reserved for this client (reserved: {})",
+                    machine.ip
+                );
+                return reply(nak(request, settings, &text), None);
+            }
+            let ack = configure(request, MessageType::Ack, false, &machine, client, settings);
+            reply(ack, Some(BootEvent::DhcpAcked))
+        }
+        MessageType::Inform => reply(
+            configure(request, MessageType::Ack, true, &machine, client, settings),
+            None,
+        ),
+        MessageType::Release | MessageType::Decline => match other_server {
+            Some(other) => Outcome::Ignored(Ignored::OtherServer(other)),
+            None => {
+                let event = if kind == MessageType::Release {
+                    BootEvent::DhcpReleased
+                } else {
+                    BootEvent::DhcpDeclined
+                };
+                Outcome::Report { machine, event }
+            }
+        },
+        other => Outcome::Ignored(Ignored::UnexpectedType(other)),
+    }
+}

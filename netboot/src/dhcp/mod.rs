@@ -1,0 +1,233 @@
+//! DHCP server for reserved machines only.
+//!
+//! Answers DISCOVER, REQUEST and INFORM from MACs that [`MachineLookup::by_mac`] knows, with the
+//! reserved address and a boot file chosen from the client's options (see [`boot_client`] and
+//! [`boot_file`]); stays silent for everyone else. The protocol core ([`handle`]) is pure; the
+//! [`serve`] loop only decodes, calls it, sends, logs and reports [`BootEvent`]s.
+//!
+//! The socket should be bound to the provisioning interface (`SO_BINDTODEVICE`, or
+//! `BindToDevice=` in the socket unit): replies to clients without an address are broadcast to
+//! 255.255.255.255, which otherwise leaves by whatever interface the routing table picks.
+
+mod boot;
+mod handle;
+mod packet;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+pub use boot::{
+    boot_client, boot_file, ipxe_script_url, BootClient, BootFile, HTTP_CLIENT, PXE_CLIENT,
+};
+pub use handle::{handle, Ignored, Outcome, Reply, CLIENT_PORT, SERVER_PORT};
+pub use packet::{decode_request, PacketError};
+
+use crate::{BootEvent, MacAddr, MachineLookup};
+
+/// What the DHCP server hands out besides each machine's reserved address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpSettings {
+    /// Our address: server identifier (54), `siaddr` and TFTP server (66).
+    pub server_ip: Ipv4Addr,
+    /// The provisioning subnet: its mask is option 1; reservations outside it are not served.
+    pub subnet: ipnet::Ipv4Net,
+    /// Option 3, if set.
+    pub gateway: Option<Ipv4Addr>,
+    /// Option 6 (omitted when empty).
+    pub dns_servers: Vec<Ipv4Addr>,
+    /// Option 51; T1 and T2 are half and seven eighths of it.
+    pub lease_time: Duration,
+    /// TFTP file for BIOS PXE, e.g. `undionly.kpxe`.
+    pub bios_loader: String,
+    /// TFTP file for UEFI x86-64 PXE, e.g. `snponly.efi` or `ipxe.efi`.
+    pub uefi_loader: String,
+    /// Base URL of our HTTP server, e.g. `http://10.77.0.1:8080` (no trailing slash needed).
+    pub http_base: String,
+}
+
+/// Remembers which unknown MACs were logged recently, so a chatty stranger is logged once per
+/// period. Memory is bounded: beyond `capacity` recent MACs, further ones are counted only.
+struct LogLimiter {
+    seen: HashMap<MacAddr, Instant>,
+    capacity: usize,
+    period: Duration,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    fn new(capacity: usize, period: Duration) -> Self {
+        LogLimiter {
+            seen: HashMap::new(),
+            capacity,
+            period,
+            suppressed: 0,
+        }
+    }
+
+    /// True if `mac` should be logged now.
+    fn allow(&mut self, mac: MacAddr, now: Instant) -> bool {
+        let period = self.period;
+        let fresh = |at: &Instant| now.saturating_duration_since(*at) < period;
+        if self.seen.get(&mac).is_some_and(fresh) {
+            return false;
+        }
+        if !self.seen.contains_key(&mac) && self.seen.len() >= self.capacity {
+            self.seen.retain(|_, at| fresh(at));
+            if self.seen.len() >= self.capacity {
+                self.suppressed += 1;
+                return false;
+            }
+        }
+        self.seen.insert(mac, now);
+        true
+    }
+
+    /// Number of log lines skipped because the table was full; resets the count.
+    fn take_suppressed(&mut self) -> u64 {
+        std::mem::take(&mut self.suppressed)
+    }
+}
+
+/// Reply ports; tests on loopback use unprivileged ones.
+#[derive(Debug, Clone, Copy)]
+struct Ports {
+    client: u16,
+    relay: u16,
+}
+
+impl Ports {
+    const STANDARD: Ports = Ports {
+        client: CLIENT_PORT,
+        relay: SERVER_PORT,
+    };
+
+    fn map(self, destination: SocketAddr) -> SocketAddr {
+        let port = if destination.port() == SERVER_PORT {
+            self.relay
+        } else {
+            self.client
+        };
+        SocketAddr::new(destination.ip(), port)
+    }
+}
+
+/// Serves DHCP on an already-bound socket (usually `0.0.0.0:67` on the provisioning interface,
+/// possibly passed by systemd) until `shutdown` is cancelled. Sets `SO_BROADCAST` itself.
+pub async fn serve(
+    socket: UdpSocket,
+    settings: Arc<DhcpSettings>,
+    machines: Arc<dyn MachineLookup>,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    run(socket, settings, machines, shutdown, Ports::STANDARD).await
+}
+
+async fn run(
+    socket: UdpSocket,
+    settings: Arc<DhcpSettings>,
+    machines: Arc<dyn MachineLookup>,
+    shutdown: CancellationToken,
+    ports: Ports,
+) -> io::Result<()> {
+    socket.set_broadcast(true)?;
+    tracing::info!(local = %socket.local_addr()?, server_ip = %settings.server_ip, "DHCP server ready");
+    let mut unknown = LogLimiter::new(4096, Duration::from_secs(60));
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let received = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            r = socket.recv_from(&mut buf) => r,
+        };
+        let (len, peer) = match received {
+            Ok(r) => r,
+            Err(e) => {
+                // UDP receive errors are per-datagram (e.g. ICMP feedback): keep serving.
+                tracing::warn!(error = %e, "DHCP receive failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Some(datagram) = buf.get(..len) else {
+            continue;
+        };
+        let request = match decode_request(datagram) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "ignoring datagram");
+                continue;
+            }
+        };
+        match handle(&request, &settings, machines.as_ref()) {
+            Outcome::Reply {
+                reply,
+                machine,
+                event,
+                client,
+            } => {
+                let kind = reply.message_type();
+                let bytes = match reply.to_bytes() {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(machine = %machine.name, mac = %machine.mac, error = %e, "cannot encode DHCP reply");
+                        continue;
+                    }
+                };
+                let file = reply.message.fname_str().and_then(Result::ok).unwrap_or("");
+                if let BootClient::Unknown { arch } = client {
+                    tracing::warn!(machine = %machine.name, mac = %machine.mac, arch = ?arch, "unsupported network-boot architecture: plain DHCP, no boot file");
+                }
+                let destination = ports.map(reply.destination);
+                match socket.send_to(&bytes, destination).await {
+                    Ok(_) => tracing::info!(
+                        machine = %machine.name, mac = %machine.mac, ip = %machine.ip,
+                        reply = ?kind.unwrap_or(dhcproto::v4::MessageType::Unknown(0)),
+                        client = ?client, file, to = %destination, "DHCP reply sent"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(machine = %machine.name, mac = %machine.mac, to = %destination, error = %e, "DHCP send failed");
+                        continue;
+                    }
+                }
+                if let Some(event) = event {
+                    machines.observe(&machine, event);
+                }
+            }
+            Outcome::Report { machine, event } => {
+                match event {
+                    BootEvent::DhcpDeclined => {
+                        tracing::warn!(machine = %machine.name, mac = %machine.mac, ip = %machine.ip, "client declined its reserved address: is it in use by another host?")
+                    }
+                    _ => {
+                        tracing::info!(machine = %machine.name, mac = %machine.mac, ip = %machine.ip, event = ?event, "DHCP lease event")
+                    }
+                }
+                machines.observe(&machine, event);
+            }
+            Outcome::UnknownMac(mac) => {
+                if unknown.allow(mac, Instant::now()) {
+                    let skipped = unknown.take_suppressed();
+                    tracing::info!(mac = %mac, %peer, skipped, "no reservation for this MAC: not answering (logged once a minute per MAC)");
+                }
+            }
+            Outcome::Ignored(why) => {
+                if let Ignored::OutsideSubnet(ip) = why {
+                    tracing::warn!(ip = %ip, subnet = %settings.subnet, "reservation outside the served subnet: not answering");
+                } else {
+                    tracing::debug!(%peer, reason = ?why, "DHCP request ignored");
+                }
+            }
+        }
+    }
+    tracing::info!("DHCP server stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

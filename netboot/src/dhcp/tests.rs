@@ -1,0 +1,919 @@
+//! Unit tests on hand-built requests.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dhcproto::v4::{
+    Architecture, DhcpOption, Message, MessageType, Opcode, OptionCode, UnknownOption,
+};
+use dhcproto::{Decodable, Decoder, Encodable, Encoder};
+
+use super::*;
+use crate::{BootEvent, MacAddr, Machine, MachineLookup};
+
+const MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+const STRANGER: MacAddr = MacAddr([0x52, 0x54, 0x00, 0xff, 0xff, 0xff]);
+const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+const RESERVED: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 20);
+const UUID: [u8; 17] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
+
+fn settings() -> DhcpSettings {
+    DhcpSettings {
+        server_ip: SERVER,
+        subnet: "10.77.0.0/24".parse().expect("subnet"),
+        gateway: Some(SERVER),
+        dns_servers: vec![SERVER, Ipv4Addr::new(10, 77, 0, 2)],
+        lease_time: Duration::from_secs(3600),
+        bios_loader: "undionly.kpxe".into(),
+        uefi_loader: "snponly.efi".into(),
+        http_base: "http://10.77.0.1:8080".into(),
+    }
+}
+
+fn node2() -> Machine {
+    Machine {
+        name: "node2".into(),
+        mac: MAC,
+        ip: RESERVED,
+        hostname: Some("node2.lab".into()),
+    }
+}
+
+fn inventory() -> HashMap<MacAddr, Machine> {
+    HashMap::from([(MAC, node2())])
+}
+
+fn request(kind: MessageType, mac: MacAddr) -> Message {
+    let mut msg = Message::default();
+    msg.set_opcode(Opcode::BootRequest)
+        .set_xid(0x1234_5678)
+        .set_chaddr(&mac.0);
+    msg.opts_mut().insert(DhcpOption::MessageType(kind));
+    msg
+}
+
+fn with(mut msg: Message, options: impl IntoIterator<Item = DhcpOption>) -> Message {
+    for o in options {
+        msg.opts_mut().insert(o);
+    }
+    msg
+}
+
+fn pxe(arch: u16) -> Vec<DhcpOption> {
+    vec![
+        DhcpOption::ClientSystemArchitecture(Architecture::from(arch)),
+        DhcpOption::ClassIdentifier(format!("PXEClient:Arch:{arch:05}:UNDI:002001").into_bytes()),
+        DhcpOption::ClientMachineIdentifier(UUID.to_vec()),
+    ]
+}
+
+fn ipxe(arch: u16) -> Vec<DhcpOption> {
+    let mut v = pxe(arch);
+    v.push(DhcpOption::UserClass(b"iPXE".to_vec()));
+    v
+}
+
+fn run(msg: &Message) -> Outcome {
+    handle(msg, &settings(), &inventory())
+}
+
+/// Runs `msg` through the wire in both directions and returns the decoded reply.
+fn reply_of(msg: &Message) -> (Message, Reply) {
+    let mut bytes = Vec::new();
+    msg.encode(&mut Encoder::new(&mut bytes))
+        .expect("encode request");
+    let decoded = decode_request(&bytes).expect("decode request");
+    let outcome = run(&decoded);
+    let reply = outcome
+        .reply()
+        .unwrap_or_else(|| panic!("no reply: {outcome:?}"))
+        .clone();
+    let wire = reply.to_bytes().expect("encode reply");
+    assert!(wire.len() >= 300, "reply shorter than the BOOTP minimum");
+    let back = Message::decode(&mut Decoder::new(&wire)).expect("decode reply");
+    (back, reply)
+}
+
+fn opt(msg: &Message, code: u8) -> Option<&DhcpOption> {
+    msg.opts().get(OptionCode::from(code))
+}
+
+fn bytes_opt(msg: &Message, code: u8) -> Option<Vec<u8>> {
+    match opt(msg, code)? {
+        DhcpOption::ClassIdentifier(v)
+        | DhcpOption::BootfileName(v)
+        | DhcpOption::TFTPServerName(v)
+        | DhcpOption::ClientMachineIdentifier(v)
+        | DhcpOption::ClientIdentifier(v) => Some(v.clone()),
+        DhcpOption::Unknown(u) => Some(u.data().to_vec()),
+        other => panic!("option {code} is not bytes: {other:?}"),
+    }
+}
+
+fn file(msg: &Message) -> Option<String> {
+    // The decoder keeps the terminating NUL of the `file` field.
+    msg.fname_str()
+        .map(|r| r.expect("utf-8 file").trim_end_matches('\0').to_string())
+}
+
+fn broadcast() -> SocketAddr {
+    "255.255.255.255:68".parse().expect("addr")
+}
+
+// ---- boot decisions -------------------------------------------------------------------------
+
+#[test]
+fn classifies_clients() {
+    let d = |opts: Vec<DhcpOption>| boot_client(&with(request(MessageType::Discover, MAC), opts));
+    assert_eq!(d(pxe(0)), BootClient::Bios);
+    assert_eq!(d(pxe(7)), BootClient::UefiX64);
+    assert_eq!(d(pxe(9)), BootClient::UefiX64);
+    assert_eq!(d(pxe(16)), BootClient::UefiHttp);
+    assert_eq!(d(pxe(11)), BootClient::Unknown { arch: Some(11) });
+    assert_eq!(d(ipxe(0)), BootClient::Ipxe { arch: Some(0) });
+    assert_eq!(d(ipxe(7)), BootClient::Ipxe { arch: Some(7) });
+    assert_eq!(d(vec![]), BootClient::Plain);
+    // RFC 3004 user class list containing iPXE.
+    assert_eq!(
+        d(vec![DhcpOption::UserClass(b"\x03abc\x04iPXE".to_vec())]),
+        BootClient::Ipxe { arch: None }
+    );
+    // A malformed RFC 3004 list is not iPXE.
+    assert_eq!(
+        d(vec![DhcpOption::UserClass(b"\x09iPXE".to_vec())]),
+        BootClient::Plain
+    );
+    // HTTP Boot recognised by vendor class alone; the arch comes from the class if 93 is absent.
+    assert_eq!(
+        d(vec![DhcpOption::ClassIdentifier(
+            b"HTTPClient:Arch:00016:UNDI:003001".to_vec()
+        )]),
+        BootClient::UefiHttp
+    );
+    assert_eq!(
+        d(vec![DhcpOption::ClassIdentifier(b"HTTPClient".to_vec())]),
+        BootClient::UefiHttp
+    );
+    assert_eq!(
+        d(vec![DhcpOption::ClassIdentifier(
+            b"HTTPClient:Arch:00019:UNDI:003001".to_vec()
+        )]),
+        BootClient::Unknown { arch: Some(19) }
+    );
+    assert_eq!(
+        d(vec![DhcpOption::ClassIdentifier(
+            b"PXEClient:Arch:00000:UNDI:002001".to_vec()
+        )]),
+        BootClient::Bios
+    );
+    assert_eq!(
+        d(vec![DhcpOption::ClassIdentifier(b"PXEClient".to_vec())]),
+        BootClient::Unknown { arch: None }
+    );
+    // A vendor class that is neither PXE nor HTTP is a plain client even if it says "Arch".
+    assert_eq!(
+        d(vec![DhcpOption::ClassIdentifier(
+            b"udhcp 1.35.0:Arch:00000".to_vec()
+        )]),
+        BootClient::Plain
+    );
+}
+
+#[test]
+fn boot_files_per_client() {
+    let s = settings();
+    let m = node2();
+    let f = |c| boot_file(c, &m, &s);
+    assert_eq!(f(BootClient::Bios).file.as_deref(), Some("undionly.kpxe"));
+    assert_eq!(f(BootClient::UefiX64).file.as_deref(), Some("snponly.efi"));
+    assert_eq!(
+        f(BootClient::Ipxe { arch: None }).file.as_deref(),
+        Some("http://10.77.0.1:8080/ipxe/52-54-00-12-34-56")
+    );
+    assert_eq!(
+        f(BootClient::UefiHttp).file.as_deref(),
+        Some("http://10.77.0.1:8080/boot/ipxe.efi")
+    );
+    assert_eq!(f(BootClient::Plain).file, None);
+    assert_eq!(f(BootClient::Unknown { arch: Some(11) }).file, None);
+    assert!(f(BootClient::Plain).options.is_empty());
+    let trailing = DhcpSettings {
+        http_base: "http://10.77.0.1:8080/".into(),
+        ..settings()
+    };
+    assert_eq!(
+        boot_file(BootClient::UefiHttp, &m, &trailing)
+            .file
+            .as_deref(),
+        Some("http://10.77.0.1:8080/boot/ipxe.efi")
+    );
+}
+
+// ---- DISCOVER -> OFFER ----------------------------------------------------------------------
+
+fn assert_common_config(reply: &Message) {
+    assert_eq!(reply.opcode(), Opcode::BootReply);
+    assert_eq!(reply.xid(), 0x1234_5678);
+    assert_eq!(reply.chaddr(), &MAC.0);
+    assert_eq!(opt(reply, 54), Some(&DhcpOption::ServerIdentifier(SERVER)));
+    assert_eq!(
+        opt(reply, 1),
+        Some(&DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 0)))
+    );
+    assert_eq!(opt(reply, 3), Some(&DhcpOption::Router(vec![SERVER])));
+    assert_eq!(
+        opt(reply, 6),
+        Some(&DhcpOption::DomainNameServer(vec![
+            SERVER,
+            Ipv4Addr::new(10, 77, 0, 2)
+        ]))
+    );
+    assert_eq!(
+        opt(reply, 12),
+        Some(&DhcpOption::Hostname("node2.lab".into()))
+    );
+}
+
+fn assert_lease(reply: &Message) {
+    assert_eq!(reply.yiaddr(), RESERVED);
+    assert_eq!(opt(reply, 51), Some(&DhcpOption::AddressLeaseTime(3600)));
+    assert_eq!(opt(reply, 58), Some(&DhcpOption::Renewal(1800)));
+    assert_eq!(opt(reply, 59), Some(&DhcpOption::Rebinding(3150)));
+}
+
+#[test]
+fn bios_pxe_discover_gets_undionly_over_tftp() {
+    let (offer, reply) = reply_of(&with(request(MessageType::Discover, MAC), pxe(0)));
+    assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
+    assert_common_config(&offer);
+    assert_lease(&offer);
+    assert_eq!(offer.siaddr(), SERVER);
+    assert_eq!(file(&offer).as_deref(), Some("undionly.kpxe"));
+    assert_eq!(bytes_opt(&offer, 67), Some(b"undionly.kpxe".to_vec()));
+    assert_eq!(bytes_opt(&offer, 66), Some(b"10.77.0.1".to_vec()));
+    assert_eq!(bytes_opt(&offer, 60), Some(b"PXEClient".to_vec()));
+    assert_eq!(bytes_opt(&offer, 97), Some(UUID.to_vec()));
+    assert_eq!(opt(&offer, 175), None);
+    assert_eq!(reply.destination, broadcast());
+}
+
+#[test]
+fn uefi_pxe_discover_gets_uefi_loader() {
+    for arch in [7, 9] {
+        let (offer, _) = reply_of(&with(request(MessageType::Discover, MAC), pxe(arch)));
+        assert_eq!(file(&offer).as_deref(), Some("snponly.efi"), "arch {arch}");
+        assert_eq!(bytes_opt(&offer, 67), Some(b"snponly.efi".to_vec()));
+        assert_eq!(bytes_opt(&offer, 60), Some(b"PXEClient".to_vec()));
+        assert_eq!(bytes_opt(&offer, 97), Some(UUID.to_vec()));
+        assert_eq!(offer.siaddr(), SERVER);
+    }
+}
+
+#[test]
+fn uefi_http_boot_gets_ipxe_efi_url() {
+    let mut opts = pxe(16);
+    opts[1] = DhcpOption::ClassIdentifier(b"HTTPClient:Arch:00016:UNDI:003001".to_vec());
+    let (offer, _) = reply_of(&with(request(MessageType::Discover, MAC), opts));
+    let url = "http://10.77.0.1:8080/boot/ipxe.efi";
+    assert_eq!(file(&offer).as_deref(), Some(url));
+    assert_eq!(bytes_opt(&offer, 67), Some(url.as_bytes().to_vec()));
+    assert_eq!(bytes_opt(&offer, 60), Some(b"HTTPClient".to_vec()));
+    assert_eq!(bytes_opt(&offer, 97), Some(UUID.to_vec()));
+    assert_eq!(opt(&offer, 66), None, "no TFTP server for an HTTP boot");
+}
+
+#[test]
+fn ipxe_gets_its_script_url_and_no_proxydhcp_wait() {
+    let (offer, reply) = reply_of(&with(request(MessageType::Discover, MAC), ipxe(0)));
+    let url = "http://10.77.0.1:8080/ipxe/52-54-00-12-34-56";
+    assert_eq!(file(&offer).as_deref(), Some(url));
+    assert_eq!(bytes_opt(&offer, 67), Some(url.as_bytes().to_vec()));
+    assert_eq!(bytes_opt(&offer, 175), Some(vec![176, 1, 1]));
+    assert_eq!(opt(&offer, 60), None, "iPXE is not sent PXEClient");
+    assert_common_config(&offer);
+    assert_lease(&offer);
+    assert_eq!(reply.destination, broadcast());
+}
+
+#[test]
+fn unknown_arch_and_plain_clients_get_plain_dhcp() {
+    for opts in [pxe(11), vec![]] {
+        let (offer, _) = reply_of(&with(request(MessageType::Discover, MAC), opts));
+        assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
+        assert_common_config(&offer);
+        assert_lease(&offer);
+        assert_eq!(file(&offer), None);
+        for code in [60, 66, 67, 97, 175] {
+            assert_eq!(opt(&offer, code), None, "option {code}");
+        }
+    }
+}
+
+#[test]
+fn discover_reports_offered() {
+    let outcome = run(&request(MessageType::Discover, MAC));
+    let Outcome::Reply { machine, event, .. } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(machine, node2());
+    assert_eq!(event, Some(BootEvent::DhcpOffered));
+}
+
+#[test]
+fn discover_asking_for_another_address_is_offered_the_reservation() {
+    let msg = with(
+        request(MessageType::Discover, MAC),
+        [DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 77, 0, 99))],
+    );
+    let (offer, _) = reply_of(&msg);
+    assert_eq!(offer.yiaddr(), RESERVED);
+}
+
+#[test]
+fn unknown_mac_gets_nothing() {
+    for kind in [
+        MessageType::Discover,
+        MessageType::Request,
+        MessageType::Inform,
+    ] {
+        assert_eq!(run(&request(kind, STRANGER)), Outcome::UnknownMac(STRANGER));
+    }
+}
+
+#[test]
+fn optional_settings_are_omitted() {
+    let s = DhcpSettings {
+        gateway: None,
+        dns_servers: vec![],
+        ..settings()
+    };
+    let outcome = handle(&request(MessageType::Discover, MAC), &s, &inventory());
+    let reply = outcome.reply().expect("offer");
+    assert_eq!(opt(&reply.message, 3), None);
+    assert_eq!(opt(&reply.message, 6), None);
+    assert!(opt(&reply.message, 1).is_some());
+}
+
+#[test]
+fn hostname_defaults_to_machine_name() {
+    let mut m = node2();
+    m.hostname = None;
+    let inv = HashMap::from([(MAC, m)]);
+    let outcome = handle(&request(MessageType::Discover, MAC), &settings(), &inv);
+    let reply = outcome.reply().expect("offer");
+    assert_eq!(
+        opt(&reply.message, 12),
+        Some(&DhcpOption::Hostname("node2".into()))
+    );
+}
+
+#[test]
+fn reservation_outside_subnet_is_not_served() {
+    let mut m = node2();
+    m.ip = Ipv4Addr::new(192, 168, 1, 5);
+    let inv = HashMap::from([(MAC, m)]);
+    let outcome = handle(&request(MessageType::Discover, MAC), &settings(), &inv);
+    assert_eq!(
+        outcome,
+        Outcome::Ignored(Ignored::OutsideSubnet(Ipv4Addr::new(192, 168, 1, 5)))
+    );
+}
+
+#[test]
+fn client_identifier_is_echoed() {
+    let id = vec![1, 0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    let msg = with(
+        request(MessageType::Discover, MAC),
+        [DhcpOption::ClientIdentifier(id.clone())],
+    );
+    let (offer, _) = reply_of(&msg);
+    assert_eq!(bytes_opt(&offer, 61), Some(id));
+}
+
+// ---- REQUEST -> ACK / NAK / silence ---------------------------------------------------------
+
+#[test]
+fn selecting_request_is_acked() {
+    let msg = with(
+        request(MessageType::Request, MAC),
+        [
+            DhcpOption::ServerIdentifier(SERVER),
+            DhcpOption::RequestedIpAddress(RESERVED),
+        ]
+        .into_iter()
+        .chain(pxe(7)),
+    );
+    let (ack, reply) = reply_of(&msg);
+    assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+    assert_common_config(&ack);
+    assert_lease(&ack);
+    assert_eq!(file(&ack).as_deref(), Some("snponly.efi"));
+    assert_eq!(reply.destination, broadcast());
+    let Outcome::Reply { event, .. } = run(&msg) else {
+        panic!("no reply")
+    };
+    assert_eq!(event, Some(BootEvent::DhcpAcked));
+}
+
+#[test]
+fn init_reboot_request_is_acked() {
+    let msg = with(
+        request(MessageType::Request, MAC),
+        [DhcpOption::RequestedIpAddress(RESERVED)],
+    );
+    let (ack, _) = reply_of(&msg);
+    assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(ack.yiaddr(), RESERVED);
+}
+
+#[test]
+fn request_for_another_server_is_ignored() {
+    let other = Ipv4Addr::new(10, 77, 0, 254);
+    let msg = with(
+        request(MessageType::Request, MAC),
+        [
+            DhcpOption::ServerIdentifier(other),
+            DhcpOption::RequestedIpAddress(RESERVED),
+        ],
+    );
+    assert_eq!(run(&msg), Outcome::Ignored(Ignored::OtherServer(other)));
+}
+
+fn assert_nak(msg: &Message) -> (Message, Reply) {
+    let (nak, reply) = reply_of(msg);
+    assert_eq!(nak.opts().msg_type(), Some(MessageType::Nak));
+    assert_eq!(nak.yiaddr(), Ipv4Addr::UNSPECIFIED);
+    assert_eq!(nak.ciaddr(), Ipv4Addr::UNSPECIFIED);
+    assert_eq!(nak.siaddr(), Ipv4Addr::UNSPECIFIED);
+    assert_eq!(file(&nak), None);
+    assert_eq!(opt(&nak, 54), Some(&DhcpOption::ServerIdentifier(SERVER)));
+    for code in [1, 3, 6, 12, 51, 67] {
+        assert_eq!(opt(&nak, code), None, "option {code} in a NAK");
+    }
+    let Some(DhcpOption::Message(text)) = opt(&nak, 56) else {
+        panic!("NAK without message")
+    };
+    assert!(text.contains("10.77.0.20"), "{text}");
+    let Outcome::Reply { event, .. } = run(msg) else {
+        panic!("no reply")
+    };
+    assert_eq!(event, None);
+    (nak, reply)
+}
+
+#[test]
+fn request_for_wrong_address_is_naked() {
+    let wrong = Ipv4Addr::new(10, 77, 0, 99);
+    // SELECTING with our server id, INIT-REBOOT without.
+    for with_sid in [true, false] {
+        let mut opts = vec![DhcpOption::RequestedIpAddress(wrong)];
+        if with_sid {
+            opts.push(DhcpOption::ServerIdentifier(SERVER));
+        }
+        let (_, reply) = assert_nak(&with(request(MessageType::Request, MAC), opts));
+        assert_eq!(reply.destination, broadcast());
+    }
+}
+
+#[test]
+fn renewing_request_is_unicast_to_ciaddr() {
+    let mut msg = request(MessageType::Request, MAC);
+    msg.set_ciaddr(RESERVED);
+    let (ack, reply) = reply_of(&msg);
+    assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(ack.ciaddr(), RESERVED);
+    assert_eq!(ack.yiaddr(), RESERVED);
+    assert_eq!(
+        reply.destination,
+        "10.77.0.20:68".parse::<SocketAddr>().expect("addr")
+    );
+}
+
+#[test]
+fn renewing_with_wrong_ciaddr_is_naked_by_broadcast() {
+    let mut msg = request(MessageType::Request, MAC);
+    msg.set_ciaddr(Ipv4Addr::new(10, 77, 0, 99));
+    let (_, reply) = assert_nak(&msg);
+    assert_eq!(reply.destination, broadcast());
+}
+
+#[test]
+fn request_naming_no_address_is_ignored() {
+    assert_eq!(
+        run(&request(MessageType::Request, MAC)),
+        Outcome::Ignored(Ignored::NoAddress)
+    );
+}
+
+#[test]
+fn relayed_requests_are_answered_to_the_relay() {
+    let relay = Ipv4Addr::new(10, 77, 0, 254);
+    let mut msg = request(MessageType::Discover, MAC);
+    msg.set_giaddr(relay);
+    let (offer, reply) = reply_of(&msg);
+    assert_eq!(offer.giaddr(), relay);
+    assert_eq!(reply.destination, SocketAddr::from((relay, 67)));
+
+    let mut msg = with(
+        request(MessageType::Request, MAC),
+        [DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 77, 0, 99))],
+    );
+    msg.set_giaddr(relay);
+    let (nak, reply) = assert_nak(&msg);
+    assert!(
+        nak.flags().broadcast(),
+        "relayed NAK must set the broadcast bit"
+    );
+    assert_eq!(reply.destination, SocketAddr::from((relay, 67)));
+}
+
+// ---- INFORM, RELEASE, DECLINE ---------------------------------------------------------------
+
+#[test]
+fn inform_is_acked_without_lease() {
+    let mut msg = request(MessageType::Inform, MAC);
+    msg.set_ciaddr(RESERVED);
+    let (ack, reply) = reply_of(&msg);
+    assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(ack.yiaddr(), Ipv4Addr::UNSPECIFIED);
+    for code in [51, 58, 59] {
+        assert_eq!(opt(&ack, code), None, "option {code} in an INFORM ACK");
+    }
+    assert_common_config(&ack);
+    assert_eq!(
+        reply.destination,
+        "10.77.0.20:68".parse::<SocketAddr>().expect("addr")
+    );
+    let Outcome::Reply { event, .. } = run(&msg) else {
+        panic!("no reply")
+    };
+    assert_eq!(event, None);
+}
+
+#[test]
+fn release_and_decline_are_reported_not_answered() {
+    for (kind, event) in [
+        (MessageType::Release, BootEvent::DhcpReleased),
+        (MessageType::Decline, BootEvent::DhcpDeclined),
+    ] {
+        let msg = with(request(kind, MAC), [DhcpOption::ServerIdentifier(SERVER)]);
+        assert_eq!(
+            run(&msg),
+            Outcome::Report {
+                machine: node2(),
+                event
+            }
+        );
+        let other = Ipv4Addr::new(10, 77, 0, 254);
+        let msg = with(request(kind, MAC), [DhcpOption::ServerIdentifier(other)]);
+        assert_eq!(run(&msg), Outcome::Ignored(Ignored::OtherServer(other)));
+    }
+}
+
+#[test]
+fn server_only_message_types_are_ignored() {
+    assert_eq!(
+        run(&request(MessageType::Offer, MAC)),
+        Outcome::Ignored(Ignored::UnexpectedType(MessageType::Offer))
+    );
+    let mut bootp = request(MessageType::Discover, MAC);
+    bootp.opts_mut().remove(OptionCode::MessageType);
+    assert_eq!(run(&bootp), Outcome::Ignored(Ignored::Bootp));
+}
+
+// ---- wire format ----------------------------------------------------------------------------
+
+fn encode(msg: &Message) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    msg.encode(&mut Encoder::new(&mut bytes)).expect("encode");
+    bytes
+}
+
+/// Option codes of an encoded message, in wire order.
+fn wire_codes(bytes: &[u8]) -> Vec<u8> {
+    let mut codes = Vec::new();
+    let mut i = 240;
+    while i < bytes.len() && bytes[i] != 255 {
+        if bytes[i] == 0 {
+            i += 1;
+            continue;
+        }
+        codes.push(bytes[i]);
+        i += 2 + usize::from(bytes[i + 1]);
+    }
+    codes
+}
+
+#[test]
+fn options_follow_the_parameter_request_list() {
+    let prl = [67, 12, 3, 1, 66, 6].map(OptionCode::from).to_vec();
+    let msg = with(
+        request(MessageType::Discover, MAC),
+        pxe(0)
+            .into_iter()
+            .chain([DhcpOption::ParameterRequestList(prl)]),
+    );
+    let outcome = run(&msg);
+    let bytes = outcome.reply().expect("offer").to_bytes().expect("encode");
+    let codes = wire_codes(&bytes);
+    assert_eq!(&codes[..8], &[53, 54, 67, 12, 3, 1, 66, 6], "{codes:?}");
+    let mut rest = codes[8..].to_vec();
+    rest.sort_unstable();
+    assert_eq!(codes[8..], rest[..], "unrequested options in numeric order");
+}
+
+#[test]
+fn replies_fit_the_client_maximum_message_size() {
+    let big = DhcpSettings {
+        dns_servers: (1..=60).map(|i| Ipv4Addr::new(10, 77, 1, i)).collect(),
+        http_base: format!("http://10.77.0.1:8080/{}", "x".repeat(150)),
+        ..settings()
+    };
+    let mut m = node2();
+    m.hostname = Some("h".repeat(200));
+    let inv = HashMap::from([(MAC, m)]);
+    let prl = [1, 3, 6, 12, 67].map(OptionCode::from).to_vec();
+    let base = with(
+        request(MessageType::Discover, MAC),
+        ipxe(0)
+            .into_iter()
+            .chain([DhcpOption::ParameterRequestList(prl)]),
+    );
+    // No option 57: the RFC 2131 minimum, 576 bytes with IP and UDP headers.
+    let small = handle(&base, &big, &inv);
+    let bytes = small.reply().expect("offer").to_bytes().expect("encode");
+    assert!(bytes.len() <= 548, "{} bytes", bytes.len());
+    let codes = wire_codes(&bytes);
+    for essential in [53, 54, 51, 1] {
+        assert!(codes.contains(&essential), "dropped {essential}: {codes:?}");
+    }
+    // With option 57 = 1500 everything fits.
+    let roomy = with(base, [DhcpOption::MaxMessageSize(1500)]);
+    let outcome = handle(&roomy, &big, &inv);
+    let bytes = outcome.reply().expect("offer").to_bytes().expect("encode");
+    assert!(
+        bytes.len() > 548 && bytes.len() <= 1472,
+        "{} bytes",
+        bytes.len()
+    );
+    let codes = wire_codes(&bytes);
+    for code in [1, 3, 6, 12, 67, 175] {
+        assert!(codes.contains(&code), "missing {code}: {codes:?}");
+    }
+    let back = Message::decode(&mut Decoder::new(&bytes)).expect("decode");
+    assert_eq!(
+        file(&back),
+        None,
+        "a URL over 127 bytes goes only in option 67"
+    );
+}
+
+#[test]
+fn rejects_what_is_not_an_ethernet_bootrequest() {
+    let good = encode(&request(MessageType::Discover, MAC));
+    assert!(decode_request(&good).is_ok());
+    assert!(matches!(
+        decode_request(&good[..239]),
+        Err(PacketError::TooShort(239))
+    ));
+    let mut reply = good.clone();
+    reply[0] = 2;
+    assert!(matches!(
+        decode_request(&reply),
+        Err(PacketError::NotRequest(2))
+    ));
+    let mut long_hw = good.clone();
+    long_hw[2] = 200;
+    assert!(matches!(
+        decode_request(&long_hw),
+        Err(PacketError::NotEthernet { .. })
+    ));
+    let mut no_magic = good.clone();
+    no_magic[236] = 0;
+    assert!(matches!(
+        decode_request(&no_magic),
+        Err(PacketError::NoMagic)
+    ));
+}
+
+/// A DISCOVER with hand-written options after the cookie.
+fn raw_discover(options: &[u8]) -> Vec<u8> {
+    let mut bytes = encode(&request(MessageType::Discover, MAC));
+    bytes.truncate(240);
+    bytes.extend_from_slice(options);
+    bytes
+}
+
+#[test]
+fn malformed_options_are_dropped_not_fatal() {
+    // Options the generic decoder would choke on (client FQDN too short, bulk lease-query status
+    // empty, network interface id of the wrong length, overlong arch) come before the ones we
+    // need: the request must still be understood.
+    let bytes = raw_discover(&[
+        81, 0, // client FQDN, empty
+        151, 0, // status code, empty
+        94, 1, 1, // client NDI, 1 byte
+        93, 3, 0, 0, 7, // arch, odd length: dropped
+        53, 1, 1, // DISCOVER
+        60, 9, b'P', b'X', b'E', b'C', b'l', b'i', b'e', b'n', b't', //
+        93, 2, 0, 7, // arch 7
+        50, 3, 1, 2, 3, // requested IP, 3 bytes: dropped
+        255,
+    ]);
+    let msg = decode_request(&bytes).expect("decodes");
+    assert_eq!(msg.opts().msg_type(), Some(MessageType::Discover));
+    assert_eq!(boot_client(&msg), BootClient::UefiX64);
+    assert_eq!(msg.opts().get(OptionCode::RequestedIpAddress), None);
+    // Truncated option at the end, and no END.
+    let bytes = raw_discover(&[53, 1, 1, 60, 40, b'P']);
+    let msg = decode_request(&bytes).expect("decodes");
+    assert_eq!(msg.opts().msg_type(), Some(MessageType::Discover));
+}
+
+#[test]
+fn garbage_never_panics() {
+    // Deterministic mutations of real-looking requests: decode and handle must not panic.
+    let seeds = [
+        encode(&with(request(MessageType::Discover, MAC), ipxe(0))),
+        encode(&with(request(MessageType::Request, MAC), pxe(16))),
+        raw_discover(&[
+            53, 1, 3, 81, 3, 0, 0, 0, 82, 2, 1, 0, 121, 5, 33, 1, 2, 3, 4, 255,
+        ]),
+    ];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let s = settings();
+    let inv = inventory();
+    for round in 0..20_000 {
+        let mut bytes = seeds[round % seeds.len()].clone();
+        for _ in 0..(next() % 8 + 1) {
+            let len = bytes.len();
+            let at = 236 + (next() as usize) % (len - 236);
+            bytes[at] = next() as u8;
+        }
+        bytes.truncate(240 + (next() as usize) % (bytes.len() - 239));
+        if let Ok(msg) = decode_request(&bytes) {
+            if let Outcome::Reply { reply, .. } = handle(&msg, &s, &inv) {
+                reply.to_bytes().expect("replies always encode");
+            }
+        }
+    }
+}
+
+#[test]
+fn encodes_unknown_options_verbatim() {
+    let mut msg = request(MessageType::Offer, MAC);
+    msg.opts_mut()
+        .insert(DhcpOption::Unknown(UnknownOption::new(
+            OptionCode::from(175),
+            vec![176, 1, 1],
+        )));
+    let bytes = packet::encode_ordered(&msg, &[OptionCode::MessageType]).expect("encode");
+    let at = bytes.windows(5).position(|w| w == [175, 3, 176, 1, 1]);
+    assert!(at.is_some_and(|i| i > 240));
+}
+
+// ---- log limiter ----------------------------------------------------------------------------
+
+#[test]
+fn unknown_macs_are_logged_once_a_minute_with_bounded_memory() {
+    let mut limiter = LogLimiter::new(2, Duration::from_secs(60));
+    let t0 = Instant::now();
+    let mac = |i: u8| MacAddr([2, 0, 0, 0, 0, i]);
+    assert!(limiter.allow(mac(1), t0));
+    assert!(!limiter.allow(mac(1), t0 + Duration::from_secs(59)));
+    assert!(limiter.allow(mac(1), t0 + Duration::from_secs(61)));
+    assert!(limiter.allow(mac(2), t0 + Duration::from_secs(61)));
+    // Full of fresh entries: a third MAC is only counted.
+    assert!(!limiter.allow(mac(3), t0 + Duration::from_secs(62)));
+    assert_eq!(limiter.seen.len(), 2);
+    assert_eq!(limiter.take_suppressed(), 1);
+    assert_eq!(limiter.take_suppressed(), 0);
+    // Once entries age out, room is made.
+    assert!(limiter.allow(mac(3), t0 + Duration::from_secs(130)));
+    assert!(limiter.seen.len() <= 2);
+}
+
+// ---- the serve loop, on loopback ------------------------------------------------------------
+
+#[derive(Default)]
+struct Recorder {
+    inner: HashMap<MacAddr, Machine>,
+    events: Mutex<Vec<(String, BootEvent)>>,
+}
+
+impl MachineLookup for Recorder {
+    fn by_mac(&self, mac: &MacAddr) -> Option<Machine> {
+        self.inner.get(mac).cloned()
+    }
+    fn observe(&self, machine: &Machine, event: BootEvent) {
+        self.events
+            .lock()
+            .expect("lock")
+            .push((machine.name.clone(), event));
+    }
+}
+
+#[tokio::test]
+async fn serves_relayed_requests_on_loopback_and_stops() {
+    let server = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind server");
+    let server_addr = server.local_addr().expect("addr");
+    // The test plays a relay agent (giaddr = 127.0.0.1), so replies come to its port.
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind relay");
+    let relay_port = relay.local_addr().expect("addr").port();
+    let recorder = Arc::new(Recorder {
+        inner: inventory(),
+        ..Recorder::default()
+    });
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(super::run(
+        server,
+        Arc::new(settings()),
+        recorder.clone(),
+        shutdown.clone(),
+        Ports {
+            client: relay_port,
+            relay: relay_port,
+        },
+    ));
+
+    let relayed = |kind, mac: MacAddr, opts: Vec<DhcpOption>| {
+        let mut msg = with(request(kind, mac), opts);
+        msg.set_giaddr(Ipv4Addr::LOCALHOST);
+        encode(&msg)
+    };
+    let mut buf = [0u8; 1500];
+
+    // Garbage, a stranger and a BOOTREPLY first: no answer, no crash.
+    relay.send_to(b"hello", server_addr).await.expect("send");
+    relay
+        .send_to(
+            &relayed(MessageType::Discover, STRANGER, vec![]),
+            server_addr,
+        )
+        .await
+        .expect("send");
+    relay
+        .send_to(&relayed(MessageType::Discover, MAC, ipxe(0)), server_addr)
+        .await
+        .expect("send");
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), relay.recv_from(&mut buf))
+        .await
+        .expect("offer in time")
+        .expect("recv");
+    let offer = Message::decode(&mut Decoder::new(&buf[..n])).expect("decode");
+    assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
+    assert_eq!(offer.yiaddr(), RESERVED);
+    assert_eq!(offer.xid(), 0x1234_5678);
+    assert_eq!(offer.chaddr(), &MAC.0);
+
+    let req = vec![
+        DhcpOption::ServerIdentifier(SERVER),
+        DhcpOption::RequestedIpAddress(RESERVED),
+    ];
+    relay
+        .send_to(&relayed(MessageType::Request, MAC, req), server_addr)
+        .await
+        .expect("send");
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), relay.recv_from(&mut buf))
+        .await
+        .expect("ack in time")
+        .expect("recv");
+    let ack = Message::decode(&mut Decoder::new(&buf[..n])).expect("decode");
+    assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+
+    let rel = vec![DhcpOption::ServerIdentifier(SERVER)];
+    relay
+        .send_to(&relayed(MessageType::Release, MAC, rel), server_addr)
+        .await
+        .expect("send");
+    // Neither the stranger's DISCOVER nor the RELEASE is answered.
+    let extra = tokio::time::timeout(Duration::from_millis(300), relay.recv_from(&mut buf)).await;
+    assert!(extra.is_err(), "unexpected datagram: {extra:?}");
+
+    shutdown.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(2), task)
+        .await
+        .expect("stops in time");
+    result.expect("no panic").expect("returns Ok");
+    let events = recorder.events.lock().expect("lock").clone();
+    assert_eq!(
+        events,
+        vec![
+            ("node2".to_string(), BootEvent::DhcpOffered),
+            ("node2".to_string(), BootEvent::DhcpAcked),
+            ("node2".to_string(), BootEvent::DhcpReleased),
+        ]
+    );
+}
