@@ -12,9 +12,10 @@
 #                                    (seconds from qemu_start to the first match); 1 on timeout/exit
 #   qemu_stop NAME                   stops the VM (no-op if it already exited)
 #   qemu_boot NAME FW MAC TAP REGEX TIMEOUT [QEMU ARGS...]
-#                                    start + wait + stop; prints the elapsed seconds
-#   qemu_serial NAME                 path of the serial log
-#   qemu_tail NAME [N]               last N lines of the serial log (ANSI stripped), for failures
+#                                    start + wait + stop; sets QEMU_ELAPSED
+#   qemu_time_of NAME REGEX          seconds from QEMU start to the first serial line matching REGEX
+#   qemu_serial NAME                 path of the serial log: "[  secs] line" (tests/serial-ts.py)
+#   qemu_tail NAME [N]               last N lines of the serial log, for failure reports
 
 OVMF_CODE=${OVMF_CODE:-/usr/share/OVMF/OVMF_CODE_4M.fd}
 OVMF_VARS=${OVMF_VARS:-/usr/share/OVMF/OVMF_VARS_4M.fd}
@@ -47,10 +48,7 @@ EOF
 
 qemu_serial() { echo "$WORK/$1.serial"; }
 
-qemu_tail() {
-    sed -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e 's/\r//g' "$(qemu_serial "$1")" 2>/dev/null \
-        | grep -v '^\s*$' | tail -n "${2:-15}"
-}
+qemu_tail() { tail -n "${2:-15}" "$(qemu_serial "$1")" 2>/dev/null; }
 
 qemu_start() {
     local name=$1 fw=$2 mac=$3 tap=$4; shift 4
@@ -70,32 +68,36 @@ qemu_start() {
     esac
     : > "$WORK/$name.serial"
     QEMU_T0=$(date +%s.%N)
-    QEMU_PID=$(start_in_srv "qemu-$name" qemu-system-x86_64 -accel tcg -m "$QEMU_MEM" \
-        -display none -monitor none -no-reboot -serial "file:$WORK/$name.serial" \
-        "${fwargs[@]}" -netdev "tap,id=n0,ifname=$tap,script=no,downscript=no" -device "$nic" "$@")
+    QEMU_PID=$(start_in_srv "qemu-$name" python3 "$REPO/tests/serial-ts.py" "$WORK/$name.serial" -- \
+        qemu-system-x86_64 -accel tcg -m "$QEMU_MEM" -display none -monitor none -no-reboot \
+        -serial stdio "${fwargs[@]}" -netdev "tap,id=n0,ifname=$tap,script=no,downscript=no" \
+        -device "$nic" "$@")
     _QEMU_PIDS[$name]=$QEMU_PID
     _PIDS+=("$QEMU_PID") # start_in_srv ran in a command substitution: register for cleanup here
     log "qemu $name ($fw, $mac on $tap) started, pid $QEMU_PID"
 }
 
 qemu_wait() {
-    local name=$1 regex=$2 timeout=$3 serial pid=${_QEMU_PIDS[$1]:-}
+    local name=$1 regex=$2 timeout=$3 serial pid=${_QEMU_PIDS[$1]:-} now
     serial=$(qemu_serial "$name")
     QEMU_ELAPSED=""
     while :; do
-        if grep -aqE "$regex" "$serial" 2>/dev/null; then
-            QEMU_ELAPSED=$(awk -v a="$QEMU_T0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.2f", b-a}')
-            return 0
-        fi
-        local now
+        if QEMU_ELAPSED=$(qemu_time_of "$name" "$regex"); then return 0; fi
         now=$(awk -v a="$QEMU_T0" -v b="$(date +%s.%N)" 'BEGIN{print int(b-a)}')
         if [ "$now" -ge "$timeout" ]; then log "qemu $name: no /$regex/ within ${timeout}s"; return 1; fi
         if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
-            grep -aqE "$regex" "$serial" 2>/dev/null && continue
+            QEMU_ELAPSED=$(qemu_time_of "$name" "$regex") && return 0
             log "qemu $name exited without /$regex/"; return 1
         fi
-        sleep 0.1
+        sleep 0.2
     done
+}
+
+# qemu_time_of NAME REGEX: seconds (from QEMU start) of the first serial line matching REGEX
+qemu_time_of() {
+    local t
+    t=$(grep -aE -m1 -- "$2" "$(qemu_serial "$1")" 2>/dev/null | sed -nE 's/^\[ *([0-9.]+)\].*/\1/p')
+    [ -n "$t" ] && echo "$t"
 }
 
 qemu_stop() {
@@ -110,6 +112,174 @@ qemu_boot() {
     local rc=0
     qemu_wait "$name" "$regex" "$timeout" || rc=1
     qemu_stop "$name"
-    [ "$rc" = 0 ] && echo "$QEMU_ELAPSED"
     return "$rc"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Boot servers for a netboot test, two interchangeable backends with the same HTTP layout
+# (/ipxe/<mac-with-hyphens>, /boot/<iPXE binary>, /assets/<file>) and the same DHCP decisions:
+#   provisioner  target/debug/provisioner netboot --config DIR/provisioner.yaml
+#   dnsmasq      reference: dnsmasq (DHCP for known MACs only + TFTP of /usr/lib/ipxe) and
+#                busybox httpd serving a copy of that layout
+#
+#   boot_setup DIR MARKER            DIR/assets/{vmlinuz,initrd.img} (newest /boot kernel and a
+#                                    marker initrd), empty DIR/machines/
+#   boot_add_machine DIR NAME MAC IP a Machine manifest DIR/machines/NAME.yaml
+#   boot_write_config DIR            DIR/provisioner.yaml (serverAddress $SRV_IP, HTTP port
+#                                    $BOOT_HTTP_PORT, boot cmdline $BOOT_CMDLINE)
+#   backend_start BACKEND DIR        starts the servers in the server namespace and waits until
+#                                    the HTTP port answers; sets BACKEND_PIDS
+#   backend_stop                     stops them
+# Variables: BOOT_HTTP_PORT (8080), BOOT_CMDLINE ("console=ttyS0 quiet"), IPXE_DIR
+# (/usr/lib/ipxe), UEFI_LOADER (snponly.efi), REF_TUNED (1: the dnsmasq backend sends IPv6 router
+# advertisements and iPXE option 175.176=1, the known iPXE speed-ups; 0: plain).
+# ---------------------------------------------------------------------------------------------
+BOOT_HTTP_PORT=${BOOT_HTTP_PORT:-8080}
+BOOT_CMDLINE=${BOOT_CMDLINE:-console=ttyS0 quiet}
+IPXE_DIR=${IPXE_DIR:-/usr/lib/ipxe}
+UEFI_LOADER=${UEFI_LOADER:-snponly.efi}
+REF_TUNED=${REF_TUNED:-1}
+BACKEND_PIDS=()
+
+boot_setup() {
+    local dir=$1 marker=$2 kernel
+    mkdir -p "$dir/assets" "$dir/machines"
+    kernel=$(qemu_kernel)
+    cp "$kernel" "$dir/assets/vmlinuz"
+    qemu_mk_initrd "$dir/assets/initrd.img" "$marker"
+    : > "$dir/machines.list"
+    log "assets: $kernel + initrd ($(stat -c %s "$dir/assets/initrd.img") bytes) printing $marker"
+}
+
+boot_add_machine() {
+    local dir=$1 name=$2 mac=$3 ip=$4
+    cat > "$dir/machines/$name.yaml" <<EOF
+apiVersion: provisioner.dev/v1alpha1
+kind: Machine
+metadata:
+  name: $name
+spec:
+  macAddress: "$mac"
+  ipAddress: $ip
+  hostname: $name
+EOF
+    echo "$name $mac $ip" >> "$dir/machines.list"
+}
+
+boot_write_config() {
+    local dir=$1
+    cat > "$dir/provisioner.yaml" <<EOF
+interface: br0
+serverAddress: $SRV_IP
+subnet: $SUBNET_PREFIX.0/24
+gateway: $SRV_IP
+dnsServers: [$SRV_IP]
+leaseTime: 3600
+bootFiles:
+  ipxeDir: $IPXE_DIR
+  uefiLoader: $UEFI_LOADER
+  biosLoader: undionly.kpxe
+  assetsDir: $dir/assets
+boot:
+  kernel: vmlinuz
+  initrd: initrd.img
+  cmdline: "$BOOT_CMDLINE"
+listen:
+  dhcp: 0.0.0.0:67
+  tftp: 0.0.0.0:69
+  http: $SRV_IP:$BOOT_HTTP_PORT
+inventory:
+  directory: $dir/machines
+EOF
+}
+
+# _ref_http_tree DIR: the HTTP layout of our server, as plain files for busybox httpd
+_ref_http_tree() {
+    local dir=$1 www=$1/www name mac ip base="http://$SRV_IP:$BOOT_HTTP_PORT"
+    rm -rf "$www"; mkdir -p "$www/ipxe" "$www/boot" "$www/assets"
+    cp "$dir"/assets/* "$www/assets/"
+    cp "$IPXE_DIR/snponly.efi" "$IPXE_DIR/ipxe.efi" "$IPXE_DIR/undionly.kpxe" "$www/boot/"
+    while read -r name mac ip; do
+        cat > "$www/ipxe/${mac//:/-}" <<EOF
+#!ipxe
+# $name $mac
+kernel $base/assets/vmlinuz initrd=initrd.img ${BOOT_CMDLINE//\{name\}/$name}
+initrd $base/assets/initrd.img
+boot
+EOF
+    done < "$dir/machines.list"
+}
+
+_ref_dnsmasq_conf() {
+    local dir=$1 name mac ip n=0 base="http://$SRV_IP:$BOOT_HTTP_PORT"
+    {
+        echo "port=0"
+        echo "interface=br0"
+        echo "bind-interfaces"
+        echo "no-ping"
+        echo "dhcp-authoritative"
+        echo "dhcp-leasefile=$dir/dnsmasq.leases"
+        # static: answer only the MACs below, as our server answers only known machines
+        echo "dhcp-range=$SUBNET_PREFIX.0,static,255.255.255.0,1h"
+        echo "dhcp-option=option:router,$SRV_IP"
+        echo "dhcp-option=option:dns-server,$SRV_IP"
+        echo "enable-tftp"
+        echo "tftp-root=$IPXE_DIR"
+        echo "dhcp-userclass=set:ipxe,iPXE"
+        echo "dhcp-match=set:efi64,option:client-arch,7"
+        echo "dhcp-match=set:efi64,option:client-arch,9"
+        echo "dhcp-match=set:bios,option:client-arch,0"
+        echo "dhcp-boot=tag:!ipxe,tag:efi64,$UEFI_LOADER,,$SRV_IP"
+        echo "dhcp-boot=tag:!ipxe,tag:bios,undionly.kpxe,,$SRV_IP"
+        if [ "$REF_TUNED" = 1 ]; then
+            echo "enable-ra"
+            echo "dhcp-range=fd77::,ra-only,64"
+            echo "dhcp-option=tag:ipxe,encap:175,176,1"
+        fi
+        while read -r name mac ip; do
+            n=$((n + 1))
+            echo "dhcp-host=$mac,$ip,$name,set:m$n"
+            echo "dhcp-boot=tag:ipxe,tag:m$n,$base/ipxe/${mac//:/-}"
+        done < "$dir/machines.list"
+    } > "$dir/dnsmasq.conf"
+}
+
+backend_start() {
+    local backend=$1 dir=$2 i
+    BACKEND_PIDS=()
+    case "$backend" in
+    provisioner)
+        [ -x "$PROVISIONER" ] || { log "no $PROVISIONER (cargo build -p agent)"; return 1; }
+        boot_write_config "$dir"
+        BACKEND_PIDS+=("$(start_in_srv provisioner env RUST_LOG="${RUST_LOG:-info}" \
+            "$PROVISIONER" netboot --config "$dir/provisioner.yaml")") ;;
+    dnsmasq)
+        _ref_http_tree "$dir"
+        _ref_dnsmasq_conf "$dir"
+        rm -f "$dir/dnsmasq.leases"
+        BACKEND_PIDS+=("$(start_in_srv ref-dnsmasq dnsmasq -C "$dir/dnsmasq.conf" \
+            --keep-in-foreground --user=root --group=root --log-dhcp --log-facility=-)")
+        BACKEND_PIDS+=("$(start_in_srv ref-httpd busybox httpd -f -v -p "$SRV_IP:$BOOT_HTTP_PORT" \
+            -h "$dir/www")") ;;
+    *) log "unknown backend $backend (provisioner|dnsmasq)"; return 1 ;;
+    esac
+    _PIDS+=("${BACKEND_PIDS[@]}") # start_in_srv ran in command substitutions
+    for i in $(seq 1 100); do
+        if in_srv bash -c "exec 3<>/dev/tcp/$SRV_IP/$BOOT_HTTP_PORT" 2>/dev/null; then
+            log "backend $backend up (pids ${BACKEND_PIDS[*]})"; return 0
+        fi
+        local p
+        for p in "${BACKEND_PIDS[@]}"; do
+            kill -0 "$p" 2>/dev/null || { log "backend $backend: pid $p exited"; return 1; }
+        done
+        sleep 0.1
+    done
+    log "backend $backend: HTTP port $BOOT_HTTP_PORT not listening after 10 s"
+    return 1
+}
+
+backend_stop() {
+    local p
+    for p in "${BACKEND_PIDS[@]}"; do stop_pid "$p"; done
+    BACKEND_PIDS=()
 }
