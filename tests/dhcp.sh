@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Real DHCP clients (busybox udhcpc, ISC dhclient, a scripted client) against
+# `provisioner netboot` in network namespaces. Run as root after `cargo build -p agent`.
+# Packages: busybox-static, isc-dhcp-client, python3, iproute2.
+TEST_NAME=dhcp
+. "$(dirname "$0")/lib.sh"
+
+[ -x "$PROVISIONER" ] || { echo "FAIL $TEST_NAME: $PROVISIONER not built (cargo build -p agent)"; exit 1; }
+command -v busybox >/dev/null || { echo "FAIL $TEST_NAME: busybox (busybox-static) missing"; exit 1; }
+CLIENT_PY=$REPO/tests/dhcp-client.py
+
+MAC_UDHCPC=52:54:00:aa:00:20
+MAC_DHCLIENT=52:54:00:aa:00:21
+MAC_PY=52:54:00:aa:00:22
+MAC_UNKNOWN=52:54:00:ee:ee:01
+
+netns_up
+mkdir -p "$WORK/machines" "$WORK/assets"
+machine() { # NAME MAC IP
+    cat >"$WORK/machines/$1.yaml" <<YAML
+apiVersion: provisioner.dev/v1alpha1
+kind: Machine
+metadata: {name: $1}
+spec: {macAddress: "$2", ipAddress: $3, hostname: $1-host}
+YAML
+}
+machine node20 "$MAC_UDHCPC" "$SUBNET_PREFIX.20"
+machine node21 "$MAC_DHCLIENT" "$SUBNET_PREFIX.21"
+machine node22 "$MAC_PY" "$SUBNET_PREFIX.22"
+cat >"$WORK/config.yaml" <<YAML
+interface: br0
+serverAddress: $SRV_IP
+subnet: $SUBNET_PREFIX.0/24
+gateway: $SRV_IP
+dnsServers: [$SRV_IP, $SUBNET_PREFIX.2]
+leaseTime: 600
+bootFiles: {ipxeDir: /usr/lib/ipxe, uefiLoader: snponly.efi, assetsDir: $WORK/assets}
+boot: {kernel: vmlinuz, initrd: initrd.img, cmdline: "console=ttyS0"}
+listen: {dhcp: "0.0.0.0:67", tftp: "0.0.0.0:69", http: "0.0.0.0:8080"}
+inventory: {directory: $WORK/machines}
+YAML
+
+SERVER_PID=$(start_in_srv netboot env RUST_LOG=info "$PROVISIONER" netboot --config "$WORK/config.yaml")
+for _ in $(seq 1 100); do
+    in_srv ss -Hlun 'sport = :67' | grep -q . && break
+    kill -0 "$SERVER_PID" 2>/dev/null || break
+    sleep 0.05
+done
+check "server listens on udp/67" sh -c "ip netns exec '$NS_SRV' ss -Hlun 'sport = :67' | grep -q ."
+
+# --- busybox udhcpc: reserved address, mask, router, DNS, hostname --------------------------
+cat >"$WORK/udhcpc.sh" <<'SH'
+#!/bin/sh
+echo "$1 ip=$ip subnet=$subnet mask=$mask router=$router dns=$dns hostname=$hostname lease=$lease serverid=$serverid" >>"$OUT"
+SH
+chmod +x "$WORK/udhcpc.sh"
+C1=$(add_client udh "$MAC_UDHCPC")
+OUT=$WORK/udhcpc.out ip netns exec "$C1" busybox udhcpc -i eth0 -s "$WORK/udhcpc.sh" -q -n -f -t 3 -T 1 \
+    >"$WORK/udhcpc.log" 2>&1 || true
+log "udhcpc: $(grep '^bound' "$WORK/udhcpc.out" 2>/dev/null || echo 'no lease')"
+bound() { grep -q "^bound .*$1" "$WORK/udhcpc.out"; }
+check "udhcpc gets the reserved address" bound "ip=$SUBNET_PREFIX.20 "
+check "udhcpc gets the mask" bound "subnet=255.255.255.0 "
+check "udhcpc gets the router" bound "router=$SRV_IP "
+check "udhcpc gets both DNS servers" bound "dns=$SRV_IP $SUBNET_PREFIX.2 "
+check "udhcpc gets the hostname" bound "hostname=node20-host "
+check "udhcpc gets the lease time" bound "lease=600 "
+check "udhcpc sees our server id" bound "serverid=$SRV_IP"
+
+# --- ISC dhclient -----------------------------------------------------------------------------
+if command -v dhclient >/dev/null; then
+    C2=$(add_client dhc "$MAC_DHCLIENT")
+    cat >"$WORK/dhclient.conf" <<'CONF'
+timeout 10;
+retry 1;
+request subnet-mask, routers, domain-name-servers, host-name;
+CONF
+    cat >"$WORK/dhclient.sh" <<SH
+#!/bin/sh
+echo "\$reason ip=\$new_ip_address mask=\$new_subnet_mask routers=\$new_routers dns=\$new_domain_name_servers host=\$new_host_name" >>"$WORK/dhclient.out"
+SH
+    chmod +x "$WORK/dhclient.sh"
+    timeout 20 ip netns exec "$C2" dhclient -1 -cf "$WORK/dhclient.conf" -sf "$WORK/dhclient.sh" \
+        -lf "$WORK/dhclient.leases" -pf "$WORK/dhclient.pid" eth0 >"$WORK/dhclient.log" 2>&1 || true
+    [ -s "$WORK/dhclient.pid" ] && _PIDS+=("$(cat "$WORK/dhclient.pid")")
+    log "dhclient: $(grep '^BOUND' "$WORK/dhclient.out" 2>/dev/null || echo 'no lease')"
+    check "dhclient binds the reserved lease" grep -q \
+        "^BOUND ip=$SUBNET_PREFIX.21 mask=255.255.255.0 routers=$SRV_IP dns=$SRV_IP $SUBNET_PREFIX.2 host=node21-host" \
+        "$WORK/dhclient.out"
+else
+    log "dhclient not installed: skipped"
+fi
+
+# --- scripted client: NAK for a wrong address, ACK for the right one, INFORM, RELEASE -----------
+C3=$(add_client py "$MAC_PY")
+# An address so the kernel can send to 255.255.255.255; the server does not look at it.
+ip netns exec "$C3" ip addr add "$SUBNET_PREFIX.222/24" dev eth0
+py() { ip netns exec "$C3" python3 "$CLIENT_PY" eth0 "$@"; }
+py "$MAC_PY" request --requested "$SUBNET_PREFIX.99" >"$WORK/nak.out"
+check "REQUEST for a wrong address gets a NAK" grep -qx 'type=nak' "$WORK/nak.out"
+check "the NAK carries our server id" grep -qx "option 54=0a4d0001" "$WORK/nak.out"
+py "$MAC_PY" request --requested "$SUBNET_PREFIX.99" --server-id "$SUBNET_PREFIX.254" >"$WORK/other.out"
+check "REQUEST for another server gets silence" grep -qx 'type=none' "$WORK/other.out"
+py "$MAC_PY" request --requested "$SUBNET_PREFIX.22" --server-id "$SRV_IP" >"$WORK/ack.out"
+check "REQUEST for the reserved address gets an ACK" grep -qx 'type=ack' "$WORK/ack.out"
+check "the ACK gives the reserved address" grep -qx "yiaddr=$SUBNET_PREFIX.22" "$WORK/ack.out"
+py "$MAC_PY" inform --ciaddr "$SUBNET_PREFIX.222" >"$WORK/inform.out" || true
+# The INFORM ACK is unicast to ciaddr, which this namespace owns.
+check "INFORM gets an ACK without lease time" sh -c \
+    "grep -qx type=ack '$WORK/inform.out' && grep -qx yiaddr=0.0.0.0 '$WORK/inform.out' && ! grep -q '^option 51=' '$WORK/inform.out'"
+py "$MAC_PY" release --server-id "$SRV_IP" --timeout 0.5 >"$WORK/release.out"
+check "RELEASE gets no reply" grep -qx 'type=none' "$WORK/release.out"
+
+# --- unknown MAC: nothing -----------------------------------------------------------------------
+C4=$(add_client unk "$MAC_UNKNOWN")
+if OUT=$WORK/unknown.out ip netns exec "$C4" busybox udhcpc -i eth0 -s "$WORK/udhcpc.sh" -q -n -f -t 3 -T 1 \
+    >"$WORK/unknown.log" 2>&1; then
+    fail "udhcpc with an unknown MAC got a lease: $(cat "$WORK/unknown.out")"
+else
+    pass "udhcpc with an unknown MAC gets no lease"
+fi
+ip netns exec "$C4" ip addr add "$SUBNET_PREFIX.223/24" dev eth0
+ip netns exec "$C4" python3 "$CLIENT_PY" eth0 "$MAC_UNKNOWN" discover >"$WORK/unknown-py.out"
+check "DISCOVER from an unknown MAC gets no OFFER" grep -qx 'type=none' "$WORK/unknown-py.out"
+sleep 0.2
+unknown_logs=$(grep -c "no reservation for this MAC" "$WORK/netboot.log" || true)
+check "the unknown MAC is logged once, not per packet ($unknown_logs)" test "$unknown_logs" = 1
+
+check "server still running" kill -0 "$SERVER_PID"
+if [ "$FAILURES" -ne 0 ]; then log "server log:"; tail -n 40 "$WORK/netboot.log" >&2; fi
+finish
