@@ -15,6 +15,8 @@ MAC_PY=52:54:00:aa:00:22
 MAC_UNKNOWN=52:54:00:ee:ee:01
 
 netns_up
+# start_in_srv and add_client record in arrays what cleanup must remove: called inside $(...)
+# that record would be lost, so they are called directly and the names derived.
 mkdir -p "$WORK/machines" "$WORK/assets"
 machine() { # NAME MAC IP
     cat >"$WORK/machines/$1.yaml" <<YAML
@@ -40,7 +42,8 @@ listen: {dhcp: "0.0.0.0:67", tftp: "0.0.0.0:69", http: "0.0.0.0:8080"}
 inventory: {directory: $WORK/machines}
 YAML
 
-SERVER_PID=$(start_in_srv netboot env RUST_LOG=info "$PROVISIONER" netboot --config "$WORK/config.yaml")
+start_in_srv netboot env RUST_LOG=info "$PROVISIONER" netboot --config "$WORK/config.yaml" >/dev/null
+SERVER_PID=$(cat "$WORK/netboot.pid")
 for _ in $(seq 1 100); do
     in_srv ss -Hlun 'sport = :67' | grep -q . && break
     kill -0 "$SERVER_PID" 2>/dev/null || break
@@ -54,7 +57,7 @@ cat >"$WORK/udhcpc.sh" <<'SH'
 echo "$1 ip=$ip subnet=$subnet mask=$mask router=$router dns=$dns hostname=$hostname lease=$lease serverid=$serverid" >>"$OUT"
 SH
 chmod +x "$WORK/udhcpc.sh"
-C1=$(add_client udh "$MAC_UDHCPC")
+add_client udh "$MAC_UDHCPC" >/dev/null; C1=pv-cudh-$$
 OUT=$WORK/udhcpc.out ip netns exec "$C1" busybox udhcpc -i eth0 -s "$WORK/udhcpc.sh" -q -n -f -t 3 -T 1 \
     >"$WORK/udhcpc.log" 2>&1 || true
 log "udhcpc: $(grep '^bound' "$WORK/udhcpc.out" 2>/dev/null || echo 'no lease')"
@@ -69,7 +72,7 @@ check "udhcpc sees our server id" bound "serverid=$SRV_IP"
 
 # --- ISC dhclient -----------------------------------------------------------------------------
 if command -v dhclient >/dev/null; then
-    C2=$(add_client dhc "$MAC_DHCLIENT")
+    add_client dhc "$MAC_DHCLIENT" >/dev/null; C2=pv-cdhc-$$
     cat >"$WORK/dhclient.conf" <<'CONF'
 timeout 10;
 retry 1;
@@ -92,7 +95,7 @@ else
 fi
 
 # --- scripted client: NAK for a wrong address, ACK for the right one, INFORM, RELEASE -----------
-C3=$(add_client py "$MAC_PY")
+add_client py "$MAC_PY" >/dev/null; C3=pv-cpy-$$
 # An address so the kernel can send to 255.255.255.255; the server does not look at it.
 ip netns exec "$C3" ip addr add "$SUBNET_PREFIX.222/24" dev eth0
 py() { ip netns exec "$C3" python3 "$CLIENT_PY" eth0 "$@"; }
@@ -112,7 +115,7 @@ py "$MAC_PY" release --server-id "$SRV_IP" --timeout 0.5 >"$WORK/release.out"
 check "RELEASE gets no reply" grep -qx 'type=none' "$WORK/release.out"
 
 # --- unknown MAC: nothing -----------------------------------------------------------------------
-C4=$(add_client unk "$MAC_UNKNOWN")
+add_client unk "$MAC_UNKNOWN" >/dev/null; C4=pv-cunk-$$
 if OUT=$WORK/unknown.out ip netns exec "$C4" busybox udhcpc -i eth0 -s "$WORK/udhcpc.sh" -q -n -f -t 3 -T 1 \
     >"$WORK/unknown.log" 2>&1; then
     fail "udhcpc with an unknown MAC got a lease: $(cat "$WORK/unknown.out")"
