@@ -133,6 +133,7 @@ pub async fn serve_with_grace(
     }
     drop(listener);
 
+    while conns.try_join_next().is_some() {}
     if !conns.is_empty() {
         info!(
             connections = conns.len(),
@@ -219,12 +220,14 @@ async fn handle(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response
         outcome.bytes
     };
     let note = outcome.note.as_deref();
-    if status.is_server_error() {
-        warn!(%peer, %method, path = %raw_path, status = status.as_u16(), bytes,
-            machine = outcome.machine.as_deref(), mac = outcome.mac.as_deref(), error = note, "HTTP request");
+    // Display, not Debug: `machine=node2` like the agent's own records.
+    let machine = outcome.machine.as_deref().map(tracing::field::display);
+    let mac = outcome.mac.as_deref().map(tracing::field::display);
+    let status = status.as_u16();
+    if status >= 500 {
+        warn!(%peer, %method, path = %raw_path, status, bytes, machine, mac, error = note, "HTTP request");
     } else {
-        info!(%peer, %method, path = %raw_path, status = status.as_u16(), bytes,
-            machine = outcome.machine.as_deref(), mac = outcome.mac.as_deref(), reason = note, "HTTP request");
+        info!(%peer, %method, path = %raw_path, status, bytes, machine, mac, reason = note, "HTTP request");
     }
     response
 }
