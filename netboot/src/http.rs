@@ -43,7 +43,7 @@ use tracing::{debug, info, warn};
 use crate::ipxe::{boot_script, ScriptSettings};
 use crate::machine::{BootEvent, MacAddr, MachineLookup};
 
-pub use body::Body;
+use body::Body;
 
 /// What the HTTP server serves.
 #[derive(Debug, Clone)]
