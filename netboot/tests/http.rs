@@ -745,3 +745,27 @@ async fn shutdown_grace_is_bounded() {
         "{took:?}"
     );
 }
+
+#[tokio::test]
+async fn serves_concurrent_clients() {
+    let srv = start("concurrent", None).await;
+    let kernel = srv.asset("vmlinuz");
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..32u64 {
+        let addr = srv.addr;
+        clients.spawn(async move {
+            let start = i * 1000;
+            let range = format!("bytes={start}-");
+            let r = exchange(addr, "GET", "/assets/vmlinuz", &[("Range", &range)]).await;
+            (start, r)
+        });
+    }
+    let mut n = 0;
+    while let Some(joined) = clients.join_next().await {
+        let (start, r) = joined.expect("client task");
+        assert_eq!(r.status, 206);
+        assert_eq!(r.body, &kernel[start as usize..]);
+        n += 1;
+    }
+    assert_eq!(n, 32);
+}
