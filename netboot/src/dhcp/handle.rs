@@ -19,12 +19,19 @@ pub struct Reply {
     pub destination: SocketAddr,
     /// Order of options on the wire: 53 and 54 first, then the client's parameter request list.
     pub option_order: Vec<OptionCode>,
+    /// `message` encoded in `option_order`, already checked against the client's size limit.
+    wire: Vec<u8>,
 }
 
 impl Reply {
     /// The datagram to send.
     pub fn to_bytes(&self) -> Result<Vec<u8>, PacketError> {
-        encode_ordered(&self.message, &self.option_order)
+        Ok(self.wire.clone())
+    }
+
+    /// The datagram to send, without copying.
+    pub fn wire(&self) -> &[u8] {
+        &self.wire
     }
 
     pub fn message_type(&self) -> Option<MessageType> {
@@ -162,26 +169,23 @@ const ESSENTIAL: [OptionCode; 4] = [
 fn finish(request: &Message, mut message: Message, kind: MessageType) -> Reply {
     let option_order = option_order(request);
     let limit = max_payload(request);
-    loop {
-        let reply = Reply {
-            message: message.clone(),
-            destination: destination(request, kind),
-            option_order: option_order.clone(),
-        };
-        let fits = reply.to_bytes().map(|b| b.len() <= limit).unwrap_or(false);
-        if fits {
-            return reply;
+    // Encoding only fails on overflowing lengths, which the options built here cannot reach;
+    // should it happen, the wire form is empty and `serve` sends nothing.
+    let wire = loop {
+        let encoded = encode_ordered(&message, &option_order).unwrap_or_default();
+        if !encoded.is_empty() && encoded.len() <= limit {
+            break encoded;
         }
-        let mut wire: Vec<OptionCode> = option_order.clone();
+        let mut wire_order: Vec<OptionCode> = option_order.clone();
         let mut rest: Vec<OptionCode> = message
             .opts()
             .iter()
             .map(|(c, _)| *c)
-            .filter(|c| !wire.contains(c))
+            .filter(|c| !wire_order.contains(c))
             .collect();
         rest.sort_by_key(|c| u8::from(*c));
-        wire.extend(rest);
-        let victim = wire
+        wire_order.extend(rest);
+        let victim = wire_order
             .iter()
             .rev()
             .find(|c| !ESSENTIAL.contains(c) && message.opts().get(**c).is_some())
@@ -190,8 +194,14 @@ fn finish(request: &Message, mut message: Message, kind: MessageType) -> Reply {
             Some(code) => {
                 message.opts_mut().remove(code);
             }
-            None => return reply,
+            None => break encoded,
         }
+    };
+    Reply {
+        message,
+        destination: destination(request, kind),
+        option_order,
+        wire,
     }
 }
 

@@ -136,6 +136,10 @@ async fn run(
     ports: Ports,
 ) -> io::Result<()> {
     socket.set_broadcast(true)?;
+    // Absorb bursts (a rack powering on): best effort, capped by net.core.rmem_max.
+    if let Err(e) = socket2::SockRef::from(&socket).set_recv_buffer_size(1 << 20) {
+        tracing::debug!(error = %e, "cannot enlarge the DHCP receive buffer");
+    }
     tracing::info!(local = %socket.local_addr()?, server_ip = %settings.server_ip, "DHCP server ready");
     let mut unknown = LogLimiter::new(4096, Duration::from_secs(60));
     let mut buf = vec![0u8; 2048];
@@ -172,19 +176,17 @@ async fn run(
                 client,
             } => {
                 let kind = reply.message_type();
-                let bytes = match reply.to_bytes() {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::error!(machine = %machine.name, mac = %machine.mac, error = %e, "cannot encode DHCP reply");
-                        continue;
-                    }
-                };
+                let bytes = reply.wire();
+                if bytes.is_empty() {
+                    tracing::error!(machine = %machine.name, mac = %machine.mac, "cannot encode DHCP reply");
+                    continue;
+                }
                 let file = reply.message.fname_str().and_then(Result::ok).unwrap_or("");
                 if let BootClient::Unknown { arch } = client {
                     tracing::warn!(machine = %machine.name, mac = %machine.mac, arch = ?arch, "unsupported network-boot architecture: plain DHCP, no boot file");
                 }
                 let destination = ports.map(reply.destination);
-                match socket.send_to(&bytes, destination).await {
+                match socket.send_to(bytes, destination).await {
                     Ok(_) => tracing::info!(
                         machine = %machine.name, mac = %machine.mac, ip = %machine.ip,
                         reply = ?kind.unwrap_or(dhcproto::v4::MessageType::Unknown(0)),
