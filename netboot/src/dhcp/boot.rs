@@ -129,6 +129,10 @@ pub fn boot_file(client: BootClient, machine: &Machine, settings: &DhcpSettings)
         next_server: settings.server_ip,
         options: vec![
             DhcpOption::ClassIdentifier(PXE_CLIENT.to_vec()),
+            // PXE discovery control (vendor option 6) = 8: boot the file named in this offer.
+            // With "PXEClient" but no option 43, EDK2 (OVMF) classifies the offer as BINL, asks
+            // a boot server on UDP 4011 for the file, gets no answer and fails with PXE-E16.
+            DhcpOption::VendorExtensions(vec![6, 1, 8, 255]),
             DhcpOption::TFTPServerName(settings.server_ip.to_string().into_bytes()),
         ],
     };
