@@ -132,7 +132,8 @@ qemu_boot() {
 #   backend_stop                     stops them
 # Variables: BOOT_HTTP_PORT (8080), BOOT_CMDLINE ("console=ttyS0 quiet"), IPXE_DIR
 # (/usr/lib/ipxe), UEFI_LOADER (snponly.efi), REF_TUNED (1: the dnsmasq backend sends IPv6 router
-# advertisements and iPXE option 175.176=1, the known iPXE speed-ups; 0: plain).
+# advertisements and iPXE option 175.176=1, the known iPXE speed-ups; 0: plain),
+# REF_DNSMASQ_EXTRA (extra dnsmasq.conf lines for the reference backend).
 # ---------------------------------------------------------------------------------------------
 BOOT_HTTP_PORT=${BOOT_HTTP_PORT:-8080}
 BOOT_CMDLINE=${BOOT_CMDLINE:-console=ttyS0 quiet}
@@ -236,6 +237,8 @@ _ref_dnsmasq_conf() {
             echo "dhcp-range=fd77::,ra-only,64"
             echo "dhcp-option=tag:ipxe,encap:175,176,1"
         fi
+        # extra config lines, one per line (experiments: e.g. "dhcp-option-force=tag:efi64,60,PXEClient")
+        [ -n "${REF_DNSMASQ_EXTRA:-}" ] && printf '%s\n' "$REF_DNSMASQ_EXTRA"
         while read -r name mac ip; do
             n=$((n + 1))
             echo "dhcp-host=$mac,$ip,$name,set:m$n"
