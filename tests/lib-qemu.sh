@@ -16,6 +16,9 @@
 #   qemu_time_of NAME REGEX          seconds from QEMU start to the first serial line matching REGEX
 #   qemu_serial NAME                 path of the serial log: "[  secs] line" (tests/serial-ts.py)
 #   qemu_tail NAME [N]               last N lines of the serial log, for failure reports
+#   qemu_line_span NAME REGEX        "START END" of the first matching serial line (slow lines)
+#   ra_start                         IPv6 router advertisements on br0 (dnsmasq RA only)
+#   ra_min_start                     minimal RAs (lifetime 0, no prefix) answering solicitations
 
 OVMF_CODE=${OVMF_CODE:-/usr/share/OVMF/OVMF_CODE_4M.fd}
 OVMF_VARS=${OVMF_VARS:-/usr/share/OVMF/OVMF_VARS_4M.fd}
@@ -285,4 +288,36 @@ backend_stop() {
     local p
     for p in "${BACKEND_PIDS[@]}"; do stop_pid "$p"; done
     BACKEND_PIDS=()
+}
+
+# ra_start: IPv6 router advertisements on br0 (dnsmasq, RA only: no DHCPv4, no DNS) for
+# experiments next to another DHCP server; sets RA_PID. Stop it with stop_pid "$RA_PID".
+# RA_EXTRA: extra dnsmasq lines, e.g. "ra-param=br0,10,0" (router lifetime 0: not a default router).
+ra_start() {
+    cat > "$WORK/ra-dnsmasq.conf" <<EOF
+port=0
+interface=br0
+bind-interfaces
+enable-ra
+dhcp-range=fd77::,ra-only,64
+dhcp-leasefile=$WORK/ra-dnsmasq.leases
+${RA_EXTRA:-}
+EOF
+    RA_PID=$(start_in_srv ra-dnsmasq dnsmasq -C "$WORK/ra-dnsmasq.conf" --keep-in-foreground \
+        --user=root --group=root --log-facility=-)
+    _PIDS+=("$RA_PID")
+}
+
+# qemu_line_span NAME REGEX: "START END" seconds of the first serial line matching REGEX (START
+# is when its first byte arrived, END when it was completed; equal for fast lines)
+qemu_line_span() {
+    grep -aE -m1 -- "$2" "$(qemu_serial "$1")" 2>/dev/null \
+        | sed -nE 's/^\[ *([0-9.]+)\].*\[from ([0-9.]+)\]$/\2 \1/p; t; s/^\[ *([0-9.]+)\].*/\1 \1/p'
+}
+
+# ra_min_start: answer router solicitations on br0 with a minimal RA (router lifetime 0, no
+# prefix: tests/ra-responder.py); sets RA_PID.
+ra_min_start() {
+    RA_PID=$(start_in_srv ra-responder python3 "$REPO/tests/ra-responder.py" br0)
+    _PIDS+=("$RA_PID")
 }
