@@ -77,9 +77,14 @@ add_tap() {
 }
 
 cleanup() {
-    local pid ns
+    # Helpers are often called inside $(...), so their records in _PIDS/_CLIENT_NS may be lost in
+    # the subshell: also stop every PID file of $WORK and delete every namespace of this run.
+    local pid ns f
+    for f in "$WORK"/*.pid; do [ -s "$f" ] && _PIDS+=("$(cat "$f")"); done
     for pid in "${_PIDS[@]}"; do stop_pid "$pid"; done
-    for ns in "${_CLIENT_NS[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
+    for ns in "${_CLIENT_NS[@]}" $(ip netns list | awk -v s="-$$" '$1 ~ "^pv-" && substr($1, length($1) - length(s) + 1) == s {print $1}'); do
+        ip netns del "$ns" 2>/dev/null || true
+    done
     ip netns del "$NS_SRV" 2>/dev/null || true
     if [ "${KEEP_WORK:-0}" = 1 ]; then log "work dir kept: $WORK"; else rm -rf "$WORK"; fi
 }

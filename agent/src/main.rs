@@ -1,1 +1,101 @@
-fn main() {}
+//! `provisioner`: the host agent and its tools.
+
+mod config;
+mod daemon;
+mod inventory;
+mod logging;
+mod systemd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for bad configuration or usage, distinct from runtime failures (1).
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "provisioner",
+    version,
+    about = "Network-boot and provision machines into a Kubernetes cluster"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve DHCP, TFTP and HTTP for the machines of the inventory (the netboot.service daemon).
+    Netboot {
+        /// Configuration file (see provisioner.yaml.example).
+        #[arg(long, short, default_value = "/etc/provisioner/provisioner.yaml")]
+        config: PathBuf,
+    },
+    /// Check a configuration file and print what it means, then exit.
+    CheckConfig {
+        #[arg(long, short, default_value = "/etc/provisioner/provisioner.yaml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    logging::init();
+    run(cli.command)
+}
+
+fn run(command: Command) -> ExitCode {
+    match command {
+        Command::CheckConfig { config } => match config::Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{} is valid: server {} on subnet {}",
+                    config.display(),
+                    c.server_address,
+                    c.subnet
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Netboot { config } => {
+            let config = match config::Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    // Goes to stderr, or to the journal when started by systemd.
+                    tracing::error!("invalid configuration: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(daemon::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("netboot failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

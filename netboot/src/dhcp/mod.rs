@@ -12,6 +12,7 @@
 mod boot;
 mod handle;
 mod packet;
+mod socket;
 
 use std::collections::HashMap;
 use std::io;
@@ -135,9 +136,9 @@ async fn run(
     shutdown: CancellationToken,
     ports: Ports,
 ) -> io::Result<()> {
-    socket.set_broadcast(true)?;
+    let socket = socket::PktInfoSocket::new(socket)?;
     // Absorb bursts (a rack powering on): best effort, capped by net.core.rmem_max.
-    if let Err(e) = socket2::SockRef::from(&socket).set_recv_buffer_size(1 << 20) {
+    if let Err(e) = socket2::SockRef::from(socket.inner()).set_recv_buffer_size(1 << 20) {
         tracing::debug!(error = %e, "cannot enlarge the DHCP receive buffer");
     }
     tracing::info!(local = %socket.local_addr()?, server_ip = %settings.server_ip, "DHCP server ready");
@@ -147,9 +148,9 @@ async fn run(
         let received = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            r = socket.recv_from(&mut buf) => r,
+            r = socket.recv(&mut buf) => r,
         };
-        let (len, peer) = match received {
+        let socket::Received { len, peer, ifindex } = match received {
             Ok(r) => r,
             Err(e) => {
                 // UDP receive errors are per-datagram (e.g. ICMP feedback): keep serving.
@@ -186,7 +187,7 @@ async fn run(
                     tracing::warn!(machine = %machine.name, mac = %machine.mac, arch = ?arch, "unsupported network-boot architecture: plain DHCP, no boot file");
                 }
                 let destination = ports.map(reply.destination);
-                match socket.send_to(bytes, destination).await {
+                match socket.send(bytes, destination, ifindex).await {
                     Ok(_) => tracing::info!(
                         machine = %machine.name, mac = %machine.mac, ip = %machine.ip,
                         reply = ?kind.unwrap_or(dhcproto::v4::MessageType::Unknown(0)),

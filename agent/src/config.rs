@@ -1,0 +1,352 @@
+//! `provisioner.yaml`: the agent's configuration, every key documented in
+//! `provisioner.yaml.example`. Parsing is strict (unknown keys are errors) and every error names
+//! the key it is about, because an operator reads it in `systemctl status` with no other context.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+/// Which iPXE build UEFI firmware gets over TFTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum UefiLoader {
+    /// Full iPXE with its own NIC drivers.
+    #[serde(rename = "ipxe.efi")]
+    IpxeEfi,
+    /// iPXE on top of the firmware's network stack (SNP): starts faster, works on any NIC.
+    #[serde(rename = "snponly.efi")]
+    SnpOnly,
+}
+
+impl UefiLoader {
+    pub fn file_name(self) -> &'static str {
+        match self {
+            UefiLoader::IpxeEfi => "ipxe.efi",
+            UefiLoader::SnpOnly => "snponly.efi",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BootFiles {
+    pub ipxe_dir: PathBuf,
+    #[serde(default = "default_uefi_loader")]
+    pub uefi_loader: UefiLoader,
+    #[serde(default = "default_bios_loader")]
+    pub bios_loader: String,
+    pub assets_dir: PathBuf,
+}
+
+fn default_uefi_loader() -> UefiLoader {
+    UefiLoader::SnpOnly
+}
+fn default_bios_loader() -> String {
+    "undionly.kpxe".to_string()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Boot {
+    pub kernel: String,
+    pub initrd: String,
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Listen {
+    #[serde(default = "default_dhcp")]
+    pub dhcp: SocketAddr,
+    #[serde(default = "default_tftp")]
+    pub tftp: SocketAddr,
+    #[serde(default = "default_http")]
+    pub http: SocketAddr,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            dhcp: default_dhcp(),
+            tftp: default_tftp(),
+            http: default_http(),
+        }
+    }
+}
+
+fn default_dhcp() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 67))
+}
+fn default_tftp() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 69))
+}
+fn default_http() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 80))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Inventory {
+    /// Folder of Machine manifests (the embedded inventory, used when no cluster is configured).
+    pub directory: PathBuf,
+}
+
+/// The file as written; [`Config::load`] validates it into a [`Config`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawConfig {
+    interface: Option<String>,
+    server_address: String,
+    subnet: String,
+    gateway: Option<String>,
+    #[serde(default)]
+    dns_servers: Vec<String>,
+    #[serde(default = "default_lease")]
+    lease_time: u32,
+    boot_files: BootFiles,
+    boot: Boot,
+    #[serde(default)]
+    listen: Listen,
+    inventory: Inventory,
+}
+
+fn default_lease() -> u32 {
+    3600
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Provisioning interface: the DHCP socket is bound to it in stand-alone mode.
+    pub interface: Option<String>,
+    pub server_address: Ipv4Addr,
+    pub subnet: Ipv4Net,
+    pub gateway: Option<Ipv4Addr>,
+    pub dns_servers: Vec<Ipv4Addr>,
+    pub lease_time: Duration,
+    pub boot_files: BootFiles,
+    pub boot: Boot,
+    pub listen: Listen,
+    pub inventory: Inventory,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            message,
+        };
+        let ipv4 = |key: &'static str, value: &str| {
+            value
+                .parse::<Ipv4Addr>()
+                .map_err(|_| invalid(key, format!("{value:?} is not an IPv4 address")))
+        };
+
+        let subnet: Ipv4Net = raw.subnet.parse().map_err(|_| {
+            invalid(
+                "subnet",
+                format!("{:?} is not an IPv4 CIDR such as 10.0.0.0/24", raw.subnet),
+            )
+        })?;
+        if subnet.prefix_len() > 30 {
+            return Err(invalid(
+                "subnet",
+                format!("{subnet} leaves no room for machines (use /30 or larger)"),
+            ));
+        }
+        let server_address = ipv4("serverAddress", &raw.server_address)?;
+        if !subnet.contains(&server_address) {
+            return Err(invalid(
+                "serverAddress",
+                format!("{server_address} is outside subnet {subnet}"),
+            ));
+        }
+        if server_address == subnet.network() || server_address == subnet.broadcast() {
+            return Err(invalid(
+                "serverAddress",
+                format!("{server_address} is the network or broadcast address of {subnet}"),
+            ));
+        }
+        let gateway = match raw.gateway.as_deref() {
+            None => None,
+            Some(g) => {
+                let g = ipv4("gateway", g)?;
+                if !subnet.contains(&g) {
+                    return Err(invalid(
+                        "gateway",
+                        format!("{g} is outside subnet {subnet}"),
+                    ));
+                }
+                Some(g)
+            }
+        };
+        let dns_servers = raw
+            .dns_servers
+            .iter()
+            .map(|d| ipv4("dnsServers", d))
+            .collect::<Result<Vec<_>, _>>()?;
+        if raw.lease_time < 60 {
+            return Err(invalid(
+                "leaseTime",
+                format!("{} seconds is too short (minimum 60)", raw.lease_time),
+            ));
+        }
+        if let Some(iface) = &raw.interface {
+            if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ', '\0']) {
+                return Err(invalid(
+                    "interface",
+                    format!("{iface:?} is not a valid interface name"),
+                ));
+            }
+        }
+        for (key, file) in [
+            ("boot.kernel", &raw.boot.kernel),
+            ("boot.initrd", &raw.boot.initrd),
+        ] {
+            if file.is_empty() || file.starts_with('/') || file.split('/').any(|c| c == "..") {
+                return Err(invalid(
+                    key,
+                    format!("{file:?} must be a relative path under bootFiles.assetsDir"),
+                ));
+            }
+        }
+        if raw.boot.cmdline.contains(['\n', '\r']) {
+            return Err(invalid("boot.cmdline", "must be a single line".to_string()));
+        }
+        Ok(Config {
+            interface: raw.interface,
+            server_address,
+            subnet,
+            gateway,
+            dns_servers,
+            lease_time: Duration::from_secs(u64::from(raw.lease_time)),
+            boot_files: raw.boot_files,
+            boot: raw.boot,
+            listen: raw.listen,
+            inventory: raw.inventory,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+interface: br0
+serverAddress: 10.77.0.1
+subnet: 10.77.0.0/24
+gateway: 10.77.0.1
+dnsServers: [10.77.0.1, 10.77.0.2]
+leaseTime: 600
+bootFiles:
+  ipxeDir: /usr/lib/ipxe
+  uefiLoader: ipxe.efi
+  assetsDir: /srv/assets
+boot:
+  kernel: vmlinuz
+  initrd: initrd.img
+  cmdline: console=ttyS0
+listen:
+  http: 0.0.0.0:8080
+inventory:
+  directory: /etc/provisioner/machines
+";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("provisioner.yaml"), text)
+    }
+
+    fn error(text: &str) -> String {
+        match parse(text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn parses_a_full_config() {
+        let config = parse(GOOD).expect("valid config");
+        assert_eq!(config.server_address, Ipv4Addr::new(10, 77, 0, 1));
+        assert_eq!(config.subnet.prefix_len(), 24);
+        assert_eq!(config.dns_servers.len(), 2);
+        assert_eq!(config.lease_time, Duration::from_secs(600));
+        assert_eq!(config.boot_files.uefi_loader, UefiLoader::IpxeEfi);
+        assert_eq!(config.boot_files.bios_loader, "undionly.kpxe");
+        assert_eq!(config.listen.http.port(), 8080);
+        assert_eq!(
+            config.listen.dhcp.port(),
+            67,
+            "defaults fill what is not given"
+        );
+    }
+
+    #[test]
+    fn the_example_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../provisioner.yaml.example");
+        Config::load(&path).expect("provisioner.yaml.example must parse");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let unknown = error(&GOOD.replace("leaseTime: 600", "leaseTim: 600"));
+        assert!(unknown.contains("leaseTim"), "{unknown}");
+        let nested = error(&GOOD.replace("  cmdline:", "  cmdlin:"));
+        assert!(nested.contains("cmdlin"), "{nested}");
+        let cidr = error(&GOOD.replace("10.77.0.0/24", "10.77.0/24"));
+        assert!(
+            cidr.contains("subnet") && cidr.contains("10.77.0/24"),
+            "{cidr}"
+        );
+        let outside = error(&GOOD.replace("serverAddress: 10.77.0.1", "serverAddress: 10.78.0.1"));
+        assert!(
+            outside.contains("serverAddress") && outside.contains("outside"),
+            "{outside}"
+        );
+        let gateway = error(&GOOD.replace("gateway: 10.77.0.1", "gateway: 192.168.1.1"));
+        assert!(
+            gateway.starts_with("provisioner.yaml: gateway:"),
+            "{gateway}"
+        );
+        let dns = error(&GOOD.replace("10.77.0.2]", "nameserver]"));
+        assert!(dns.contains("dnsServers"), "{dns}");
+        let loader = error(&GOOD.replace("uefiLoader: ipxe.efi", "uefiLoader: grub.efi"));
+        assert!(loader.contains("grub.efi"), "{loader}");
+        let kernel = error(&GOOD.replace("kernel: vmlinuz", "kernel: ../vmlinuz"));
+        assert!(kernel.contains("boot.kernel"), "{kernel}");
+        let missing = error(&GOOD.replace("subnet: 10.77.0.0/24\n", ""));
+        assert!(missing.contains("subnet"), "{missing}");
+    }
+}

@@ -1,0 +1,225 @@
+//! `provisioner netboot`: serves DHCP, TFTP and HTTP for the machines of the inventory, on
+//! sockets passed by systemd or bound from the configuration.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::inventory::{self, Table};
+use crate::systemd;
+
+/// How long in-flight transfers get to finish after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Safety-net rescan of the inventory folder besides inotify.
+const INVENTORY_RESCAN: Duration = Duration::from_secs(30);
+
+struct Sockets {
+    dhcp: UdpSocket,
+    tftp: UdpSocket,
+    http: TcpListener,
+    activated: bool,
+}
+
+/// A UDP socket for DHCP: broadcast allowed, bound to the provisioning interface so replies to
+/// 255.255.255.255 leave through it and requests from other links are never seen.
+fn bind_dhcp(addr: SocketAddr, interface: Option<&str>) -> anyhow::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_broadcast(true)?;
+    if let Some(interface) = interface {
+        socket
+            .bind_device(Some(interface.as_bytes()))
+            .with_context(|| format!("binding the DHCP socket to interface {interface}"))?;
+    }
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding DHCP to {addr}"))?;
+    Ok(socket.into())
+}
+
+fn sockets(config: &Config) -> anyhow::Result<Sockets> {
+    let mut passed = systemd::activated_sockets()?;
+    let activated = !(passed.udp.is_empty() && passed.tcp.is_empty());
+    let dhcp = match passed.udp.remove("dhcp") {
+        Some(s) => s,
+        None => bind_dhcp(config.listen.dhcp, config.interface.as_deref())?,
+    };
+    let tftp = match passed.udp.remove("tftp") {
+        Some(s) => s,
+        None => std::net::UdpSocket::bind(config.listen.tftp)
+            .with_context(|| format!("binding TFTP to {}", config.listen.tftp))?,
+    };
+    let http = match passed.tcp.remove("http") {
+        Some(s) => s,
+        None => std::net::TcpListener::bind(config.listen.http)
+            .with_context(|| format!("binding HTTP to {}", config.listen.http))?,
+    };
+    for name in passed.udp.keys().chain(passed.tcp.keys()) {
+        tracing::warn!(
+            "ignoring socket {name:?} passed by systemd: expected names dhcp, tftp, http"
+        );
+    }
+    for s in [&dhcp, &tftp] {
+        s.set_nonblocking(true)?;
+    }
+    http.set_nonblocking(true)?;
+    Ok(Sockets {
+        dhcp: UdpSocket::from_std(dhcp)?,
+        tftp: UdpSocket::from_std(tftp)?,
+        http: TcpListener::from_std(http)?,
+        activated,
+    })
+}
+
+fn status_line(machines: usize, sockets: &[(&str, String)]) -> String {
+    let listening: Vec<String> = sockets
+        .iter()
+        .map(|(proto, addr)| format!("{proto} {addr}"))
+        .collect();
+    format!("serving {machines} machine(s); {}", listening.join(", "))
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let sockets = sockets(&config)?;
+    let http_port = sockets.http.local_addr()?.port();
+    let endpoints = vec![
+        ("DHCP", sockets.dhcp.local_addr()?.to_string()),
+        ("TFTP", sockets.tftp.local_addr()?.to_string()),
+        ("HTTP", sockets.http.local_addr()?.to_string()),
+    ];
+
+    let mut reserved: Vec<Ipv4Addr> = vec![config.server_address];
+    reserved.extend(config.gateway);
+    let table = Arc::new(Table::default());
+    let dir = config.inventory.directory.clone();
+    let folder = inventory::FolderWatch::start(&dir);
+    inventory::reload(&table, &dir, config.subnet, &reserved)
+        .with_context(|| format!("inventory.directory: cannot read {}", dir.display()))?;
+
+    let shutdown = CancellationToken::new();
+    let base_url = match http_port {
+        80 => format!("http://{}", config.server_address),
+        port => format!("http://{}:{port}", config.server_address),
+    };
+    let dhcp_settings = Arc::new(netboot::dhcp::DhcpSettings {
+        server_ip: config.server_address,
+        subnet: config.subnet,
+        gateway: config.gateway,
+        dns_servers: config.dns_servers.clone(),
+        lease_time: config.lease_time,
+        bios_loader: config.boot_files.bios_loader.clone(),
+        uefi_loader: config.boot_files.uefi_loader.file_name().to_string(),
+        http_base: base_url.clone(),
+    });
+    let tftp_settings = Arc::new(netboot::tftp::TftpSettings::new(
+        config.boot_files.ipxe_dir.clone(),
+    ));
+    let http_settings = Arc::new(netboot::http::HttpSettings {
+        boot_dir: config.boot_files.ipxe_dir.clone(),
+        assets_dir: config.boot_files.assets_dir.clone(),
+        script: netboot::ipxe::ScriptSettings {
+            kernel: config.boot.kernel.clone(),
+            initrd: config.boot.initrd.clone(),
+            cmdline: config.boot.cmdline.clone(),
+        },
+        base_url: base_url.clone(),
+    });
+
+    let machines: Arc<dyn netboot::MachineLookup> = table.clone();
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(netboot::dhcp::serve(
+        sockets.dhcp,
+        dhcp_settings,
+        machines.clone(),
+        shutdown.clone(),
+    ));
+    servers.spawn(netboot::tftp::serve(
+        sockets.tftp,
+        tftp_settings,
+        machines.clone(),
+        shutdown.clone(),
+    ));
+    servers.spawn(netboot::http::serve(
+        sockets.http,
+        http_settings,
+        machines.clone(),
+        shutdown.clone(),
+    ));
+    let watcher = tokio::spawn(inventory::watch(
+        folder,
+        table.clone(),
+        dir.clone(),
+        config.subnet,
+        reserved.clone(),
+        INVENTORY_RESCAN,
+        shutdown.clone(),
+    ));
+
+    let mut served = table.len();
+    let status = status_line(served, &endpoints);
+    tracing::info!(
+        activated = sockets.activated,
+        base_url = %base_url,
+        interface = config.interface.as_deref().unwrap_or(""),
+        "netboot ready: {status}"
+    );
+    systemd::notify_ready(&status);
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut tick =
+        tokio::time::interval(systemd::watchdog_interval().unwrap_or(Duration::from_secs(5)));
+    let watchdog = systemd::watchdog_interval().is_some();
+
+    let outcome: anyhow::Result<()> = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break Ok(()),
+            _ = sigint.recv() => break Ok(()),
+            _ = sighup.recv() => {
+                tracing::info!("SIGHUP: reloading inventory");
+                if let Err(e) = inventory::reload(&table, &dir, config.subnet, &reserved) {
+                    tracing::error!("cannot reload inventory: {e}");
+                }
+            }
+            _ = tick.tick() => {
+                if watchdog {
+                    systemd::notify_watchdog();
+                }
+                let now = table.len();
+                if now != served {
+                    served = now;
+                    systemd::notify_status(&status_line(served, &endpoints));
+                }
+            }
+            Some(finished) = servers.join_next() => {
+                // A server only returns early on a fatal socket error.
+                break match finished {
+                    Ok(Ok(())) => Err(anyhow::anyhow!("a server stopped unexpectedly")),
+                    Ok(Err(e)) => Err(anyhow::Error::new(e).context("server failed")),
+                    Err(e) => Err(anyhow::anyhow!("server task failed: {e}")),
+                };
+            }
+        }
+    };
+
+    systemd::notify_stopping("stopping: finishing in-flight transfers");
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(2), async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("servers did not stop within the grace period");
+    }
+    let _ = watcher.await;
+    outcome
+}

@@ -1,0 +1,80 @@
+//! systemd integration: sockets passed by socket activation, `sd_notify` state, and the watchdog.
+//! Everything degrades to a no-op when the process was not started by systemd.
+
+use std::collections::HashMap;
+use std::net::{TcpListener, UdpSocket};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use libsystemd::activation::IsType;
+use libsystemd::daemon::{self, NotifyState};
+use nix::sys::socket::{getsockopt, sockopt, SockType};
+
+/// Sockets received from systemd, by `FileDescriptorName=`.
+#[derive(Default)]
+pub struct ActivatedSockets {
+    pub udp: HashMap<String, UdpSocket>,
+    pub tcp: HashMap<String, TcpListener>,
+}
+
+/// Takes the sockets systemd passed (`LISTEN_FDS`/`LISTEN_FDNAMES`), if any, and clears the
+/// environment so children do not inherit them.
+pub fn activated_sockets() -> anyhow::Result<ActivatedSockets> {
+    let mut sockets = ActivatedSockets::default();
+    if std::env::var_os("LISTEN_FDS").is_none() {
+        return Ok(sockets);
+    }
+    let descriptors = libsystemd::activation::receive_descriptors_with_names(true)
+        .context("reading sockets passed by systemd (LISTEN_FDS)")?;
+    for (fd, name) in descriptors {
+        if !fd.is_inet() {
+            bail!("socket {name:?} passed by systemd is not an IP socket");
+        }
+        // SAFETY: systemd passed us ownership of this descriptor, libsystemd checked that it is
+        // open, and into_raw_fd gave up libsystemd's claim; nothing else in the process holds it.
+        #[allow(unsafe_code)]
+        let owned = unsafe { OwnedFd::from_raw_fd(fd.into_raw_fd()) };
+        match getsockopt(&owned, sockopt::SockType).with_context(|| format!("socket {name:?}"))? {
+            SockType::Datagram => {
+                sockets.udp.insert(name, UdpSocket::from(owned));
+            }
+            SockType::Stream => {
+                sockets.tcp.insert(name, TcpListener::from(owned));
+            }
+            other => bail!("socket {name:?} passed by systemd has unsupported type {other:?}"),
+        }
+    }
+    Ok(sockets)
+}
+
+fn send(states: &[NotifyState]) {
+    // Not running under systemd (no NOTIFY_SOCKET) is fine; a failure to send is only logged.
+    if let Err(e) = daemon::notify(false, states) {
+        tracing::debug!("sd_notify failed: {e}");
+    }
+}
+
+pub fn notify_ready(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status.to_string())]);
+}
+
+pub fn notify_status(status: &str) {
+    send(&[NotifyState::Status(status.to_string())]);
+}
+
+pub fn notify_stopping(status: &str) {
+    send(&[
+        NotifyState::Stopping,
+        NotifyState::Status(status.to_string()),
+    ]);
+}
+
+pub fn notify_watchdog() {
+    send(&[NotifyState::Watchdog]);
+}
+
+/// Half the `WatchdogSec=` interval, if systemd asked for keep-alives.
+pub fn watchdog_interval() -> Option<Duration> {
+    daemon::watchdog_enabled(false).map(|d| d / 2)
+}

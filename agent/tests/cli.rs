@@ -1,0 +1,170 @@
+//! The `provisioner` binary as an operator meets it: exit codes, config errors, sd_notify
+//! datagrams, and a clean SIGTERM. Runs unprivileged: every socket is on 127.0.0.1, port 0.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_provisioner");
+
+fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let machines = dir.join("machines");
+    std::fs::create_dir_all(&machines).expect("mkdir machines");
+    std::fs::create_dir_all(dir.join("assets")).expect("mkdir assets");
+    std::fs::write(
+        machines.join("node2.yaml"),
+        "apiVersion: provisioner.dev/v1alpha1\nkind: Machine\nmetadata:\n  name: node2\nspec:\n  macAddress: \"52:54:00:00:00:02\"\n  ipAddress: 10.77.0.2\n",
+    )
+    .expect("write manifest");
+    let config = dir.join("provisioner.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "serverAddress: 10.77.0.1\nsubnet: 10.77.0.0/24\nbootFiles:\n  ipxeDir: {assets}\n  assetsDir: {assets}\nboot:\n  kernel: vmlinuz\n  initrd: initrd.img\nlisten:\n  dhcp: 127.0.0.1:0\n  tftp: 127.0.0.1:0\n  http: 127.0.0.1:0\ninventory:\n  directory: {machines}\n{extra}",
+            assets = dir.join("assets").display(),
+            machines = machines.display(),
+        ),
+    )
+    .expect("write config");
+    config
+}
+
+#[test]
+fn config_errors_exit_2_and_name_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "leaseTme: 60\n");
+    let out = Command::new(BIN)
+        .args(["netboot", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("leaseTme"), "error names the key: {stderr}");
+
+    let text = std::fs::read_to_string(&config)
+        .expect("read")
+        .replace("leaseTme: 60\n", "")
+        .replace("10.77.0.0/24", "10.77.0.0/33");
+    std::fs::write(&config, text).expect("write");
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("subnet"),
+        "{out:?}"
+    );
+
+    let out = Command::new(BIN)
+        .args(["netboot", "--no-such-flag"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+}
+
+fn recv_until(socket: &UnixDatagram, want: &str, deadline: Instant) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        match socket.recv(&mut buf) {
+            Ok(n) => {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let done = msg.lines().any(|l| l == want);
+                seen.push(msg);
+                if done {
+                    return seen;
+                }
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => panic!("notify socket: {e}"),
+        }
+    }
+    panic!("no {want} within the deadline; got {seen:?}");
+}
+
+#[test]
+fn notifies_ready_with_status_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "");
+    let notify_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+
+    let mut child = Command::new(BIN)
+        .args(["netboot", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let ready = recv_until(&socket, "READY=1", Instant::now() + Duration::from_secs(20));
+    let status = ready
+        .iter()
+        .flat_map(|m| m.lines())
+        .find(|l| l.starts_with("STATUS="))
+        .map(str::to_string);
+    let status = status.expect("READY comes with a STATUS line");
+    assert!(status.contains("serving 1 machine"), "{status}");
+    assert!(
+        status.contains("DHCP 127.0.0.1:")
+            && status.contains("TFTP 127.0.0.1:")
+            && status.contains("HTTP 127.0.0.1:"),
+        "{status}"
+    );
+
+    // A new manifest is picked up without a restart, and STATUS follows.
+    std::fs::write(
+        dir.path().join("machines/node3.yaml"),
+        "apiVersion: provisioner.dev/v1alpha1\nkind: Machine\nmetadata:\n  name: node3\nspec:\n  macAddress: \"52:54:00:00:00:03\"\n  ipAddress: 10.77.0.3\n",
+    )
+    .expect("write manifest");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut updated = false;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline && !updated {
+        if let Ok(n) = socket.recv(&mut buf) {
+            updated = String::from_utf8_lossy(&buf[..n]).contains("serving 2 machine");
+        }
+    }
+    if !updated {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("wait");
+        panic!(
+            "STATUS= did not report the second machine; stderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let stopping = recv_until(
+        &socket,
+        "STOPPING=1",
+        Instant::now() + Duration::from_secs(15),
+    );
+    assert!(!stopping.is_empty());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "clean exit after SIGTERM: {status:?}");
+}
