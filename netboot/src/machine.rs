@@ -83,7 +83,9 @@ pub enum BootEvent {
     DhcpReleased,
     DhcpDeclined,
     /// A boot file was sent completely over TFTP or HTTP.
-    FileServed { path: String },
+    FileServed {
+        path: String,
+    },
     IpxeScriptServed,
 }
 
@@ -116,7 +118,13 @@ mod tests {
 
     #[test]
     fn rejects_bad_macs() {
-        for bad in ["", "52:54:00:ab:cd", "52:54:00:ab:cd:01:02", "5:54:00:ab:cd:01", "zz:54:00:ab:cd:01"] {
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:01:02",
+            "5:54:00:ab:cd:01",
+            "zz:54:00:ab:cd:01",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad} accepted");
         }
     }

@@ -29,7 +29,10 @@ pub fn open_confined(root: &Path, requested: &str) -> Result<(File, u64, PathBuf
         return Err(PathError::NotAllowed(requested.to_string()));
     }
     let rel_path = Path::new(rel);
-    if !rel_path.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
+    if !rel_path
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+    {
         return Err(PathError::NotAllowed(requested.to_string()));
     }
     let root_real = root
@@ -79,14 +82,38 @@ mod tests {
         let root = dir.join("root");
         let (_, len, _) = open_confined(&root, "sub/file").expect("regular file");
         assert_eq!(len, 5);
-        assert!(open_confined(&root, "/sub/file").is_ok(), "leading slash is stripped");
-        assert!(open_confined(&root, "inside").is_ok(), "symlink inside root is fine");
-        assert!(matches!(open_confined(&root, "../secret"), Err(PathError::NotAllowed(_))));
-        assert!(matches!(open_confined(&root, "sub/../../secret"), Err(PathError::NotAllowed(_))));
-        assert!(matches!(open_confined(&root, "escape"), Err(PathError::Escapes(_))));
-        assert!(matches!(open_confined(&root, "sub"), Err(PathError::NotAFile(_))));
-        assert!(matches!(open_confined(&root, "missing"), Err(PathError::NotFound(_))));
-        assert!(matches!(open_confined(&root, ""), Err(PathError::NotAllowed(_))));
+        assert!(
+            open_confined(&root, "/sub/file").is_ok(),
+            "leading slash is stripped"
+        );
+        assert!(
+            open_confined(&root, "inside").is_ok(),
+            "symlink inside root is fine"
+        );
+        assert!(matches!(
+            open_confined(&root, "../secret"),
+            Err(PathError::NotAllowed(_))
+        ));
+        assert!(matches!(
+            open_confined(&root, "sub/../../secret"),
+            Err(PathError::NotAllowed(_))
+        ));
+        assert!(matches!(
+            open_confined(&root, "escape"),
+            Err(PathError::Escapes(_))
+        ));
+        assert!(matches!(
+            open_confined(&root, "sub"),
+            Err(PathError::NotAFile(_))
+        ));
+        assert!(matches!(
+            open_confined(&root, "missing"),
+            Err(PathError::NotFound(_))
+        ));
+        assert!(matches!(
+            open_confined(&root, ""),
+            Err(PathError::NotAllowed(_))
+        ));
         let _ = std::fs::remove_dir_all(dir);
     }
 }
