@@ -6,7 +6,7 @@
 //! ("network unreachable") on an isolated provisioning network. dnsmasq does the same.
 
 use std::io::{self, IoSlice, IoSliceMut};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 
 use nix::sys::socket::{
