@@ -37,6 +37,11 @@ boot_path() {
     if qemu_boot "$name" "$fw" "$mac" tap0 "$MARKER" "$TIMEOUT"; then
         pass "$name ($BACKEND): marker after ${QEMU_ELAPSED}s"
         echo "BOOT $name backend=$BACKEND seconds=$QEMU_ELAPSED"
+        # iPXE's "Configuring" waits ~16 s when no IPv6 router advertisement comes (informational)
+        local span
+        if span=$(qemu_line_span "$name" 'Configuring \(net0') && [ -n "$span" ]; then
+            log "$name: iPXE network configuration took $(awk '{printf "%.1f", $2-$1}' <<<"$span")s"
+        fi
         # the marker line comes from the initrd we built, booted by the address we reserved
         check "$name got its reserved address $ip" grep -aq "$ip" "$(qemu_serial "$name")"
     else
