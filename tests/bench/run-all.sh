@@ -1,0 +1,14 @@
+#!/bin/bash
+# Runs every benchmark and prints its figures (bounded in time; a few minutes in all).
+# Builds release binaries first: figures are meant for the build we ship.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+[ "$(id -u)" = 0 ] || { echo "run as root: benchmarks use network namespaces" >&2; exit 1; }
+tests/install-deps.sh
+cargo build --release --locked -p agent -p netboot --examples --bins
+export PROVISIONER=$PWD/target/release/provisioner
+export TFTP_SERVER=$PWD/target/release/examples/tftp_server
+for b in netboot-memory dhcp-perfdhcp tftp pxe-chain; do
+    printf '\n=== %s\n' "$b"
+    bash "tests/bench/$b.sh" || echo "benchmark $b failed"
+done

@@ -1,0 +1,42 @@
+#!/bin/bash
+# Installs what the tests and the demo need on a fresh Debian 12 (bookworm) or Ubuntu 24.04 host,
+# from the distribution's own archive only. Services shipped by these packages (tftpd-hpa) are
+# kept from starting on the host: the tests run their servers inside network namespaces.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+PACKAGES=(
+    iproute2 procps kmod cpio curl python3 ca-certificates
+    busybox-static isc-dhcp-client     # DHCP clients (udhcpc, dhclient)
+    tftp-hpa tftpd-hpa                 # TFTP client, and the reference server for the benchmark
+    dnsmasq-base kea-admin             # reference DHCP/TFTP server, perfdhcp
+    qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64   # firmware, iPXE binaries, a kernel
+    tcpdump                            # fixture capture
+    systemd                            # systemd-socket-activate, systemd-analyze
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    # policy-rc.d 101: packages may not start or enable services on this host.
+    created_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        created_policy=1
+    fi
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+    [ "$created_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
+    # tftpd-hpa's unit may still be enabled for the next boot: it must not serve the host's links.
+    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+        systemctl disable --now tftpd-hpa 2>/dev/null || true
+    fi
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "cargo not found: install a Rust toolchain (1.80 or newer, e.g. with rustup); Debian 12's own rustc is too old" >&2
+    exit 1
+fi
