@@ -8,7 +8,7 @@ export DEBIAN_FRONTEND=noninteractive
 PACKAGES=(
     iproute2 procps kmod cpio curl python3 ca-certificates
     busybox-static isc-dhcp-client     # DHCP clients (udhcpc, dhclient)
-    tftp-hpa tftpd-hpa                 # TFTP client, and the reference server for the benchmark
+    tftp-hpa atftp tftpd-hpa           # TFTP clients (atftp: windowsize), reference server
     dnsmasq-base kea-admin             # reference DHCP/TFTP server, perfdhcp
     qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64   # firmware, iPXE binaries, a kernel
     tcpdump                            # fixture capture
