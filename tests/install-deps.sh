@@ -11,7 +11,6 @@ PACKAGES=(
     tftp-hpa atftp tftpd-hpa           # TFTP clients (atftp: windowsize), reference server
     dnsmasq-base kea-admin             # reference DHCP/TFTP server, perfdhcp
     qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64   # firmware, iPXE binaries, a kernel
-    tcpdump                            # fixture capture
     systemd                            # systemd-socket-activate, systemd-analyze
 )
 

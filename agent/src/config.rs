@@ -116,6 +116,8 @@ pub struct Inventory {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawConfig {
     interface: Option<String>,
+    #[serde(default = "default_true")]
+    router_advertisements: bool,
     server_address: String,
     subnet: String,
     gateway: Option<String>,
@@ -128,6 +130,11 @@ struct RawConfig {
     #[serde(default)]
     listen: Listen,
     inventory: Inventory,
+    state_file: Option<PathBuf>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_lease() -> u32 {
@@ -138,6 +145,8 @@ fn default_lease() -> u32 {
 pub struct Config {
     /// Provisioning interface: the DHCP socket is bound to it in stand-alone mode.
     pub interface: Option<String>,
+    /// Answer IPv6 router solicitations on `interface` so iPXE does not wait for IPv6.
+    pub router_advertisements: bool,
     pub server_address: Ipv4Addr,
     pub subnet: Ipv4Net,
     pub gateway: Option<Ipv4Addr>,
@@ -147,6 +156,9 @@ pub struct Config {
     pub boot: Boot,
     pub listen: Listen,
     pub inventory: Inventory,
+    /// Machine status kept across restarts; `None`: `$STATE_DIRECTORY/state.yaml` (systemd's
+    /// `StateDirectory=`), else `/var/lib/provisioner/state.yaml` if that directory exists.
+    pub state_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -247,6 +259,7 @@ impl Config {
         }
         Ok(Config {
             interface: raw.interface,
+            router_advertisements: raw.router_advertisements,
             server_address,
             subnet,
             gateway,
@@ -256,6 +269,7 @@ impl Config {
             boot: raw.boot,
             listen: raw.listen,
             inventory: raw.inventory,
+            state_file: raw.state_file,
         })
     }
 }

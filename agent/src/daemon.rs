@@ -151,6 +151,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         machines.clone(),
         shutdown.clone(),
     ));
+    match (&config.interface, config.router_advertisements) {
+        (Some(interface), true) => match netboot::ra::RaSocket::open(interface) {
+            Ok(socket) => {
+                let token = shutdown.clone();
+                // Not in `servers`: failing to advertise must not stop netboot.
+                tokio::spawn(async move {
+                    if let Err(e) = netboot::ra::serve(socket, token).await {
+                        tracing::warn!("router advertisements stopped: {e}");
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(
+                interface = %interface,
+                "cannot answer IPv6 router solicitations ({e}; needs CAP_NET_RAW): iPXE clients will wait about 16 s for IPv6 before booting"
+            ),
+        },
+        (None, true) => tracing::warn!(
+            "no provisioning interface configured: not answering IPv6 router solicitations, iPXE clients will wait about 16 s for IPv6"
+        ),
+        (_, false) => {}
+    }
     let watcher = tokio::spawn(inventory::watch(
         folder,
         table.clone(),

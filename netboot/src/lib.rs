@@ -9,6 +9,7 @@ pub mod http;
 pub mod ipxe;
 pub mod machine;
 pub mod path;
+pub mod ra;
 pub mod tftp;
 
 pub use machine::{BootEvent, MacAddr, Machine, MachineLookup};
