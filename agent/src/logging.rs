@@ -30,7 +30,8 @@ pub fn init() {
                     .with(
                         layer
                             .with_field_prefix(None)
-                            .with_syslog_identifier("provisioner".into()),
+                            .with_syslog_identifier("provisioner".into())
+                            .with_priority_mappings(priorities()),
                     )
                     .init();
                 return;
@@ -47,4 +48,17 @@ pub fn init() {
                 .with_writer(std::io::stderr),
         )
         .init();
+}
+
+/// tracing-journald maps INFO to "notice" and DEBUG to "info"; operators filtering with
+/// `journalctl -p info` expect the syslog meaning of each level.
+fn priorities() -> tracing_journald::PriorityMappings {
+    use tracing_journald::Priority;
+    tracing_journald::PriorityMappings {
+        error: Priority::Error,
+        warn: Priority::Warning,
+        info: Priority::Informational,
+        debug: Priority::Debug,
+        trace: Priority::Debug,
+    }
 }

@@ -1,0 +1,60 @@
+#!/bin/bash
+# Journald output: when stderr is the journal stream systemd gave it (JOURNAL_STREAM matches
+# stderr's device:inode), provisioner netboot logs native journal records with MACHINE=, MAC=,
+# IP= fields and the right PRIORITY. A listener stands in for journald's socket inside a private
+# mount namespace (a tmpfs over /run), so the host's journal is never touched; a real DHCP client
+# in a client namespace makes netboot log a reply for the machine.
+TEST_NAME=journald
+. "$(dirname "$0")/lib.sh"
+
+netns_up
+MAC=52:54:00:bb:00:02
+mkdir -p "$WORK"/{machines,assets}
+cat > "$WORK/machines/node2.yaml" <<EOF2
+apiVersion: provisioner.dev/v1alpha1
+kind: Machine
+metadata: {name: node2}
+spec: {macAddress: "$MAC", ipAddress: $SUBNET_PREFIX.20}
+EOF2
+cat > "$WORK/provisioner.yaml" <<EOF2
+interface: br0
+serverAddress: $SRV_IP
+subnet: $SUBNET_PREFIX.0/24
+bootFiles: {ipxeDir: $WORK/assets, assetsDir: $WORK/assets}
+boot: {kernel: vmlinuz, initrd: initrd.img}
+listen: {dhcp: "0.0.0.0:67", tftp: "0.0.0.0:69", http: "0.0.0.0:80"}
+inventory: {directory: $WORK/machines}
+EOF2
+
+# Inside the server namespace and a private mount namespace: journald's socket path is ours.
+cat > "$WORK/inner.sh" <<EOF2
+set -e
+mount -t tmpfs tmpfs /run
+mkdir -p /run/systemd/journal
+python3 "$REPO/tests/journal-listener.py" /run/systemd/journal/socket "$WORK/journal.txt" 30 &
+for _ in \$(seq 1 50); do [ -S /run/systemd/journal/socket ] && break; sleep 0.1; done
+exec 2>"$WORK/stderr.log"
+export JOURNAL_STREAM=\$(stat -L -c '%d:%i' /proc/self/fd/2)
+echo \$\$ > "$WORK/netboot.pid"
+exec "$PROVISIONER" netboot --config "$WORK/provisioner.yaml"
+EOF2
+ip netns exec "$NS_SRV" unshare --mount --propagation private bash "$WORK/inner.sh" &
+for _ in $(seq 1 100); do grep -q "netboot ready" "$WORK/journal.txt" 2>/dev/null && break; sleep 0.1; done
+check "records reach the journal socket" grep -q "netboot ready" "$WORK/journal.txt"
+
+client=$(add_client jrn "$MAC")
+printf '#!/bin/sh\nexit 0\n' > "$WORK/udhcpc.script"; chmod +x "$WORK/udhcpc.script"
+ip netns exec "$client" busybox udhcpc -i eth0 -q -n -f -t 5 -T 1 -s "$WORK/udhcpc.script" >/dev/null 2>&1 || true
+for _ in $(seq 1 50); do grep -q "DHCP reply sent" "$WORK/journal.txt" && break; sleep 0.1; done
+stop_pid "$(cat "$WORK/netboot.pid")"
+
+# The record of the ACK, as a block of FIELD=value lines.
+record=$(awk -v RS= '/DHCP reply sent/ && /REPLY=Ack/' "$WORK/journal.txt" | head -n 40)
+log "record: $(tr '\n' ' ' <<<"$record")"
+check "MACHINE field, no prefix" grep -qx "MACHINE=node2" <<<"$record"
+check "MAC field" grep -qx "MAC=$MAC" <<<"$record"
+check "IP field" grep -qx "IP=$SUBNET_PREFIX.20" <<<"$record"
+check "INFO is priority 6" grep -qx "PRIORITY=6" <<<"$record"
+check "syslog identifier" grep -qx "SYSLOG_IDENTIFIER=provisioner" <<<"$record"
+check "nothing on stderr while the journal is used" bash -c "! grep -q 'DHCP reply sent' '$WORK/stderr.log'"
+finish
