@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::inventory::{self, Table};
-use crate::systemd;
+use crate::status::{self, StatusStore};
+use crate::{dbus, systemd};
 
 /// How long in-flight transfers get to finish after SIGTERM.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -77,12 +78,13 @@ fn sockets(config: &Config) -> anyhow::Result<Sockets> {
     })
 }
 
-fn status_line(machines: usize, sockets: &[(&str, String)]) -> String {
+/// `serving 3 machines: 1 imaging 42%, 2 ready; DHCP 0.0.0.0:67, …`
+fn status_line(summary: &str, sockets: &[(&str, String)]) -> String {
     let listening: Vec<String> = sockets
         .iter()
         .map(|(proto, addr)| format!("{proto} {addr}"))
         .collect();
-    format!("serving {machines} machine(s); {}", listening.join(", "))
+    format!("serving {summary}; {}", listening.join(", "))
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -96,7 +98,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut reserved: Vec<Ipv4Addr> = vec![config.server_address];
     reserved.extend(config.gateway);
-    let table = Arc::new(Table::default());
+    let store = StatusStore::open(
+        config
+            .state_file
+            .clone()
+            .or_else(status::default_state_file),
+    );
+    let table = Arc::new(Table::with_status(store.clone()));
     let dir = config.inventory.directory.clone();
     let folder = inventory::FolderWatch::start(&dir);
     inventory::reload(&table, &dir, config.subnet, &reserved)
@@ -182,10 +190,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
-    let mut served = table.len();
-    let status = status_line(served, &endpoints);
+    let persister = tokio::spawn(store.clone().persist(shutdown.clone()));
+    // Not in `servers`: netboot keeps serving without a bus.
+    tokio::spawn(dbus::serve(store.clone(), shutdown.clone()));
+    let mut status_changes = store.subscribe();
+    let mut status = status_line(&store.summary(), &endpoints);
     tracing::info!(
         activated = sockets.activated,
+        machines = table.len(),
         base_url = %base_url,
         interface = config.interface.as_deref().unwrap_or(""),
         "netboot ready: {status}"
@@ -214,10 +226,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 if watchdog {
                     systemd::notify_watchdog();
                 }
-                let now = table.len();
-                if now != served {
-                    served = now;
-                    systemd::notify_status(&status_line(served, &endpoints));
+            }
+            _ = status_changes.recv() => {
+                let now = status_line(&store.summary(), &endpoints);
+                if now != status {
+                    status = now;
+                    systemd::notify_status(&status);
                 }
             }
             Some(finished) = servers.join_next() => {
@@ -242,5 +256,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!("servers did not stop within the grace period");
     }
     let _ = watcher.await;
+    let _ = persister.await;
     outcome
 }

@@ -15,6 +15,8 @@ use ipnet::Ipv4Net;
 use netboot::{BootEvent, MacAddr, Machine, MachineLookup};
 use serde::Deserialize;
 
+use crate::status::StatusStore;
+
 /// The API group and version of the Machine resource.
 pub const API_VERSION: &str = "provisioner.dev/v1alpha1";
 
@@ -230,10 +232,22 @@ pub fn load_dir(dir: &Path, subnet: Ipv4Net, reserved: &[Ipv4Addr]) -> std::io::
 #[derive(Default)]
 pub struct Table {
     machines: RwLock<Arc<HashMap<MacAddr, Machine>>>,
+    /// Follows the table (machines added and removed) and the boot events of its machines.
+    status: Option<Arc<StatusStore>>,
 }
 
 impl Table {
+    pub fn with_status(status: Arc<StatusStore>) -> Table {
+        Table {
+            machines: RwLock::default(),
+            status: Some(status),
+        }
+    }
+
     pub fn replace(&self, machines: HashMap<MacAddr, Machine>) {
+        if let Some(status) = &self.status {
+            status.sync_inventory(&machines);
+        }
         let mut guard = self
             .machines
             .write()
@@ -260,6 +274,9 @@ impl MachineLookup for Table {
 
     fn observe(&self, machine: &Machine, event: BootEvent) {
         tracing::info!(machine = %machine.name, mac = %machine.mac, ip = %machine.ip, event = ?event, "boot event");
+        if let Some(status) = &self.status {
+            status.observe(machine, &event);
+        }
     }
 }
 

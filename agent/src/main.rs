@@ -2,8 +2,10 @@
 
 mod config;
 mod daemon;
+mod dbus;
 mod inventory;
 mod logging;
+mod status;
 mod systemd;
 
 use std::path::PathBuf;
