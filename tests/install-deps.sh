@@ -11,7 +11,8 @@ PACKAGES=(
     tftp-hpa atftp tftpd-hpa           # TFTP clients (atftp: windowsize), reference server
     dnsmasq-base kea-admin             # reference DHCP/TFTP server, perfdhcp
     qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64   # firmware, iPXE binaries, a kernel
-    systemd                            # systemd-socket-activate, systemd-analyze
+    systemd                            # systemd-socket-activate, systemd-analyze, busctl
+    dbus-daemon                        # a private system bus for the D-Bus tests
 )
 
 missing=()

@@ -1,0 +1,132 @@
+#!/bin/bash
+# Machine status on D-Bus: provisioner netboot on a private system bus (dbus-daemon with the
+# stock system policy and our units/dev.provisioner.Netboot1.conf included), read with busctl
+# as root and as an unprivileged user; a real DHCP client (udhcpc) in a client namespace moves
+# node2 from Pending to PXEBooting, which busctl monitor sees as PropertiesChanged; a restart
+# resumes from the state file; a machine removed from the folder leaves the bus.
+TEST_NAME=dbus
+. "$(dirname "$0")/lib.sh"
+
+netns_up
+MAC=52:54:00:cc:00:02
+mkdir -p "$WORK"/{machines,assets,services}
+machine() {  # NAME MAC IP
+    printf 'apiVersion: provisioner.dev/v1alpha1\nkind: Machine\nmetadata: {name: %s}\nspec: {macAddress: "%s", ipAddress: %s}\n' "$1" "$2" "$3" > "$WORK/machines/$1.yaml"
+}
+machine node2 "$MAC" "$SUBNET_PREFIX.20"
+machine node-3 52:54:00:cc:00:03 "$SUBNET_PREFIX.21"
+cat > "$WORK/provisioner.yaml" <<EOF2
+interface: br0
+serverAddress: $SRV_IP
+subnet: $SUBNET_PREFIX.0/24
+bootFiles: {ipxeDir: $WORK/assets, assetsDir: $WORK/assets}
+boot: {kernel: vmlinuz, initrd: initrd.img}
+listen: {dhcp: "0.0.0.0:67", tftp: "0.0.0.0:69", http: "0.0.0.0:80"}
+inventory: {directory: $WORK/machines}
+stateFile: $WORK/state.yaml
+EOF2
+
+# A private system bus: Debian's default system policy, our policy and activation file.
+cp "$REPO/units/dev.provisioner.Netboot1.service" "$WORK/services/"
+cat > "$WORK/bus.conf" <<EOF2
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path=$WORK/system_bus_socket</listen>
+  <auth>EXTERNAL</auth>
+  <servicedir>$WORK/services</servicedir>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+  </policy>
+  <policy user="root">
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Monitoring"/>
+  </policy>
+  <include>$REPO/units/dev.provisioner.Netboot1.conf</include>
+</busconfig>
+EOF2
+chmod 755 "$WORK"   # the unprivileged reader must reach the socket
+dbus-daemon --nofork --config-file="$WORK/bus.conf" >"$WORK/dbus-daemon.log" 2>&1 &
+echo $! > "$WORK/dbus-daemon.pid"
+for _ in $(seq 1 100); do [ -S "$WORK/system_bus_socket" ] && break; sleep 0.05; done
+export DBUS_SYSTEM_BUS_ADDRESS=unix:path=$WORK/system_bus_socket
+BUS=(busctl --address="$DBUS_SYSTEM_BUS_ADDRESS")
+NAME=dev.provisioner.Netboot1
+ROOT=/dev/provisioner/Netboot1
+M=dev.provisioner.Netboot1.Machine
+check "dbus-daemon accepts our policy and activation file" "${BUS[@]}" status org.freedesktop.DBus >/dev/null
+check "the name is activatable (system-service file parsed)" bash -c "${BUS[*]} list --activatable --no-legend | grep -q '^$NAME '"
+
+start_netboot() {
+    rm -f "$WORK/netboot.log"
+    start_in_srv netboot "$PROVISIONER" netboot --config "$WORK/provisioner.yaml" >/dev/null
+    for _ in $(seq 1 150); do grep -q "publishing machine status on D-Bus" "$WORK/netboot.log" 2>/dev/null && break; sleep 0.1; done
+}
+wait_for() {  # DESCRIPTION CMD...: retries CMD for up to 10 s, then records PASS/FAIL
+    local what=$1 i; shift
+    for i in $(seq 1 100); do "$@" >/dev/null 2>&1 && { pass "$what"; return; }; sleep 0.1; done
+    fail "$what"
+}
+start_netboot
+check "netboot owns $NAME" grep -q "publishing machine status on D-Bus" "$WORK/netboot.log"
+
+"${BUS[@]}" tree "$NAME" > "$WORK/tree" 2>&1 || true
+check "busctl tree lists both machines (names escaped)" bash -c "grep -q '$ROOT/machine/node2' '$WORK/tree' && grep -q '$ROOT/machine/node_2d3' '$WORK/tree'"
+"${BUS[@]}" introspect "$NAME" "$ROOT/machine/node2" > "$WORK/introspect" 2>&1 || true
+check "introspect shows the Machine interface with its values" bash -c "grep -q '^$M ' '$WORK/introspect' && grep -Eq '^\.Phase +property +s +\"Pending\"' '$WORK/introspect' && grep -Eq '^\.IpAddress +property +s +\"$SUBNET_PREFIX.20\"' '$WORK/introspect'"
+check "get-property MacAddress" [ "$("${BUS[@]}" get-property "$NAME" "$ROOT/machine/node2" "$M" MacAddress)" = "s \"$MAC\"" ]
+check "manager counts: Total 2, Pending 2" [ "$("${BUS[@]}" get-property "$NAME" "$ROOT" dev.provisioner.Netboot1.Manager Total Pending | tr '\n' ' ')" = "u 2 u 2 " ]
+check "manager summary" [ "$("${BUS[@]}" get-property "$NAME" "$ROOT" dev.provisioner.Netboot1.Manager Summary)" = 's "2 machines: 2 pending"' ]
+
+# Anyone may read; nobody else may own the name or change anything.
+as_nobody() { setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
+check "an unprivileged user reads properties" [ "$(as_nobody "${BUS[@]}" get-property "$NAME" "$ROOT/machine/node2" "$M" Phase)" = 's "Pending"' ]
+check "an unprivileged user lists managed objects" bash -c "$(declare -f as_nobody); as_nobody ${BUS[*]} call $NAME / org.freedesktop.DBus.ObjectManager GetManagedObjects | grep -q node2"
+check "an unprivileged user may not take the name" bash -c "$(declare -f as_nobody); as_nobody ${BUS[*]} call org.freedesktop.DBus /org/freedesktop/DBus org.freedesktop.DBus RequestName su $NAME 4 2>&1 | grep -qi 'denied'"
+check "properties are read-only" bash -c "! ${BUS[*]} set-property $NAME $ROOT/machine/node2 $M Phase s Ready 2>/dev/null"
+
+# A real PXE client's DHCP moves node2 to PXEBooting: one PropertiesChanged on its object.
+"${BUS[@]}" monitor --match="type='signal',interface='org.freedesktop.DBus.Properties',member='PropertiesChanged',path='$ROOT/machine/node2'" > "$WORK/monitor.log" 2>&1 &
+echo $! > "$WORK/monitor.pid"
+sleep 0.5
+client=$(add_client dbus "$MAC")
+ip netns exec "$client" busybox udhcpc -i eth0 -q -n -f -t 5 -T 1 -s /bin/true >/dev/null 2>&1 || true
+wait_for "busctl monitor sees PropertiesChanged with Phase PXEBooting" bash -c "grep -A3 'STRING \"Phase\"' '$WORK/monitor.log' | grep -q 'STRING \"PXEBooting\"'"
+check "get-property Phase is PXEBooting" [ "$("${BUS[@]}" get-property "$NAME" "$ROOT/machine/node2" "$M" Phase)" = 's "PXEBooting"' ]
+check "LastSeen is set" bash -c "[ \"\$(${BUS[*]} get-property $NAME $ROOT/machine/node2 $M LastSeen | cut -d' ' -f2)\" -gt 0 ]"
+check "node-3 is still Pending" [ "$("${BUS[@]}" get-property "$NAME" "$ROOT/machine/node_2d3" "$M" Phase)" = 's "Pending"' ]
+check "manager counts follow: PXEBooting 1, Pending 1" [ "$("${BUS[@]}" get-property "$NAME" "$ROOT" dev.provisioner.Netboot1.Manager PXEBooting Pending | tr '\n' ' ')" = "u 1 u 1 " ]
+check "the phase change is in the state file" bash -c "grep -A2 '^  node2:' '$WORK/state.yaml' | grep -q 'phase: PXEBooting'"
+check "the phase change is logged with its MESSAGE_ID field" grep -q 'message_id="\?826dbd54d3004b2b81ecf7e0233863f1.*phase="\?PXEBooting' "$WORK/netboot.log"
+
+# A restart resumes from the state file.
+stop_pid "$(cat "$WORK/netboot.pid")"
+start_netboot
+wait_for "after a restart node2 is still PXEBooting" bash -c "[ \"\$(${BUS[*]} get-property $NAME $ROOT/machine/node2 $M Phase)\" = 's \"PXEBooting\"' ]"
+
+# Inventory changes add and remove objects.
+"${BUS[@]}" monitor --match="type='signal',interface='org.freedesktop.DBus.ObjectManager'" > "$WORK/om.log" 2>&1 &
+echo $! > "$WORK/om.pid"
+sleep 0.5
+rm "$WORK/machines/node-3.yaml"
+wait_for "a removed machine leaves the bus (InterfacesRemoved)" grep -q "InterfacesRemoved" "$WORK/om.log"
+check "busctl tree no longer lists it" bash -c "! ${BUS[*]} tree $NAME | grep -q node_2d3"
+
+# Without a bus netboot still serves.
+stop_pid "$(cat "$WORK/netboot.pid")"
+DBUS_SYSTEM_BUS_ADDRESS=unix:path=$WORK/no-such-bus start_in_srv netboot "$PROVISIONER" netboot --config "$WORK/provisioner.yaml" >/dev/null
+wait_for "without a bus netboot still becomes ready" grep -q "netboot ready" "$WORK/netboot.log"
+check "and says D-Bus is unavailable" grep -q "not on D-Bus" "$WORK/netboot.log"
+finish
