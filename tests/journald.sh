@@ -56,5 +56,11 @@ check "MAC field" grep -qx "MAC=$MAC" <<<"$record"
 check "IP field" grep -qx "IP=$SUBNET_PREFIX.20" <<<"$record"
 check "INFO is priority 6" grep -qx "PRIORITY=6" <<<"$record"
 check "syslog identifier" grep -qx "SYSLOG_IDENTIFIER=provisioner" <<<"$record"
+# The phase change the DHCP exchange caused: one record with the fixed MESSAGE_ID of PXEBooting.
+phase=$(awk -v RS= '/PHASE=PXEBooting/' "$WORK/journal.txt")
+# The documented id (README's table), so docs and records cannot drift apart.
+id=$(grep '^| PXEBooting |' "$REPO/README.md" | grep -o '[0-9a-f]\{32\}' | head -n 1)
+check "phase change record with PXEBooting's MESSAGE_ID" grep -qx "MESSAGE_ID=${id:-none}" <<<"$phase"
+check "phase change record names the machine" grep -qx "MACHINE=node2" <<<"$phase"
 check "nothing on stderr while the journal is used" bash -c "! grep -q 'DHCP reply sent' '$WORK/stderr.log'"
 finish
