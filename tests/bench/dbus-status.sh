@@ -1,0 +1,50 @@
+#!/bin/bash
+# 1000 machines (N) in the YAML folder: resident memory of `provisioner netboot` with its D-Bus
+# objects published on a private system bus, and the time from a phase change (a DHCP DISCOVER
+# for a Pending machine) to the PropertiesChanged signal (COUNT of them, 20 ms apart). Bounded.
+#   N=1000 COUNT=200 PROVISIONER=target/release/provisioner
+TEST_NAME=dbus-bench
+. "$(dirname "$0")/../lib.sh"
+. "$REPO/tests/lib-dbus.sh"
+N=${N:-1000}
+COUNT=${COUNT:-200}
+
+netns_up
+in_srv ip addr add 10.77.0.1/21 dev br0
+mkdir -p "$WORK"/{machines,assets}
+for i in $(seq 1 "$N"); do
+    printf 'apiVersion: provisioner.dev/v1alpha1\nkind: Machine\nmetadata: {name: m%04d}\nspec: {macAddress: "52:54:02:00:%02x:%02x", ipAddress: 10.77.%d.%d}\n' \
+        "$i" $((i / 256)) $((i % 256)) $((1 + i / 250)) $((i % 250 + 2)) > "$WORK/machines/m$i.yaml"
+done
+cat > "$WORK/provisioner.yaml" <<EOF2
+interface: br0
+serverAddress: 10.77.0.1
+subnet: 10.77.0.0/21
+bootFiles: {ipxeDir: $WORK/assets, assetsDir: $WORK/assets}
+boot: {kernel: vmlinuz, initrd: initrd.img}
+listen: {dhcp: "0.0.0.0:67", tftp: "0.0.0.0:69", http: "0.0.0.0:80"}
+inventory: {directory: $WORK/machines}
+stateFile: $WORK/state.yaml
+EOF2
+dbus_private_start
+start=$(date +%s.%N)
+pid=$(start_in_srv netboot env RUST_LOG=warn "$PROVISIONER" netboot --config "$WORK/provisioner.yaml")
+_PIDS+=("$pid")
+for _ in $(seq 1 300); do
+    busctl --address="$DBUS_SYSTEM_BUS_ADDRESS" get-property dev.provisioner.Netboot1 /dev/provisioner/Netboot1 \
+        dev.provisioner.Netboot1.Manager Total 2>/dev/null | grep -qx "u $N" && break
+    sleep 0.1
+done
+check "all $N machines on D-Bus" bash -c "busctl --address=$DBUS_SYSTEM_BUS_ADDRESS get-property dev.provisioner.Netboot1 /dev/provisioner/Netboot1 dev.provisioner.Netboot1.Manager Total | grep -qx 'u $N'"
+printf 'netboot with %d machines published on D-Bus after %.1f s\n' "$N" "$(echo "$(date +%s.%N) - $start" | awk '{print $1 - $3}')"
+sleep 2
+rss=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")
+printf 'resident memory with %d machines: %.1f MiB (target < 50 MiB)\n' "$N" "$(awk -v k="$rss" 'BEGIN {print k / 1024}')"
+
+client=$(add_client dbb)
+ip netns exec "$client" ip addr add 10.77.7.250/21 dev eth0
+check "phase change to D-Bus signal for $COUNT machines" \
+    ip netns exec "$client" python3 "$REPO/tests/bench/dbus-latency.py" "$DBUS_SYSTEM_BUS_ADDRESS" eth0 "$COUNT" 52:54:02 m%04d
+rss=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")
+printf 'resident memory after %d phase changes: %.1f MiB\n' "$COUNT" "$(awk -v k="$rss" 'BEGIN {print k / 1024}')"
+finish
