@@ -34,6 +34,7 @@ for t in tests/dhcp.sh tests/tftp.sh tests/http.sh tests/activation.sh tests/jou
 done
 if [ "$quick" = 0 ]; then
     run tests/boot-chain.sh
+    run tests/stage2-boot.sh
 fi
 
 step "done"
