@@ -5,6 +5,15 @@
 //! | `GET /ipxe/{mac}` | the machine's iPXE script (`52-54-00-12-34-56` or `52:54:00:12:34:56`); 400 for a malformed MAC, 404 for a machine we do not know |
 //! | `GET /boot/{file}` | a file from [`HttpSettings::boot_dir`] (iPXE binaries, for UEFI HTTP Boot) |
 //! | `GET /assets/{path}` | a file from [`HttpSettings::assets_dir`] (kernel, initrd) |
+//! | `POST /report/{mac}` | stage2's [`ProgressReport`] (JSON, at most [`MAX_REPORT_BODY`] bytes) with `Authorization: Bearer {token}`: 204; 400 bad JSON, 401 no token, 403 wrong token, 404 unknown machine, 409 wrong phase, 413 too large |
+//! | `GET /nocloud/{token}/{meta-data,user-data,vendor-data}` | cloud-init NoCloud files for the holder of the token (NoCloud's `seedfrom` cannot send headers, so the token is in the path); `user-data` is served once per token, a second fetch gets 403 |
+//!
+//! The script route asks [`Provisioning::boot_action`] what the machine should boot: stage2
+//! with its imaging orders, its local disk, or the configured kernel. Tokens are never logged:
+//! `/nocloud/` paths appear in the log as `/nocloud/<token>/user-data`.
+//!
+//! [`serve_files`] is the same server for a plain directory (`provisioner imageserver`): every
+//! path is a file under it, with the same validators, ranges and confinement.
 //!
 //! `HEAD` is answered like `GET` without a body; any other method gets 405 with `Allow`.
 //! Static files carry `Content-Length`, `Last-Modified`, `ETag` and `Accept-Ranges`, honour
@@ -24,10 +33,11 @@ mod files;
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
@@ -40,8 +50,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::ipxe::{boot_script, ScriptSettings};
-use crate::machine::{BootEvent, MacAddr, MachineLookup};
+use crate::ipxe::{boot_script, imaging_script, local_boot_script, ScriptSettings};
+use crate::machine::{BootEvent, MacAddr, Machine, MachineLookup};
+use crate::provisioning::{
+    valid_token, BootAction, CloudInitFile, NoProvisioning, ProgressReport, Provisioning, Refusal,
+    MAX_REPORT_BODY,
+};
 
 use body::Body;
 
@@ -91,9 +105,57 @@ pub async fn serve_with_grace(
     shutdown: CancellationToken,
     grace: Duration,
 ) -> io::Result<()> {
+    serve_provisioning(
+        listener,
+        settings,
+        machines,
+        Arc::new(NoProvisioning),
+        shutdown,
+        grace,
+    )
+    .await
+}
+
+/// [`serve_with_grace`] with imaging: scripts, reports and cloud-init files as `provisioning`
+/// decides.
+pub async fn serve_provisioning(
+    listener: TcpListener,
+    settings: Arc<HttpSettings>,
+    machines: Arc<dyn MachineLookup>,
+    provisioning: Arc<dyn Provisioning>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> io::Result<()> {
+    info!(base_url = %settings.base_url, "HTTP server starting");
+    let site = Site::Netboot {
+        settings,
+        machines,
+        provisioning,
+    };
+    run(listener, Arc::new(Ctx { site }), shutdown, grace).await
+}
+
+/// Serves the regular files under `dir` (`GET`/`HEAD /{path}`) until `shutdown`, with the same
+/// headers, ranges, confinement and shutdown behaviour as `/assets/`.
+pub async fn serve_files(
+    listener: TcpListener,
+    dir: PathBuf,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> io::Result<()> {
+    info!(dir = %dir.display(), "file server starting");
+    let site = Site::Files { dir };
+    run(listener, Arc::new(Ctx { site }), shutdown, grace).await
+}
+
+async fn run(
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> io::Result<()> {
     let local = listener.local_addr()?;
-    info!(%local, base_url = %settings.base_url, "HTTP server listening");
-    let ctx = Arc::new(Ctx { settings, machines });
+    info!(%local, "HTTP server listening");
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut conns = JoinSet::new();
 
@@ -156,8 +218,18 @@ pub async fn serve_with_grace(
 }
 
 struct Ctx {
-    settings: Arc<HttpSettings>,
-    machines: Arc<dyn MachineLookup>,
+    site: Site,
+}
+
+enum Site {
+    Netboot {
+        settings: Arc<HttpSettings>,
+        machines: Arc<dyn MachineLookup>,
+        provisioning: Arc<dyn Provisioning>,
+    },
+    Files {
+        dir: PathBuf,
+    },
 }
 
 async fn connection(
@@ -198,13 +270,40 @@ pub(crate) struct Outcome {
     bytes: u64,
     /// Why an error status was chosen.
     note: Option<String>,
+    /// A refused credential: logged as a warning.
+    refused: bool,
+}
+
+/// The request path as logged: the token of a `/nocloud/` path is replaced.
+fn loggable_path(path: &str) -> String {
+    match path.strip_prefix("/nocloud/") {
+        Some(rest) => match rest.split_once('/') {
+            Some((_, file)) => format!("/nocloud/<token>/{file}"),
+            None => "/nocloud/<token>".to_string(),
+        },
+        None => path.to_string(),
+    }
 }
 
 async fn handle(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let mut outcome = Outcome::default();
     let method = req.method().clone();
-    let raw_path = req.uri().path().to_string();
-    let response = route(ctx, &req, &mut outcome).await;
+    let raw_path = loggable_path(req.uri().path());
+    let response = match &ctx.site {
+        Site::Netboot {
+            settings,
+            machines,
+            provisioning,
+        } => {
+            let site = NetbootSite {
+                settings,
+                machines: machines.as_ref(),
+                provisioning: provisioning.as_ref(),
+            };
+            site.route(req, &mut outcome).await
+        }
+        Site::Files { dir } => files_route(dir, &req, &mut outcome).await,
+    };
     let status = response.status();
     if outcome.bytes == 0 && method != Method::HEAD {
         outcome.bytes = response
@@ -224,7 +323,9 @@ async fn handle(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response
     let machine = outcome.machine.as_deref().map(tracing::field::display);
     let mac = outcome.mac.as_deref().map(tracing::field::display);
     let status = status.as_u16();
-    if status >= 500 {
+    if outcome.refused {
+        warn!(%peer, %method, path = %raw_path, status, machine, mac, reason = note, "HTTP request refused");
+    } else if status >= 500 {
         warn!(%peer, %method, path = %raw_path, status, bytes, machine, mac, error = note, "HTTP request");
     } else {
         info!(%peer, %method, path = %raw_path, status, bytes, machine, mac, reason = note, "HTTP request");
@@ -232,29 +333,28 @@ async fn handle(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response
     response
 }
 
-async fn route(ctx: &Ctx, req: &Request<Incoming>, outcome: &mut Outcome) -> Response<Body> {
-    let path = req.uri().path();
-    let (kind, rest) = if let Some(rest) = path.strip_prefix("/ipxe/") {
-        (Route::Script, rest)
-    } else if let Some(rest) = path.strip_prefix("/boot/") {
-        (Route::Boot, rest)
-    } else if let Some(rest) = path.strip_prefix("/assets/") {
-        (Route::Assets, rest)
-    } else {
-        return plain(StatusCode::NOT_FOUND, "not found");
-    };
+/// `GET`/`HEAD` only: `Some(head)`, `None` for other methods (405).
+fn get_or_head(method: &Method) -> Option<bool> {
+    match *method {
+        Method::GET => Some(false),
+        Method::HEAD => Some(true),
+        _ => None,
+    }
+}
 
-    let head = match *req.method() {
-        Method::GET => false,
-        Method::HEAD => true,
-        _ => {
-            let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
-            r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-            return r;
-        }
-    };
+fn not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
 
+/// A plain directory (`serve_files`).
+async fn files_route(dir: &Path, req: &Request<Incoming>, outcome: &mut Outcome) -> Response<Body> {
+    let Some(head) = get_or_head(req.method()) else {
+        return not_allowed("GET, HEAD");
+    };
+    let rest = req.uri().path().trim_start_matches('/');
     let rel = match decode_path(rest) {
         Ok(rel) => rel,
         Err(why) => {
@@ -262,21 +362,287 @@ async fn route(ctx: &Ctx, req: &Request<Incoming>, outcome: &mut Outcome) -> Res
             return plain(StatusCode::BAD_REQUEST, why);
         }
     };
-
-    if kind != Route::Script && (rel.is_empty() || rel.ends_with('/')) {
+    if rel.is_empty() || rel.ends_with('/') {
         // A directory: never listed.
         return plain(StatusCode::NOT_FOUND, "not found");
     }
+    files::serve_file(dir, &rel, head, req.headers(), outcome).await
+}
 
-    match kind {
-        Route::Script => script(ctx, &rel, head, outcome),
-        Route::Boot => {
-            files::serve_file(&ctx.settings.boot_dir, &rel, head, req.headers(), outcome).await
+struct NetbootSite<'a> {
+    settings: &'a HttpSettings,
+    machines: &'a dyn MachineLookup,
+    provisioning: &'a dyn Provisioning,
+}
+
+/// How long a client may take to send a report body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl NetbootSite<'_> {
+    async fn route(&self, req: Request<Incoming>, outcome: &mut Outcome) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        if let Some(rest) = path.strip_prefix("/report/") {
+            return self.report(rest, req, outcome).await;
         }
-        Route::Assets => {
-            files::serve_file(&ctx.settings.assets_dir, &rel, head, req.headers(), outcome).await
+        if let Some(rest) = path.strip_prefix("/nocloud/") {
+            return self.cloud_init(rest, &req, outcome);
+        }
+        let (kind, rest) = if let Some(rest) = path.strip_prefix("/ipxe/") {
+            (Route::Script, rest)
+        } else if let Some(rest) = path.strip_prefix("/boot/") {
+            (Route::Boot, rest)
+        } else if let Some(rest) = path.strip_prefix("/assets/") {
+            (Route::Assets, rest)
+        } else {
+            return plain(StatusCode::NOT_FOUND, "not found");
+        };
+
+        let Some(head) = get_or_head(req.method()) else {
+            return not_allowed("GET, HEAD");
+        };
+
+        let rel = match decode_path(rest) {
+            Ok(rel) => rel,
+            Err(why) => {
+                outcome.note = Some(why.to_string());
+                return plain(StatusCode::BAD_REQUEST, why);
+            }
+        };
+
+        if kind != Route::Script && (rel.is_empty() || rel.ends_with('/')) {
+            // A directory: never listed.
+            return plain(StatusCode::NOT_FOUND, "not found");
+        }
+
+        match kind {
+            Route::Script => self.script(&rel, head, outcome),
+            Route::Boot => {
+                files::serve_file(&self.settings.boot_dir, &rel, head, req.headers(), outcome).await
+            }
+            Route::Assets => {
+                files::serve_file(
+                    &self.settings.assets_dir,
+                    &rel,
+                    head,
+                    req.headers(),
+                    outcome,
+                )
+                .await
+            }
         }
     }
+
+    /// The machine named by the MAC in a (decoded) path, or the error response.
+    fn machine(&self, rel: &str, outcome: &mut Outcome) -> Result<Machine, Box<Response<Body>>> {
+        let mac: MacAddr = match rel.parse() {
+            Ok(mac) => mac,
+            Err(e) => {
+                outcome.note = Some(e.to_string());
+                return Err(Box::new(plain(
+                    StatusCode::BAD_REQUEST,
+                    "invalid MAC address",
+                )));
+            }
+        };
+        outcome.mac = Some(mac.to_string());
+        let Some(machine) = self.machines.by_mac(&mac) else {
+            outcome.note = Some("unknown machine".into());
+            return Err(Box::new(plain(StatusCode::NOT_FOUND, "unknown machine")));
+        };
+        outcome.machine = Some(machine.name.clone());
+        Ok(machine)
+    }
+
+    fn script(&self, rel: &str, head: bool, outcome: &mut Outcome) -> Response<Body> {
+        let machine = match self.machine(rel, outcome) {
+            Ok(m) => m,
+            Err(r) => return *r,
+        };
+        let settings = self.settings;
+        let action = self.provisioning.boot_action(&machine, head);
+        let rendered = match &action {
+            BootAction::Configured => boot_script(&machine, &settings.base_url, &settings.script),
+            BootAction::Image(orders) => {
+                imaging_script(&machine, &settings.base_url, &settings.script, orders)
+            }
+            BootAction::LocalDisk(method) => local_boot_script(&machine, *method),
+        };
+        let text = match rendered {
+            Ok(text) => text,
+            Err(e) => {
+                outcome.note = Some(e.to_string());
+                return plain(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "cannot render boot script",
+                );
+            }
+        };
+        if !head {
+            self.machines.observe(&machine, BootEvent::IpxeScriptServed);
+        }
+        outcome.note = Some(
+            match action {
+                BootAction::Configured => "boot script",
+                BootAction::Image(_) => "imaging script",
+                BootAction::LocalDisk(_) => "local boot script",
+            }
+            .to_string(),
+        );
+        let len = text.len();
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .header(header::CONTENT_LENGTH, len)
+            .header(header::CACHE_CONTROL, "no-store")
+            .body(if head { Body::Empty } else { Body::text(text) })
+            .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))
+    }
+
+    async fn report(
+        &self,
+        rel: &str,
+        req: Request<Incoming>,
+        outcome: &mut Outcome,
+    ) -> Response<Body> {
+        if req.method() != Method::POST {
+            return not_allowed("POST");
+        }
+        let rel = match decode_path(rel) {
+            Ok(rel) => rel,
+            Err(why) => {
+                outcome.note = Some(why.to_string());
+                return plain(StatusCode::BAD_REQUEST, why);
+            }
+        };
+        let machine = match self.machine(&rel, outcome) {
+            Ok(m) => m,
+            Err(r) => return *r,
+        };
+        let Some(token) = bearer_token(req.headers()) else {
+            outcome.note = Some("no bearer token".into());
+            outcome.refused = true;
+            let mut r = plain(StatusCode::UNAUTHORIZED, "bearer token required");
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        };
+        let declared: Option<u64> = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        if declared.is_some_and(|len| len > MAX_REPORT_BODY as u64) {
+            outcome.note = Some("report body too large".into());
+            return plain(StatusCode::PAYLOAD_TOO_LARGE, "report too large");
+        }
+        let limited = http_body_util::Limited::new(req.into_body(), MAX_REPORT_BODY);
+        let body = match tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                outcome.note = Some("report body too large".into());
+                return plain(StatusCode::PAYLOAD_TOO_LARGE, "report too large");
+            }
+            Ok(Err(e)) => {
+                outcome.note = Some(format!("cannot read the report body: {e}"));
+                return plain(StatusCode::BAD_REQUEST, "cannot read the report body");
+            }
+            Err(_) => {
+                outcome.note = Some("report body not sent in time".into());
+                return plain(StatusCode::REQUEST_TIMEOUT, "report body not sent in time");
+            }
+        };
+        let report = match ProgressReport::parse(&body) {
+            Ok(report) => report,
+            Err(e) => {
+                outcome.note = Some(e.to_string());
+                return plain(StatusCode::BAD_REQUEST, "malformed report");
+            }
+        };
+        match self.provisioning.report(&machine, &token, report) {
+            Ok(()) => Response::builder()
+                .status(StatusCode::NO_CONTENT)
+                .body(Body::Empty)
+                .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error")),
+            Err(refusal) => refused(refusal, outcome),
+        }
+    }
+
+    fn cloud_init(
+        &self,
+        rest: &str,
+        req: &Request<Incoming>,
+        outcome: &mut Outcome,
+    ) -> Response<Body> {
+        if req.method() != Method::GET {
+            // Not even HEAD: a HEAD of user-data must not count as its one fetch, nor answer
+            // differently from the GET that follows.
+            return not_allowed("GET");
+        }
+        let Some((token, name)) = rest.split_once('/') else {
+            return plain(StatusCode::NOT_FOUND, "not found");
+        };
+        let Some(file) = CloudInitFile::from_name(name) else {
+            return plain(StatusCode::NOT_FOUND, "not found");
+        };
+        if !valid_token(token) {
+            outcome.note = Some("malformed token".into());
+            outcome.refused = true;
+            return plain(StatusCode::FORBIDDEN, "forbidden");
+        }
+        match self.provisioning.cloud_init(token, file) {
+            Ok(doc) => {
+                outcome.machine = Some(doc.machine);
+                outcome.note = Some(format!("cloud-init {}", file.name()));
+                let len = doc.text.len();
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+                    .header(header::CONTENT_LENGTH, len)
+                    .header(header::CACHE_CONTROL, "no-store")
+                    .body(Body::text(doc.text))
+                    .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))
+            }
+            Err(refusal) => refused(refusal, outcome),
+        }
+    }
+}
+
+/// The response to a refused report or cloud-init request; credential failures are logged as
+/// warnings (without the token).
+fn refused(refusal: Refusal, outcome: &mut Outcome) -> Response<Body> {
+    outcome.note = Some(refusal.to_string());
+    let status = match &refusal {
+        Refusal::NotEnabled | Refusal::UnknownMachine => StatusCode::NOT_FOUND,
+        Refusal::NoDocument { machine } => {
+            outcome.machine = Some(machine.clone());
+            StatusCode::NOT_FOUND
+        }
+        Refusal::WrongToken { machine } => {
+            if let Some(m) = machine {
+                outcome.machine = Some(m.clone());
+            }
+            outcome.refused = true;
+            StatusCode::FORBIDDEN
+        }
+        Refusal::Replayed { machine } => {
+            outcome.machine = Some(machine.clone());
+            outcome.refused = true;
+            StatusCode::FORBIDDEN
+        }
+        Refusal::WrongPhase { machine, .. } => {
+            outcome.machine = Some(machine.clone());
+            StatusCode::CONFLICT
+        }
+    };
+    plain(status, status.canonical_reason().unwrap_or("refused"))
+}
+
+/// The token of `Authorization: Bearer {token}` (scheme case-insensitive, RFC 9110 §11.1).
+fn bearer_token(headers: &hyper::HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_string())
 }
 
 #[derive(PartialEq, Eq)]
@@ -284,43 +650,6 @@ enum Route {
     Script,
     Boot,
     Assets,
-}
-
-fn script(ctx: &Ctx, rel: &str, head: bool, outcome: &mut Outcome) -> Response<Body> {
-    let mac: MacAddr = match rel.parse() {
-        Ok(mac) => mac,
-        Err(e) => {
-            outcome.note = Some(e.to_string());
-            return plain(StatusCode::BAD_REQUEST, "invalid MAC address");
-        }
-    };
-    outcome.mac = Some(mac.to_string());
-    let Some(machine) = ctx.machines.by_mac(&mac) else {
-        outcome.note = Some("unknown machine".into());
-        return plain(StatusCode::NOT_FOUND, "unknown machine");
-    };
-    outcome.machine = Some(machine.name.clone());
-    let text = match boot_script(&machine, &ctx.settings.base_url, &ctx.settings.script) {
-        Ok(text) => text,
-        Err(e) => {
-            outcome.note = Some(e.to_string());
-            return plain(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "cannot render boot script",
-            );
-        }
-    };
-    if !head {
-        ctx.machines.observe(&machine, BootEvent::IpxeScriptServed);
-    }
-    let len = text.len();
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .header(header::CONTENT_LENGTH, len)
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(if head { Body::Empty } else { Body::text(text) })
-        .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))
 }
 
 /// A short `text/plain` response with an explicit length.

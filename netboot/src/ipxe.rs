@@ -9,6 +9,7 @@
 use std::fmt::Write as _;
 
 use crate::machine::Machine;
+use crate::provisioning::{ImagingOrders, LocalBoot};
 
 /// What every machine's script boots: files under the HTTP `/assets/` tree and a kernel
 /// command line.
@@ -37,6 +38,8 @@ pub enum ScriptError {
     BadAssetPath { what: &'static str, value: String },
     #[error("base URL {0:?} must start with http:// or https:// and contain no spaces")]
     BadBaseUrl(String),
+    #[error("imaging orders: {0}")]
+    Orders(String),
     #[error(
         "unknown placeholder {{{0}}} in the kernel command line (known: name, mac, ip, hostname)"
     )]
@@ -61,6 +64,72 @@ pub fn boot_script(
     base_url: &str,
     s: &ScriptSettings,
 ) -> Result<String, ScriptError> {
+    render(machine, base_url, s, None)
+}
+
+/// The script that boots stage2 (the configured kernel and initrd) to image `machine`'s disk:
+/// [`boot_script`] with stage2's orders appended to the kernel command line.
+pub fn imaging_script(
+    machine: &Machine,
+    base_url: &str,
+    s: &ScriptSettings,
+    orders: &ImagingOrders,
+) -> Result<String, ScriptError> {
+    let args = orders
+        .kernel_args(base_url)
+        .map_err(|e| ScriptError::Orders(e.to_string()))?;
+    render(machine, base_url, s, Some(&args))
+}
+
+/// The script of an imaged machine: boot its local disk (see [`LocalBoot`]). Firmware can keep
+/// the network first in its boot order; a failed local boot returns to the firmware.
+///
+/// ```text
+/// #!ipxe
+/// # node2 52:54:00:12:34:56: imaged, booting the local disk
+/// iseq ${platform} efi && goto uefi || goto bios
+/// :uefi
+/// exit 1
+/// :bios
+/// sanboot --no-describe --drive 0x80 || exit 1
+/// ```
+///
+/// Under UEFI the exit status must be non-zero: EDK2's boot manager stops at its menu when a
+/// boot option returns success, and goes on to the next option on an error.
+pub fn local_boot_script(machine: &Machine, method: LocalBoot) -> Result<String, ScriptError> {
+    check_line("machine name", &machine.name)?;
+    let mut out = String::with_capacity(192);
+    let _ = writeln!(out, "#!ipxe");
+    let _ = writeln!(
+        out,
+        "# {} {}: imaged, booting the local disk",
+        machine.name, machine.mac
+    );
+    let sanboot = "sanboot --no-describe --drive 0x80 || exit 1";
+    match method {
+        LocalBoot::Auto => {
+            let _ = writeln!(out, "iseq ${{platform}} efi && goto uefi || goto bios");
+            let _ = writeln!(out, ":uefi");
+            let _ = writeln!(out, "exit 1");
+            let _ = writeln!(out, ":bios");
+            let _ = writeln!(out, "{sanboot}");
+        }
+        LocalBoot::Exit => {
+            let _ = writeln!(out, "exit 1");
+        }
+        LocalBoot::Sanboot => {
+            let _ = writeln!(out, "{sanboot}");
+        }
+    }
+    Ok(out)
+}
+
+fn render(
+    machine: &Machine,
+    base_url: &str,
+    s: &ScriptSettings,
+    orders: Option<&str>,
+) -> Result<String, ScriptError> {
     let base = base_url.trim_end_matches('/');
     let host = base
         .strip_prefix("http://")
@@ -74,9 +143,14 @@ pub fn boot_script(
     check_asset_path("initrd", &s.initrd)?;
     check_line("machine name", &machine.name)?;
 
-    let cmdline = substitute(&s.cmdline, machine)?;
+    let mut cmdline = substitute(&s.cmdline, machine)?;
     check_line("kernel command line", &cmdline)?;
     check_tokens("kernel command line", &cmdline)?;
+    if let Some(orders) = orders {
+        // Appended after substitution and the checks (kernel_args validated every value):
+        // orders are literal values, not templates, and a check error would quote the token.
+        cmdline = format!("{} {orders}", cmdline.trim());
+    }
 
     let initrd_name = s.initrd.rsplit('/').next().unwrap_or(&s.initrd);
     let mut out = String::with_capacity(256);

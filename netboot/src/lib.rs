@@ -9,7 +9,9 @@ pub mod http;
 pub mod ipxe;
 pub mod machine;
 pub mod path;
+pub mod provisioning;
 pub mod ra;
 pub mod tftp;
 
 pub use machine::{BootEvent, MacAddr, Machine, MachineLookup};
+pub use provisioning::{BootAction, ProgressReport, Provisioning};
