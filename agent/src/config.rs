@@ -71,6 +71,21 @@ pub struct Boot {
     pub initrd: String,
     #[serde(default)]
     pub cmdline: String,
+    /// How an imaged machine's script boots its disk.
+    #[serde(default)]
+    pub local_boot: netboot::provisioning::LocalBoot,
+}
+
+/// The disk image stage2 writes (`image:`); without it netboot does not image machines.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Image {
+    /// `http://` URL of the image (zstd, xz, gzip or raw), e.g. from `provisioner imageserver`.
+    pub url: String,
+    /// sha256 of the decompressed image, 64 hex digits.
+    pub sha256: String,
+    /// Decompressed size in bytes, when known.
+    pub size: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -131,6 +146,7 @@ struct RawConfig {
     listen: Listen,
     inventory: Inventory,
     state_file: Option<PathBuf>,
+    image: Option<Image>,
 }
 
 fn default_true() -> bool {
@@ -159,6 +175,8 @@ pub struct Config {
     /// Machine status kept across restarts; `None`: `$STATE_DIRECTORY/state.yaml` (systemd's
     /// `StateDirectory=`), else `/var/lib/provisioner/state.yaml` if that directory exists.
     pub state_file: Option<PathBuf>,
+    /// What stage2 writes; `None`: machines boot `boot` without imaging orders.
+    pub image: Option<Image>,
 }
 
 impl Config {
@@ -257,6 +275,41 @@ impl Config {
         if raw.boot.cmdline.contains(['\n', '\r']) {
             return Err(invalid("boot.cmdline", "must be a single line".to_string()));
         }
+        if let Some(image) = &raw.image {
+            // stage2 refuses unknown or repeated provisioner.* parameters; netboot writes them.
+            if let Some(word) = raw
+                .boot
+                .cmdline
+                .split_whitespace()
+                .find(|w| w.starts_with("provisioner."))
+            {
+                return Err(invalid(
+                    "boot.cmdline",
+                    format!("{word:?}: provisioner.* parameters are written by netboot when image is set"),
+                ));
+            }
+            let url_ok = image
+                .url
+                .strip_prefix("http://")
+                .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
+                && image.url.bytes().all(|b| b.is_ascii_graphic() && b != b'"')
+                && !image.url.contains("${");
+            if !url_ok {
+                return Err(invalid(
+                    "image.url",
+                    format!(
+                        "{:?} must be an http:// URL without blanks (stage2 has no TLS; the sha256 guards the image)",
+                        image.url
+                    ),
+                ));
+            }
+            if image.sha256.len() != 64 || !image.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    "image.sha256",
+                    format!("{:?} is not 64 hex digits", image.sha256),
+                ));
+            }
+        }
         Ok(Config {
             interface: raw.interface,
             router_advertisements: raw.router_advertisements,
@@ -270,6 +323,7 @@ impl Config {
             listen: raw.listen,
             inventory: raw.inventory,
             state_file: raw.state_file,
+            image: raw.image,
         })
     }
 }
@@ -362,5 +416,43 @@ inventory:
         assert!(kernel.contains("boot.kernel"), "{kernel}");
         let missing = error(&GOOD.replace("subnet: 10.77.0.0/24\n", ""));
         assert!(missing.contains("subnet"), "{missing}");
+    }
+
+    const IMAGE: &str = "image:\n  url: http://10.77.0.1:8080/node.raw.zst\n  sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\n";
+
+    #[test]
+    fn image_and_local_boot() {
+        let config = parse(GOOD).expect("valid");
+        assert_eq!(config.image, None);
+        assert_eq!(
+            config.boot.local_boot,
+            netboot::provisioning::LocalBoot::Auto
+        );
+        let with_image = format!("{GOOD}{IMAGE}  size: 4096\n").replace(
+            "  cmdline: console=ttyS0",
+            "  cmdline: console=ttyS0\n  localBoot: exit",
+        );
+        let config = parse(&with_image).expect("valid");
+        let image = config.image.expect("image");
+        assert_eq!(image.url, "http://10.77.0.1:8080/node.raw.zst");
+        assert_eq!(image.size, Some(4096));
+        assert_eq!(
+            config.boot.local_boot,
+            netboot::provisioning::LocalBoot::Exit
+        );
+
+        let with_image = format!("{GOOD}{IMAGE}");
+        let https = error(&with_image.replace("url: http://", "url: https://"));
+        assert!(https.contains("image.url"), "{https}");
+        let sha = error(&with_image.replace("sha256: 9f86", "sha256: zz86"));
+        assert!(sha.contains("image.sha256"), "{sha}");
+        let local = error(&GOOD.replace(
+            "  cmdline: console=ttyS0",
+            "  cmdline: x\n  localBoot: grub",
+        ));
+        assert!(local.contains("grub"), "{local}");
+        let ours =
+            error(&with_image.replace("cmdline: console=ttyS0", "cmdline: provisioner.url=x"));
+        assert!(ours.contains("boot.cmdline"), "{ours}");
     }
 }

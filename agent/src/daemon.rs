@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::inventory::{self, Table};
+use crate::provisioning::Imaging;
 use crate::status::{self, StatusStore};
 use crate::{dbus, systemd};
 
@@ -140,6 +141,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
 
     let machines: Arc<dyn netboot::MachineLookup> = table.clone();
+    if let Some(image) = &config.image {
+        tracing::info!(image = %image.url, local_boot = ?config.boot.local_boot, "imaging machines");
+    }
+    let provisioning: Arc<dyn netboot::Provisioning> = Arc::new(Imaging::new(
+        store.clone(),
+        table.clone(),
+        config.image.clone(),
+        config.boot.local_boot,
+    ));
     let mut servers = tokio::task::JoinSet::new();
     servers.spawn(netboot::dhcp::serve(
         sockets.dhcp,
@@ -153,11 +163,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         machines.clone(),
         shutdown.clone(),
     ));
-    servers.spawn(netboot::http::serve(
+    servers.spawn(netboot::http::serve_provisioning(
         sockets.http,
         http_settings,
         machines.clone(),
+        provisioning,
         shutdown.clone(),
+        netboot::http::DEFAULT_SHUTDOWN_GRACE,
     ));
     match (&config.interface, config.router_advertisements) {
         (Some(interface), true) => match netboot::ra::RaSocket::open(interface) {

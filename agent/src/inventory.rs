@@ -42,6 +42,19 @@ struct Spec {
     mac_address: String,
     ip_address: String,
     hostname: Option<String>,
+    /// A reimage request: any change of this value images the machine again.
+    reimage: Option<serde_yaml::Value>,
+}
+
+/// `spec.reimage` as text: a string or a number (a counter), so `reimage: 2` and
+/// `reimage: "2"` are the same request.
+fn reimage_value(value: &serde_yaml::Value) -> Option<String> {
+    match value {
+        serde_yaml::Value::String(s) => Some(s.clone()),
+        serde_yaml::Value::Number(n) => Some(n.to_string()),
+        serde_yaml::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
 }
 
 /// Why a manifest (or a machine in it) is not served.
@@ -57,6 +70,8 @@ pub struct Rejection {
 pub struct Snapshot {
     pub machines: HashMap<MacAddr, Machine>,
     pub rejections: Vec<Rejection>,
+    /// `spec.reimage` by machine name, for the machines that set it.
+    pub reimage: HashMap<String, String>,
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -173,8 +188,22 @@ pub fn load_dir(dir: &Path, subnet: Ipv4Net, reserved: &[Ipv4Addr]) -> std::io::
                     break;
                 }
             };
+            let reimage = manifest.spec.reimage.as_ref().map(reimage_value);
             match parse_document(manifest, subnet, reserved) {
-                Ok(machine) => candidates.push((file.clone(), machine)),
+                Ok(machine) => {
+                    match reimage {
+                        Some(Some(value)) => {
+                            snapshot.reimage.insert(machine.name.clone(), value);
+                        }
+                        Some(None) => tracing::warn!(
+                            file = %file.display(),
+                            machine = %machine.name,
+                            "spec.reimage must be a string or a number; ignored"
+                        ),
+                        None => {}
+                    }
+                    candidates.push((file.clone(), machine));
+                }
                 Err(reason) => snapshot.rejections.push(reject(None, reason)),
             }
         }
@@ -305,6 +334,9 @@ pub fn reload(
             .iter()
             .any(|(mac, m)| previous.get(mac) != Some(m));
     table.replace(snapshot.machines);
+    if let Some(status) = &table.status {
+        status.sync_reimage(&snapshot.reimage);
+    }
     if changed {
         tracing::info!(machines = count, rejected = snapshot.rejections.len(), dir = %dir.display(), "inventory loaded");
     }

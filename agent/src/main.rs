@@ -3,8 +3,10 @@
 mod config;
 mod daemon;
 mod dbus;
+mod imageserver;
 mod inventory;
 mod logging;
+mod provisioning;
 mod status;
 mod systemd;
 
@@ -39,6 +41,16 @@ enum Command {
     CheckConfig {
         #[arg(long, short, default_value = "/etc/provisioner/provisioner.yaml")]
         config: PathBuf,
+    },
+    /// Serve the files of a directory (disk images, kernels, initrds) over HTTP with ranges and
+    /// validators (the imageserver.service daemon; socket-activated or stand-alone).
+    Imageserver {
+        /// Directory to serve; only regular files inside it are served.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Address to bind when systemd passed no socket.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen: std::net::SocketAddr,
     },
 }
 
@@ -95,6 +107,22 @@ fn run(command: Command) -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("netboot failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Imageserver { dir, listen } => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(imageserver::run(dir, listen)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("imageserver failed: {e:#}");
                     ExitCode::FAILURE
                 }
             }

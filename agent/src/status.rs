@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use netboot::provisioning::{ProgressReport, Refusal};
 use netboot::{BootEvent, MacAddr, Machine};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, Notify};
@@ -131,7 +132,7 @@ pub enum Change {
 }
 
 /// A report about a machine from outside the boot servers (stage2, the cluster).
-// Called by stage2's report endpoint and the cluster controller, which land separately.
+// Joining and Ready come from the cluster controller, which lands separately.
 #[allow(dead_code)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Report {
@@ -147,8 +148,6 @@ pub enum Report {
     Failed { message: String },
 }
 
-// Called by stage2's report endpoint and the cluster controller, which land separately.
-#[allow(dead_code)]
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("no machine named {0:?} in the inventory")]
 pub struct UnknownMachine(pub String);
@@ -233,6 +232,14 @@ struct StoredMachine {
     message: String,
     #[serde(default)]
     last_seen_usec: u64,
+    /// sha256 of the current provisioning token (hex); the token itself is never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    user_data_served: bool,
+    /// The last `spec.reimage` value seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reimage: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -246,6 +253,36 @@ struct Inner {
     machines: BTreeMap<String, MachineStatus>,
     /// Read from the state file at start, used when the inventory names the machine.
     restored: HashMap<String, StoredMachine>,
+    /// Per machine name: the current provisioning's credentials.
+    credentials: HashMap<String, Credentials>,
+}
+
+/// What authenticates the current provisioning of a machine. Kept apart from
+/// [`MachineStatus`], which is published (D-Bus, journald) and must not carry them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Credentials {
+    /// sha256 of the token: enough to check one, useless to forge one.
+    token_sha256: Option<[u8; 32]>,
+    user_data_served: bool,
+    reimage: Option<String>,
+}
+
+fn token_hash(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+/// A new provisioning token: 32 bytes from the kernel's CSPRNG, hex (64 characters, an
+/// alphabet stage2 and URLs take as is).
+fn new_token() -> Option<String> {
+    let mut bytes = [0u8; 32];
+    match getrandom::getrandom(&mut bytes) {
+        Ok(()) => Some(hex::encode(bytes)),
+        Err(e) => {
+            tracing::error!("cannot get random bytes for a provisioning token: {e}");
+            None
+        }
+    }
 }
 
 pub struct StatusStore {
@@ -296,7 +333,6 @@ impl StatusStore {
         self.lock().machines.values().cloned().collect()
     }
 
-    #[allow(dead_code)] // see Report
     pub fn get(&self, name: &str) -> Option<MachineStatus> {
         self.lock().machines.get(name).cloned()
     }
@@ -311,7 +347,9 @@ impl StatusStore {
     pub fn sync_inventory(&self, inventory: &HashMap<MacAddr, Machine>) {
         let mut changes = Vec::new();
         {
-            let mut inner = self.lock();
+            let mut guard = self.lock();
+            // Through a plain reference, so that machines and credentials borrow separately.
+            let inner = &mut *guard;
             let wanted: HashMap<&str, &Machine> =
                 inventory.values().map(|m| (m.name.as_str(), m)).collect();
             let gone: Vec<String> = inner
@@ -321,6 +359,7 @@ impl StatusStore {
                 .cloned()
                 .collect();
             for name in gone {
+                inner.credentials.remove(&name);
                 if let Some(status) = inner.machines.remove(&name) {
                     changes.push(Change::Removed(status));
                 }
@@ -341,6 +380,17 @@ impl StatusStore {
                         // Same name, other hardware: a new machine as far as provisioning goes.
                         let before = status.clone();
                         *status = MachineStatus::pending(machine);
+                        let reimage = inner
+                            .credentials
+                            .remove(&machine.name)
+                            .and_then(|c| c.reimage);
+                        inner.credentials.insert(
+                            machine.name.clone(),
+                            Credentials {
+                                reimage,
+                                ..Credentials::default()
+                            },
+                        );
                         changes.push(Change::Updated {
                             before,
                             after: status.clone(),
@@ -349,12 +399,28 @@ impl StatusStore {
                     None => {
                         let mut status = MachineStatus::pending(machine);
                         if let Some(stored) = inner.restored.remove(&machine.name) {
-                            if stored.mac_address.parse::<MacAddr>() == Ok(machine.mac) {
+                            let same_hardware =
+                                stored.mac_address.parse::<MacAddr>() == Ok(machine.mac);
+                            if same_hardware {
                                 status.phase = stored.phase;
                                 status.progress = stored.progress.min(100);
                                 status.message = stored.message;
                                 status.last_seen_usec = stored.last_seen_usec;
                             }
+                            let token_sha256 = stored
+                                .token_sha256
+                                .as_deref()
+                                .and_then(|h| hex::decode(h).ok())
+                                .and_then(|h| <[u8; 32]>::try_from(h).ok())
+                                .filter(|_| same_hardware);
+                            inner.credentials.insert(
+                                machine.name.clone(),
+                                Credentials {
+                                    token_sha256,
+                                    user_data_served: same_hardware && stored.user_data_served,
+                                    reimage: stored.reimage,
+                                },
+                            );
                         }
                         inner.machines.insert(machine.name.clone(), status.clone());
                         changes.push(Change::Added(status));
@@ -391,7 +457,6 @@ impl StatusStore {
     }
 
     /// Records a report about the machine called `name` (stage2's progress, the cluster).
-    #[allow(dead_code)] // see Report
     pub fn report(&self, name: &str, report: Report) -> Result<(), UnknownMachine> {
         let now = now_usec();
         let found = self.update(name, |status| {
@@ -426,6 +491,199 @@ impl StatusStore {
         } else {
             Err(UnknownMachine(name.to_string()))
         }
+    }
+
+    /// Starts a new provisioning of `machine` (its imaging script is being served): a fresh
+    /// token, whose sha256 replaces the previous one (which stops working), user-data not yet
+    /// served, phase PXEBooting. Returns the token; only its hash is kept. `None` for a machine
+    /// the store does not know, or without randomness.
+    pub fn start_imaging(&self, machine: &Machine) -> Option<String> {
+        let token = new_token()?;
+        {
+            let mut inner = self.lock();
+            if !inner.machines.contains_key(&machine.name) {
+                return None;
+            }
+            let credentials = inner.credentials.entry(machine.name.clone()).or_default();
+            credentials.token_sha256 = Some(token_hash(&token));
+            credentials.user_data_served = false;
+        }
+        let now = now_usec();
+        self.update(&machine.name, |status| {
+            status.last_seen_usec = now;
+            status.phase = Phase::PxeBooting;
+            status.progress = 0;
+            status.message = "imaging script served: booting stage2".to_string();
+        });
+        self.persist_now();
+        tracing::info!(machine = %machine.name, mac = %machine.mac, ip = %machine.ip, "provisioning token issued");
+        Some(token)
+    }
+
+    /// Whether `token` is the current token of the machine called `name`.
+    fn holds(inner: &Inner, name: &str, token: &str) -> bool {
+        // Comparing digests, not the secret itself: timing reveals nothing about the token.
+        inner.credentials.get(name).and_then(|c| c.token_sha256) == Some(token_hash(token))
+    }
+
+    /// The name of the machine whose current token is `token`.
+    fn holder(inner: &Inner, token: &str) -> Option<String> {
+        let hash = token_hash(token);
+        inner
+            .credentials
+            .iter()
+            .find(|(_, c)| c.token_sha256 == Some(hash))
+            .map(|(name, _)| name.clone())
+    }
+
+    /// stage2's report on the machine called `name`, accepted only with its current token and
+    /// in a phase where it makes sense: while PXE booting, imaging or failed (stage2 retries),
+    /// and a repeated `imaged` once imaged.
+    pub fn imaging_report(
+        &self,
+        name: &str,
+        token: &str,
+        report: ProgressReport,
+    ) -> Result<(), Refusal> {
+        {
+            let inner = self.lock();
+            let Some(status) = inner.machines.get(name) else {
+                return Err(Refusal::UnknownMachine);
+            };
+            if !Self::holds(&inner, name, token) {
+                return Err(Refusal::WrongToken {
+                    machine: Some(name.to_string()),
+                });
+            }
+            let accepted = matches!(
+                (&report, status.phase),
+                (_, Phase::PxeBooting | Phase::Imaging | Phase::Failed)
+                    | (ProgressReport::Imaged { .. }, Phase::Imaged)
+            );
+            if !accepted {
+                return Err(Refusal::WrongPhase {
+                    machine: name.to_string(),
+                    phase: status.phase.to_string(),
+                    what: "report",
+                });
+            }
+        }
+        let report = match report {
+            ProgressReport::Imaging {
+                progress,
+                bytes,
+                rate,
+                message,
+            } => Report::Imaging {
+                progress,
+                message: imaging_message(bytes, rate, message),
+            },
+            ProgressReport::Imaged { .. } => Report::Imaged,
+            ProgressReport::Failed { message } => Report::Failed { message },
+        };
+        self.report(name, report)
+            .map_err(|_| Refusal::UnknownMachine)
+    }
+
+    /// The machine holding `token` (for cloud-init's meta-data).
+    pub fn token_holder(&self, token: &str) -> Result<MachineStatus, Refusal> {
+        let inner = self.lock();
+        Self::holder(&inner, token)
+            .and_then(|name| inner.machines.get(&name).cloned())
+            .ok_or(Refusal::WrongToken { machine: None })
+    }
+
+    /// cloud-init's user-data fetch: allowed once per token, once the machine is imaged. A
+    /// second fetch is refused, logged and recorded as the machine's message.
+    pub fn take_user_data(&self, token: &str) -> Result<MachineStatus, Refusal> {
+        let (name, replay) = {
+            let mut inner = self.lock();
+            let Some(name) = Self::holder(&inner, token) else {
+                return Err(Refusal::WrongToken { machine: None });
+            };
+            let Some(status) = inner.machines.get(&name).cloned() else {
+                return Err(Refusal::WrongToken { machine: None });
+            };
+            let credentials = inner.credentials.entry(name.clone()).or_default();
+            if credentials.user_data_served {
+                (name, true)
+            } else if !matches!(status.phase, Phase::Imaged | Phase::Joining) {
+                return Err(Refusal::WrongPhase {
+                    machine: name,
+                    phase: status.phase.to_string(),
+                    what: "user-data",
+                });
+            } else {
+                credentials.user_data_served = true;
+                (name, false)
+            }
+        };
+        let now = now_usec();
+        let message = if replay {
+            "user-data requested again with a used token: refused"
+        } else {
+            "cloud-init user-data served"
+        };
+        self.update(&name, |status| {
+            status.last_seen_usec = now;
+            status.message = message.to_string();
+        });
+        self.persist_now();
+        if replay {
+            if let Some(status) = self.get(&name) {
+                tracing::warn!(machine = %status.name, mac = %status.mac, ip = %status.ip, phase = %status.phase, "user-data requested again with an already used token: refused");
+            }
+            return Err(Refusal::Replayed { machine: name });
+        }
+        self.get(&name).ok_or(Refusal::WrongToken { machine: None })
+    }
+
+    /// Follows `spec.reimage` (machine name → value): a value other than the last one seen is
+    /// a reimage request. The machine goes back to Pending (its next PXE boot images it again)
+    /// and its token stops working. A machine still Pending has nothing to undo: the value is
+    /// only recorded. A value that disappears changes nothing.
+    pub fn sync_reimage(&self, requests: &HashMap<String, String>) {
+        let mut reset = Vec::new();
+        let mut recorded = false;
+        {
+            let mut inner = self.lock();
+            for (name, value) in requests {
+                let Some(phase) = inner.machines.get(name).map(|s| s.phase) else {
+                    continue;
+                };
+                let credentials = inner.credentials.entry(name.clone()).or_default();
+                if credentials.reimage.as_deref() == Some(value.as_str()) {
+                    continue;
+                }
+                recorded = true;
+                if phase == Phase::Pending {
+                    credentials.reimage = Some(value.clone());
+                } else {
+                    *credentials = Credentials {
+                        reimage: Some(value.clone()),
+                        ..Credentials::default()
+                    };
+                    reset.push((name.clone(), value.clone()));
+                }
+            }
+        }
+        for (name, value) in reset {
+            self.update(&name, |status| {
+                status.phase = Phase::Pending;
+                status.progress = 0;
+                status.message = format!("reimage requested (spec.reimage {value:?})");
+            });
+        }
+        if recorded {
+            self.persist_now();
+        }
+    }
+
+    /// Asks the persister to write the state file at once (credentials changed, which is not
+    /// a phase change).
+    fn persist_now(&self) {
+        self.persist_urgent.store(true, Ordering::Release);
+        self.persist_wake.notify_one();
     }
 
     /// Applies `change` to the machine called `name`; false if there is none.
@@ -538,11 +796,38 @@ impl StatusStore {
                             progress: m.progress,
                             message: m.message.clone(),
                             last_seen_usec: m.last_seen_usec,
+                            token_sha256: inner
+                                .credentials
+                                .get(&m.name)
+                                .and_then(|c| c.token_sha256)
+                                .map(hex::encode),
+                            user_data_served: inner
+                                .credentials
+                                .get(&m.name)
+                                .is_some_and(|c| c.user_data_served),
+                            reimage: inner
+                                .credentials
+                                .get(&m.name)
+                                .and_then(|c| c.reimage.clone()),
                         },
                     )
                 })
                 .collect(),
         }
+    }
+}
+
+/// The status message of an imaging report: stage2's own words, else its rate and bytes.
+fn imaging_message(bytes: Option<u64>, rate: Option<u64>, message: Option<String>) -> String {
+    if let Some(message) = message.filter(|m| !m.is_empty()) {
+        return message;
+    }
+    let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+    match (bytes, rate) {
+        (Some(b), Some(r)) => format!("{:.0} MiB written, {:.1} MiB/s", mib(b), mib(r)),
+        (Some(b), None) => format!("{:.0} MiB written", mib(b)),
+        (None, Some(r)) => format!("writing the image, {:.1} MiB/s", mib(r)),
+        (None, None) => "writing the image".to_string(),
     }
 }
 

@@ -1,0 +1,428 @@
+//! Imaging decisions for netboot's HTTP server: which script a machine gets, stage2's reports
+//! and the cloud-init NoCloud files, all keyed on the machine's phase and its current token in
+//! the [`StatusStore`].
+//!
+//! | phase | iPXE script |
+//! |---|---|
+//! | Pending, PXEBooting, Imaging, Failed | stage2 with imaging orders and a fresh token (a machine that boots again mid-imaging, or after a failure, starts over) |
+//! | Imaged, Joining, Ready | the local disk (`boot.localBoot`) |
+//!
+//! Without `image:` in the configuration every machine gets the configured kernel as before.
+
+use std::sync::Arc;
+
+use netboot::provisioning::{
+    BootAction, CloudInitDocument, CloudInitFile, DiskHints, ImagingOrders, LocalBoot,
+    ProgressReport, Provisioning, Refusal,
+};
+use netboot::{Machine, MachineLookup};
+
+use crate::config::Image;
+use crate::inventory::Table;
+use crate::status::{MachineStatus, Phase, StatusStore};
+
+pub struct Imaging {
+    store: Arc<StatusStore>,
+    table: Arc<Table>,
+    image: Option<Image>,
+    local_boot: LocalBoot,
+}
+
+impl Imaging {
+    pub fn new(
+        store: Arc<StatusStore>,
+        table: Arc<Table>,
+        image: Option<Image>,
+        local_boot: LocalBoot,
+    ) -> Imaging {
+        Imaging {
+            store,
+            table,
+            image,
+            local_boot,
+        }
+    }
+
+    fn orders(image: &Image, token: String) -> ImagingOrders {
+        ImagingOrders {
+            token,
+            image_url: image.url.clone(),
+            sha256: image.sha256.to_ascii_lowercase(),
+            image_size: image.size,
+            // Disk hints come with the Machine spec's rootDevice (cluster inventory).
+            disk: DiskHints::default(),
+        }
+    }
+
+    fn hostname(&self, status: &MachineStatus) -> String {
+        self.table
+            .by_mac(&status.mac)
+            .map(|m| m.hostname().to_string())
+            .unwrap_or_else(|| status.name.clone())
+    }
+}
+
+/// A stable cloud-init instance id per provisioning: a new token (a new imaging) makes a new
+/// instance, so cloud-init runs again on a reimaged disk. Derived from the token's hash, not
+/// the token.
+fn instance_id(name: &str, token: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("instance-id:{token}").as_bytes());
+    format!("{name}-{}", &hex::encode(digest)[..16])
+}
+
+/// The minimal node cloud-config: its host name and a marker on the console. The cluster join
+/// configuration replaces it (cloud-init templates).
+fn user_data(hostname: &str) -> String {
+    format!(
+        "#cloud-config\n\
+         hostname: {hostname}\n\
+         preserve_hostname: false\n\
+         runcmd:\n  \
+         - [sh, -c, 'echo \"provisioner: cloud-init user-data applied on {hostname}\" > /dev/console']\n"
+    )
+}
+
+impl Provisioning for Imaging {
+    fn boot_action(&self, machine: &Machine, head: bool) -> BootAction {
+        let Some(image) = &self.image else {
+            return BootAction::Configured;
+        };
+        let Some(status) = self.store.get(&machine.name) else {
+            // Not in the store yet (the inventory is being reloaded): no token to give.
+            return BootAction::Configured;
+        };
+        match status.phase {
+            Phase::Imaged | Phase::Joining | Phase::Ready => BootAction::LocalDisk(self.local_boot),
+            Phase::Pending | Phase::PxeBooting | Phase::Imaging | Phase::Failed => {
+                if head {
+                    // Same length as a real token, so HEAD's Content-Length matches a GET's;
+                    // nothing is minted and nothing changes.
+                    return BootAction::Image(Self::orders(image, "0".repeat(64)));
+                }
+                match self.store.start_imaging(machine) {
+                    Some(token) => BootAction::Image(Self::orders(image, token)),
+                    None => BootAction::Configured,
+                }
+            }
+        }
+    }
+
+    fn report(
+        &self,
+        machine: &Machine,
+        token: &str,
+        report: ProgressReport,
+    ) -> Result<(), Refusal> {
+        if self.image.is_none() {
+            return Err(Refusal::NotEnabled);
+        }
+        self.store.imaging_report(&machine.name, token, report)
+    }
+
+    fn cloud_init(&self, token: &str, file: CloudInitFile) -> Result<CloudInitDocument, Refusal> {
+        if self.image.is_none() {
+            return Err(Refusal::NotEnabled);
+        }
+        match file {
+            CloudInitFile::MetaData => {
+                let status = self.store.token_holder(token)?;
+                let text = format!(
+                    "instance-id: {}\nlocal-hostname: {}\n",
+                    instance_id(&status.name, token),
+                    self.hostname(&status)
+                );
+                Ok(CloudInitDocument {
+                    machine: status.name,
+                    text,
+                })
+            }
+            CloudInitFile::UserData => {
+                let status = self.store.take_user_data(token)?;
+                let text = user_data(&self.hostname(&status));
+                Ok(CloudInitDocument {
+                    machine: status.name,
+                    text,
+                })
+            }
+            CloudInitFile::VendorData => {
+                let status = self.store.token_holder(token)?;
+                Err(Refusal::NoDocument {
+                    machine: status.name,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::net::Ipv4Addr;
+
+    use netboot::MacAddr;
+
+    const HASH: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    fn node2() -> Machine {
+        Machine {
+            name: "node2".into(),
+            mac: MacAddr([0x52, 0x54, 0, 0, 0, 2]),
+            ip: Ipv4Addr::new(10, 77, 0, 2),
+            hostname: Some("n2".into()),
+        }
+    }
+
+    fn setup(state_file: Option<std::path::PathBuf>) -> (Arc<StatusStore>, Imaging) {
+        let store = StatusStore::open(state_file);
+        let table = Arc::new(Table::with_status(store.clone()));
+        let m = node2();
+        table.replace(HashMap::from([(m.mac, m)]));
+        let image = Image {
+            url: "http://10.77.0.1:8080/node.raw".into(),
+            sha256: HASH.to_uppercase(),
+            size: Some(4096),
+        };
+        let imaging = Imaging::new(store.clone(), table, Some(image), LocalBoot::Auto);
+        (store, imaging)
+    }
+
+    fn phase(store: &StatusStore) -> Phase {
+        store.get("node2").map(|s| s.phase).expect("node2")
+    }
+
+    fn token_of(action: BootAction) -> String {
+        match action {
+            BootAction::Image(orders) => {
+                assert_eq!(orders.sha256, HASH);
+                assert_eq!(orders.image_size, Some(4096));
+                orders.token
+            }
+            other => panic!("expected imaging, got {other:?}"),
+        }
+    }
+
+    fn imaging(progress: u8) -> ProgressReport {
+        ProgressReport::Imaging {
+            progress,
+            bytes: None,
+            rate: Some(100 << 20),
+            message: None,
+        }
+    }
+
+    #[test]
+    fn phases_follow_script_and_reports() {
+        let (store, p) = setup(None);
+        let m = node2();
+        assert_eq!(phase(&store), Phase::Pending);
+        // HEAD mints nothing and changes nothing.
+        let head = p.boot_action(&m, true);
+        assert!(matches!(head, BootAction::Image(_)));
+        assert_eq!(phase(&store), Phase::Pending);
+
+        let token = token_of(p.boot_action(&m, false));
+        assert_eq!(token.len(), 64);
+        assert_eq!(phase(&store), Phase::PxeBooting);
+
+        let mut seen = vec![phase(&store)];
+        for progress in [10, 55, 100] {
+            p.report(&m, &token, imaging(progress)).expect("accepted");
+            let s = store.get("node2").expect("node2");
+            assert_eq!((s.phase, s.progress), (Phase::Imaging, progress));
+            assert_eq!(s.message, "writing the image, 100.0 MiB/s");
+            seen.push(s.phase);
+        }
+        p.report(&m, &token, ProgressReport::Imaged { message: None })
+            .expect("accepted");
+        seen.push(phase(&store));
+        seen.dedup();
+        assert_eq!(seen, [Phase::PxeBooting, Phase::Imaging, Phase::Imaged]);
+        // A repeated imaged is fine (stage2 retrying a lost answer), going back is not.
+        p.report(&m, &token, ProgressReport::Imaged { message: None })
+            .expect("idempotent");
+        assert!(matches!(
+            p.report(&m, &token, imaging(5)),
+            Err(Refusal::WrongPhase { .. })
+        ));
+
+        // Imaged: the next PXE boot gets the local disk, and no new token.
+        assert_eq!(
+            p.boot_action(&m, false),
+            BootAction::LocalDisk(LocalBoot::Auto)
+        );
+        assert_eq!(phase(&store), Phase::Imaged);
+    }
+
+    #[test]
+    fn wrong_and_old_tokens_are_refused() {
+        let (store, p) = setup(None);
+        let m = node2();
+        let first = token_of(p.boot_action(&m, false));
+        let wrong = "f".repeat(64);
+        assert_eq!(
+            p.report(&m, &wrong, imaging(1)),
+            Err(Refusal::WrongToken {
+                machine: Some("node2".into())
+            })
+        );
+        // The machine boots again: a new token, the old one stops working.
+        let second = token_of(p.boot_action(&m, false));
+        assert_ne!(first, second);
+        assert!(p.report(&m, &first, imaging(1)).is_err());
+        p.report(&m, &second, imaging(1)).expect("current token");
+        assert_eq!(phase(&store), Phase::Imaging);
+        assert_eq!(
+            p.cloud_init(&first, CloudInitFile::MetaData),
+            Err(Refusal::WrongToken { machine: None })
+        );
+    }
+
+    #[test]
+    fn user_data_is_served_once_after_imaging() {
+        let (store, p) = setup(None);
+        let m = node2();
+        let token = token_of(p.boot_action(&m, false));
+        assert!(
+            matches!(
+                p.cloud_init(&token, CloudInitFile::UserData),
+                Err(Refusal::WrongPhase { .. })
+            ),
+            "not before the disk is imaged"
+        );
+        p.report(&m, &token, ProgressReport::Imaged { message: None })
+            .expect("accepted");
+        let meta = p
+            .cloud_init(&token, CloudInitFile::MetaData)
+            .expect("meta-data");
+        assert!(
+            meta.text.starts_with("instance-id: node2-"),
+            "{}",
+            meta.text
+        );
+        assert!(meta.text.contains("local-hostname: n2\n"), "{}", meta.text);
+        assert!(!meta.text.contains(&token));
+        let doc = p
+            .cloud_init(&token, CloudInitFile::UserData)
+            .expect("first fetch");
+        assert_eq!(doc.machine, "node2");
+        assert!(
+            doc.text.starts_with("#cloud-config\nhostname: n2\n"),
+            "{}",
+            doc.text
+        );
+        assert_eq!(
+            p.cloud_init(&token, CloudInitFile::UserData),
+            Err(Refusal::Replayed {
+                machine: "node2".into()
+            })
+        );
+        let status = store.get("node2").expect("node2");
+        assert_eq!(status.phase, Phase::Imaged);
+        assert!(status.message.contains("refused"), "{}", status.message);
+        assert!(matches!(
+            p.cloud_init(&token, CloudInitFile::VendorData),
+            Err(Refusal::NoDocument { .. })
+        ));
+    }
+
+    #[test]
+    fn failed_machines_are_imaged_again() {
+        let (store, p) = setup(None);
+        let m = node2();
+        let token = token_of(p.boot_action(&m, false));
+        p.report(
+            &m,
+            &token,
+            ProgressReport::Failed {
+                message: "sha256 mismatch".into(),
+            },
+        )
+        .expect("accepted");
+        let s = store.get("node2").expect("node2");
+        assert_eq!(
+            (s.phase, s.message.as_str()),
+            (Phase::Failed, "sha256 mismatch")
+        );
+        let retry = token_of(p.boot_action(&m, false));
+        assert_ne!(retry, token);
+        assert_eq!(phase(&store), Phase::PxeBooting);
+    }
+
+    #[test]
+    fn reimage_requests_start_over() {
+        let (store, p) = setup(None);
+        let m = node2();
+        let requests = |v: &str| HashMap::from([("node2".to_string(), v.to_string())]);
+        // Seen first on a pending machine: recorded, nothing to undo.
+        store.sync_reimage(&requests("1"));
+        assert_eq!(phase(&store), Phase::Pending);
+        let token = token_of(p.boot_action(&m, false));
+        p.report(&m, &token, ProgressReport::Imaged { message: None })
+            .expect("accepted");
+        store.sync_reimage(&requests("1"));
+        assert_eq!(phase(&store), Phase::Imaged, "same value: nothing to do");
+        store.sync_reimage(&HashMap::new());
+        assert_eq!(phase(&store), Phase::Imaged, "value gone: nothing to do");
+
+        store.sync_reimage(&requests("2"));
+        let s = store.get("node2").expect("node2");
+        assert_eq!(s.phase, Phase::Pending);
+        assert!(s.message.contains("reimage"), "{}", s.message);
+        assert!(
+            p.cloud_init(&token, CloudInitFile::MetaData).is_err(),
+            "the old token is dead"
+        );
+        let again = token_of(p.boot_action(&m, false));
+        assert_ne!(again, token);
+        assert_eq!(phase(&store), Phase::PxeBooting);
+    }
+
+    #[tokio::test]
+    async fn a_restart_keeps_accepting_the_current_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.yaml");
+        let m = node2();
+        let token = {
+            let (store, p) = setup(Some(path.clone()));
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let writer = tokio::spawn(store.clone().persist(shutdown.clone()));
+            store.sync_reimage(&HashMap::from([("node2".to_string(), "7".to_string())]));
+            let token = token_of(p.boot_action(&m, false));
+            p.report(&m, &token, imaging(30)).expect("accepted");
+            shutdown.cancel();
+            writer.await.expect("writer");
+            token
+        };
+        let text = std::fs::read_to_string(&path).expect("state file");
+        assert!(!text.contains(&token), "the token itself is never stored");
+        assert!(text.contains("tokenSha256:"), "{text}");
+
+        let (store, p) = setup(Some(path));
+        assert_eq!(phase(&store), Phase::Imaging);
+        p.report(&m, &token, ProgressReport::Imaged { message: None })
+            .expect("token accepted after the restart");
+        store.sync_reimage(&HashMap::from([("node2".to_string(), "7".to_string())]));
+        assert_eq!(
+            phase(&store),
+            Phase::Imaged,
+            "reimage value restored: no reimage"
+        );
+    }
+
+    #[test]
+    fn without_an_image_nothing_is_imaged() {
+        let store = StatusStore::open(None);
+        let table = Arc::new(Table::with_status(store.clone()));
+        let m = node2();
+        table.replace(HashMap::from([(m.mac, m.clone())]));
+        let p = Imaging::new(store.clone(), table, None, LocalBoot::Auto);
+        assert_eq!(p.boot_action(&m, false), BootAction::Configured);
+        assert_eq!(
+            p.report(&m, &"0".repeat(64), imaging(1)),
+            Err(Refusal::NotEnabled)
+        );
+        assert_eq!(phase(&store), Phase::Pending);
+    }
+}
