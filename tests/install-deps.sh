@@ -13,6 +13,7 @@ PACKAGES=(
     qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64   # firmware, iPXE binaries, a kernel
     systemd                            # systemd-socket-activate, systemd-analyze, busctl
     dbus-daemon                        # a private system bus for the D-Bus tests
+    fdisk zstd xz-utils gzip           # stage2 writer test: sfdisk makes a GPT image, compressors
 )
 
 missing=()
