@@ -119,11 +119,24 @@ fn default_http() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 80))
 }
 
+/// `inventory:` as written: exactly one of the keys.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct Inventory {
+struct RawInventory {
+    directory: Option<PathBuf>,
+    kubeconfig: Option<PathBuf>,
+    #[serde(default)]
+    kubernetes: bool,
+}
+
+/// Where the machines come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inventory {
     /// Folder of Machine manifests (the embedded inventory, used when no cluster is configured).
-    pub directory: PathBuf,
+    Directory(PathBuf),
+    /// Machine resources of a cluster: the kubeconfig given, or (`None`) the in-cluster or
+    /// default configuration.
+    Kubernetes { kubeconfig: Option<PathBuf> },
 }
 
 /// The file as written; [`Config::load`] validates it into a [`Config`].
@@ -144,7 +157,7 @@ struct RawConfig {
     boot: Boot,
     #[serde(default)]
     listen: Listen,
-    inventory: Inventory,
+    inventory: RawInventory,
     state_file: Option<PathBuf>,
     image: Option<Image>,
 }
@@ -310,6 +323,21 @@ impl Config {
                 ));
             }
         }
+        let inventory = match (
+            raw.inventory.directory,
+            raw.inventory.kubeconfig,
+            raw.inventory.kubernetes,
+        ) {
+            (Some(dir), None, false) => Inventory::Directory(dir),
+            (None, kubeconfig @ Some(_), _) => Inventory::Kubernetes { kubeconfig },
+            (None, None, true) => Inventory::Kubernetes { kubeconfig: None },
+            _ => {
+                return Err(invalid(
+                    "inventory",
+                    "give exactly one of directory, kubeconfig or kubernetes: true".to_string(),
+                ))
+            }
+        };
         Ok(Config {
             interface: raw.interface,
             router_advertisements: raw.router_advertisements,
@@ -321,7 +349,7 @@ impl Config {
             boot_files: raw.boot_files,
             boot: raw.boot,
             listen: raw.listen,
-            inventory: raw.inventory,
+            inventory,
             state_file: raw.state_file,
             image: raw.image,
         })
@@ -385,6 +413,49 @@ inventory:
     fn the_example_file_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../provisioner.yaml.example");
         Config::load(&path).expect("provisioner.yaml.example must parse");
+    }
+
+    #[test]
+    fn inventory_is_a_folder_or_a_cluster() {
+        let folder = parse(GOOD).expect("valid");
+        assert_eq!(
+            folder.inventory,
+            Inventory::Directory(PathBuf::from("/etc/provisioner/machines"))
+        );
+        let kubeconfig = parse(&GOOD.replace(
+            "  directory: /etc/provisioner/machines",
+            "  kubeconfig: /etc/kubernetes/admin.conf",
+        ))
+        .expect("valid");
+        assert_eq!(
+            kubeconfig.inventory,
+            Inventory::Kubernetes {
+                kubeconfig: Some(PathBuf::from("/etc/kubernetes/admin.conf"))
+            }
+        );
+        let in_cluster = parse(&GOOD.replace(
+            "  directory: /etc/provisioner/machines",
+            "  kubernetes: true",
+        ))
+        .expect("valid");
+        assert_eq!(
+            in_cluster.inventory,
+            Inventory::Kubernetes { kubeconfig: None }
+        );
+        let both = error(
+            &GOOD
+                .replace(
+                    "  directory: /etc/provisioner/machines",
+                    "  directory: /m\n  kubernetes: true",
+                )
+                .replace("\\n", "\n"),
+        );
+        assert!(both.contains("inventory: give exactly one"), "{both}");
+        let neither = error(&GOOD.replace(
+            "  directory: /etc/provisioner/machines",
+            "  kubernetes: false",
+        ));
+        assert!(neither.contains("inventory"), "{neither}");
     }
 
     #[test]

@@ -9,7 +9,8 @@ use anyhow::Context;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::cluster;
+use crate::config::{Config, Inventory};
 use crate::inventory::{self, Table};
 use crate::provisioning::Imaging;
 use crate::status::{self, StatusStore};
@@ -106,10 +107,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .or_else(status::default_state_file),
     );
     let table = Arc::new(Table::with_status(store.clone()));
-    let dir = config.inventory.directory.clone();
-    let folder = inventory::FolderWatch::start(&dir);
-    inventory::reload(&table, &dir, config.subnet, &reserved)
-        .with_context(|| format!("inventory.directory: cannot read {}", dir.display()))?;
+    // The folder is loaded before READY=1; the cluster's Machines arrive once the API server
+    // answers (until then nothing is served, and the controller says so in the log).
+    let folder = match &config.inventory {
+        Inventory::Directory(dir) => {
+            let watch = inventory::FolderWatch::start(dir);
+            inventory::reload(&table, dir, config.subnet, &reserved)
+                .with_context(|| format!("inventory.directory: cannot read {}", dir.display()))?;
+            Some((dir.clone(), watch))
+        }
+        Inventory::Kubernetes { .. } => None,
+    };
+    let api_state = Arc::new(cluster::ApiState::default());
 
     let shutdown = CancellationToken::new();
     let base_url = match http_port {
@@ -192,21 +201,52 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ),
         (_, false) => {}
     }
-    let watcher = tokio::spawn(inventory::watch(
-        folder,
-        table.clone(),
-        dir.clone(),
-        config.subnet,
-        reserved.clone(),
-        INVENTORY_RESCAN,
-        shutdown.clone(),
-    ));
+    let dir = folder.as_ref().map(|(dir, _)| dir.clone());
+    let kubeconfig = match &config.inventory {
+        Inventory::Kubernetes { kubeconfig } => kubeconfig.clone(),
+        Inventory::Directory(_) => None,
+    };
+    let watcher = match folder {
+        Some((dir, watch)) => tokio::spawn(inventory::watch(
+            watch,
+            table.clone(),
+            dir,
+            config.subnet,
+            reserved.clone(),
+            INVENTORY_RESCAN,
+            shutdown.clone(),
+        )),
+        None => {
+            let client = cluster::client(kubeconfig.as_deref())
+                .await
+                .context("inventory")?;
+            let rules = cluster::AddressRules {
+                subnet: config.subnet,
+                reserved: reserved.clone(),
+            };
+            tokio::spawn(cluster::run(
+                client,
+                table.clone(),
+                store.clone(),
+                rules,
+                api_state.clone(),
+                shutdown.clone(),
+            ))
+        }
+    };
 
     let persister = tokio::spawn(store.clone().persist(shutdown.clone()));
     // Not in `servers`: netboot keeps serving without a bus.
     tokio::spawn(dbus::serve(store.clone(), shutdown.clone()));
     let mut status_changes = store.subscribe();
-    let mut status = status_line(&store.summary(), &endpoints);
+    let current_status = || {
+        let mut line = status_line(&store.summary(), &endpoints);
+        if !api_state.reachable() {
+            line.push_str("; Kubernetes API unreachable, serving the last known machines");
+        }
+        line
+    };
+    let mut status = current_status();
     tracing::info!(
         activated = sockets.activated,
         machines = table.len(),
@@ -229,18 +269,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = sigterm.recv() => break Ok(()),
             _ = sigint.recv() => break Ok(()),
             _ = sighup.recv() => {
-                tracing::info!("SIGHUP: reloading inventory");
-                if let Err(e) = inventory::reload(&table, &dir, config.subnet, &reserved) {
-                    tracing::error!("cannot reload inventory: {e}");
+                // The cluster inventory is always current: only a folder is re-read.
+                if let Some(dir) = &dir {
+                    tracing::info!("SIGHUP: reloading inventory");
+                    if let Err(e) = inventory::reload(&table, dir, config.subnet, &reserved) {
+                        tracing::error!("cannot reload inventory: {e}");
+                    }
                 }
             }
             _ = tick.tick() => {
                 if watchdog {
                     systemd::notify_watchdog();
                 }
+                // Reachability of the API server is not a status store change: look each tick.
+                let now = current_status();
+                if now != status {
+                    status = now;
+                    systemd::notify_status(&status);
+                }
             }
             _ = status_changes.recv() => {
-                let now = status_line(&store.summary(), &endpoints);
+                let now = current_status();
                 if now != status {
                     status = now;
                     systemd::notify_status(&status);

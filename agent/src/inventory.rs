@@ -109,24 +109,39 @@ fn parse_document(
             doc.api_version
         ));
     }
-    let name = doc.metadata.name;
+    check_machine(
+        doc.metadata.name,
+        &doc.spec.mac_address,
+        &doc.spec.ip_address,
+        doc.spec.hostname,
+        subnet,
+        reserved,
+    )
+}
+
+/// The checks every Machine passes before it is served, whether it comes from the folder or from
+/// the cluster: a DNS name, a unicast MAC, a host address of the subnet that is not the server's
+/// or the gateway's, a valid host name.
+pub fn check_machine(
+    name: String,
+    mac_address: &str,
+    ip_address: &str,
+    hostname: Option<String>,
+    subnet: Ipv4Net,
+    reserved: &[Ipv4Addr],
+) -> Result<Machine, String> {
     if !valid_hostname(&name) {
         return Err(format!("metadata.name {name:?} is not a valid DNS name"));
     }
-    let mac: MacAddr = doc
-        .spec
-        .mac_address
+    let mac: MacAddr = mac_address
         .parse()
         .map_err(|e| format!("spec.macAddress: {e}"))?;
     if mac.0[0] & 1 == 1 {
         return Err(format!("spec.macAddress: {mac} is a multicast address"));
     }
-    let ip: Ipv4Addr = doc.spec.ip_address.parse().map_err(|_| {
-        format!(
-            "spec.ipAddress: {:?} is not an IPv4 address",
-            doc.spec.ip_address
-        )
-    })?;
+    let ip: Ipv4Addr = ip_address
+        .parse()
+        .map_err(|_| format!("spec.ipAddress: {:?} is not an IPv4 address", ip_address))?;
     if !subnet.contains(&ip) || ip == subnet.network() || ip == subnet.broadcast() {
         return Err(format!(
             "spec.ipAddress: {ip} is not a host address of subnet {subnet}"
@@ -137,7 +152,7 @@ fn parse_document(
             "spec.ipAddress: {ip} belongs to the server or gateway"
         ));
     }
-    if let Some(hostname) = &doc.spec.hostname {
+    if let Some(hostname) = &hostname {
         if !valid_hostname(hostname) {
             return Err(format!(
                 "spec.hostname {hostname:?} is not a valid host name"
@@ -148,7 +163,7 @@ fn parse_document(
         name,
         mac,
         ip,
-        hostname: doc.spec.hostname,
+        hostname,
     })
 }
 

@@ -1,5 +1,6 @@
 //! `provisioner`: the host agent and its tools.
 
+mod cluster;
 mod config;
 mod daemon;
 mod dbus;
@@ -37,6 +38,8 @@ enum Command {
         #[arg(long, short, default_value = "/etc/provisioner/provisioner.yaml")]
         config: PathBuf,
     },
+    /// Print the Machine CustomResourceDefinition (YAML, for `kubectl apply -f -`).
+    Crd,
     /// Check a configuration file and print what it means, then exit.
     CheckConfig {
         #[arg(long, short, default_value = "/etc/provisioner/provisioner.yaml")]
@@ -72,6 +75,16 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> ExitCode {
     match command {
+        Command::Crd => match cluster::crd::crd_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: cannot serialise the CRD: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::CheckConfig { config } => match config::Config::load(&config) {
             Ok(c) => {
                 println!(

@@ -1,0 +1,571 @@
+//! The Machine controller: keeps the netboot table equal to the valid Machines of the cluster
+//! and writes each Machine's `.status` from the status store.
+//!
+//! Validity is a property of the whole set (a MAC or IP claimed twice disqualifies every
+//! claimant, as in the YAML folder), so every reconcile judges all Machines of the reflector's
+//! store, updates the table when the verdicts change, and then writes the one Machine's status.
+//! When the verdicts change, every Machine is reconciled again, so the other party of a
+//! conflict gets its condition too.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource, ResourceExt};
+use netboot::MacAddr;
+use tokio::sync::mpsc;
+
+use super::crd::{Machine, MachineStatus};
+use crate::inventory::{self, Table};
+use crate::status::{self, Phase, Report, StatusStore};
+
+/// Removed only once what the machine owned is cleaned up.
+pub const FINALIZER: &str = "provisioner.dev/cleanup";
+/// Server-side apply field manager of `.status`.
+pub const FIELD_MANAGER: &str = "provisioner";
+/// Safety-net resync of every Machine (missed events, clock-driven conditions).
+const RESYNC: Duration = Duration::from_secs(300);
+/// After a failed reconcile (API error): try again after this long.
+const RETRY: Duration = Duration::from_secs(15);
+
+pub const CONDITION_SERVED: &str = "Served";
+pub const CONDITION_CONFLICT: &str = "Conflict";
+pub const CONDITION_NODE_READY: &str = "NodeReady";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("the Machine store is gone (controller stopping)")]
+    StoreGone,
+}
+
+/// What the controller needs to know that the API server does not: the provisioning subnet
+/// and the addresses no machine may take.
+#[derive(Debug, Clone)]
+pub struct AddressRules {
+    pub subnet: Ipv4Net,
+    /// The server's own address and the gateway.
+    pub reserved: Vec<Ipv4Addr>,
+}
+
+/// Why a Machine is not served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// The spec fails a check the schema cannot make (IP outside the subnet, …).
+    Invalid(String),
+    /// Its MAC or IP is also claimed by other Machines (one sentence per clash).
+    Conflict(Vec<String>),
+}
+
+impl Problem {
+    pub fn message(&self) -> String {
+        match self {
+            Problem::Invalid(reason) => reason.clone(),
+            Problem::Conflict(clashes) => clashes.join("; "),
+        }
+    }
+}
+
+/// The verdict on every Machine at one moment.
+#[derive(Debug, Default, PartialEq)]
+pub struct Verdicts {
+    /// What netboot answers, by MAC.
+    pub served: HashMap<MacAddr, netboot::Machine>,
+    /// Every Machine not served, by name.
+    pub problems: BTreeMap<String, Problem>,
+    /// `spec.reimage` of the served Machines that set it, by name.
+    pub reimage: HashMap<String, String>,
+}
+
+/// Judges `machines` exactly like the YAML folder: each spec is checked on its own, then any
+/// MAC or IP claimed by several valid Machines disqualifies all of them. Machines being deleted
+/// (and `leaving`) are not served and claim nothing.
+pub fn judge(machines: &[Arc<Machine>], rules: &AddressRules, leaving: Option<&str>) -> Verdicts {
+    let mut verdicts = Verdicts::default();
+    let mut candidates: Vec<netboot::Machine> = Vec::new();
+    let mut reimage: HashMap<String, String> = HashMap::new();
+    for object in machines {
+        let name = object.name_any();
+        if object.meta().deletion_timestamp.is_some() || leaving == Some(name.as_str()) {
+            continue;
+        }
+        let spec = &object.spec;
+        match inventory::check_machine(
+            name.clone(),
+            &spec.mac_address,
+            &spec.ip_address,
+            spec.hostname.clone(),
+            rules.subnet,
+            &rules.reserved,
+        ) {
+            Ok(machine) => {
+                if let Some(value) = &spec.reimage {
+                    reimage.insert(machine.name.clone(), value.clone());
+                }
+                candidates.push(machine)
+            }
+            Err(reason) => {
+                verdicts.problems.insert(name, Problem::Invalid(reason));
+            }
+        }
+    }
+    candidates.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut by_mac: BTreeMap<MacAddr, Vec<usize>> = BTreeMap::new();
+    let mut by_ip: BTreeMap<Ipv4Addr, Vec<usize>> = BTreeMap::new();
+    for (i, m) in candidates.iter().enumerate() {
+        by_mac.entry(m.mac).or_default().push(i);
+        by_ip.entry(m.ip).or_default().push(i);
+    }
+    let mut clashes: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    let mut flag = |what: String, owners: &[usize]| {
+        if owners.len() < 2 {
+            return;
+        }
+        for &i in owners {
+            let others: Vec<&str> = owners
+                .iter()
+                .filter(|&&j| j != i)
+                .map(|&j| candidates[j].name.as_str())
+                .collect();
+            clashes.entry(i).or_default().push(format!(
+                "{what} is also claimed by Machine {}",
+                others.join(", ")
+            ));
+        }
+    };
+    for (mac, owners) in &by_mac {
+        flag(format!("macAddress {mac}"), owners);
+    }
+    for (ip, owners) in &by_ip {
+        flag(format!("ipAddress {ip}"), owners);
+    }
+    for (i, machine) in candidates.iter().enumerate() {
+        match clashes.remove(&i) {
+            Some(reasons) => {
+                verdicts
+                    .problems
+                    .insert(machine.name.clone(), Problem::Conflict(reasons));
+            }
+            None => {
+                if let Some(value) = reimage.remove(&machine.name) {
+                    verdicts.reimage.insert(machine.name.clone(), value);
+                }
+                verdicts.served.insert(machine.mac, machine.clone());
+            }
+        }
+    }
+    verdicts
+}
+
+pub struct Context {
+    pub client: Client,
+    /// Every Machine, as the controller's reflector sees it.
+    pub machines: Store<Machine>,
+    /// Every Node (for NodeReady and the Ready phase).
+    pub nodes: Store<Node>,
+    pub table: Arc<Table>,
+    pub status: Arc<StatusStore>,
+    pub rules: AddressRules,
+    pub recorder: Recorder,
+    /// The last verdicts applied to the table.
+    last: Mutex<Option<Verdicts>>,
+    /// Asks the controller to reconcile every Machine (the verdicts changed).
+    reconcile_all: mpsc::UnboundedSender<()>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        machines: Store<Machine>,
+        nodes: Store<Node>,
+        table: Arc<Table>,
+        status: Arc<StatusStore>,
+        rules: AddressRules,
+        reconcile_all: mpsc::UnboundedSender<()>,
+    ) -> Context {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "provisioner".to_string(),
+                instance: None,
+            },
+        );
+        Context {
+            client,
+            machines,
+            nodes,
+            table,
+            status,
+            rules,
+            recorder,
+            last: Mutex::new(None),
+            reconcile_all,
+        }
+    }
+
+    /// Judges every Machine and, when the verdicts changed, updates the table (which adds and
+    /// removes status store entries) and has every Machine reconciled again.
+    fn refresh(&self, leaving: Option<&str>) {
+        let verdicts = judge(&self.machines.state(), &self.rules, leaving);
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let problem_of = |v: &Verdicts, name: &str| v.problems.get(name).cloned();
+        if last.as_ref() == Some(&verdicts) {
+            return;
+        }
+        // The first verdicts always replace the table: it may hold anything until then.
+        let first = last.is_none();
+        let previous = last.take().unwrap_or_default();
+        for (name, problem) in &verdicts.problems {
+            if problem_of(&previous, name).as_ref() != Some(problem) {
+                tracing::warn!(machine = %name, "machine not served: {}", problem.message());
+            }
+        }
+        if first || previous.served != verdicts.served {
+            tracing::info!(
+                machines = verdicts.served.len(),
+                rejected = verdicts.problems.len(),
+                "inventory loaded from the cluster"
+            );
+            self.table.replace(verdicts.served.clone());
+        }
+        if first || previous.reimage != verdicts.reimage {
+            self.status.sync_reimage(&verdicts.reimage);
+        }
+        if previous.problems != verdicts.problems {
+            // Nobody listening means the controller is stopping.
+            let _ = self.reconcile_all.send(());
+        }
+        *last = Some(verdicts);
+    }
+
+    fn problem(&self, name: &str) -> Option<Problem> {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.as_ref().and_then(|v| v.problems.get(name).cloned())
+    }
+
+    fn node_of(&self, machine: &Machine) -> Option<Arc<Node>> {
+        let hostname = host_name(machine);
+        self.nodes.get(&ObjectRef::new(&hostname))
+    }
+}
+
+/// The name the machine's Node will have.
+pub fn host_name(machine: &Machine) -> String {
+    machine
+        .spec
+        .hostname
+        .clone()
+        .unwrap_or_else(|| machine.name_any())
+}
+
+fn node_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+}
+
+/// 0 is the status store's "never seen".
+fn usec_to_time(usec: u64) -> Option<Time> {
+    if usec == 0 {
+        return None;
+    }
+    let usec = i64::try_from(usec).ok()?;
+    Timestamp::from_microsecond(usec).ok().map(Time)
+}
+
+/// A condition, keeping the previous transition time when its status did not change.
+fn condition(
+    previous: &[Condition],
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_string();
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone());
+    Condition {
+        type_: type_.to_string(),
+        status,
+        reason: reason.to_string(),
+        message,
+        last_transition_time,
+        observed_generation: generation,
+    }
+}
+
+/// The status the Machine should have: phase, progress, message and last-seen from the status
+/// store when the machine is served (else the last known phase, and the reason as message),
+/// conditions from the verdict and the Node.
+pub fn desired_status(
+    machine: &Machine,
+    problem: Option<&Problem>,
+    stored: Option<&status::MachineStatus>,
+    node: Option<&Node>,
+    now: &Time,
+) -> MachineStatus {
+    let current = machine.status.clone().unwrap_or_default();
+    let generation = machine.meta().generation;
+    let mut desired = MachineStatus {
+        observed_generation: generation,
+        node_name: node.map(|n| n.name_any()),
+        ..MachineStatus::default()
+    };
+    match (stored, problem) {
+        (Some(s), None) => {
+            desired.phase = Some(s.phase.as_str().to_string());
+            desired.progress = Some(s.progress);
+            desired.message = (!s.message.is_empty()).then(|| s.message.clone());
+            desired.last_seen = usec_to_time(s.last_seen_usec);
+        }
+        _ => {
+            desired.phase = Some(
+                current
+                    .phase
+                    .clone()
+                    .unwrap_or_else(|| Phase::Pending.as_str().to_string()),
+            );
+            desired.progress = current.progress;
+            desired.message = problem.map(Problem::message);
+            desired.last_seen = current.last_seen.clone();
+        }
+    }
+    let old = &current.conditions;
+    let served = match problem {
+        None if stored.is_some() => condition(
+            old,
+            CONDITION_SERVED,
+            true,
+            "InInventory",
+            "netboot answers this machine".to_string(),
+            generation,
+            now,
+        ),
+        None => condition(
+            old,
+            CONDITION_SERVED,
+            false,
+            "NotYetLoaded",
+            "not in the netboot table yet".to_string(),
+            generation,
+            now,
+        ),
+        Some(Problem::Invalid(reason)) => condition(
+            old,
+            CONDITION_SERVED,
+            false,
+            "InvalidSpec",
+            reason.clone(),
+            generation,
+            now,
+        ),
+        Some(p @ Problem::Conflict(_)) => condition(
+            old,
+            CONDITION_SERVED,
+            false,
+            "Conflict",
+            p.message(),
+            generation,
+            now,
+        ),
+    };
+    let conflict = match problem {
+        Some(p @ Problem::Conflict(_)) => condition(
+            old,
+            CONDITION_CONFLICT,
+            true,
+            "DuplicateAddress",
+            p.message(),
+            generation,
+            now,
+        ),
+        _ => condition(
+            old,
+            CONDITION_CONFLICT,
+            false,
+            "NoConflict",
+            String::new(),
+            generation,
+            now,
+        ),
+    };
+    desired.conditions = vec![served, conflict];
+    if let Some(node) = node {
+        let ready = node_ready(node);
+        desired.conditions.push(condition(
+            old,
+            CONDITION_NODE_READY,
+            ready,
+            if ready { "NodeReady" } else { "NodeNotReady" },
+            format!("Node {}", node.name_any()),
+            generation,
+            now,
+        ));
+    }
+    desired
+}
+
+fn condition_true(status: &MachineStatus, type_: &str) -> bool {
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True")
+}
+
+fn condition_reason<'a>(status: &'a MachineStatus, type_: &str) -> Option<&'a str> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.reason.as_str())
+}
+
+/// The Events a status change deserves: a phase change, a conflict or an invalid spec appearing.
+fn events_for(before: &MachineStatus, after: &MachineStatus) -> Vec<Event> {
+    let mut events = Vec::new();
+    if let (Some(from), Some(to)) = (&before.phase, &after.phase) {
+        if from != to {
+            let detail = after
+                .message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default();
+            events.push(Event {
+                type_: if to == Phase::Failed.as_str() {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: to.clone(),
+                note: Some(format!("{from} -> {to}{detail}")),
+                action: "Provision".to_string(),
+                secondary: None,
+            });
+        }
+    }
+    if condition_true(after, CONDITION_CONFLICT) && !condition_true(before, CONDITION_CONFLICT) {
+        events.push(Event {
+            type_: EventType::Warning,
+            reason: "Conflict".to_string(),
+            note: after.message.clone(),
+            action: "Serve".to_string(),
+            secondary: None,
+        });
+    }
+    if condition_reason(after, CONDITION_SERVED) == Some("InvalidSpec")
+        && condition_reason(before, CONDITION_SERVED) != Some("InvalidSpec")
+    {
+        events.push(Event {
+            type_: EventType::Warning,
+            reason: "InvalidSpec".to_string(),
+            note: after.message.clone(),
+            action: "Serve".to_string(),
+            secondary: None,
+        });
+    }
+    events
+}
+
+/// The controller's reconcile function: finalizer first, then [`apply`] or [`cleanup`].
+pub async fn reconcile(machine: Arc<Machine>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let api: Api<Machine> = Api::all(ctx.client.clone());
+    finalizer(&api, FINALIZER, machine, |event| async {
+        match event {
+            FinalizerEvent::Apply(machine) => apply(machine, &ctx).await,
+            FinalizerEvent::Cleanup(machine) => cleanup(machine, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+async fn apply(machine: Arc<Machine>, ctx: &Context) -> Result<Action, Error> {
+    // Judging a partial list would drop machines from the table: wait for the first full list.
+    ctx.machines
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::StoreGone)?;
+    ctx.refresh(None);
+    let name = machine.name_any();
+    let problem = ctx.problem(&name);
+    let node = ctx.node_of(&machine);
+    if let Some(node) = &node {
+        let phase = ctx.status.get(&name).map(|s| s.phase);
+        // A Ready Node of this name means the machine is in the cluster, unless it is being
+        // (re)imaged: then the Node is the old installation's and will go NotReady.
+        if node_ready(node)
+            && matches!(phase, Some(Phase::Pending | Phase::Imaged | Phase::Joining))
+        {
+            let _ = ctx.status.report(&name, Report::Ready);
+        }
+    }
+    let stored = ctx.status.get(&name);
+    let now = Time(Timestamp::now());
+    let desired = desired_status(
+        &machine,
+        problem.as_ref(),
+        stored.as_ref(),
+        node.as_deref(),
+        &now,
+    );
+    let current = machine.status.clone().unwrap_or_default();
+    if machine.status.as_ref() != Some(&desired) {
+        let api: Api<Machine> = Api::all(ctx.client.clone());
+        let patch = serde_json::json!({
+            "apiVersion": "provisioner.dev/v1alpha1",
+            "kind": "Machine",
+            "status": desired,
+        });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+        let reference = machine.object_ref(&());
+        for event in events_for(&current, &desired) {
+            if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+                // The status already says it; a lost Event is not worth a retry loop.
+                tracing::warn!(machine = %name, reason = %event.reason, "cannot post Event: {e}");
+            }
+        }
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// The Machine is being deleted: stop serving it and drop its status (the table update removes
+/// its status store entry); the finalizer is removed after this returns.
+async fn cleanup(machine: Arc<Machine>, ctx: &Context) -> Result<Action, Error> {
+    let name = machine.name_any();
+    ctx.refresh(Some(&name));
+    tracing::info!(machine = %name, mac = %machine.spec.mac_address, ip = %machine.spec.ip_address, "Machine deleted: no longer served");
+    Ok(Action::await_change())
+}
+
+pub fn error_policy(machine: Arc<Machine>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(machine = %machine.name_any(), "reconcile failed, retrying in {}s: {error}", RETRY.as_secs());
+    Action::requeue(RETRY)
+}

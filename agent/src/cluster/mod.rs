@@ -1,0 +1,198 @@
+//! Machines from Kubernetes: the `Machine` custom resource and its controller. Used instead of
+//! the YAML folder when `inventory.kubeconfig` or `inventory.kubernetes` is configured.
+
+pub mod controller;
+pub mod crd;
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use futures_util::{stream, StreamExt};
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{watcher, Controller, WatchStreamExt};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::inventory::Table;
+use crate::status::{Change, StatusStore};
+pub use controller::AddressRules;
+pub use crd::Machine;
+
+/// A client from `kubeconfig`, or else the usual places (in-cluster service account,
+/// `$KUBECONFIG`, `~/.kube/config`). Reads files only: the API server is not contacted yet.
+pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no in-cluster configuration and no usable kubeconfig")?,
+    };
+    Client::try_from(config).context("cannot build the Kubernetes client")
+}
+
+/// Whether the last contact with the API server worked (for `STATUS=`).
+#[derive(Debug)]
+pub struct ApiState {
+    reachable: AtomicBool,
+}
+
+impl ApiState {
+    pub fn reachable(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, reachable: bool, table: &Table) {
+        let was = self.reachable.swap(reachable, Ordering::Relaxed);
+        if was && !reachable {
+            tracing::warn!(
+                machines = table.len(),
+                "Kubernetes API unreachable: serving the last known machines, retrying with back-off"
+            );
+        } else if !was && reachable {
+            tracing::info!("Kubernetes API reachable again");
+        }
+    }
+}
+
+impl Default for ApiState {
+    fn default() -> Self {
+        ApiState {
+            reachable: AtomicBool::new(true),
+        }
+    }
+}
+
+/// Runs the Machine controller until `shutdown`: the table follows the cluster's Machines and
+/// every Machine's `.status` follows the status store.
+pub async fn run(
+    client: Client,
+    table: Arc<Table>,
+    store: Arc<StatusStore>,
+    rules: AddressRules,
+    api_state: Arc<ApiState>,
+    shutdown: CancellationToken,
+) {
+    let machines_api: Api<Machine> = Api::all(client.clone());
+    let nodes_api: Api<Node> = Api::all(client.clone());
+    let controller = Controller::new(machines_api, watcher::Config::default().any_semantic());
+    let machines = controller.store();
+    let (nodes, node_writer) = reflector::store::<Node>();
+    let (one_tx, one_rx) = mpsc::unbounded_channel::<ObjectRef<Machine>>();
+    let (all_tx, all_rx) = mpsc::unbounded_channel::<()>();
+
+    // A status store change (boot event, stage2 report) → write that Machine's status.
+    let mut changes = store.subscribe();
+    let (status_one, status_all) = (one_tx.clone(), all_tx.clone());
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            let change = tokio::select! {
+                _ = token.cancelled() => return,
+                change = changes.recv() => change,
+            };
+            let name = match change {
+                Ok(Change::Added(s) | Change::Removed(s)) => s.name,
+                Ok(Change::Updated { after, .. }) => after.name,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    let _ = status_all.send(());
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            if status_one.send(ObjectRef::new(&name)).is_err() {
+                return;
+            }
+        }
+    });
+
+    // A Node change → reconcile the Machines of that host name (NodeReady, the Ready phase).
+    let node_machines = machines.clone();
+    let token = shutdown.clone();
+    let node_events = reflector::reflector(
+        node_writer,
+        watcher(nodes_api, watcher::Config::default().any_semantic()).default_backoff(),
+    )
+    .touched_objects();
+    tokio::spawn(async move {
+        let mut node_events = std::pin::pin!(node_events);
+        loop {
+            let event = tokio::select! {
+                _ = token.cancelled() => return,
+                event = node_events.next() => event,
+            };
+            match event {
+                None => return,
+                Some(Ok(node)) => {
+                    let name = node.name_any();
+                    for machine in node_machines.state() {
+                        if controller::host_name(&machine) == name {
+                            let _ = one_tx.send(ObjectRef::from_obj(&*machine));
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!("watching Nodes failed (no Ready marking until it works): {e}")
+                }
+            }
+        }
+    });
+
+    let context = Arc::new(controller::Context::new(
+        client,
+        machines,
+        nodes,
+        table.clone(),
+        store,
+        rules,
+        all_tx,
+    ));
+    let one = stream::unfold(
+        one_rx,
+        |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
+    );
+    let all = stream::unfold(
+        all_rx,
+        |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
+    );
+    let token = shutdown.clone();
+    controller
+        .reconcile_on(one)
+        .reconcile_all_on(all)
+        .graceful_shutdown_on(async move { token.cancelled().await })
+        .run(controller::reconcile, controller::error_policy, context)
+        .for_each(|result| {
+            match result {
+                Ok(_) => api_state.set(true, &table),
+                Err(kube::runtime::controller::Error::QueueError(e)) => {
+                    api_state.set(false, &table);
+                    tracing::debug!("watching Machines: {e}");
+                }
+                Err(kube::runtime::controller::Error::ReconcilerFailed(e, _)) => {
+                    // error_policy logged it; an API error means the server is not answering.
+                    if matches!(
+                        &e,
+                        controller::Error::Kube(
+                            kube::Error::HyperError(_) | kube::Error::Service(_)
+                        )
+                    ) {
+                        api_state.set(false, &table);
+                    }
+                }
+                Err(e) => tracing::debug!("controller: {e}"),
+            }
+            futures_util::future::ready(())
+        })
+        .await;
+}
