@@ -2,6 +2,7 @@
 //!
 //! - [`image`]: streams an image onto a disk, verified, so a partial image never boots;
 //! - [`orders`]: what to do, from the kernel command line;
+//! - [`provision`]: the imaging step: disk, image, cloud-init drop-in, reports to netboot;
 //! - [`disk`]: which disk to write, from sysfs, never guessing;
 //! - [`init`]: PID 1 itself: API file systems, drivers, DHCP;
 //! - [`modules`]: kernel module index (modules.dep/alias/softdep) and loading;
@@ -13,3 +14,4 @@ pub mod init;
 pub mod initrd;
 pub mod modules;
 pub mod orders;
+pub mod provision;

@@ -5,13 +5,16 @@
 //!   module and its dependencies;
 //! - otherwise a command line tool: `stage2 build-initrd …`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use netboot::provisioning::ProgressReport;
 use stage2::initrd::{Compression, InitrdSpec};
 use stage2::modules::DEFAULT_MODULES;
+use stage2::orders::{Orders, Token};
+use stage2::provision::{self, Pacing, Reporter};
 
 #[derive(Parser)]
 #[command(
@@ -84,9 +87,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// What PID 1 does once the network is up. The image writer is a library of its own
-/// (`stage2::image`); until orders are read and passed to it, say plainly that nothing was
-/// written, so the machine reboots instead of pretending.
+/// What PID 1 does once the network is up: read the orders, image the disk, report. Any error
+/// is returned as the reason; `run_pid1` prints it, backs off and reboots, so the machine
+/// network-boots again (and netboot, told `failed`, decides what it gets next).
 fn after_network(booted: &stage2::init::Booted) -> Result<(), String> {
     tracing::info!(
         interface = booted.interface,
@@ -94,7 +97,51 @@ fn after_network(booted: &stage2::init::Booted) -> Result<(), String> {
         disks = booted.disks.len(),
         "network ready"
     );
-    Err("no imaging step wired into this build: nothing was written".into())
+    let orders = match Orders::from_cmdline(&booted.cmdline) {
+        Ok(orders) => orders,
+        Err(e) => {
+            let reason = format!("cannot image: {e}; nothing was written");
+            eprintln!("stage2: {reason}");
+            // Report if the orders at least say where and with which token.
+            if let Some(reporter) = reporter_from_partial_orders(&booted.cmdline, booted.mac) {
+                reporter.send(
+                    &ProgressReport::Failed {
+                        message: reason.clone(),
+                    },
+                    3,
+                );
+            }
+            return Err(reason);
+        }
+    };
+    let reporter = Reporter::new(&orders.netboot_url, booted.mac, orders.token.clone());
+    let mut console = std::io::stderr();
+    provision::provision(
+        &orders,
+        &reporter,
+        Path::new("/sys/block"),
+        Pacing::default(),
+        &mut console,
+    )
+    .map_err(|e| format!("imaging failed: {e}"))?;
+    eprintln!("stage2: imaged; rebooting into the new system");
+    nix::unistd::sync();
+    let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    Err(format!("imaged, but reboot failed: {e}"))
+}
+
+/// A reporter from `provisioner.url` and `provisioner.token` alone, for reporting orders that
+/// are otherwise unusable; `None` unless both are present and plausible.
+fn reporter_from_partial_orders(cmdline: &str, mac: [u8; 6]) -> Option<Reporter> {
+    let params = stage2::orders::split_cmdline(cmdline).ok()?;
+    let value = |key: &str| {
+        params
+            .iter()
+            .find_map(|p| p.strip_prefix(key)?.strip_prefix('='))
+    };
+    let url = value("provisioner.url").filter(|u| u.starts_with("http://"))?;
+    let token = Token::parse(value("provisioner.token")?)?;
+    Some(Reporter::new(url, mac, token))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

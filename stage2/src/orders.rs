@@ -26,6 +26,15 @@ use crate::disk::DiskHints;
 pub struct Token(String);
 
 impl Token {
+    /// A token if `text` has the allowed shape: 16 to 256 characters of `[A-Za-z0-9._~-]`.
+    pub fn parse(text: &str) -> Option<Token> {
+        let valid = (16..=256).contains(&text.len())
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._~-".contains(c));
+        valid.then(|| Token(text.to_owned()))
+    }
+
     /// The token itself, for the `Authorization` header only.
     pub fn expose(&self) -> &str {
         &self.0
@@ -201,19 +210,14 @@ impl Orders {
         let require = |key: &'static str| get(key).ok_or(OrdersError::Missing { key });
 
         let netboot_url = parse_http_url(URL, require(URL)?)?;
-        let token = require(TOKEN)?;
-        if token.len() < 16
-            || token.len() > 256
-            || !token
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "._~-".contains(c))
-        {
-            return Err(invalid(
+        let token_text = require(TOKEN)?;
+        let token = Token::parse(token_text).ok_or_else(|| {
+            invalid(
                 TOKEN,
-                token,
+                token_text,
                 "must be 16 to 256 characters of A-Z a-z 0-9 . _ ~ -",
-            ));
-        }
+            )
+        })?;
         let image_url = parse_http_url(IMAGE, require(IMAGE)?)?;
         let sha256_text = require(SHA256)?;
         let sha256 = crate::image::parse_sha256(sha256_text)
@@ -246,7 +250,7 @@ impl Orders {
         };
         Ok(Orders {
             netboot_url,
-            token: Token(token.to_owned()),
+            token,
             image_url,
             sha256,
             image_size,
