@@ -35,6 +35,7 @@ done
 if [ "$quick" = 0 ]; then
     run tests/boot-chain.sh
     run tests/stage2-boot.sh
+    run tests/e2e-provision.sh
 fi
 
 step "done"
