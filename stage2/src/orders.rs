@@ -100,6 +100,21 @@ const KNOWN: &[&str] = &[
 /// Splits a command line into parameters the way the kernel does: blanks separate, double
 /// quotes group (and are removed), e.g. `a="b c"` is one parameter `a=b c`.
 pub fn split_cmdline(cmdline: &str) -> Result<Vec<String>, OrdersError> {
+    let (params, unbalanced) = lex_cmdline(cmdline);
+    if unbalanced {
+        return Err(OrdersError::UnbalancedQuote);
+    }
+    Ok(params)
+}
+
+/// As [`split_cmdline`], but an unbalanced quote runs to the end of the line, as the kernel
+/// itself treats it: for options that must never stop a boot.
+pub fn split_cmdline_lenient(cmdline: &str) -> Vec<String> {
+    lex_cmdline(cmdline).0
+}
+
+/// The parameters, and whether a quote was left open.
+fn lex_cmdline(cmdline: &str) -> (Vec<String>, bool) {
     let mut params = Vec::new();
     let mut current = String::new();
     let mut in_quotes = false;
@@ -122,13 +137,10 @@ pub fn split_cmdline(cmdline: &str) -> Result<Vec<String>, OrdersError> {
             }
         }
     }
-    if in_quotes {
-        return Err(OrdersError::UnbalancedQuote);
-    }
     if started {
         params.push(current);
     }
-    Ok(params)
+    (params, in_quotes)
 }
 
 fn invalid(key: &str, value: &str, reason: impl Into<String>) -> OrdersError {

@@ -6,31 +6,7 @@ use std::time::Duration;
 /// Splits a command line into `(key, value)` words; a word without `=` has no value. Double
 /// quotes group spaces and are removed, as the kernel does for its own parameters.
 pub fn split(cmdline: &str) -> Vec<(String, Option<String>)> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let mut in_quotes = false;
-    let mut started = false;
-    for c in cmdline.chars() {
-        match c {
-            '"' => {
-                in_quotes = !in_quotes;
-                started = true;
-            }
-            c if c.is_whitespace() && !in_quotes => {
-                if started {
-                    words.push(std::mem::take(&mut word));
-                    started = false;
-                }
-            }
-            c => {
-                word.push(c);
-                started = true;
-            }
-        }
-    }
-    if started {
-        words.push(word);
-    }
+    let words = crate::orders::split_cmdline_lenient(cmdline);
     words
         .into_iter()
         .map(|w| match w.split_once('=') {
