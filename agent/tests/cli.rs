@@ -66,6 +66,16 @@ fn config_errors_exit_2_and_name_the_key() {
     assert_eq!(out.status.code(), Some(2));
 }
 
+/// Stops the daemon when a test fails half-way, so no server outlives its test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn recv_until(socket: &UnixDatagram, want: &str, deadline: Instant) -> Vec<String> {
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
@@ -98,14 +108,17 @@ fn notifies_ready_with_status_and_stops_on_sigterm() {
         .set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
 
-    let mut child = Command::new(BIN)
-        .args(["netboot", "--config"])
-        .arg(&config)
-        .env("NOTIFY_SOCKET", &notify_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut guard = KillOnDrop(
+        Command::new(BIN)
+            .args(["netboot", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    );
+    let child = &mut guard.0;
     let ready = recv_until(&socket, "READY=1", Instant::now() + Duration::from_secs(20));
     let status = ready
         .iter()
@@ -137,11 +150,11 @@ fn notifies_ready_with_status_and_stops_on_sigterm() {
     }
     if !updated {
         let _ = child.kill();
-        let out = child.wait_with_output().expect("wait");
-        panic!(
-            "STATUS= did not report the second machine; stderr:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut stderr = String::new();
+        if let Some(mut pipe) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+        }
+        panic!("STATUS= did not report the second machine; stderr:\n{stderr}");
     }
 
     nix::sys::signal::kill(
