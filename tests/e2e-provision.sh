@@ -82,31 +82,10 @@ log "image: $IMAGE_BYTES bytes, $(stat -c %s "$WORK/images/node.img.zst") zstd, 
 netns_up
 add_tap tap0
 boot_add_machine "$WORK/boot" "$NAME" "$MAC" "$IP"
-cat > "$WORK/boot/provisioner.yaml" <<EOF
-interface: br0
-serverAddress: $SRV_IP
-subnet: $SUBNET_PREFIX.0/24
-gateway: $SRV_IP
-dnsServers: [$SRV_IP]
-leaseTime: 3600
-bootFiles:
-  ipxeDir: $IPXE_DIR
-  uefiLoader: snponly.efi
-  biosLoader: undionly.kpxe
-  assetsDir: $WORK/boot/assets
-boot:
-  kernel: vmlinuz
-  initrd: stage2.img
-  cmdline: "console=ttyS0 stage2.reboot_delay=2"
-image: {url: "http://$SRV_IP:8081/node.img.zst", sha256: $SHA, size: $IMAGE_BYTES}
-listen:
-  dhcp: 0.0.0.0:67
-  tftp: 0.0.0.0:69
-  http: $SRV_IP:$BOOT_HTTP_PORT
-inventory:
-  directory: $WORK/boot/machines
-stateFile: $WORK/state.yaml
-EOF
+UEFI_LOADER=snponly.efi BOOT_INITRD=stage2.img BOOT_CMDLINE="console=ttyS0 stage2.reboot_delay=2" \
+    BOOT_CONFIG_EXTRA="image: {url: \"http://$SRV_IP:8081/node.img.zst\", sha256: $SHA, size: $IMAGE_BYTES}
+stateFile: $WORK/state.yaml" \
+    boot_write_config "$WORK/boot"
 start_in_srv netboot env RUST_LOG=info "$PROVISIONER" netboot --config "$WORK/boot/provisioner.yaml" >/dev/null
 start_in_srv imageserver "$PROVISIONER" imageserver --dir "$WORK/images" --listen "$SRV_IP:8081" >/dev/null
 for _ in $(seq 1 100); do

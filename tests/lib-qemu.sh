@@ -129,7 +129,8 @@ qemu_boot() {
 #                                    marker initrd), empty DIR/machines/
 #   boot_add_machine DIR NAME MAC IP a Machine manifest DIR/machines/NAME.yaml
 #   boot_write_config DIR            DIR/provisioner.yaml (serverAddress $SRV_IP, HTTP port
-#                                    $BOOT_HTTP_PORT, boot cmdline $BOOT_CMDLINE)
+#                                    $BOOT_HTTP_PORT, boot cmdline $BOOT_CMDLINE, initrd
+#                                    $BOOT_INITRD, extra top-level YAML in $BOOT_CONFIG_EXTRA)
 #   backend_start BACKEND DIR        starts the servers in the server namespace and waits until
 #                                    the HTTP port answers; sets BACKEND_PIDS
 #   backend_stop                     stops them
@@ -186,7 +187,7 @@ bootFiles:
   assetsDir: $dir/assets
 boot:
   kernel: vmlinuz
-  initrd: initrd.img
+  initrd: ${BOOT_INITRD:-initrd.img}
   cmdline: "$BOOT_CMDLINE"
 listen:
   dhcp: 0.0.0.0:67
@@ -194,6 +195,7 @@ listen:
   http: $SRV_IP:$BOOT_HTTP_PORT
 inventory:
   directory: $dir/machines
+${BOOT_CONFIG_EXTRA:-}
 EOF
 }
 
