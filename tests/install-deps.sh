@@ -15,6 +15,7 @@ PACKAGES=(
     dbus-daemon                        # a private system bus for the D-Bus tests
     fdisk zstd xz-utils gzip           # stage2 writer test: sfdisk makes a GPT image, compressors
     systemd-boot-efi dosfstools mtools e2fsprogs  # e2e test image: ESP without loop mounts, ext4 root
+    syslinux syslinux-common           # the same image boots under BIOS (gptmbr.bin, ldlinux via mtools)
 )
 
 missing=()
