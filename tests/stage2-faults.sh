@@ -1,0 +1,199 @@
+#!/bin/bash
+# stage2 under faults, in QEMU (TCG) against `provisioner netboot` and `provisioner imageserver`
+# in the test's namespace. Each fault is checked by its outcome on the host and at netboot:
+#
+# 1. resume: the imageserver is SIGKILLed mid-download (the VM's link is throttled to 40 Mbit/s
+#    so the download lasts) and restarted on the same port a few seconds later; stage2 resumes
+#    with a Range request at the byte where it stopped and completes: the disk outside the root
+#    partition has the image's sha256, netboot says Imaged. Prints the resume offset.
+# 2. two equal disks, no hint: stage2 refuses with the candidate list on the console, writes
+#    nothing (both disks still all zero), netboot records Failed with that reason.
+# 3. wrong sha256 in the orders (PXE, SeaBIOS + iPXE ROM): the disk held a bootable system
+#    before; after the failed write its first MiB and the backup GPT are zero (nothing to boot),
+#    netboot records Failed with the reason, and the machine, rebooting, PXE-boots again and
+#    netboot hands it a new imaging script (Failed → PXEBooting → Imaging).
+#
+# 1 and 2 boot stage2 directly (-kernel/-initrd) with the command line of the imaging script
+# netboot serves for the machine (fetched as iPXE would; it carries the machine's token); 3
+# uses PXE, since the next network boot is the point.
+#
+#   TIMEOUT=180 (per VM)  KEEP_WORK=1 (keep logs, consoles and disks)
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+. "$REPO/tests/lib-qemu.sh"
+. "$REPO/tests/lib-image.sh"
+
+TIMEOUT=${TIMEOUT:-180}
+STATIC_TARGET_DIR=${STATIC_TARGET_DIR:-$REPO/target/static}
+STAGE2=$STATIC_TARGET_DIR/x86_64-unknown-linux-gnu/debug/stage2
+MIB=$((1024 * 1024))
+DATA_MIB=48 # random, incompressible: ~80 MiB to fetch, ~17 s at 40 Mbit/s
+MAC_RESUME=52:54:00:5e:00:40
+MAC_DISKS=52:54:00:5e:00:41
+MAC_SHA=52:54:00:5e:00:42
+
+image_tools_present || { fail "the image tools are installed (tests/install-deps.sh)"; finish; }
+log "building static stage2"
+(cd "$REPO" && RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_DEV_DEBUG=0 \
+    CARGO_PROFILE_DEV_STRIP=true cargo build -q -p stage2 --bin stage2 \
+    --target x86_64-unknown-linux-gnu --target-dir "$STATIC_TARGET_DIR" \
+    --config 'profile.dev.package.zstd-sys.opt-level=3' \
+    --config 'profile.dev.package.liblzma-sys.opt-level=3')
+KERNEL=$(qemu_kernel)
+KVER=${KERNEL#/boot/vmlinuz-}
+mkdir -p "$WORK/boot/assets" "$WORK/boot/machines" "$WORK/images"
+: > "$WORK/boot/machines.list"
+cp "$KERNEL" "$WORK/boot/assets/vmlinuz"
+"$STAGE2" build-initrd --kernel-release "$KVER" --out "$WORK/boot/assets/stage2.img" >/dev/null
+B=$WORK/build
+mk_test_image "$B" FAULTS-MARKER "$DATA_MIB"
+zstd -q -1 -f "$IMAGE" -o "$WORK/images/node.img.zst"
+ZST_BYTES=$(stat -c %s "$WORK/images/node.img.zst")
+log "image: $IMAGE_BYTES bytes, $ZST_BYTES zstd, sha256 $IMAGE_SHA256"
+
+netns_up
+add_tap tap0
+boot_add_machine "$WORK/boot" fault-resume "$MAC_RESUME" "$SUBNET_PREFIX.40"
+boot_add_machine "$WORK/boot" fault-disks "$MAC_DISKS" "$SUBNET_PREFIX.41"
+boot_add_machine "$WORK/boot" fault-sha "$MAC_SHA" "$SUBNET_PREFIX.42"
+
+# netboot_start SHA256 REBOOT_DELAY: (re)starts netboot with these orders (the state file stays);
+# its log is $NETBOOT_LOG (one per start)
+NETBOOT_PID=""
+NETBOOT_STARTS=0
+netboot_start() {
+    [ -n "$NETBOOT_PID" ] && stop_pid "$NETBOOT_PID"
+    UEFI_LOADER=snponly.efi BOOT_INITRD=stage2.img BOOT_CMDLINE="console=ttyS0 stage2.reboot_delay=$2" \
+        BOOT_CONFIG_EXTRA="image: {url: \"http://$SRV_IP:8081/node.img.zst\", sha256: $1, size: $IMAGE_BYTES}
+stateFile: $WORK/state.yaml" \
+        boot_write_config "$WORK/boot"
+    NETBOOT_STARTS=$((NETBOOT_STARTS + 1))
+    NETBOOT_LOG=$WORK/netboot$NETBOOT_STARTS.log
+    NETBOOT_PID=$(start_in_srv "netboot$NETBOOT_STARTS" env RUST_LOG=info "$PROVISIONER" netboot --config "$WORK/boot/provisioner.yaml")
+    _PIDS+=("$NETBOOT_PID")
+    for _ in $(seq 1 100); do grep -q "netboot ready" "$NETBOOT_LOG" 2>/dev/null && break; sleep 0.1; done
+    grep -q "netboot ready" "$NETBOOT_LOG"
+}
+# imageserver_start LOGNAME: on the same address every time; sets IMAGESERVER_PID
+imageserver_start() {
+    IMAGESERVER_PID=$(start_in_srv "$1" "$PROVISIONER" imageserver --dir "$WORK/images" --listen "$SRV_IP:8081")
+    _PIDS+=("$IMAGESERVER_PID")
+    for _ in $(seq 1 100); do grep -q "imageserver ready" "$WORK/$1.log" 2>/dev/null && break; sleep 0.1; done
+    grep -q "imageserver ready" "$WORK/$1.log"
+}
+phase() { sed -n "/^  $1:/,/^  [^ ]/p" "$WORK/state.yaml" 2>/dev/null | sed -n 's/^    phase: //p'; }
+# message NAME: the machine's message in the state file (a YAML block scalar when multi-line)
+message() {
+    sed -n "/^  $1:/,/^  [^ ]/p" "$WORK/state.yaml" 2>/dev/null \
+        | sed -n '/^    message:/,/^    [a-zA-Z]/p' | sed '$d; s/^    message: //; s/^|-$//; s/^ *//' | tr '\n' ' '
+}
+# orders_cmdline MAC: the kernel command line of the machine's imaging script, fetched as iPXE does
+orders_cmdline() {
+    in_srv curl -sf "http://$SRV_IP:$BOOT_HTTP_PORT/ipxe/${1//:/-}" | sed -n 's/^kernel [^ ]* initrd=[^ ]* //p'
+}
+all_zero() { [ "$(tr -d '\0' < "$1" | head -c 1 | wc -c)" = 0 ]; }
+seconds_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
+
+check "netboot is ready" netboot_start "$IMAGE_SHA256" 1
+check "imageserver is ready" imageserver_start imageserver
+
+# --- 1. imageserver killed mid-download, restarted: stage2 resumes with Range ------------------
+args=$(orders_cmdline "$MAC_RESUME")
+check "resume: netboot serves imaging orders" grep -q 'provisioner.token=' <<< "$args"
+truncate -s 128M "$WORK/disk-resume.raw"
+# Only the VM's direction is throttled (tap0's egress in the server namespace).
+in_srv tc qdisc add dev tap0 root tbf rate 40mbit burst 64kb latency 400ms
+qemu_start resume seabios "$MAC_RESUME" tap0 -kernel "$KERNEL" -initrd "$WORK/boot/assets/stage2.img" \
+    -append "$args" -drive "file=$WORK/disk-resume.raw,if=virtio,format=raw"
+if qemu_wait resume 'imaging: [0-9.]+ MiB of [0-9.]+ MiB written \(([1-9]|[1-5][0-9])%\)' "$TIMEOUT"; then
+    killed_at=$(grep -aoE 'imaging: [0-9.]+ MiB of [0-9.]+ MiB written \([0-9]+%\)' "$(qemu_serial resume)" | tail -n 1)
+    kill -9 "$IMAGESERVER_PID"
+    log "imageserver (pid $IMAGESERVER_PID) killed at '${killed_at}' (${QEMU_ELAPSED}s)"
+    sleep 4
+    check "resume: imageserver restarted on the same port" imageserver_start imageserver2
+else
+    fail "resume: no progress line between 1% and 59% within ${TIMEOUT}s"
+    qemu_tail resume 30 >&2
+fi
+if qemu_wait resume 'imaged; rebooting' "$TIMEOUT"; then
+    pass "resume: stage2 imaged the disk (${QEMU_ELAPSED}s after QEMU start)"
+else
+    fail "resume: stage2 did not finish imaging within ${TIMEOUT}s"
+    qemu_tail resume 40 >&2
+fi
+qemu_stop resume
+in_srv tc qdisc del dev tap0 root
+serial=$(qemu_serial resume)
+offset=$(grep -a 'image download resumed' "$serial" | grep -oE 'offset=[0-9]+' | head -n 1 | cut -d= -f2)
+check "resume: stage2 saw the download break and retried" grep -aq 'image download interrupted' "$serial"
+check "resume: stage2 resumed with a Range request inside the file (offset ${offset:-none} of $ZST_BYTES)" \
+    bash -c "[ -n '$offset' ] && [ '$offset' -gt 0 ] && [ '$offset' -lt $ZST_BYTES ]"
+check "resume: one resume only (no restart from byte 0)" [ "$(grep -ac 'image download resumed' "$serial")" = 1 ]
+check "resume: stage2 verified the sha256" grep -aq 'sha256 verified' "$serial"
+check "resume: disk outside the root partition has the image's sha256" [ \
+    "$(image_outside_root_sha256 "$WORK/disk-resume.raw")" = "$(image_outside_root_sha256 "$IMAGE")" ]
+check "resume: netboot says Imaged" [ "$(phase fault-resume)" = Imaged ]
+echo "FAULT resume killed_at=\"${killed_at:-}\" resume_offset=${offset:-?} source_bytes=$ZST_BYTES imaged_seconds=$(qemu_time_of resume 'imaged; rebooting' || echo '?')"
+
+# --- 2. two equal disks, no hint: refuse, write nothing ----------------------------------------
+args=$(orders_cmdline "$MAC_DISKS")
+truncate -s 128M "$WORK/disk-a.raw" "$WORK/disk-b.raw"
+qemu_start disks seabios "$MAC_DISKS" tap0 -kernel "$KERNEL" -initrd "$WORK/boot/assets/stage2.img" \
+    -append "$args" -drive "file=$WORK/disk-a.raw,if=virtio,format=raw" \
+    -drive "file=$WORK/disk-b.raw,if=virtio,format=raw"
+qemu_wait disks 'stage2 stops; rebooting' "$TIMEOUT" || qemu_tail disks 30 >&2
+for _ in $(seq 1 50); do kill -0 "$QEMU_PID" 2>/dev/null || break; sleep 0.2; done
+qemu_stop disks
+serial=$(qemu_serial disks)
+check "disks: stage2 refuses to guess" grep -aq 'several disks qualify, refusing to guess' "$serial"
+check "disks: the console lists both candidates" bash -c \
+    "grep -aq '/dev/vda (134217728 bytes.*: candidate' '$serial' && grep -aq '/dev/vdb (134217728 bytes.*: candidate' '$serial'"
+check "disks: nothing was written to the first disk (all zero)" all_zero "$WORK/disk-a.raw"
+check "disks: nothing was written to the second disk (all zero)" all_zero "$WORK/disk-b.raw"
+check "disks: netboot records Failed" [ "$(phase fault-disks)" = Failed ]
+check "disks: with the reason" bash -c "grep -q 'several disks qualify' <<< \"\$(sed -n '/^  fault-disks:/,/^  [^ ]/p' '$WORK/state.yaml')\""
+log "disks: netboot message: $(message fault-disks | head -c 400)"
+echo "FAULT disks refused_seconds=$(qemu_time_of disks 'several disks qualify' || echo '?')"
+
+# --- 3. wrong sha256 (PXE): disk left unbootable, Failed, the next PXE boot images again -------
+WRONG_SHA=$(printf 'not the image' | sha256sum | cut -d' ' -f1)
+check "sha: netboot restarted with a wrong sha256 in the orders" netboot_start "$WRONG_SHA" 8
+cp "$IMAGE" "$WORK/disk-sha.raw" # a bootable system from before
+truncate -s 128M "$WORK/disk-sha.raw"
+check "sha: the disk starts out with a partition table" bash -c "sfdisk -d '$WORK/disk-sha.raw' | grep -q LegacyBIOSBootable"
+# QEMU reboots this VM (the later -action overrides qemu_start's -no-reboot): a real second PXE boot.
+qemu_start sha seabios "$MAC_SHA" tap0 -drive "file=$WORK/disk-sha.raw,if=none,id=d0,format=raw" \
+    -device virtio-blk-pci,drive=d0,bootindex=2 -action reboot=reset
+t0=$QEMU_T0
+if qemu_wait sha 'imaging failed' "$TIMEOUT"; then
+    pass "sha: stage2 reports the failure (${QEMU_ELAPSED}s)"
+    for _ in $(seq 1 50); do [ "$(phase fault-sha)" = Failed ] && break; sleep 0.1; done
+    failed_s=$(seconds_since "$t0")
+    # stage2 now waits stage2.reboot_delay (8 s) before rebooting: check the disk meanwhile.
+    check "sha: first MiB of the disk is zero (no MBR, no GPT)" all_zero <(head -c "$MIB" "$WORK/disk-sha.raw")
+    check "sha: backup GPT at the end of the disk is zero" all_zero <(tail -c "$MIB" "$WORK/disk-sha.raw")
+    check "sha: sfdisk finds no partition table" bash -c "! sfdisk -d '$WORK/disk-sha.raw' >/dev/null 2>&1"
+    check "sha: netboot records Failed" [ "$(phase fault-sha)" = Failed ]
+    check "sha: with the sha256 mismatch as reason" bash -c "sed -n '/^  fault-sha:/,/^  [^ ]/p' '$WORK/state.yaml' | grep -q 'sha256 is [0-9a-f]*, expected $WRONG_SHA'"
+    log "sha: netboot message: $(message fault-sha | head -c 200)"
+else
+    fail "sha: no 'imaging failed' within ${TIMEOUT}s"
+    qemu_tail sha 40 >&2
+fi
+# The reboot: PXE again, netboot moves Failed → PXEBooting and serves imaging orders again.
+retried=0
+for _ in $(seq 1 $((TIMEOUT * 5))); do
+    if grep -aq 'fault-sha Failed -> PXEBooting' "$NETBOOT_LOG" \
+        && [ "$(grep -ac 'fault-sha PXEBooting -> Imaging' "$NETBOOT_LOG")" -ge 2 ]; then
+        retried=1; break
+    fi
+    kill -0 "$QEMU_PID" 2>/dev/null || break
+    sleep 0.2
+done
+retry_s=$(seconds_since "$t0")
+qemu_stop sha
+check "sha: the machine rebooted and PXE-booted again (Failed → PXEBooting)" grep -aq 'fault-sha Failed -> PXEBooting' "$NETBOOT_LOG"
+check "sha: and imaging started over (a second PXEBooting → Imaging)" [ "$retried" = 1 ]
+check "sha: two stage2 boots on the console" [ "$(grep -ac 'stage2 starting' "$(qemu_serial sha)")" -ge 2 ]
+echo "FAULT sha failed_seconds=${failed_s:-?} reimaging_seconds=$retry_s"
+finish
