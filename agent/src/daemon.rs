@@ -203,7 +203,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let dir = folder.as_ref().map(|(dir, _)| dir.clone());
     let kubeconfig = match &config.inventory {
-        Inventory::Kubernetes { kubeconfig } => kubeconfig.clone(),
+        Inventory::Kubernetes {
+            kubeconfig: Some(path),
+        } => Some(path.clone()),
+        // `kubernetes: true` under netboot.service: the kubeconfig systemd passed as the
+        // credential `kubeconfig` (LoadCredential=), which the service user may read while the
+        // file it comes from is root's; else the in-cluster or default configuration.
+        Inventory::Kubernetes { kubeconfig: None } => {
+            let credential = systemd::credential("kubeconfig");
+            if let Some(path) = &credential {
+                tracing::info!(kubeconfig = %path.display(), "using the kubeconfig credential");
+            }
+            credential
+        }
         Inventory::Directory(_) => None,
     };
     let watcher = match folder {

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::net::{TcpListener, UdpSocket};
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -77,4 +78,33 @@ pub fn notify_watchdog() {
 /// Half the `WatchdogSec=` interval, if systemd asked for keep-alives.
 pub fn watchdog_interval() -> Option<Duration> {
     daemon::watchdog_enabled(false).map(|d| d / 2)
+}
+
+/// The file of the credential `name` systemd passed (`LoadCredential=`):
+/// `$CREDENTIALS_DIRECTORY/<name>`, when the service has one and the file exists.
+pub fn credential(name: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    credential_in(dir.as_deref(), name)
+}
+
+fn credential_in(dir: Option<&Path>, name: &str) -> Option<PathBuf> {
+    let path = dir?.join(name);
+    path.is_file().then_some(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_is_the_named_file_of_the_credentials_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(credential_in(None, "kubeconfig"), None);
+        assert_eq!(credential_in(Some(dir.path()), "kubeconfig"), None);
+        std::fs::write(dir.path().join("kubeconfig"), "apiVersion: v1\n").expect("write");
+        assert_eq!(
+            credential_in(Some(dir.path()), "kubeconfig"),
+            Some(dir.path().join("kubeconfig"))
+        );
+    }
 }

@@ -181,3 +181,79 @@ fn notifies_ready_with_status_and_stops_on_sigterm() {
     };
     assert!(status.success(), "clean exit after SIGTERM: {status:?}");
 }
+
+/// `inventory: {kubernetes: true}` under netboot.service takes the kubeconfig systemd passes as
+/// the credential `kubeconfig` (`LoadCredential=`): the daemon talks to the API server named in
+/// that file (a listener of this test), and without the credential it has no configuration.
+#[test]
+fn kubernetes_true_uses_the_kubeconfig_credential() {
+    use std::io::Read;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "");
+    let text = std::fs::read_to_string(&config).expect("read config");
+    let machines_line = format!("  directory: {}\n", dir.path().join("machines").display());
+    assert!(text.contains(&machines_line), "{text}");
+    std::fs::write(
+        &config,
+        text.replace(&machines_line, "  kubernetes: true\n"),
+    )
+    .expect("write config");
+
+    let api = std::net::TcpListener::bind("127.0.0.1:0").expect("bind API listener");
+    let credentials = dir.path().join("credentials");
+    std::fs::create_dir(&credentials).expect("mkdir credentials");
+    std::fs::write(
+        credentials.join("kubeconfig"),
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://{}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user:\n    token: test-token\n",
+            api.local_addr().expect("addr")
+        ),
+    )
+    .expect("write kubeconfig");
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).expect("mkdir home");
+    let netboot = |credentials_dir: Option<&Path>| {
+        let mut command = Command::new(BIN);
+        command
+            .args(["netboot", "--config"])
+            .arg(&config)
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT")
+            .env_remove("NOTIFY_SOCKET")
+            .env("HOME", &home)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(credentials_dir) = credentials_dir {
+            command.env("CREDENTIALS_DIRECTORY", credentials_dir);
+        }
+        command
+    };
+
+    // No credential: no kubeconfig anywhere, the daemon gives up before serving.
+    let out = netboot(None).output().expect("run");
+    assert!(!out.status.success(), "{out:?}");
+
+    let _guard = KillOnDrop(netboot(Some(&credentials)).spawn().expect("spawn"));
+    let (mut accepted, _) = {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let listener = api.try_clone().expect("clone listener");
+        std::thread::spawn(move || {
+            let _ = tx.send(listener.accept());
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("netboot connected to the API server of the credential")
+            .expect("accept")
+    };
+    accepted
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut request = [0u8; 2048];
+    let n = accepted.read(&mut request).expect("read request");
+    let request = String::from_utf8_lossy(&request[..n]);
+    assert!(
+        request.contains("Bearer test-token"),
+        "request carries the credential's token: {request}"
+    );
+}
