@@ -16,6 +16,7 @@ PACKAGES=(
     fdisk zstd xz-utils gzip           # stage2 writer test: sfdisk makes a GPT image, compressors
     systemd-boot-efi dosfstools mtools e2fsprogs  # e2e test image: ESP without loop mounts, ext4 root
     syslinux syslinux-common           # the same image boots under BIOS (gptmbr.bin, ldlinux via mtools)
+    mmdebstrap                         # image builder (tests/image-build.sh): the rootfs from the host's apt sources
 )
 
 missing=()
