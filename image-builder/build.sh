@@ -153,6 +153,10 @@ stage_rootfs() {
             --setup-hook="sync-in $APT_CACHE /var/cache/apt/archives/"
             --customize-hook="sync-out /var/cache/apt/archives $APT_CACHE")
     fi
+    # dpkg without fsync (mmdebstrap's own eatmydata hook, removed again at the end): the tree
+    # is written to an image afterwards, a crash means starting over anyway.
+    local eatmydata=()
+    [ -d /usr/share/mmdebstrap/hooks/eatmydata ] && eatmydata=(--hook-dir=/usr/share/mmdebstrap/hooks/eatmydata)
     local pkgs
     pkgs=$(IFS=,; echo "${PACKAGES[*]}")
     # No recommends: the package list is the image's whole content. The host's network is used
@@ -161,7 +165,7 @@ stage_rootfs() {
         --aptopt='APT::Install-Recommends "false"' \
         --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
         --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
-        "${cache_hooks[@]}" \
+        "${eatmydata[@]}" "${cache_hooks[@]}" \
         "$SUITE" "$ROOT" "${sources[@]}" 2>"$OUT/mmdebstrap.log" \
         || { tail -n 30 "$OUT/mmdebstrap.log" >&2; die "mmdebstrap failed (log: $OUT/mmdebstrap.log)"; }
 
@@ -233,6 +237,8 @@ stage_rootfs() {
     mkdir -p "$ROOT/etc/cloud/cloud.cfg.d"
     printf '# image-builder: NoCloud only (stage2 writes the drop-in that points at netboot)\ndatasource_list: [NoCloud, None]\n' \
         > "$ROOT/etc/cloud/cloud.cfg.d/90-provisioner-datasource.cfg"
+    # Without an SSH server cloud-init's host key generation only fails noisily.
+    [ -x "$ROOT/usr/sbin/sshd" ] || printf 'ssh_genkeytypes: []\n' > "$ROOT/etc/cloud/cloud.cfg.d/91-provisioner-no-sshd.cfg"
     profile_customize "$ROOT"
 
     step "netboot assets: kernel and stage2 initrd from this rootfs's modules"

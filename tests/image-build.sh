@@ -1,0 +1,189 @@
+#!/bin/bash
+# The image builder: builds the debian-test profile (image-builder/build.sh, mmdebstrap with the
+# host's apt sources, no loop mounts) and checks the result without mounting anything:
+#   - GPT layout (sfdisk -J): ESP + "Linux root (x86-64)" partition, BIOS-bootable ESP
+#   - ESP (mtools): systemd-boot, loader entry with root=PARTUUID of the root partition, the
+#     kernel identical to the artifact, the initramfs, syslinux
+#   - root ext4 (debugfs): our binaries identical to the rootfs, units and D-Bus files
+#     installed, netboot.path (or the sockets) and imageserver.socket enabled, empty machine-id
+#   - manifest.json: every sha256 and size matches its file (and the decompressed image)
+#   - stage2 initrd: /init and the virtio modules of the image's own kernel
+# Then boots a throw-away copy of the image in QEMU (OVMF, TCG, disk first, a tap in the test's
+# namespace with nobody else on it) and waits for the login prompt on the serial console.
+# Prints the build time, the sizes and the boot time.
+#
+#   IMAGE_APT_CACHE=/var/tmp/pv-image-apt-cache (downloaded .debs kept between runs)
+#   BOOT=0 (skip the QEMU boot)  TIMEOUT=480  KEEP_WORK=1  IMAGE_OUT=DIR (check DIR, no build)
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+. "$REPO/tests/lib-qemu.sh"
+
+TIMEOUT=${TIMEOUT:-480}
+BOOT=${BOOT:-1}
+APT_CACHE=${IMAGE_APT_CACHE:-/var/tmp/pv-image-apt-cache}
+OUT=$WORK/out
+MAC=52:54:00:5e:00:40
+QEMU_MEM=1024
+for tool in mmdebstrap sfdisk mdir mtype mcopy debugfs zstd cpio python3; do
+    command -v "$tool" >/dev/null || { fail "$tool is installed (tests/install-deps.sh)"; finish; }
+done
+
+# --- build --------------------------------------------------------------------------------------
+if [ -n "${IMAGE_OUT:-}" ]; then
+    # Checks only, on an earlier build's output directory (built with --keep-raw).
+    OUT=$IMAGE_OUT
+    build_s='?'
+else
+    args=(--profile debian-test --out "$OUT" --apt-cache "$APT_CACHE" --keep-raw)
+    # run-all.sh has built the workspace already; reuse its provisioner.
+    [ -x "$PROVISIONER" ] && args+=(--provisioner "$PROVISIONER")
+    t0=$(date +%s.%N)
+    if ! "$REPO/image-builder/build.sh" "${args[@]}" 2>&1 | tee "$WORK/build.log" >&2; then
+        fail "image-builder/build.sh --profile debian-test"
+        finish
+    fi
+    build_s=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
+    pass "image-builder/build.sh --profile debian-test (${build_s}s)"
+fi
+ROOTFS=$OUT/rootfs
+RAW=$OUT/image.raw
+
+# --- GPT layout ---------------------------------------------------------------------------------
+sfdisk -J "$RAW" > "$WORK/layout.json"
+# field NAME INDEX: a field of partition INDEX (0-based) from sfdisk -J
+part() { python3 -c 'import json,sys; p=json.load(open(sys.argv[1]))["partitiontable"]; print(p["partitions"][int(sys.argv[3])].get(sys.argv[2],"") if sys.argv[3]!="-" else p.get(sys.argv[2],""))' "$WORK/layout.json" "$1" "$2"; }
+check "GPT partition table" [ "$(part label -)" = gpt ]
+check "two partitions" [ "$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["partitiontable"]["partitions"]))' "$WORK/layout.json")" = 2 ]
+check "partition 1 is the ESP" [ "$(part type 0)" = C12A7328-F81F-11D2-BA4B-00A0C93EC93B ]
+check "partition 2 is Linux root (x86-64), named root" \
+    [ "$(part type 1)/$(part name 1)" = 4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709/root ]
+check "ESP is LegacyBIOSBootable (syslinux)" bash -c "[ '$(part attrs 0)' = LegacyBIOSBootable ]"
+SECTOR=512
+esp_start=$(part start 0); esp_size=$(part size 0)
+root_start=$(part start 1); root_size=$(part size 1)
+root_uuid=$(part uuid 1)
+dd if="$RAW" of="$WORK/esp.fat" bs=$SECTOR skip="$esp_start" count="$esp_size" status=none
+dd if="$RAW" of="$WORK/root.ext4" bs=1M skip=$((root_start * SECTOR / 1048576)) count=$((root_size * SECTOR / 1048576)) status=none
+check "the protective MBR carries syslinux's gptmbr.bin" cmp -s -n 440 "$RAW" /usr/lib/syslinux/mbr/gptmbr.bin
+
+# --- ESP ----------------------------------------------------------------------------------------
+check "ESP: EFI/BOOT/BOOTX64.EFI is systemd-boot" bash -c \
+    "mtype -i '$WORK/esp.fat' ::/EFI/BOOT/BOOTX64.EFI | cmp -s - '$ROOTFS/usr/lib/systemd/boot/efi/systemd-bootx64.efi'"
+mtype -i "$WORK/esp.fat" ::/loader/entries/provisioner.conf > "$WORK/entry.conf" 2>/dev/null || true
+check "ESP: loader entry boots /vmlinuz with root=PARTUUID=$root_uuid" bash -c \
+    "grep -qx 'linux /vmlinuz' '$WORK/entry.conf' && grep -qx 'initrd /initrd.img' '$WORK/entry.conf' \
+     && grep -qi 'options root=PARTUUID=$root_uuid ' '$WORK/entry.conf'"
+check "ESP: loader.conf selects the entry" bash -c \
+    "mtype -i '$WORK/esp.fat' ::/loader/loader.conf | grep -q 'default provisioner.conf'"
+check "ESP: /vmlinuz is the artifact kernel" bash -c "mtype -i '$WORK/esp.fat' ::/vmlinuz | cmp -s - '$OUT/vmlinuz'"
+KVER=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["kernelRelease"])' "$OUT/manifest.json")
+check "ESP: /initrd.img is the image's Debian initramfs for $KVER" bash -c \
+    "mtype -i '$WORK/esp.fat' ::/initrd.img | cmp -s - '$ROOTFS/boot/initrd.img-$KVER'"
+# ldlinux.sys is hidden and system: mattrib finds it where mdir -b does not.
+check "ESP: syslinux (ldlinux.sys, ldlinux.c32, syslinux.cfg with the same root)" bash -c \
+    "mattrib -i '$WORK/esp.fat' ::/syslinux/ldlinux.sys >/dev/null && mattrib -i '$WORK/esp.fat' ::/syslinux/ldlinux.c32 >/dev/null \
+     && mtype -i '$WORK/esp.fat' ::/syslinux/syslinux.cfg | grep -qi 'root=PARTUUID=$root_uuid'"
+
+# --- root filesystem (debugfs, no mount) --------------------------------------------------------
+rootfs_cat() { debugfs -R "cat $1" "$WORK/root.ext4" 2>/dev/null; }
+rootfs_stat() { debugfs -R "stat $1" "$WORK/root.ext4" 2>/dev/null | grep -q '^Inode:'; }
+check "root fs: ext4 labelled root" bash -c "dumpe2fs -h '$WORK/root.ext4' 2>/dev/null | grep -q 'volume name:.*root$'"
+check "root fs: /usr/bin/provisioner is the built binary" bash -c \
+    "debugfs -R 'cat /usr/bin/provisioner' '$WORK/root.ext4' 2>/dev/null | cmp -s - '$ROOTFS/usr/bin/provisioner'"
+check "root fs: provisioner runs (--version)" "$ROOTFS/usr/bin/provisioner" --version
+for f in /usr/lib/systemd/system/netboot.service /usr/lib/systemd/system/netboot-dhcp.socket \
+    /usr/lib/systemd/system/imageserver.socket /usr/share/dbus-1/system.d/dev.provisioner.Netboot1.conf \
+    /usr/share/dbus-1/system-services/dev.provisioner.Netboot1.service /usr/lib/sysusers.d/provisioner.conf \
+    /etc/provisioner/provisioner.yaml /usr/share/provisioner/ipxe/snponly.efi \
+    /usr/share/provisioner/assets/vmlinuz /usr/share/provisioner/assets/stage2.img; do
+    check "root fs: $f" rootfs_stat "$f"
+done
+if [ -f "$REPO/units/netboot.path" ]; then
+    check "root fs: netboot.path enabled (multi-user.target.wants)" bash -c \
+        "debugfs -R 'stat /etc/systemd/system/multi-user.target.wants/netboot.path' '$WORK/root.ext4' 2>/dev/null | grep -q 'Fast link dest: \"/lib/systemd/system/netboot.path\"'"
+else
+    check "root fs: netboot sockets enabled" rootfs_stat /etc/systemd/system/sockets.target.wants/netboot-dhcp.socket
+fi
+check "root fs: imageserver.socket enabled" rootfs_stat /etc/systemd/system/sockets.target.wants/imageserver.socket
+check "root fs: systemd-networkd enabled" rootfs_stat /etc/systemd/system/multi-user.target.wants/systemd-networkd.service
+check "root fs: /etc/machine-id empty (first boot)" bash -c \
+    "debugfs -R 'stat /etc/machine-id' '$WORK/root.ext4' 2>/dev/null | grep -q 'Size: 0\$'"
+check "root fs: fstab mounts / by the root PARTUUID" bash -c \
+    "debugfs -R 'cat /etc/fstab' '$WORK/root.ext4' 2>/dev/null | grep -qi '^PARTUUID=$root_uuid[[:space:]]*/[[:space:]]'"
+check "root fs: root has no password (serial console login for debugging)" bash -c \
+    "debugfs -R 'cat /etc/shadow' '$WORK/root.ext4' 2>/dev/null | grep -q '^root::'"
+check "root fs: stage2.img is the artifact initrd" bash -c \
+    "debugfs -R 'cat /usr/share/provisioner/assets/stage2.img' '$WORK/root.ext4' 2>/dev/null | cmp -s - '$OUT/stage2.img'"
+mkdir -p "$WORK/cfg/machines"
+sed "s|/etc/provisioner/machines|$WORK/cfg/machines|" "$ROOTFS/etc/provisioner/provisioner.yaml" > "$WORK/cfg/provisioner.yaml"
+check "the image's provisioner.yaml passes check-config" "$ROOTFS/usr/bin/provisioner" check-config --config "$WORK/cfg/provisioner.yaml"
+
+# --- manifest -----------------------------------------------------------------------------------
+check "manifest.json: sizes and sha256 of image, kernel and initrd match the files" python3 - "$OUT" <<'EOF'
+import hashlib, json, os, subprocess, sys
+out = sys.argv[1]
+m = json.load(open(os.path.join(out, "manifest.json")))
+ok = m["profile"] == "debian-test" and m["kernelRelease"] and m["buildTime"]
+for key in ("image", "kernel", "initrd"):
+    e = m[key]
+    h = hashlib.sha256()
+    with open(os.path.join(out, e["file"]), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != e["sha256"] or os.path.getsize(os.path.join(out, e["file"])) != e["size"]:
+        print(f"manifest {key}: mismatch", file=sys.stderr); ok = False
+# The decompressed image, streamed (it is larger than what should be held in memory).
+zstd = subprocess.Popen(["zstd", "-dc", os.path.join(out, m["image"]["file"])], stdout=subprocess.PIPE)
+h, n = hashlib.sha256(), 0
+for chunk in iter(lambda: zstd.stdout.read(1 << 20), b""):
+    h.update(chunk); n += len(chunk)
+if zstd.wait() != 0 or h.hexdigest() != m["image"]["rawSha256"] or n != m["image"]["rawSize"]:
+    print("manifest image raw: mismatch", file=sys.stderr); ok = False
+sys.exit(0 if ok else 1)
+EOF
+
+# --- stage2 initrd ------------------------------------------------------------------------------
+zstd -dc "$OUT/stage2.img" | cpio -t --quiet > "$WORK/initrd.list"
+check "initrd: /init" grep -qx 'init' "$WORK/initrd.list"
+for m in virtio_net virtio_blk virtio_pci; do
+    check "initrd: $m.ko of $KVER" grep -Eq "^lib/modules/$KVER/.*/$m\.ko(\.[a-z]+)?\$" "$WORK/initrd.list"
+done
+
+image_zst=$(stat -c %s "$OUT/image.raw.zst"); image_raw=$(stat -c %s "$RAW"); initrd=$(stat -c %s "$OUT/stage2.img")
+echo "IMAGE profile=debian-test build_seconds=$build_s raw_bytes=$image_raw zstd_bytes=$image_zst initrd_bytes=$initrd kernel=$KVER rootfs=$(du -sh "$ROOTFS" | cut -f1)"
+
+# --- boot in QEMU (OVMF, TCG) -------------------------------------------------------------------
+if [ "$BOOT" = 1 ]; then
+    netns_up
+    add_tap tap0
+    # provisioner netboot holds the VM's DHCP reservation: the image's systemd-networkd gets its
+    # address and network-online.target (which cloud-init waits for) is reached at once.
+    mkdir -p "$WORK/boot/assets" "$WORK/boot/machines"
+    : > "$WORK/boot/machines.list"
+    boot_add_machine "$WORK/boot" image-vm "$MAC" "$SUBNET_PREFIX.40"
+    if ! backend_start provisioner "$WORK/boot"; then
+        fail "provisioner netboot starts"
+        finish
+    fi
+    # The disk is booted first; -snapshot keeps the image itself untouched. One vCPU: with two,
+    # TCG on a loaded 2-core host stalls the guest kernel (soft lockups).
+    qemu_start image ovmf "$MAC" tap0 -snapshot \
+        -drive "file=$RAW,if=none,id=d0,format=raw" -device virtio-blk-pci,drive=d0,bootindex=0
+    if qemu_wait image 'login:' "$TIMEOUT"; then
+        pass "the image boots under OVMF to the serial login prompt (${QEMU_ELAPSED}s)"
+    else
+        fail "no login prompt within ${TIMEOUT}s"
+        qemu_tail image 30 >&2
+    fi
+    qemu_stop image
+    check "systemd of the image started (Welcome to Debian)" grep -aq 'Welcome to .*Debian' "$(qemu_serial image)"
+    # systemd shortens unit descriptions on an 80-column console: match the start of the line.
+    check "imageserver.socket listening at boot" grep -aq 'Listening on imageserver\.s' "$(qemu_serial image)"
+    if [ -f "$REPO/units/netboot.path" ]; then
+        check "netboot.path started at boot" grep -aq 'Started netboot\.path' "$(qemu_serial image)"
+    fi
+    check "no failed units on the console" bash -c "! grep -a 'FAILED' '$(qemu_serial image)' >&2"
+    check "netboot logged the image's lease" grep -aq "$SUBNET_PREFIX\.40" "$WORK/provisioner.log"
+    echo "IMAGE_BOOT firmware=ovmf welcome_seconds=$(qemu_time_of image 'Welcome to' || echo '?') login_seconds=${QEMU_ELAPSED:-?}"
+fi
+finish
