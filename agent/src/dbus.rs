@@ -193,7 +193,7 @@ async fn emit_changed(
 }
 
 /// Connects to the bus at `address` (the system bus, honouring `DBUS_SYSTEM_BUS_ADDRESS`, when
-/// `None`) and owns the well-known name.
+/// `None`), without the well-known name yet (see [`connect_and_publish`]).
 async fn connect(address: Option<&str>) -> zbus::Result<Connection> {
     let builder = match address {
         Some(address) => zbus::connection::Builder::address(address)?,
@@ -202,9 +202,23 @@ async fn connect(address: Option<&str>) -> zbus::Result<Connection> {
     builder
         .serve_at("/", zbus::fdo::ObjectManager)?
         .serve_at(MANAGER_PATH, ManagerObject::default())?
-        .name(BUS_NAME)?
         .build()
         .await
+}
+
+/// Connects, exports the store's machines and counts, and only then owns the well-known name:
+/// under D-Bus activation the caller's message is delivered as soon as the name has an owner,
+/// and must not find an empty manager or missing machines.
+async fn connect_and_publish(address: Option<&str>, store: &StatusStore) -> zbus::Result<Exporter> {
+    let mut exporter = Exporter {
+        conn: connect(address).await?,
+        exported: HashMap::new(),
+        published: None,
+    };
+    exporter.reconcile(store.snapshot()).await?;
+    exporter.update_manager(store).await?;
+    exporter.conn.request_name(BUS_NAME).await?;
+    Ok(exporter)
 }
 
 /// Publishes the store on the system bus until `shutdown`, reconnecting with a back-off when
@@ -225,18 +239,13 @@ pub async fn serve_at(
         let mut changes = store.subscribe();
         let connected = tokio::select! {
             _ = shutdown.cancelled() => return,
-            c = connect(address.as_deref()) => c,
+            c = connect_and_publish(address.as_deref(), &store) => c,
         };
         match connected {
-            Ok(conn) => {
+            Ok(mut exporter) => {
                 tracing::info!(name = BUS_NAME, "publishing machine status on D-Bus");
                 warned = false;
                 retry = RETRY_FIRST;
-                let mut exporter = Exporter {
-                    conn,
-                    exported: HashMap::new(),
-                    published: None,
-                };
                 match exporter.run(&store, &mut changes, &shutdown).await {
                     Ok(()) => return,
                     Err(e) => {

@@ -29,9 +29,24 @@ impl Drop for Bus {
 }
 
 fn private_bus() -> Option<Bus> {
+    private_bus_with_activation(None)
+}
+
+/// A private bus; with `activation_exec`, `BUS_NAME` is activatable and the bus runs that
+/// command to "start" it (messages to the name wait in the bus until someone owns it).
+fn private_bus_with_activation(activation_exec: Option<&str>) -> Option<Bus> {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("bus");
     let config = dir.path().join("bus.conf");
+    let services = dir.path().join("services");
+    std::fs::create_dir(&services).expect("mkdir services");
+    if let Some(exec) = activation_exec {
+        std::fs::write(
+            services.join(format!("{BUS_NAME}.service")),
+            format!("[D-BUS Service]\nName={BUS_NAME}\nExec={exec}\n"),
+        )
+        .expect("write activation file");
+    }
     std::fs::write(
         &config,
         format!(
@@ -41,6 +56,7 @@ fn private_bus() -> Option<Bus> {
   <type>session</type>
   <listen>unix:path={}</listen>
   <auth>EXTERNAL</auth>
+  <servicedir>{}</servicedir>
   <policy context="default">
     <allow send_destination="*" eavesdrop="true"/>
     <allow eavesdrop="true"/>
@@ -48,7 +64,8 @@ fn private_bus() -> Option<Bus> {
   </policy>
 </busconfig>
 "#,
-            socket.display()
+            socket.display(),
+            services.display()
         ),
     )
     .expect("write bus config");
@@ -256,6 +273,83 @@ async fn machines_on_a_private_bus_follow_the_store() {
     })
     .await;
     assert_eq!(count("Total").await, 1);
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), exporter)
+        .await
+        .expect("exporter stops on shutdown")
+        .expect("exporter task");
+}
+
+/// Under D-Bus activation the caller's message waits in the bus and is delivered the moment
+/// the name gets an owner: by then every machine and the manager's counts must be exported.
+#[tokio::test]
+async fn the_name_is_owned_only_once_the_machines_are_exported() {
+    // The bus "starts" the service by running sleep; the exporter below takes the name.
+    let Some(bus) = private_bus_with_activation(Some("/bin/sleep 10")) else {
+        return;
+    };
+    let store = StatusStore::open(None);
+    let machines: Vec<Machine> = (2..=101)
+        .map(|last| machine(&format!("node{last}"), last))
+        .collect();
+    store.sync_inventory(&inventory(&machines));
+
+    let conn = client(&bus.address).await;
+    let summary_call = {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            let manager = PropertiesProxy::builder(&conn)
+                .destination(BUS_NAME)
+                .expect("name")
+                .path(MANAGER_PATH)
+                .expect("path")
+                .build()
+                .await
+                .expect("proxy");
+            manager
+                .get(
+                    InterfaceName::from_static_str_unchecked(MANAGER_INTERFACE),
+                    "Summary",
+                )
+                .await
+        })
+    };
+    let objects_call = {
+        let conn = conn.clone();
+        tokio::spawn(async move { managed(&conn).await })
+    };
+    // Both calls are queued in the bus, waiting for the activated name.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!summary_call.is_finished() && !objects_call.is_finished());
+
+    let shutdown = CancellationToken::new();
+    let exporter = tokio::spawn(serve_at(
+        store.clone(),
+        Some(bus.address.clone()),
+        shutdown.clone(),
+    ));
+    let summary = tokio::time::timeout(Duration::from_secs(10), summary_call)
+        .await
+        .expect("answered within 10 s")
+        .expect("task")
+        .expect("Get Summary");
+    assert_eq!(
+        String::try_from(summary).expect("string"),
+        store.summary(),
+        "the first answer carries the summary"
+    );
+    let objects = tokio::time::timeout(Duration::from_secs(10), objects_call)
+        .await
+        .expect("answered within 10 s")
+        .expect("task");
+    for m in &machines {
+        assert!(
+            property(&objects, &machine_path(&m.name), "Phase").is_some(),
+            "{} exported before the name was taken",
+            m.name
+        );
+    }
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), exporter)
