@@ -1,19 +1,48 @@
 #!/bin/bash
 # The systemd units as systemd reads them: `systemd-analyze verify` is clean for every unit in
-# units/ (ExecStart pointed at the binary we built, since it is not installed on this host), and
-# `systemd-analyze security --offline` rates netboot.service at exposure 2.0 or lower. Prints
-# the full security table so the remaining exposures are visible in the CI log.
+# units/ (ExecStart pointed at the binary we built, since it is not installed on this host), also
+# with the example trigger drop-ins of units/examples/trigger/ applied; `systemd-analyze security
+# --offline` rates netboot.service at exposure 2.0 or lower (the full table is printed, so the
+# remaining exposures are visible in the CI log); the sysusers and tmpfiles entries apply to an
+# empty root; netboot.path is the only netboot unit with an [Install] target.
 TEST_NAME=units
 . "$(dirname "$0")/lib.sh"
 
 mkdir -p "$WORK/units"
-cp "$REPO"/units/*.socket "$REPO"/units/*.service "$REPO"/units/*.path "$WORK/units/" 2>/dev/null || true
+cp "$REPO"/units/*.socket "$REPO"/units/*.service "$REPO"/units/*.path "$WORK/units/"
 # D-Bus activation files share the .service suffix but are not systemd units.
 rm -f "$WORK"/units/dev.provisioner.*.service
 sed -i "s|/usr/bin/provisioner|$PROVISIONER|g" "$WORK"/units/*
-out=$(SYSTEMD_LOG_LEVEL=notice systemd-analyze verify --man=no "$WORK"/units/* 2>&1) || true
-[ -n "$out" ] && log "systemd-analyze verify said:"$'\n'"$out"
-check "systemd-analyze verify is clean for $(ls "$WORK/units" | tr '\n' ' ')" [ -z "$out" ]
+verify() {  # DESCRIPTION DIR
+    local out
+    out=$(SYSTEMD_LOG_LEVEL=notice systemd-analyze verify --man=no "$2"/*.socket "$2"/*.service "$2"/*.path 2>&1) || true
+    [ -n "$out" ] && log "systemd-analyze verify said:"$'\n'"$out"
+    check "systemd-analyze verify is clean for $1" [ -z "$out" ]
+}
+verify "$(cd "$WORK/units" && echo *)" "$WORK/units"
+
+# The drop-ins are read from <unit>.d/ beside the unit files.
+cp -r "$WORK/units" "$WORK/units-trigger"
+cp -r "$REPO"/units/examples/trigger/*.d "$WORK/units-trigger/"
+verify "the units with the example trigger drop-ins" "$WORK/units-trigger"
+dump=$(SYSTEMD_LOG_LEVEL=debug systemd-analyze verify --man=no "$WORK/units-trigger/netboot.path" 2>&1 || true)
+check "the example drop-in moves netboot.path's trigger" grep -q 'PathExists: /etc/provisioner/enabled' <<<"$dump"
+check "and leaves only the new path" bash -c '! grep -q "PathExists: /etc/kubernetes/admin.conf" <<<"$1"' _ "$dump"
+
+check "netboot.path is wanted by multi-user.target" grep -qx 'WantedBy=multi-user.target' "$REPO/units/netboot.path"
+for unit in netboot.service netboot-dhcp.socket netboot-tftp.socket netboot-http.socket; do
+    check "$unit is started only through netboot.path (no WantedBy=)" bash -c "! grep -q '^WantedBy=' '$REPO/units/$unit'"
+done
+check "netboot.path and netboot.service name the same trigger" bash -c "
+    [ \"\$(sed -n 's/^PathExists=//p' '$REPO/units/netboot.path')\" = \"\$(sed -n 's/^ConditionPathExists=//p' '$REPO/units/netboot.service')\" ]"
+
+mkdir -p "$WORK/sysroot/etc"
+check "sysusers entry creates the provisioner user" bash -c "
+    systemd-sysusers --root='$WORK/sysroot' '$REPO/units/provisioner.sysusers.conf' &&
+    grep -q '^provisioner:' '$WORK/sysroot/etc/passwd'"
+check "tmpfiles entry creates /etc/provisioner/machines" bash -c "
+    systemd-tmpfiles --root='$WORK/sysroot' --create '$REPO/units/provisioner.tmpfiles.conf' &&
+    [ -d '$WORK/sysroot/etc/provisioner/machines' ]"
 
 for unit in netboot.service; do
     table=$(systemd-analyze security --offline=true --no-pager "$WORK/units/$unit" 2>&1) || true
