@@ -13,6 +13,7 @@ PACKAGES=(
     qemu-system-x86 ipxe-qemu ipxe ovmf linux-image-amd64   # firmware, iPXE binaries, a kernel
     systemd                            # systemd-socket-activate, systemd-analyze, busctl
     dbus-daemon                        # a private system bus for the D-Bus tests
+    systemd-container                  # nspawn test: systemd-nspawn (its rootfs: mmdebstrap below)
     fdisk zstd xz-utils gzip           # stage2 writer test: sfdisk makes a GPT image, compressors
     systemd-boot-efi dosfstools mtools e2fsprogs  # e2e test image: ESP without loop mounts, ext4 root
     syslinux syslinux-common           # the same image boots under BIOS (gptmbr.bin, ldlinux via mtools)

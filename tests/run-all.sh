@@ -37,6 +37,7 @@ if [ "$quick" = 0 ]; then
     run tests/stage2-boot.sh
     run tests/e2e-provision.sh
     run tests/image-build.sh
+    run tests/nspawn.sh
     run tests/stage2-faults.sh
 fi
 
