@@ -59,7 +59,8 @@ ROOT_SERIAL_LOGIN=0
 KERNEL_CMDLINE="console=tty0 console=ttyS0,115200 rw"
 HOSTNAME_DEFAULT=provisioner
 EXTRA_SOURCES_REQUIRED=0
-profile_customize() { :; }
+profile_preflight() { :; }   # checks before anything is built
+profile_customize() { :; }   # runs with the rootfs path after our files are in
 # shellcheck source=profiles/debian-test.conf
 . "$PROFILE_FILE"
 
@@ -125,7 +126,6 @@ apt_source_files() {
         echo "$SOURCES"
         return
     fi
-    [ "$EXTRA_SOURCES_REQUIRED" = 1 ] && die "profile $PROFILE needs --sources FILE (see the profile)"
     local f
     for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
         [ -f "$f" ] && grep -qv '^\s*\(#\|$\)' "$f" && echo "$f"
@@ -134,13 +134,16 @@ apt_source_files() {
 }
 
 stage_rootfs() {
-    build_binaries
+    # The sources first: a profile that cannot be built here stops before any compiling.
+    [ "$EXTRA_SOURCES_REQUIRED" = 1 ] && [ -z "$SOURCES" ] && die "profile $PROFILE needs --sources FILE (see the profile)"
     local sources=()
     mapfile -t sources < <(apt_source_files)
     [ ${#sources[@]} -gt 0 ] || die "no apt sources found (give --sources FILE)"
     if [ -n "$SOURCES_MUST_MATCH" ] && ! grep -qw -- "$SOURCES_MUST_MATCH" "${sources[@]}"; then
         die "the apt sources (${sources[*]}) do not carry $SOURCES_MUST_MATCH; give --sources FILE"
     fi
+    profile_preflight
+    build_binaries
 
     step "mmdebstrap $SUITE ($VARIANT + ${#PACKAGES[@]} packages) from ${sources[*]}"
     rm -rf "$ROOT"
