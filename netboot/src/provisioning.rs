@@ -31,7 +31,11 @@ pub const MAX_MESSAGE_LEN: usize = 1024;
 /// {"phase":"imaging","progress":42,"bytes":901775360,"rate":118000000,"message":"…"}
 /// {"phase":"imaged"}
 /// {"phase":"failed","message":"sha256 mismatch: expected 9f86…, got 1c2e…"}
+/// {"phase":"joining","message":"cloud-init is configuring the node"}
 /// ```
+///
+/// `joining` comes from the imaged machine's cloud-init (its user-data carries the token), not
+/// from stage2; so may a `failed` when `kubeadm join` fails.
 ///
 /// `progress` is a percentage (0-100), `bytes` the decompressed bytes written so far, `rate`
 /// bytes per second; every field but `phase` (and `message` for `failed`) may be left out.
@@ -55,6 +59,10 @@ pub enum ProgressReport {
     },
     Failed {
         message: String,
+    },
+    Joining {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
     },
 }
 
@@ -81,7 +89,9 @@ impl ProgressReport {
                 }
                 message.as_deref()
             }
-            ProgressReport::Imaged { message } => message.as_deref(),
+            ProgressReport::Imaged { message } | ProgressReport::Joining { message } => {
+                message.as_deref()
+            }
             ProgressReport::Failed { message } => Some(message.as_str()),
         };
         if message.is_some_and(|m| m.len() > MAX_MESSAGE_LEN) {
@@ -400,6 +410,12 @@ mod tests {
             ProgressReport::parse(br#"{"phase":"failed","message":"no disk"}"#),
             Ok(ProgressReport::Failed {
                 message: "no disk".into()
+            })
+        );
+        assert_eq!(
+            ProgressReport::parse(br#"{"phase":"joining","message":"cloud-init"}"#),
+            Ok(ProgressReport::Joining {
+                message: Some("cloud-init".into())
             })
         );
         for bad in [
