@@ -72,10 +72,10 @@ check "phase Imaged" wait_phase Imaged
 check "the phases were logged in order" bash -c "grep -o 'node2 [A-Za-z]* -> [A-Za-z]*' '$WORK/netboot.log' | tr '\n' ' ' | grep -q 'node2 Pending -> PXEBooting node2 PXEBooting -> Imaging node2 Imaging -> Imaged'"
 
 c -o "$WORK/meta-data" "$BASE/nocloud/$TOKEN/meta-data"
-check "meta-data names the machine" grep -q '^local-hostname: node2$' "$WORK/meta-data"
+check "meta-data names the machine" grep -q '^local-hostname: "node2"$' "$WORK/meta-data"
 code=$(c -o "$WORK/user-data" -w '%{http_code}' "$BASE/nocloud/$TOKEN/user-data")
 check "user-data: first fetch 200" [ "$code" = 200 ]
-check "user-data is a cloud-config for node2" bash -c "head -1 '$WORK/user-data' | grep -qx '#cloud-config' && grep -qx 'hostname: node2' '$WORK/user-data'"
+check "user-data is a cloud-config for node2" bash -c "head -1 '$WORK/user-data' | grep -qx '#cloud-config' && grep -qx 'hostname: \"node2\"' '$WORK/user-data'"
 check "user-data: second fetch 403" [ "$(c -o /dev/null -w '%{http_code}' "$BASE/nocloud/$TOKEN/user-data")" = 403 ]
 check "the replay is recorded as the machine's message" eventually grep -Eq "message: '?user-data requested again" "$WORK/state.yaml"
 check "the replay is logged as a warning" grep -q 'already used token: refused' "$WORK/netboot.log"
@@ -84,6 +84,23 @@ check "the log never shows the token" bash -c "! grep -q '$TOKEN' '$WORK/netboot
 c -o "$WORK/script2" "$BASE/ipxe/$HMAC"
 check "an imaged machine's next script boots the local disk" bash -c "grep -q 'sanboot --no-describe --drive 0x80' '$WORK/script2' && grep -q 'iseq \${platform} efi' '$WORK/script2' && ! grep -q '^kernel' '$WORK/script2'"
 check "still Imaged after the local boot script" wait_phase Imaged
+
+# cloud-init's phone-home: the report script and its URL and token files from the served
+# user-data, run in the client namespace (paths moved under $WORK/root).
+/usr/bin/python3 - "$WORK/user-data" "$WORK/root" <<'PYEOF'
+import os, sys, yaml
+doc, root = yaml.safe_load(open(sys.argv[1])), sys.argv[2]
+for f in doc["write_files"]:
+    if f["path"].startswith(("/var/lib/provisioner/", "/usr/local/libexec/provisioner-report")):
+        path = root + f["path"]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "w").write(f["content"].replace("/var/lib/provisioner/", root + "/var/lib/provisioner/"))
+        os.chmod(path, int(f["permissions"], 8))
+PYEOF
+check "user-data carries the report URL of node2" grep -qx "$BASE/report/$HMAC" "$WORK/root/var/lib/provisioner/report-url"
+check "cloud-init's report script reports joining" ip netns exec "$client" "$WORK/root/usr/local/libexec/provisioner-report" joining "cloud-init is configuring the node"
+check "phase Joining" wait_phase Joining
+check "a joining report with a wrong token gets 403" [ "$(report "$WRONG" '{"phase":"joining"}')" = 403 ]
 
 # A new reimage value: back to Pending, old token dead, the next script images again.
 manifest 2

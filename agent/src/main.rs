@@ -1,5 +1,7 @@
 //! `provisioner`: the host agent and its tools.
 
+mod cloud_config_cmd;
+mod cloudinit;
 mod cluster;
 mod config;
 mod daemon;
@@ -40,6 +42,10 @@ enum Command {
     },
     /// Print the Machine CustomResourceDefinition (YAML, for `kubectl apply -f -`).
     Crd,
+    /// Print a rendered cloud-init document: a node's (as netboot serves it) or the first
+    /// machine's NoCloud seed (`kubeadm init`, then netboot).
+    #[command(subcommand)]
+    CloudConfig(cloud_config_cmd::CloudConfig),
     /// Check a configuration file and print what it means, then exit.
     CheckConfig {
         #[arg(long, short, default_value = "/etc/provisioner/provisioner.yaml")]
@@ -83,6 +89,16 @@ fn run(command: Command) -> ExitCode {
             Err(e) => {
                 eprintln!("error: cannot serialise the CRD: {e}");
                 ExitCode::FAILURE
+            }
+        },
+        Command::CloudConfig(which) => match cloud_config_cmd::render(which) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(EXIT_CONFIG)
             }
         },
         Command::CheckConfig { config } => match config::Config::load(&config) {

@@ -8,6 +8,11 @@
 //! | Imaged, Joining, Ready | the local disk (`boot.localBoot`) |
 //!
 //! Without `image:` in the configuration every machine gets the configured kernel as before.
+//!
+//! User-data is the node cloud-config of [`crate::cloudinit`]: host name, SSH keys and hooks
+//! from `cloudInit:`, a `joining` report back to `POST /report/{mac}` with the machine's token,
+//! and the kubeadm join once join parameters are supplied (none yet: the document then says
+//! the node joins no cluster).
 
 use std::sync::Arc;
 
@@ -17,15 +22,28 @@ use netboot::provisioning::{
 };
 use netboot::{Machine, MachineLookup};
 
+use crate::cloudinit::{self, Hooks, NodeUserData};
 use crate::config::Image;
 use crate::inventory::Table;
-use crate::status::{MachineStatus, Phase, StatusStore};
+use crate::status::{MachineStatus, Phase, Report, StatusStore};
+
+/// What every node's user-data gets besides its own name and address.
+#[derive(Debug, Clone)]
+pub struct NodeCloudInit {
+    /// `cloudInit:` of the configuration.
+    pub hooks: Hooks,
+    /// netboot's base URL as machines reach it (`http://10.77.0.1`): reports go to
+    /// `{base_url}/report/{mac}`.
+    pub base_url: String,
+}
 
 pub struct Imaging {
     store: Arc<StatusStore>,
     table: Arc<Table>,
     image: Option<Image>,
     local_boot: LocalBoot,
+    /// `None` until [`Imaging::with_cloud_init`]: user-data is then refused.
+    cloud_init: Option<NodeCloudInit>,
 }
 
 impl Imaging {
@@ -40,7 +58,14 @@ impl Imaging {
             table,
             image,
             local_boot,
+            cloud_init: None,
         }
+    }
+
+    /// Sets what node user-data is rendered with.
+    pub fn with_cloud_init(mut self, cloud_init: NodeCloudInit) -> Imaging {
+        self.cloud_init = Some(cloud_init);
+        self
     }
 
     fn orders(image: &Image, token: String) -> ImagingOrders {
@@ -71,16 +96,54 @@ fn instance_id(name: &str, token: &str) -> String {
     format!("{name}-{}", &hex::encode(digest)[..16])
 }
 
-/// The minimal node cloud-config: its host name and a marker on the console. The cluster join
-/// configuration replaces it (cloud-init templates).
-fn user_data(hostname: &str) -> String {
-    format!(
-        "#cloud-config\n\
-         hostname: {hostname}\n\
-         preserve_hostname: false\n\
-         runcmd:\n  \
-         - [sh, -c, 'echo \"provisioner: cloud-init user-data applied on {hostname}\" > /dev/console']\n"
-    )
+impl Imaging {
+    /// The node cloud-config for the holder of `token`, rendered before the token's one
+    /// user-data fetch is spent, so that a rendering failure leaves it unspent.
+    fn user_data(&self, token: &str) -> Result<CloudInitDocument, Refusal> {
+        let status = self.store.token_holder(token)?;
+        let hostname = self.hostname(&status);
+        let rendered = match &self.cloud_init {
+            None => Err("no cloud-init settings".to_string()),
+            Some(settings) => {
+                let report_url = format!(
+                    "{}/report/{}",
+                    settings.base_url.trim_end_matches('/'),
+                    status.mac.to_hyphenated()
+                );
+                cloudinit::render_node_user_data(&NodeUserData {
+                    machine: &status.name,
+                    hostname: &hostname,
+                    node_ip: status.ip,
+                    report_url: &report_url,
+                    report_token: token,
+                    hooks: &settings.hooks,
+                    // Join parameters come with the cluster inventory's bootstrap tokens.
+                    join: None,
+                })
+                .map_err(|e| e.to_string())
+            }
+        };
+        let text = match rendered {
+            Ok(text) => text,
+            Err(reason) => {
+                tracing::error!(machine = %status.name, mac = %status.mac, ip = %status.ip, error = %reason, "cannot render user-data");
+                let _ = self.store.report(
+                    &status.name,
+                    Report::Failed {
+                        message: format!("cannot render user-data: {reason}"),
+                    },
+                );
+                return Err(Refusal::NoDocument {
+                    machine: status.name,
+                });
+            }
+        };
+        let status = self.store.take_user_data(token)?;
+        Ok(CloudInitDocument {
+            machine: status.name,
+            text,
+        })
+    }
 }
 
 impl Provisioning for Imaging {
@@ -127,24 +190,20 @@ impl Provisioning for Imaging {
         match file {
             CloudInitFile::MetaData => {
                 let status = self.store.token_holder(token)?;
-                let text = format!(
-                    "instance-id: {}\nlocal-hostname: {}\n",
-                    instance_id(&status.name, token),
-                    self.hostname(&status)
-                );
+                let text =
+                    cloudinit::render_meta_data(&instance_id(&status.name, token), &self.hostname(&status))
+                        .map_err(|e| {
+                            tracing::error!(machine = %status.name, mac = %status.mac, ip = %status.ip, error = %e, "cannot render meta-data");
+                            Refusal::NoDocument {
+                                machine: status.name.clone(),
+                            }
+                        })?;
                 Ok(CloudInitDocument {
                     machine: status.name,
                     text,
                 })
             }
-            CloudInitFile::UserData => {
-                let status = self.store.take_user_data(token)?;
-                let text = user_data(&self.hostname(&status));
-                Ok(CloudInitDocument {
-                    machine: status.name,
-                    text,
-                })
-            }
+            CloudInitFile::UserData => self.user_data(token),
             CloudInitFile::VendorData => {
                 let status = self.store.token_holder(token)?;
                 Err(Refusal::NoDocument {
@@ -184,7 +243,11 @@ mod tests {
             sha256: HASH.to_uppercase(),
             size: Some(4096),
         };
-        let imaging = Imaging::new(store.clone(), table, Some(image), LocalBoot::Auto);
+        let imaging = Imaging::new(store.clone(), table, Some(image), LocalBoot::Auto)
+            .with_cloud_init(NodeCloudInit {
+                hooks: Hooks::default(),
+                base_url: "http://10.77.0.1/".into(),
+            });
         (store, imaging)
     }
 
@@ -297,21 +360,29 @@ mod tests {
             .cloud_init(&token, CloudInitFile::MetaData)
             .expect("meta-data");
         assert!(
-            meta.text.starts_with("instance-id: node2-"),
+            meta.text.starts_with("instance-id: \"node2-"),
             "{}",
             meta.text
         );
-        assert!(meta.text.contains("local-hostname: n2\n"), "{}", meta.text);
+        assert!(
+            meta.text.contains("local-hostname: \"n2\"\n"),
+            "{}",
+            meta.text
+        );
         assert!(!meta.text.contains(&token));
         let doc = p
             .cloud_init(&token, CloudInitFile::UserData)
             .expect("first fetch");
         assert_eq!(doc.machine, "node2");
+        assert!(doc.text.starts_with("#cloud-config\n"), "{}", doc.text);
+        assert!(doc.text.contains("\nhostname: \"n2\"\n"), "{}", doc.text);
         assert!(
-            doc.text.starts_with("#cloud-config\nhostname: n2\n"),
+            doc.text
+                .contains("content: \"http://10.77.0.1/report/52-54-00-00-00-02\"\n"),
             "{}",
             doc.text
         );
+        assert!(doc.text.contains(&format!("content: \"{token}\"\n")));
         assert_eq!(
             p.cloud_init(&token, CloudInitFile::UserData),
             Err(Refusal::Replayed {

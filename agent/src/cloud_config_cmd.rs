@@ -1,0 +1,170 @@
+//! `provisioner cloud-config`: renders the cloud-init documents netboot serves (node) or the
+//! operator gives the first machine (laptop), for inspection and for the laptop's NoCloud seed.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Subcommand, ValueEnum};
+
+use crate::cloudinit::{self, LaptopNetwork, LaptopUserData, NodeUserData};
+use crate::config::{Config, Inventory};
+
+/// The NoCloud file to print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NoCloudFile {
+    UserData,
+    MetaData,
+    NetworkConfig,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CloudConfig {
+    /// A node's user-data (or meta-data) as netboot serves it once the node is imaged. The
+    /// report token is a placeholder: the real one is minted per provisioning.
+    Node {
+        #[arg(long, short, default_value = "/etc/provisioner/provisioner.yaml")]
+        config: PathBuf,
+        /// The Machine's name in the inventory folder.
+        #[arg(long)]
+        machine: String,
+        /// Add example kubeadm join parameters (a JoinConfiguration with a made-up token and
+        /// CA hash), to see what a node of the cluster inventory gets.
+        #[arg(long)]
+        example_join: bool,
+        #[arg(long, value_enum, default_value = "user-data")]
+        file: NoCloudFile,
+    },
+    /// The first machine's NoCloud seed (`laptop:` of the configuration): user-data with
+    /// `kubeadm init`, meta-data, or network-config.
+    Laptop {
+        #[arg(long, short, default_value = "/etc/provisioner/provisioner.yaml")]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value = "user-data")]
+        file: NoCloudFile,
+    },
+}
+
+/// Placeholder for the per-provisioning token in inspected documents (valid token alphabet).
+const EXAMPLE_TOKEN: &str = "example-provisioning-token";
+
+pub fn render(command: CloudConfig) -> anyhow::Result<String> {
+    match command {
+        CloudConfig::Node {
+            config,
+            machine,
+            example_join,
+            file,
+        } => node(&config, &machine, example_join, file),
+        CloudConfig::Laptop { config, file } => laptop(&config, file),
+    }
+}
+
+fn base_url(config: &Config) -> String {
+    match config.listen.http.port() {
+        80 => format!("http://{}", config.server_address),
+        port => format!("http://{}:{port}", config.server_address),
+    }
+}
+
+fn node(path: &Path, name: &str, example_join: bool, file: NoCloudFile) -> anyhow::Result<String> {
+    let config = Config::load(path)?;
+    let Inventory::Directory(dir) = &config.inventory else {
+        bail!("inventory is a cluster: only a folder inventory can be rendered offline");
+    };
+    let mut reserved: Vec<Ipv4Addr> = vec![config.server_address];
+    reserved.extend(config.gateway);
+    let snapshot = crate::inventory::load_dir(dir, config.subnet, &reserved)
+        .with_context(|| format!("inventory.directory: cannot read {}", dir.display()))?;
+    let Some(machine) = snapshot.machines.values().find(|m| m.name == name) else {
+        let why = snapshot
+            .rejections
+            .iter()
+            .find(|r| r.machine.as_deref() == Some(name))
+            .map(|r| format!(": {}: {}", r.file.display(), r.reason))
+            .unwrap_or_default();
+        bail!("no machine {name:?} is served from {}{why}", dir.display());
+    };
+    match file {
+        NoCloudFile::MetaData => Ok(cloudinit::render_meta_data(
+            &format!("{}-example", machine.name),
+            machine.hostname(),
+        )?),
+        NoCloudFile::NetworkConfig => {
+            bail!("nodes get their address by DHCP from netboot: there is no network-config")
+        }
+        NoCloudFile::UserData => {
+            let endpoint = config
+                .laptop
+                .as_ref()
+                .and_then(|l| l.init.control_plane_endpoint.clone())
+                .unwrap_or_else(|| format!("{}:6443", config.server_address));
+            let join = example_join.then(|| cloudinit::example_join(endpoint));
+            let report_url = format!(
+                "{}/report/{}",
+                base_url(&config),
+                machine.mac.to_hyphenated()
+            );
+            Ok(cloudinit::render_node_user_data(&NodeUserData {
+                machine: &machine.name,
+                hostname: machine.hostname(),
+                node_ip: machine.ip,
+                report_url: &report_url,
+                report_token: EXAMPLE_TOKEN,
+                hooks: &config.cloud_init,
+                join: join.as_ref(),
+            })?)
+        }
+    }
+}
+
+fn laptop(path: &Path, file: NoCloudFile) -> anyhow::Result<String> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let config = Config::parse(path, &text)?;
+    let Some(laptop) = &config.laptop else {
+        bail!("{}: no laptop: section", path.display());
+    };
+    let user_data = || {
+        cloudinit::render_laptop_user_data(&LaptopUserData {
+            hostname: &laptop.hostname,
+            node_ip: config.server_address,
+            hooks: &config.cloud_init,
+            init: &laptop.init,
+            provisioner_yaml: &text,
+        })
+    };
+    match file {
+        NoCloudFile::UserData => Ok(user_data()?),
+        NoCloudFile::MetaData => {
+            // A new instance-id whenever the user-data changes: cloud-init then runs again.
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(user_data()?.as_bytes());
+            let id = format!("{}-{}", laptop.hostname, &hex::encode(digest)[..16]);
+            Ok(cloudinit::render_meta_data(&id, &laptop.hostname)?)
+        }
+        NoCloudFile::NetworkConfig => {
+            let Some(interface) = config.interface.clone() else {
+                bail!(
+                    "{}: interface: the laptop's provisioning interface name is needed for its network-config",
+                    path.display()
+                );
+            };
+            let address = ipnet::Ipv4Net::new(config.server_address, config.subnet.prefix_len())
+                .context("serverAddress with the subnet's prefix")?;
+            Ok(cloudinit::render_laptop_network_config(&LaptopNetwork {
+                interface,
+                mac_address: laptop.mac_address,
+                address,
+                // The laptop is often the gateway it hands out: no route to itself.
+                gateway: config.gateway.filter(|g| *g != config.server_address),
+                nameservers: config
+                    .dns_servers
+                    .iter()
+                    .copied()
+                    .filter(|d| *d != config.server_address)
+                    .collect(),
+            })?)
+        }
+    }
+}
