@@ -16,6 +16,10 @@ PACKAGES=(
     systemd-container                  # nspawn test: systemd-nspawn (its rootfs: mmdebstrap below)
     fdisk zstd xz-utils gzip           # stage2 writer test: sfdisk makes a GPT image, compressors
     systemd-boot-efi dosfstools mtools e2fsprogs  # e2e test image: ESP without loop mounts, ext4 root
+    # cloud-init's own modules (`apt-cache depends cloud-init`): tests/cloud-init.sh runs the
+    # package unpacked with `dpkg-deb -x`, never installed, so none of its services exists here
+    python3-yaml python3-jsonschema python3-jinja2 python3-configobj python3-requests
+    python3-jsonpatch python3-netifaces python3-oauthlib python3-serial
     syslinux syslinux-common           # the same image boots under BIOS (gptmbr.bin, ldlinux via mtools)
     mmdebstrap                         # image builder (tests/image-build.sh): the rootfs from the host's apt sources
 )
@@ -39,6 +43,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
         systemctl disable --now tftpd-hpa 2>/dev/null || true
     fi
+fi
+
+# tests/cloud-init.sh fetches the cloud-init package with `apt-get download`: it needs the lists.
+if ! apt-cache policy cloud-init 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+    apt-get update -q
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -29,7 +29,7 @@ run() {
     step "$1"
     if ! bash "$1"; then failed+=("$1"); fi
 }
-for t in tests/dhcp.sh tests/tftp.sh tests/http.sh tests/activation.sh tests/journald.sh tests/dbus.sh tests/units.sh tests/imaging-api.sh tests/stage2-writer.sh; do
+for t in tests/dhcp.sh tests/tftp.sh tests/http.sh tests/activation.sh tests/journald.sh tests/dbus.sh tests/units.sh tests/imaging-api.sh tests/cloud-init.sh tests/stage2-writer.sh; do
     [ -f "$t" ] && run "$t"
 done
 if [ "$quick" = 0 ]; then
