@@ -1,7 +1,7 @@
 //! Compression format detection by magic bytes, and the matching decompressing reader.
 
 use std::fmt;
-use std::io::{self, Cursor, Read};
+use std::io::{self, BufRead, BufReader, Cursor, Read};
 
 /// How an image stream is encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +50,17 @@ impl fmt::Display for Format {
 /// stream (the peeked bytes are put back in front). Concatenated frames/streams/members are
 /// all decoded, as `zstd`, `xz` and `gzip` on the command line do.
 pub fn decoder<'a, R: Read + Send + 'a>(
+    source: R,
+) -> io::Result<(Format, Box<dyn Read + Send + 'a>)> {
+    buffered_decoder(BufReader::with_capacity(SOURCE_BUFFER, source))
+}
+
+/// Compressed bytes a [`decoder`] reads from its source at a time.
+const SOURCE_BUFFER: usize = 128 * 1024;
+
+/// Like [`decoder`], for a source that has its own buffer: the decompressors read straight
+/// from it, without copying the compressed stream into a buffer of their own.
+pub fn buffered_decoder<'a, R: BufRead + Send + 'a>(
     mut source: R,
 ) -> io::Result<(Format, Box<dyn Read + Send + 'a>)> {
     let mut head = [0u8; MAGIC_LEN];
@@ -65,9 +76,9 @@ pub fn decoder<'a, R: Read + Send + 'a>(
     let format = Format::detect(&head[..filled]);
     let whole = Cursor::new(head[..filled].to_vec()).chain(source);
     let reader: Box<dyn Read + Send + 'a> = match format {
-        Format::Zstd => Box::new(zstd::stream::read::Decoder::new(whole)?),
-        Format::Xz => Box::new(liblzma::read::XzDecoder::new_multi_decoder(whole)),
-        Format::Gzip => Box::new(flate2::read::MultiGzDecoder::new(whole)),
+        Format::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(whole)?),
+        Format::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(whole)),
+        Format::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(whole)),
         Format::Raw => Box::new(whole),
     };
     Ok((format, reader))

@@ -17,7 +17,7 @@ mod http;
 mod limit;
 mod write;
 
-pub use format::{decoder, Format};
+pub use format::{buffered_decoder, decoder, Format};
 pub use hash::HashingReader;
 pub use http::{HttpError, HttpSource, RetryPolicy};
 pub use limit::{is_size_limit_error, SizeLimitExceeded, SizeLimitReader};

@@ -1,8 +1,10 @@
-//! The write procedure: a pipeline of three threads (fetch, decode + hash, write) joined by
-//! bounded channels of buffers, and the ordering that keeps a half-written image unbootable.
+//! The write procedure: a pipeline of four threads (fetch, decode, hash, write) joined by
+//! bounded channels of recycled buffers, and the ordering that keeps a half-written image
+//! unbootable.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, BufRead, Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,8 +13,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::format::{decoder, Format};
-use super::hash::HashingReader;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use sha2::{Digest, Sha256};
+
+use super::format::{buffered_decoder, Format};
 use super::limit::{is_size_limit_error, SizeLimitReader};
 
 /// The region written last (and zeroed first): it holds the MBR, the primary GPT header and
@@ -26,10 +30,11 @@ pub struct WriteOptions {
     /// Size of the decompressed image, if known: checked up front against the target and
     /// enforced while streaming.
     pub expected_size: Option<u64>,
-    /// Size of each buffer handed between threads.
+    /// Size of each buffer of decoded image handed between threads (the size of each write).
     pub chunk_size: usize,
-    /// Buffers each channel may hold; memory in flight is about `2 * queue_depth * chunk_size`
-    /// plus the decoder's window.
+    /// Buffers each channel may hold; memory in flight is about `(queue_depth + 2) *
+    /// chunk_size` of decoded image, `(queue_depth + 1)` MiB of compressed stream and the
+    /// decoder's window.
     pub queue_depth: usize,
     /// Minimum time between two progress callbacks (a last one always follows the write).
     pub progress_interval: Duration,
@@ -40,7 +45,7 @@ impl WriteOptions {
         Self {
             expected_sha256,
             expected_size: None,
-            chunk_size: 1 << 20,
+            chunk_size: 4 << 20,
             queue_depth: 4,
             progress_interval: Duration::from_secs(1),
         }
@@ -239,6 +244,12 @@ enum DecodeFailure {
 
 type Failed = (WriteError, u64);
 
+/// Compressed bytes per buffer between the fetch and decode threads.
+const SOURCE_CHUNK: usize = 1 << 20;
+/// Address, offset and length alignment that direct I/O needs: the largest logical block size
+/// of common disks (4Kn), which also satisfies 512-byte ones.
+const DIRECT_IO_ALIGN: usize = 4096;
+
 fn run_pipeline<S: Read + Send>(
     mut source: S,
     target: &File,
@@ -247,47 +258,59 @@ fn run_pipeline<S: Read + Send>(
     mut progress: impl FnMut(&Progress),
     started: Instant,
 ) -> Result<WriteReport, Failed> {
-    let chunk_size = options.chunk_size.max(4096);
+    let chunk_size = options.chunk_size.max(DIRECT_IO_ALIGN);
     let depth = options.queue_depth.max(1);
     let source_bytes = Arc::new(AtomicU64::new(0));
     let expected_size = options.expected_size;
+    // Every buffer is allocated once, here, and goes round its loop (fetch → decode → fetch,
+    // decode → hash → write → decode) until the end: memory in flight is fixed.
+    let (raw_free_tx, raw_free_rx) = buffer_pool(depth + 1, SOURCE_CHUNK.min(chunk_size));
+    let (decoded_free_tx, decoded_free_rx) = buffer_pool(depth + 2, chunk_size);
 
     thread::scope(|scope| {
-        let (raw_tx, raw_rx) = sync_channel::<Vec<u8>>(depth);
-        let (decoded_tx, decoded_rx) = sync_channel::<Vec<u8>>(depth);
+        let (raw_tx, raw_rx) = sync_channel::<Chunk>(depth);
+        let (decoded_tx, decoded_rx) = sync_channel::<Chunk>(depth);
+        let (hashed_tx, hashed_rx) = sync_channel::<Chunk>(depth);
 
         let fetched = Arc::clone(&source_bytes);
         let fetch = thread::Builder::new()
             .name("image-fetch".into())
             .spawn_scoped(scope, move || -> io::Result<()> {
-                loop {
-                    let mut buf = vec![0u8; chunk_size];
-                    let n = read_full(&mut source, &mut buf)?;
+                // The decoder hanging up (closed channel) ends the loop; its result says why.
+                while let Ok(mut chunk) = raw_free_rx.recv() {
+                    let n = read_full(&mut source, chunk.space())?;
                     if n == 0 {
-                        return Ok(());
+                        break;
                     }
-                    buf.truncate(n);
+                    chunk.len = n;
                     fetched.fetch_add(n as u64, Ordering::Relaxed);
-                    if raw_tx.send(buf).is_err() {
-                        return Ok(()); // the decoder stopped; its result says why
+                    if raw_tx.send(chunk).is_err() {
+                        break;
                     }
                 }
+                Ok(())
             });
 
         let decode = thread::Builder::new()
             .name("image-decode".into())
             .spawn_scoped(scope, move || {
-                decode_and_hash(
-                    ChannelReader::new(raw_rx),
+                decode_stream(
+                    ChannelReader::new(raw_rx, raw_free_tx),
+                    decoded_free_rx,
                     decoded_tx,
-                    chunk_size,
                     expected_size,
                 )
             });
 
+        // Hashing has a thread of its own so that it runs next to decompression, not after it.
+        let hash = thread::Builder::new()
+            .name("image-hash".into())
+            .spawn_scoped(scope, move || hash_stream(decoded_rx, hashed_tx));
+
         let written = write_stream(
             target,
-            decoded_rx,
+            hashed_rx,
+            decoded_free_tx,
             capacity,
             options,
             &source_bytes,
@@ -295,26 +318,17 @@ fn run_pipeline<S: Read + Send>(
             started,
         );
 
-        let fetch_result = match fetch {
-            Ok(handle) => handle
-                .join()
-                .map_err(|_| WriteError::ThreadPanicked("fetch")),
-            Err(e) => Err(WriteError::Source(e)),
-        };
-        let decode_result = match decode {
-            Ok(handle) => handle
-                .join()
-                .map_err(|_| WriteError::ThreadPanicked("decode")),
-            Err(e) => Err(WriteError::Source(e)),
-        };
+        let fetch_result = join(fetch, "fetch");
+        let decode_result = join(decode, "decode");
+        let hash_result = join(hash, "hash");
 
         // Precedence: a write error explains everything upstream stopping; a source error
         // explains a decoder seeing a truncated stream.
         let (head, written_end) = written?;
         let fetch_result = fetch_result.map_err(|e| (e, written_end))?;
         fetch_result.map_err(|e| (WriteError::Source(e), written_end))?;
-        let (format, sha256, bytes) = match decode_result.map_err(|e| (e, written_end))? {
-            Ok(done) => done,
+        let format = match decode_result.map_err(|e| (e, written_end))? {
+            Ok(format) => format,
             Err(DecodeFailure::Io(e)) => return Err((WriteError::Source(e), written_end)),
             Err(DecodeFailure::Decode(format, e)) => {
                 let error = match (is_size_limit_error(&e), expected_size) {
@@ -326,6 +340,9 @@ fn run_pipeline<S: Read + Send>(
             Err(DecodeFailure::WriterGone) => {
                 return Err((WriteError::ThreadPanicked("write"), written_end))
             }
+        };
+        let Some((sha256, bytes)) = hash_result.map_err(|e| (e, written_end))? else {
+            return Err((WriteError::ThreadPanicked("write"), written_end));
         };
         if let Some(expected) = expected_size {
             if bytes != expected {
@@ -344,7 +361,11 @@ fn run_pipeline<S: Read + Send>(
             return Err((error, written_end));
         }
 
-        // Verified: now, and only now, make the disk bootable.
+        // Verified: the rest of the image goes to stable storage first, then, and only then,
+        // the first MiB that makes the disk bootable.
+        target
+            .sync_all()
+            .map_err(|e| (WriteError::Sync(e), written_end))?;
         target
             .write_all_at(&head, 0)
             .map_err(|cause| (WriteError::Write { offset: 0, cause }, written_end))?;
@@ -361,39 +382,68 @@ fn run_pipeline<S: Read + Send>(
     })
 }
 
-fn decode_and_hash(
+/// The result of a pipeline thread, or why there is none.
+fn join<T>(
+    handle: io::Result<thread::ScopedJoinHandle<'_, T>>,
+    name: &'static str,
+) -> Result<T, WriteError> {
+    match handle {
+        Ok(handle) => handle.join().map_err(|_| WriteError::ThreadPanicked(name)),
+        Err(e) => Err(WriteError::Source(e)),
+    }
+}
+
+/// Decodes the stream into buffers of the decoded pool, enforcing the expected size.
+fn decode_stream(
     raw: ChannelReader,
-    decoded_tx: SyncSender<Vec<u8>>,
-    chunk_size: usize,
+    free: Receiver<Chunk>,
+    decoded_tx: SyncSender<Chunk>,
     expected_size: Option<u64>,
-) -> Result<(Format, [u8; 32], u64), DecodeFailure> {
-    let (format, decoded) = decoder(raw).map_err(DecodeFailure::Io)?;
+) -> Result<Format, DecodeFailure> {
+    let (format, decoded) = buffered_decoder(raw).map_err(DecodeFailure::Io)?;
     tracing::debug!(%format, "image format detected");
-    let limited: Box<dyn Read + Send> = match expected_size {
+    let mut decoded: Box<dyn Read + Send> = match expected_size {
         Some(limit) => Box::new(SizeLimitReader::new(decoded, limit)),
         None => decoded,
     };
-    let mut hashing = HashingReader::new(limited);
-    loop {
-        let mut buf = vec![0u8; chunk_size];
-        let n = read_full(&mut hashing, &mut buf).map_err(|e| DecodeFailure::Decode(format, e))?;
+    // No free buffer means the writer is gone (it holds the only way back to this pool).
+    while let Ok(mut chunk) = free.recv() {
+        let n =
+            read_full(&mut decoded, chunk.space()).map_err(|e| DecodeFailure::Decode(format, e))?;
         if n == 0 {
+            return Ok(format);
+        }
+        chunk.len = n;
+        if decoded_tx.send(chunk).is_err() {
             break;
         }
-        buf.truncate(n);
-        if decoded_tx.send(buf).is_err() {
-            return Err(DecodeFailure::WriterGone);
-        }
     }
-    let (sha256, bytes) = hashing.finish();
-    Ok((format, sha256, bytes))
+    Err(DecodeFailure::WriterGone)
 }
 
-/// Receives decoded chunks and writes them; returns the held-back first MiB and the end
-/// offset of what reached the target (for the wipe on failure).
+/// SHA-256 and length of everything that passes; `None` if the writer hung up before the end.
+fn hash_stream(
+    decoded_rx: Receiver<Chunk>,
+    hashed_tx: SyncSender<Chunk>,
+) -> Option<([u8; 32], u64)> {
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    for chunk in decoded_rx {
+        hasher.update(chunk.data());
+        bytes += chunk.data().len() as u64;
+        hashed_tx.send(chunk).ok()?;
+    }
+    Some((hasher.finalize().into(), bytes))
+}
+
+/// Receives decoded chunks, writes them and hands the buffers back to the decoder; returns the
+/// held-back first MiB and the end offset of what reached the target (for the wipe on
+/// failure).
+#[allow(clippy::too_many_arguments)]
 fn write_stream(
     target: &File,
-    decoded_rx: Receiver<Vec<u8>>,
+    hashed_rx: Receiver<Chunk>,
+    free: SyncSender<Chunk>,
     capacity: Option<u64>,
     options: &WriteOptions,
     source_bytes: &AtomicU64,
@@ -413,8 +463,14 @@ fn write_stream(
             elapsed,
         }
     };
-    for chunk in decoded_rx {
-        let mut data = &chunk[..];
+    // Block devices are written with O_DIRECT: one copy fewer than through the page cache, and
+    // the image does not push everything else out of memory (stage2 runs from RAM).
+    let mut direct = capacity
+        .is_some()
+        .then(|| DirectIo::enable(target))
+        .flatten();
+    for chunk in hashed_rx {
+        let mut data = chunk.data();
         if offset < HEAD_LEN {
             let take = data.len().min((HEAD_LEN - offset) as usize);
             head.extend_from_slice(&data[..take]);
@@ -430,18 +486,68 @@ fn write_stream(
                 };
                 return Err((error, offset));
             }
-            target
-                .write_all_at(data, offset)
+            write_at(target, &mut direct, data, offset)
                 .map_err(|cause| (WriteError::Write { offset, cause }, offset))?;
             offset = end;
         }
+        // The decoder may be gone already (end of stream): then the buffer is simply freed.
+        let _ = free.send(chunk);
         if last_progress.elapsed() >= options.progress_interval {
             last_progress = Instant::now();
             progress(&sample(offset));
         }
     }
+    drop(direct);
     progress(&sample(offset));
     Ok((head, offset))
+}
+
+/// Writes with O_DIRECT while `direct` is on and the write is aligned; otherwise (the image's
+/// last, partial block, or a device that refuses) through the page cache from then on.
+fn write_at(
+    target: &File,
+    direct: &mut Option<DirectIo<'_>>,
+    data: &[u8],
+    offset: u64,
+) -> io::Result<()> {
+    let aligned = offset.is_multiple_of(DIRECT_IO_ALIGN as u64)
+        && data.len().is_multiple_of(DIRECT_IO_ALIGN)
+        && data.as_ptr().align_offset(DIRECT_IO_ALIGN) == 0;
+    if direct.is_some() && !aligned {
+        *direct = None;
+    }
+    match target.write_all_at(data, offset) {
+        Err(e) if direct.is_some() && e.raw_os_error() == Some(nix::libc::EINVAL) => {
+            tracing::debug!(error = %e, "direct write refused; writing through the page cache");
+            *direct = None;
+            target.write_all_at(data, offset)
+        }
+        result => result,
+    }
+}
+
+/// O_DIRECT set on a file while this lives; the file's flags are restored on drop.
+struct DirectIo<'a> {
+    file: &'a File,
+    flags: OFlag,
+}
+
+impl<'a> DirectIo<'a> {
+    /// `None` if the file cannot do direct I/O (it is then written through the page cache).
+    fn enable(file: &'a File) -> Option<Self> {
+        let fd = file.as_raw_fd();
+        let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).ok()?);
+        fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_DIRECT)).ok()?;
+        Some(Self { file, flags })
+    }
+}
+
+impl Drop for DirectIo<'_> {
+    fn drop(&mut self) {
+        if let Err(error) = fcntl(self.file.as_raw_fd(), FcntlArg::F_SETFL(self.flags)) {
+            tracing::warn!(%error, "cannot clear O_DIRECT on the target");
+        }
+    }
 }
 
 /// Reads until `buf` is full or the stream ends, so chunks are full-sized however small the
@@ -459,37 +565,103 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
-/// `Read` over the chunks of a channel; ends when the sender is dropped.
+/// A buffer of fixed capacity whose contents start at an address aligned for direct I/O.
+struct Chunk {
+    storage: Vec<u8>,
+    start: usize,
+    capacity: usize,
+    /// Bytes of data from `start`.
+    len: usize,
+}
+
+impl Chunk {
+    fn new(capacity: usize) -> Self {
+        let storage = vec![0u8; capacity + DIRECT_IO_ALIGN];
+        // align_offset may in theory give up (usize::MAX): the chunk is then unaligned and is
+        // written through the page cache.
+        let start = match storage.as_ptr().align_offset(DIRECT_IO_ALIGN) {
+            start if start < DIRECT_IO_ALIGN => start,
+            _ => 0,
+        };
+        Self {
+            storage,
+            start,
+            capacity,
+            len: 0,
+        }
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+
+    /// The whole buffer, to be filled (then set `len`).
+    fn space(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.capacity]
+    }
+}
+
+/// `count` buffers of `capacity` bytes in a channel: take one from the receiver, give it back
+/// through the sender.
+fn buffer_pool(count: usize, capacity: usize) -> (SyncSender<Chunk>, Receiver<Chunk>) {
+    let (tx, rx) = sync_channel(count);
+    for _ in 0..count {
+        // Cannot fail: the channel holds `count` and the receiver is alive.
+        let _ = tx.send(Chunk::new(capacity));
+    }
+    (tx, rx)
+}
+
+/// `BufRead` over the chunks of a channel, so the decompressor reads them in place; each
+/// chunk goes back to the fetch thread's pool once consumed. Ends when the sender is dropped.
 struct ChannelReader {
-    rx: Receiver<Vec<u8>>,
-    current: Vec<u8>,
+    rx: Receiver<Chunk>,
+    free: SyncSender<Chunk>,
+    current: Option<Chunk>,
     pos: usize,
 }
 
 impl ChannelReader {
-    fn new(rx: Receiver<Vec<u8>>) -> Self {
+    fn new(rx: Receiver<Chunk>, free: SyncSender<Chunk>) -> Self {
         Self {
             rx,
-            current: Vec::new(),
+            free,
+            current: None,
             pos: 0,
         }
     }
 }
 
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.pos == self.current.len() {
+impl BufRead for ChannelReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.current.as_ref().is_none_or(|c| self.pos == c.len) {
+            if let Some(spent) = self.current.take() {
+                // The fetch thread may be gone already (end of stream): then it is freed.
+                let _ = self.free.send(spent);
+            }
             match self.rx.recv() {
                 Ok(chunk) => {
-                    self.current = chunk;
+                    self.current = Some(chunk);
                     self.pos = 0;
                 }
-                Err(_) => return Ok(0),
+                Err(_) => return Ok(&[]),
             }
         }
-        let n = buf.len().min(self.current.len() - self.pos);
-        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
-        self.pos += n;
+        Ok(self.current.as_ref().map_or(&[], |c| &c.data()[self.pos..]))
+    }
+
+    fn consume(&mut self, amount: usize) {
+        let len = self.current.as_ref().map_or(0, |c| c.len);
+        self.pos = (self.pos + amount).min(len);
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let available = self.fill_buf()?;
+        let n = buf.len().min(available.len());
+        buf[..n].copy_from_slice(&available[..n]);
+        self.consume(n);
         Ok(n)
     }
 }
