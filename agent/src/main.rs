@@ -60,6 +60,15 @@ enum Command {
         /// Address to bind when systemd passed no socket.
         #[arg(long, default_value = "0.0.0.0:8080")]
         listen: std::net::SocketAddr,
+        /// On the operator's host: also serve the first machine's NoCloud seed,
+        /// `/nocloud/NAME/{meta-data,user-data}` from `SEED_DIR/NAME/` (cloud-init:
+        /// `ds=nocloud-net;s=http://HOST:PORT/nocloud/NAME/`).
+        #[arg(long, value_name = "SEED_DIR")]
+        bootstrap: Option<PathBuf>,
+        /// Pull-through cache: fetch a file missing from --dir from this imageserver
+        /// (`http://HOST:PORT/`), check it and keep it in --dir.
+        #[arg(long, value_name = "URL")]
+        upstream: Option<String>,
     },
 }
 
@@ -140,7 +149,12 @@ fn run(command: Command) -> ExitCode {
                 }
             }
         }
-        Command::Imageserver { dir, listen } => {
+        Command::Imageserver {
+            dir,
+            listen,
+            bootstrap,
+            upstream,
+        } => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -148,7 +162,13 @@ fn run(command: Command) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(imageserver::run(dir, listen)) {
+            let options = imageserver::Options {
+                dir,
+                listen,
+                bootstrap,
+                upstream,
+            };
+            match runtime.block_on(imageserver::run(options)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("imageserver failed: {e:#}");

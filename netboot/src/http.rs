@@ -14,6 +14,10 @@
 //!
 //! [`serve_files`] is the same server for a plain directory (`provisioner imageserver`): every
 //! path is a file under it, with the same validators, ranges and confinement.
+//! [`serve_file_server`] adds, per [`FileServer`], a NoCloud seed under
+//! `/nocloud/{name}/{meta-data,user-data,vendor-data,network-config}` (the first machine's
+//! cloud-init configuration, from a directory) and a [`MissingFiles`] hook that fills a file
+//! not found in the directory before it is served (the imageserver's pull-through cache).
 //!
 //! `HEAD` is answered like `GET` without a body; any other method gets 405 with `Allow`.
 //! Static files carry `Content-Length`, `Last-Modified`, `ETag` and `Accept-Ranges`, honour
@@ -31,9 +35,11 @@ mod body;
 mod files;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -143,8 +149,75 @@ pub async fn serve_files(
     shutdown: CancellationToken,
     grace: Duration,
 ) -> io::Result<()> {
-    info!(dir = %dir.display(), "file server starting");
-    let site = Site::Files { dir };
+    serve_file_server(
+        listener,
+        FileServer {
+            dir,
+            seed_dir: None,
+            missing: None,
+        },
+        shutdown,
+        grace,
+    )
+    .await
+}
+
+/// What [`serve_file_server`] serves.
+#[derive(Clone)]
+pub struct FileServer {
+    /// Every other path is a regular file under this directory.
+    pub dir: PathBuf,
+    /// `/nocloud/{name}/{file}` is `{seed_dir}/{name}/{file}`, for `file` one of the names
+    /// cloud-init's NoCloud asks for ([`SEED_FILES`]). A missing `vendor-data` is answered
+    /// empty (200) rather than 404: cloud-init 22.4 retries a 404 ten times, one second apart,
+    /// before going on without it. The others are 404 when missing.
+    pub seed_dir: Option<PathBuf>,
+    /// Asked to put a file into `dir` when a request names one that is not there.
+    pub missing: Option<Arc<dyn MissingFiles>>,
+}
+
+/// The file names served under `/nocloud/{name}/`.
+pub const SEED_FILES: [&str; 4] = ["meta-data", "user-data", "vendor-data", "network-config"];
+
+/// Why a [`MissingFiles`] hook could not provide a file.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FillError {
+    /// The source does not have it either: 404.
+    #[error("not found upstream")]
+    NotFound,
+    /// The path cannot be a file of the directory (e.g. a hidden name): 404.
+    #[error("{0}")]
+    Refused(String),
+    /// Fetching or checking it failed: 502.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// The future a [`MissingFiles`] hook returns.
+pub type FillFuture<'a> = Pin<Box<dyn Future<Output = Result<(), FillError>> + Send + 'a>>;
+
+/// Fills a file that a request names and the served directory does not have.
+pub trait MissingFiles: Send + Sync {
+    /// Makes the regular file `rel` (percent-decoded, relative, without `..` or control
+    /// characters) exist under the served directory, or says why it cannot. The file is then
+    /// served from the directory as any other.
+    fn fill<'a>(&'a self, rel: &'a str) -> FillFuture<'a>;
+}
+
+/// [`serve_files`] with a NoCloud seed and a hook for missing files.
+pub async fn serve_file_server(
+    listener: TcpListener,
+    server: FileServer,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> io::Result<()> {
+    info!(
+        dir = %server.dir.display(),
+        seed_dir = server.seed_dir.as_ref().map(|d| tracing::field::display(d.display())),
+        fills_missing = server.missing.is_some(),
+        "file server starting"
+    );
+    let site = Site::Files(server);
     run(listener, Arc::new(Ctx { site }), shutdown, grace).await
 }
 
@@ -227,9 +300,7 @@ enum Site {
         machines: Arc<dyn MachineLookup>,
         provisioning: Arc<dyn Provisioning>,
     },
-    Files {
-        dir: PathBuf,
-    },
+    Files(FileServer),
 }
 
 async fn connection(
@@ -288,7 +359,11 @@ fn loggable_path(path: &str) -> String {
 async fn handle(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let mut outcome = Outcome::default();
     let method = req.method().clone();
-    let raw_path = loggable_path(req.uri().path());
+    let raw_path = match &ctx.site {
+        Site::Netboot { .. } => loggable_path(req.uri().path()),
+        // The bootstrap seed's `/nocloud/{name}/` is a machine name, not a token.
+        Site::Files(_) => req.uri().path().to_string(),
+    };
     let response = match &ctx.site {
         Site::Netboot {
             settings,
@@ -302,7 +377,7 @@ async fn handle(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response
             };
             site.route(req, &mut outcome).await
         }
-        Site::Files { dir } => files_route(dir, &req, &mut outcome).await,
+        Site::Files(server) => files_route(server, &req, &mut outcome).await,
     };
     let status = response.status();
     if outcome.bytes == 0 && method != Method::HEAD {
@@ -349,8 +424,12 @@ fn not_allowed(allow: &'static str) -> Response<Body> {
     r
 }
 
-/// A plain directory (`serve_files`).
-async fn files_route(dir: &Path, req: &Request<Incoming>, outcome: &mut Outcome) -> Response<Body> {
+/// A plain directory (`serve_files`), its seed and its missing-file hook.
+async fn files_route(
+    server: &FileServer,
+    req: &Request<Incoming>,
+    outcome: &mut Outcome,
+) -> Response<Body> {
     let Some(head) = get_or_head(req.method()) else {
         return not_allowed("GET, HEAD");
     };
@@ -366,7 +445,63 @@ async fn files_route(dir: &Path, req: &Request<Incoming>, outcome: &mut Outcome)
         // A directory: never listed.
         return plain(StatusCode::NOT_FOUND, "not found");
     }
-    files::serve_file(dir, &rel, head, req.headers(), outcome).await
+    if let (Some(seed_dir), Some(seed_rel)) = (&server.seed_dir, rel.strip_prefix("nocloud/")) {
+        return seed_file(seed_dir, seed_rel, head, req.headers(), outcome).await;
+    }
+    if let Some(missing) = &server.missing {
+        if rel.split('/').any(|segment| segment.starts_with('.')) {
+            // Hidden names are the cache's files being downloaded: never served or fetched.
+            outcome.note = Some("hidden name".into());
+            return plain(StatusCode::NOT_FOUND, "not found");
+        }
+        if files::is_missing(&server.dir, &rel).await {
+            match missing.fill(&rel).await {
+                Ok(()) => {}
+                Err(e @ (FillError::NotFound | FillError::Refused(_))) => {
+                    outcome.note = Some(e.to_string());
+                    return plain(StatusCode::NOT_FOUND, "not found");
+                }
+                Err(FillError::Failed(why)) => {
+                    outcome.note = Some(why);
+                    return plain(StatusCode::BAD_GATEWAY, "cannot fetch the file upstream");
+                }
+            }
+        }
+    }
+    files::serve_file(&server.dir, &rel, head, req.headers(), outcome).await
+}
+
+/// `/nocloud/{name}/{file}` of the bootstrap seed.
+async fn seed_file(
+    seed_dir: &std::path::Path,
+    seed_rel: &str,
+    head: bool,
+    headers: &hyper::HeaderMap,
+    outcome: &mut Outcome,
+) -> Response<Body> {
+    let Some((name, file)) = seed_rel.split_once('/') else {
+        return plain(StatusCode::NOT_FOUND, "not found");
+    };
+    if name.is_empty() || name.starts_with('.') || !SEED_FILES.contains(&file) {
+        outcome.note = Some("not a NoCloud seed file".into());
+        return plain(StatusCode::NOT_FOUND, "not found");
+    }
+    outcome.machine = Some(name.to_string());
+    outcome.note = Some(format!("NoCloud seed {file}"));
+    if file == "vendor-data" && files::is_missing(seed_dir, seed_rel).await {
+        return Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .header(header::CONTENT_LENGTH, 0)
+            .header(header::CACHE_CONTROL, "no-store")
+            .body(Body::Empty)
+            .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error"));
+    }
+    let mut response = files::serve_file(seed_dir, seed_rel, head, headers, outcome).await;
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 struct NetbootSite<'a> {

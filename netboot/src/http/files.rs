@@ -130,6 +130,18 @@ fn if_range_holds(value: &str, v: &Validators) -> bool {
     value == v.last_modified
 }
 
+/// Whether `rel` is absent from `root` (anything else, a file or a path [`serve_file`] refuses,
+/// is not "missing").
+pub(crate) async fn is_missing(root: &Path, rel: &str) -> bool {
+    let root = root.to_path_buf();
+    let rel = rel.to_string();
+    tokio::task::spawn_blocking(move || {
+        matches!(open_confined(&root, &rel), Err(PathError::NotFound(_)))
+    })
+    .await
+    .unwrap_or(false)
+}
+
 /// Opens `rel` under `root` and answers per the request headers. `rel` has already been
 /// percent-decoded and checked for `..` and NUL by the router.
 pub(crate) async fn serve_file(
