@@ -8,12 +8,13 @@
 #     installed, netboot.path (or the sockets) and imageserver.socket enabled, empty machine-id
 #   - manifest.json: every sha256 and size matches its file (and the decompressed image)
 #   - stage2 initrd: /init and the virtio modules of the image's own kernel
-# Then boots a throw-away copy of the image in QEMU (OVMF, TCG, disk first, a tap in the test's
-# namespace with nobody else on it) and waits for the login prompt on the serial console.
+# Then boots the image in QEMU (-snapshot, TCG, disk first, a tap in the test's namespace where
+# provisioner netboot answers its DHCP): OVMF (systemd-boot) to the login prompt on the serial
+# console, and SeaBIOS (syslinux) to the image's systemd greeting.
 # Prints the build time, the sizes and the boot time.
 #
 #   IMAGE_APT_CACHE=/var/tmp/pv-image-apt-cache (downloaded .debs kept between runs)
-#   BOOT=0 (skip the QEMU boot)  TIMEOUT=480  KEEP_WORK=1  IMAGE_OUT=DIR (check DIR, no build)
+#   BOOT=ovmf|bios|0 (one firmware, or no QEMU boot; default both)  TIMEOUT=480  KEEP_WORK=1  IMAGE_OUT=DIR (check DIR, no build)
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 . "$REPO/tests/lib-qemu.sh"
@@ -153,7 +154,8 @@ image_zst=$(stat -c %s "$OUT/image.raw.zst"); image_raw=$(stat -c %s "$RAW"); in
 echo "IMAGE profile=debian-test build_seconds=$build_s raw_bytes=$image_raw zstd_bytes=$image_zst initrd_bytes=$initrd kernel=$KVER rootfs=$(du -sh "$ROOTFS" | cut -f1)"
 
 # --- boot in QEMU (OVMF, TCG) -------------------------------------------------------------------
-if [ "$BOOT" = 1 ]; then
+case $BOOT in 1|all) BOOT="ovmf bios" ;; 0) BOOT= ;; esac
+if [ -n "$BOOT" ]; then
     netns_up
     add_tap tap0
     # provisioner netboot holds the VM's DHCP reservation: the image's systemd-networkd gets its
@@ -165,6 +167,8 @@ if [ "$BOOT" = 1 ]; then
         fail "provisioner netboot starts"
         finish
     fi
+fi
+if [[ " $BOOT " == *" ovmf "* ]]; then
     # The disk is booted first; -snapshot keeps the image itself untouched. One vCPU: with two,
     # TCG on a loaded 2-core host stalls the guest kernel (soft lockups).
     qemu_start image ovmf "$MAC" tap0 -snapshot \
@@ -185,5 +189,21 @@ if [ "$BOOT" = 1 ]; then
     check "no failed units on the console" bash -c "! grep -a 'FAILED' '$(qemu_serial image)' >&2"
     check "netboot logged the image's lease" grep -aq "$SUBNET_PREFIX\.40" "$WORK/provisioner.log"
     echo "IMAGE_BOOT firmware=ovmf welcome_seconds=$(qemu_time_of image 'Welcome to' || echo '?') login_seconds=${QEMU_ELAPSED:-?}"
+fi
+if [[ " $BOOT " == *" bios "* ]]; then
+    # BIOS: SeaBIOS runs gptmbr.bin, which chains syslinux on the LegacyBIOSBootable ESP; the
+    # image's systemd greeting shows kernel, initramfs and root were found.
+    qemu_start image-bios seabios "$MAC" tap0 -snapshot \
+        -drive "file=$RAW,if=none,id=d0,format=raw" -device virtio-blk-pci,drive=d0,bootindex=0
+    if qemu_wait image-bios 'Welcome to .*Debian' "$TIMEOUT"; then
+        pass "the image boots under SeaBIOS (syslinux) into its systemd (${QEMU_ELAPSED}s)"
+    else
+        fail "no systemd greeting under SeaBIOS within ${TIMEOUT}s"
+        qemu_tail image-bios 30 >&2
+    fi
+    qemu_stop image-bios
+    check "SeaBIOS: the kernel got the root PARTUUID from syslinux.cfg" \
+        grep -aqi "Command line: .*root=PARTUUID=$root_uuid" "$(qemu_serial image-bios)"
+    echo "IMAGE_BOOT firmware=seabios welcome_seconds=${QEMU_ELAPSED:-?}"
 fi
 finish
