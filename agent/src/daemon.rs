@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster;
 use crate::config::{Config, Inventory};
 use crate::inventory::{self, Table};
-use crate::provisioning::{Imaging, NodeCloudInit};
+use crate::provisioning::Imaging;
 use crate::status::{self, StatusStore};
 use crate::{dbus, systemd};
 
@@ -153,18 +153,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(image) = &config.image {
         tracing::info!(image = %image.url, local_boot = ?config.boot.local_boot, "imaging machines");
     }
-    let provisioning: Arc<dyn netboot::Provisioning> = Arc::new(
-        Imaging::new(
-            store.clone(),
-            table.clone(),
-            config.image.clone(),
-            config.boot.local_boot,
-        )
-        .with_cloud_init(NodeCloudInit {
-            hooks: config.cloud_init.clone(),
-            base_url: base_url.clone(),
-        }),
-    );
+    let provisioning: Arc<dyn netboot::Provisioning> = Arc::new(Imaging::new(
+        store.clone(),
+        table.clone(),
+        config.image.clone(),
+        config.boot.local_boot,
+    ));
     let mut servers = tokio::task::JoinSet::new();
     servers.spawn(netboot::dhcp::serve(
         sockets.dhcp,
@@ -235,12 +229,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             shutdown.clone(),
         )),
         None => {
-            let client = cluster::client(kubeconfig.as_deref())
+            let (client, facts) = cluster::connect(kubeconfig.as_deref())
                 .await
                 .context("inventory")?;
             let rules = cluster::AddressRules {
                 subnet: config.subnet,
                 reserved: reserved.clone(),
+            };
+            let tokens = Arc::new(cluster::join::BootstrapTokens::new(
+                client.clone(),
+                store.clone(),
+                cluster::join::JoinSettings {
+                    token_ttl: config.cluster.bootstrap_token_ttl,
+                    api_endpoint: config.cluster.api_endpoint.clone(),
+                },
+                facts,
+            ));
+            let options = cluster::Options {
+                install_crd: config.cluster.install_crd,
+                tokens: Some(tokens),
             };
             tokio::spawn(cluster::run(
                 client,
@@ -248,6 +255,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 store.clone(),
                 rules,
                 api_state.clone(),
+                options,
                 shutdown.clone(),
             ))
         }
@@ -261,6 +269,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let mut line = status_line(&store.summary(), &endpoints);
         if !api_state.reachable() {
             line.push_str("; Kubernetes API unreachable, serving the last known machines");
+        }
+        if let Some(problem) = api_state.problem() {
+            line.push_str("; ");
+            line.push_str(&problem);
         }
         line
     };

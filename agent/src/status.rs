@@ -520,6 +520,19 @@ impl StatusStore {
         Some(token)
     }
 
+    /// A name for the current provisioning of the machine called `name` (16 hex digits), stable
+    /// until its next imaging: what resources made for one provisioning (the kubeadm bootstrap
+    /// token Secret) are labelled with. Derived from the token's hash, so it tells nothing
+    /// about the token. `None` while no provisioning token has been issued.
+    pub fn provisioning_id(&self, name: &str) -> Option<String> {
+        use sha2::Digest;
+        let hash = self.lock().credentials.get(name)?.token_sha256?;
+        let mut digest = sha2::Sha256::new();
+        digest.update(b"provisioning:");
+        digest.update(hash);
+        Some(hex::encode(&digest.finalize()[..8]))
+    }
+
     /// Whether `token` is the current token of the machine called `name`.
     fn holds(inner: &Inner, name: &str, token: &str) -> bool {
         // Comparing digests, not the secret itself: timing reveals nothing about the token.
@@ -538,8 +551,7 @@ impl StatusStore {
 
     /// stage2's report on the machine called `name`, accepted only with its current token and
     /// in a phase where it makes sense: while PXE booting, imaging or failed (stage2 retries),
-    /// and a repeated `imaged` once imaged. The installed system's cloud-init reports
-    /// `joining` (and `failed` when the join fails) once imaged or joining.
+    /// and a repeated `imaged` once imaged.
     pub fn imaging_report(
         &self,
         name: &str,
@@ -558,16 +570,8 @@ impl StatusStore {
             }
             let accepted = matches!(
                 (&report, status.phase),
-                (
-                    ProgressReport::Imaging { .. }
-                        | ProgressReport::Imaged { .. }
-                        | ProgressReport::Failed { .. },
-                    Phase::PxeBooting | Phase::Imaging | Phase::Failed
-                ) | (ProgressReport::Imaged { .. }, Phase::Imaged)
-                    | (
-                        ProgressReport::Joining { .. } | ProgressReport::Failed { .. },
-                        Phase::Imaged | Phase::Joining
-                    )
+                (_, Phase::PxeBooting | Phase::Imaging | Phase::Failed)
+                    | (ProgressReport::Imaged { .. }, Phase::Imaged)
             );
             if !accepted {
                 return Err(Refusal::WrongPhase {
@@ -589,7 +593,6 @@ impl StatusStore {
             },
             ProgressReport::Imaged { .. } => Report::Imaged,
             ProgressReport::Failed { message } => Report::Failed { message },
-            ProgressReport::Joining { .. } => Report::Joining,
         };
         self.report(name, report)
             .map_err(|_| Refusal::UnknownMachine)

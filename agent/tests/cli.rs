@@ -257,3 +257,80 @@ fn kubernetes_true_uses_the_kubeconfig_credential() {
         "request carries the credential's token: {request}"
     );
 }
+
+/// Collects `WATCHDOG=1` datagrams (their arrival times) for `window`.
+fn keep_alives(socket: &UnixDatagram, window: Duration) -> Vec<Instant> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        if let Ok(n) = socket.recv(&mut buf) {
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "WATCHDOG=1")
+            {
+                seen.push(Instant::now());
+            }
+        }
+    }
+    seen
+}
+
+/// With `WatchdogSec=` systemd sets `WATCHDOG_USEC` and `WATCHDOG_PID`: netboot must send
+/// `WATCHDOG=1` at least every WATCHDOG_USEC/2; with another process's `WATCHDOG_PID` it must
+/// send none (the variables were meant for someone else).
+#[test]
+fn feeds_the_watchdog() {
+    const WATCHDOG_USEC: u64 = 1_000_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "");
+    let notify_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    // `exec` keeps the shell's PID, so WATCHDOG_PID=$$ is the daemon's own PID, as systemd
+    // sets it.
+    let netboot = |watchdog_pid: &str| {
+        KillOnDrop(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "WATCHDOG_PID={watchdog_pid} exec \"$0\" netboot --config \"$1\""
+                ))
+                .arg(BIN)
+                .arg(&config)
+                .env("NOTIFY_SOCKET", &notify_path)
+                .env("WATCHDOG_USEC", WATCHDOG_USEC.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn"),
+        )
+    };
+
+    let daemon = netboot("$$");
+    recv_until(&socket, "READY=1", Instant::now() + Duration::from_secs(20));
+    let window = Duration::from_secs(3);
+    let seen = keep_alives(&socket, window);
+    drop(daemon);
+    assert!(
+        seen.len() >= 3,
+        "{} WATCHDOG=1 in {window:?} with WATCHDOG_USEC={WATCHDOG_USEC}",
+        seen.len()
+    );
+    let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1] - w[0]).collect();
+    let longest = gaps.iter().max().copied().unwrap_or_default();
+    // Sent every WATCHDOG_USEC/2; systemd's deadline is WATCHDOG_USEC: a gap that long would
+    // have the service killed.
+    assert!(
+        longest < Duration::from_micros(WATCHDOG_USEC),
+        "longest gap between keep-alives {longest:?} (all: {gaps:?})"
+    );
+
+    // Not our PID: no keep-alives, but the daemon still runs and says READY=1.
+    let _other = netboot("1");
+    recv_until(&socket, "READY=1", Instant::now() + Duration::from_secs(20));
+    let seen = keep_alives(&socket, Duration::from_millis(1500));
+    assert!(seen.is_empty(), "{} WATCHDOG=1 for another PID", seen.len());
+}

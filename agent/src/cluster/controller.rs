@@ -26,6 +26,7 @@ use netboot::MacAddr;
 use tokio::sync::mpsc;
 
 use super::crd::{Machine, MachineStatus};
+use super::join::{BootstrapTokens, JoinError};
 use crate::inventory::{self, Table};
 use crate::status::{self, Phase, Report, StatusStore};
 
@@ -50,6 +51,8 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("the Machine store is gone (controller stopping)")]
     StoreGone,
+    #[error("bootstrap tokens: {0}")]
+    Join(#[from] super::join::JoinError),
 }
 
 /// What the controller needs to know that the API server does not: the provisioning subnet
@@ -184,6 +187,8 @@ pub struct Context {
     last: Mutex<Option<Verdicts>>,
     /// Asks the controller to reconcile every Machine (the verdicts changed).
     reconcile_all: mpsc::UnboundedSender<()>,
+    /// Bootstrap token Secrets, deleted when a machine joins or its Machine is deleted.
+    pub tokens: Option<Arc<BootstrapTokens>>,
 }
 
 impl Context {
@@ -213,7 +218,13 @@ impl Context {
             recorder,
             last: Mutex::new(None),
             reconcile_all,
+            tokens: None,
         }
+    }
+
+    pub fn with_tokens(mut self, tokens: Option<Arc<BootstrapTokens>>) -> Context {
+        self.tokens = tokens;
+        self
     }
 
     /// Judges every Machine and, when the verdicts changed, updates the table (which adds and
@@ -552,6 +563,16 @@ async fn apply(machine: Arc<Machine>, ctx: &Context) -> Result<Action, Error> {
                 tracing::warn!(machine = %name, reason = %event.reason, "cannot post Event: {e}");
             }
         }
+        let ready = Some(Phase::Ready.as_str());
+        if desired.phase.as_deref() == ready && current.phase.as_deref() != ready {
+            if let Some(tokens) = &ctx.tokens {
+                // The node has joined: its bootstrap token has done its job. A failure here is
+                // left to the periodic sweep (the phase is written, this will not run again).
+                if let Err(e) = tokens.release(&name, "the node has joined").await {
+                    tracing::warn!(machine = %name, "cannot delete the bootstrap token Secret: {e}");
+                }
+            }
+        }
     }
     Ok(Action::requeue(RESYNC))
 }
@@ -562,6 +583,17 @@ async fn cleanup(machine: Arc<Machine>, ctx: &Context) -> Result<Action, Error> 
     let name = machine.name_any();
     ctx.refresh(Some(&name));
     tracing::info!(machine = %name, mac = %machine.spec.mac_address, ip = %machine.spec.ip_address, "Machine deleted: no longer served");
+    if let Some(tokens) = &ctx.tokens {
+        match tokens.release(&name, "the Machine is deleted").await {
+            Ok(_) => {}
+            // Not allowed: retrying cannot help, and holding the Machine forever is worse than
+            // a token that expires on its own.
+            Err(JoinError::Kube(kube::Error::Api(e))) if e.code == 403 => {
+                tracing::error!(machine = %name, "may not delete the bootstrap token Secret ({}); it stays until it expires", e.message);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(Action::await_change())
 }
 

@@ -3,12 +3,19 @@
 
 pub mod controller;
 pub mod crd;
+pub mod install;
+// Until the user-data path asks for join parameters, parts are only used by tests.
+#[cfg_attr(not(test), allow(dead_code))]
+pub mod join;
+#[cfg(test)]
+mod rbac;
 #[cfg(test)]
 mod tests;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use futures_util::{stream, StreamExt};
@@ -26,7 +33,14 @@ pub use crd::Machine;
 
 /// A client from `kubeconfig`, or else the usual places (in-cluster service account,
 /// `$KUBECONFIG`, `~/.kube/config`). Reads files only: the API server is not contacted yet.
+#[cfg(test)]
 pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
+    Ok(connect(kubeconfig).await?.0)
+}
+
+/// [`client`], and what its configuration says about the cluster (server URL, CA
+/// certificates) for kubeadm join when cluster-info is not readable.
+pub async fn connect(kubeconfig: Option<&Path>) -> anyhow::Result<(Client, join::ClusterFacts)> {
     let config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
@@ -39,18 +53,46 @@ pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
             .await
             .context("no in-cluster configuration and no usable kubeconfig")?,
     };
-    Client::try_from(config).context("cannot build the Kubernetes client")
+    let facts = join::ClusterFacts {
+        server: Some(config.cluster_url.to_string()),
+        ca_certificates: config.root_cert.clone().unwrap_or_default(),
+    };
+    let client = Client::try_from(config).context("cannot build the Kubernetes client")?;
+    Ok((client, facts))
+}
+
+/// What the agent does in the cluster besides watching Machines.
+#[derive(Default)]
+pub struct Options {
+    /// Apply the Machine CRD on start.
+    pub install_crd: bool,
+    /// Bootstrap tokens to release when a machine joins or its Machine is deleted, and to
+    /// sweep.
+    pub tokens: Option<Arc<join::BootstrapTokens>>,
 }
 
 /// Whether the last contact with the API server worked (for `STATUS=`).
 #[derive(Debug)]
 pub struct ApiState {
     reachable: AtomicBool,
+    /// What stops the agent from working with the cluster (a missing CRD), for `STATUS=`.
+    problem: std::sync::Mutex<Option<String>>,
 }
 
 impl ApiState {
     pub fn reachable(&self) -> bool {
         self.reachable.load(Ordering::Relaxed)
+    }
+
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_problem(&self, problem: Option<String>) {
+        *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = problem;
     }
 
     fn set(&self, reachable: bool, table: &Table) {
@@ -70,6 +112,7 @@ impl Default for ApiState {
     fn default() -> Self {
         ApiState {
             reachable: AtomicBool::new(true),
+            problem: std::sync::Mutex::new(None),
         }
     }
 }
@@ -82,12 +125,27 @@ pub async fn run(
     store: Arc<StatusStore>,
     rules: AddressRules,
     api_state: Arc<ApiState>,
+    options: Options,
     shutdown: CancellationToken,
 ) {
+    tokio::spawn(crd_step(
+        client.clone(),
+        options.install_crd,
+        api_state.clone(),
+        shutdown.clone(),
+    ));
     let machines_api: Api<Machine> = Api::all(client.clone());
     let nodes_api: Api<Node> = Api::all(client.clone());
     let controller = Controller::new(machines_api, watcher::Config::default().any_semantic());
     let machines = controller.store();
+    if let Some(tokens) = &options.tokens {
+        tokens.attach(machines.clone());
+        tokio::spawn(
+            tokens
+                .clone()
+                .sweep_periodically(Duration::from_secs(60), shutdown.clone()),
+        );
+    }
     let (nodes, node_writer) = reflector::store::<Node>();
     let (one_tx, one_rx) = mpsc::unbounded_channel::<ObjectRef<Machine>>();
     let (all_tx, all_rx) = mpsc::unbounded_channel::<()>();
@@ -149,15 +207,10 @@ pub async fn run(
         }
     });
 
-    let context = Arc::new(controller::Context::new(
-        client,
-        machines,
-        nodes,
-        table.clone(),
-        store,
-        rules,
-        all_tx,
-    ));
+    let context = Arc::new(
+        controller::Context::new(client, machines, nodes, table.clone(), store, rules, all_tx)
+            .with_tokens(options.tokens),
+    );
     let one = stream::unfold(
         one_rx,
         |mut rx| async move { rx.recv().await.map(|r| (r, rx)) },
@@ -195,4 +248,42 @@ pub async fn run(
             futures_util::future::ready(())
         })
         .await;
+}
+
+/// The CRD step on start: apply it (when allowed), else check one is installed. A missing CRD
+/// is reported in `STATUS=` and checked again every 30 s; an unreachable API server is retried
+/// with back-off.
+async fn crd_step(
+    client: Client,
+    install: bool,
+    api_state: Arc<ApiState>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let wait = match install::ensure_crd(client.clone(), install).await {
+            Ok(install::CrdState::Missing(problem)) => {
+                tracing::error!("{problem}");
+                api_state.set_problem(Some(problem));
+                Duration::from_secs(30)
+            }
+            Ok(_) => {
+                api_state.set_problem(None);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "Machine CRD step failed, retrying in {}s: {e}",
+                    backoff.as_secs()
+                );
+                let wait = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+                wait
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
 }

@@ -18,6 +18,10 @@ use tokio::sync::mpsc;
 
 use super::controller::{self, AddressRules, Context};
 use super::crd::{Machine, MachineSpec};
+use super::install::CrdState;
+use super::join::{
+    BootstrapToken, BootstrapTokens, ClusterFacts, JoinParams, JoinSettings, JoinSource as _,
+};
 use crate::inventory::Table;
 use crate::status::{Phase, StatusStore};
 
@@ -116,12 +120,20 @@ async fn expect_request(
     let (request, send) = handle.next_request().await.expect("a request");
     assert_eq!(request.method(), method, "method of {}", request.uri());
     assert_eq!(request.uri().to_string(), path);
+    assert!(
+        super::rbac::covered(method.as_str(), path),
+        "{method} {path} is not in cluster::rbac::PERMISSIONS"
+    );
     let bytes = request
         .into_body()
         .collect_bytes()
         .await
         .expect("request body");
-    let body = serde_json::from_slice(&bytes).expect("JSON body");
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).expect("JSON body")
+    };
     (body, send)
 }
 
@@ -129,6 +141,21 @@ fn respond(send: tower_test::mock::SendResponse<Response<Body>>, body: &impl ser
     let bytes = serde_json::to_vec(body).expect("response JSON");
     send.send_response(
         Response::builder()
+            .body(Body::from(bytes))
+            .expect("response"),
+    );
+}
+
+/// An API error answer (`Status` object), as kube-apiserver sends it.
+fn respond_error(send: tower_test::mock::SendResponse<Response<Body>>, code: u16, reason: &str) {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("{reason} (mock)"), "reason": reason, "code": code,
+    });
+    let bytes = serde_json::to_vec(&body).expect("status JSON");
+    send.send_response(
+        Response::builder()
+            .status(code)
             .body(Body::from(bytes))
             .expect("response"),
     );
@@ -451,6 +478,788 @@ fn judge_matches_the_folder_rules() {
     assert!(v.served.values().any(|m| m.name == "a"));
 }
 
+const SECRETS: &str = "/api/v1/namespaces/kube-system/secrets";
+const CLUSTER_INFO_PATH: &str = "/api/v1/namespaces/kube-public/configmaps/cluster-info";
+const RSA_CA: &str = include_str!("../../tests/fixtures/ca/rsa-ca.crt");
+/// `openssl x509 -pubkey -noout | openssl pkey -pubin -outform der | sha256sum` of RSA_CA.
+const RSA_PIN: &str = "sha256:c8db4b1e216949657508fa485788e5a38a23c4babce0a9d5b313742b8309b03c";
+
+fn tokens_for(h: &Harness, api_endpoint: Option<&str>) -> Arc<BootstrapTokens> {
+    let tokens = Arc::new(BootstrapTokens::new(
+        h.ctx.client.clone(),
+        h.status.clone(),
+        JoinSettings {
+            token_ttl: Duration::from_secs(3600),
+            api_endpoint: api_endpoint.map(str::to_string),
+        },
+        ClusterFacts::default(),
+    ));
+    tokens.attach(h.ctx.machines.clone());
+    tokens
+}
+
+/// node2 served, its imaging started (a provisioning token issued), the disk imaged.
+fn imaged_node2() -> (Harness, ApiServerHandle, Machine) {
+    let m = with_finalizer(machine("node2", "52:54:00:00:00:02", "10.77.0.2"));
+    let (h, api) = harness(vec![m.clone()], vec![]);
+    let verdicts = controller::judge(&[Arc::new(m.clone())], &h.ctx.rules, None);
+    h.table.replace(verdicts.served);
+    let served = h
+        .table
+        .by_mac(&"52:54:00:00:00:02".parse().expect("mac"))
+        .expect("served");
+    h.status.start_imaging(&served).expect("provisioning token");
+    h.status
+        .report("node2", crate::status::Report::Imaged)
+        .expect("known");
+    (h, api, m)
+}
+
+async fn answer_cluster_info(api: &mut ApiServerHandle) {
+    use base64::Engine as _;
+    let (_, send) = expect_request(api, Method::GET, CLUSTER_INFO_PATH).await;
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: \"\"\n  cluster:\n    server: https://10.77.0.1:6443\n    certificate-authority-data: {}\ncontexts: []\nusers: []\n",
+        base64::engine::general_purpose::STANDARD.encode(RSA_CA)
+    );
+    respond(
+        send,
+        &json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "cluster-info", "namespace": "kube-public"},
+                "data": {"kubeconfig": kubeconfig}}),
+    );
+}
+
+fn secret_list_path(machine: &str) -> String {
+    format!("{SECRETS}?&labelSelector=provisioner.dev%2Fmachine%3D{machine}%2Capp.kubernetes.io%2Fmanaged-by%3Dprovisioner")
+}
+
+/// A Secret as the API server returns it: `stringData` folded into base64 `data`.
+fn as_stored(mut secret: Value) -> Value {
+    use base64::Engine as _;
+    let mut data = serde_json::Map::new();
+    if let Some(fields) = secret["stringData"].as_object() {
+        for (k, v) in fields {
+            let text = v.as_str().unwrap_or_default();
+            data.insert(
+                k.clone(),
+                Value::String(base64::engine::general_purpose::STANDARD.encode(text)),
+            );
+        }
+    }
+    if let Some(o) = secret.as_object_mut() {
+        o.remove("stringData");
+        o.insert("data".into(), Value::Object(data));
+    }
+    secret
+}
+
+fn secret_list(items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": "SecretList", "metadata": {"resourceVersion": "5"}, "items": items})
+}
+
+async fn no_more_requests(api: &mut ApiServerHandle) {
+    if let Ok(Some((request, _))) =
+        tokio::time::timeout(Duration::from_millis(200), api.next_request()).await
+    {
+        panic!("unexpected request {} {}", request.method(), request.uri());
+    }
+}
+
+/// The first user-data request of a provisioning creates the token Secret; the second reuses
+/// it; an agent restarted mid-provisioning finds it by label instead of making another.
+#[tokio::test]
+async fn one_token_secret_per_provisioning() {
+    let (h, mut api, _) = imaged_node2();
+    let tokens = tokens_for(&h, None);
+    let before = k8s_openapi::jiff::Timestamp::now();
+
+    let first = tokio::spawn({
+        let tokens = tokens.clone();
+        async move { tokens.join_params("node2").await }
+    });
+    let created = within("token Secret creation", async {
+        answer_cluster_info(&mut api).await;
+        let (list, send) = expect_request(&mut api, Method::GET, &secret_list_path("node2")).await;
+        assert_eq!(list, Value::Null);
+        respond(send, &secret_list(vec![]));
+        let (body, send) = expect_request(&mut api, Method::POST, &format!("{SECRETS}?")).await;
+        respond(send, &as_stored(body.clone()));
+        let event = expect_event(&mut api, "node2").await;
+        assert_eq!(event["reason"], "BootstrapTokenCreated");
+        assert_eq!(event["type"], "Normal");
+        let name = body["metadata"]["name"].as_str().unwrap_or_default();
+        assert!(
+            event["note"].as_str().unwrap_or_default().contains(name),
+            "{event}"
+        );
+        assert!(
+            !event
+                .to_string()
+                .contains(body["stringData"]["token-secret"].as_str().unwrap_or("-")),
+            "the Event does not carry the token secret"
+        );
+        body
+    })
+    .await;
+    let params = first
+        .await
+        .expect("joined")
+        .expect("join params")
+        .expect("some");
+
+    // The Secret kubeadm's authenticator reads.
+    assert_eq!(created["type"], "bootstrap.kubernetes.io/token");
+    assert_eq!(created["metadata"]["namespace"], "kube-system");
+    let data = &created["stringData"];
+    let id = data["token-id"].as_str().expect("token-id");
+    let secret = data["token-secret"].as_str().expect("token-secret");
+    assert_eq!(created["metadata"]["name"], format!("bootstrap-token-{id}"));
+    let alnum = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    };
+    assert!(alnum(id, 6) && alnum(secret, 16), "{id}.<secret>");
+    assert_eq!(data["usage-bootstrap-authentication"], "true");
+    assert_eq!(data["usage-bootstrap-signing"], "true");
+    assert_eq!(
+        data["auth-extra-groups"],
+        "system:bootstrappers:kubeadm:default-node-token"
+    );
+    assert!(data["description"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("node2"));
+    let mut keys: Vec<&str> = data
+        .as_object()
+        .expect("stringData")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "auth-extra-groups",
+            "description",
+            "expiration",
+            "token-id",
+            "token-secret",
+            "usage-bootstrap-authentication",
+            "usage-bootstrap-signing"
+        ]
+    );
+    let expires: k8s_openapi::jiff::Timestamp = data["expiration"]
+        .as_str()
+        .expect("expiration")
+        .parse()
+        .expect("RFC 3339");
+    let ttl = expires.duration_since(before).as_secs();
+    assert!(
+        (3598..=3601).contains(&ttl),
+        "expires in {ttl} s, configured 3600"
+    );
+    let provisioning = h.status.provisioning_id("node2").expect("provisioning");
+    assert_eq!(
+        created["metadata"]["labels"],
+        json!({"provisioner.dev/machine": "node2",
+               "provisioner.dev/provisioning": provisioning,
+               "app.kubernetes.io/managed-by": "provisioner"})
+    );
+    assert_eq!(
+        params,
+        JoinParams {
+            api_endpoint: "10.77.0.1:6443".into(),
+            token: format!("{id}.{secret}"),
+            ca_cert_hashes: vec![RSA_PIN.into()],
+        }
+    );
+
+    // A second request of the same provisioning: same token, no new Secret.
+    let second = tokio::spawn({
+        let tokens = tokens.clone();
+        async move { tokens.join_params("node2").await }
+    });
+    within("second request", answer_cluster_info(&mut api)).await;
+    let again = second
+        .await
+        .expect("joined")
+        .expect("join params")
+        .expect("some");
+    assert_eq!(again.token, params.token);
+    no_more_requests(&mut api).await;
+
+    // Restarted agent (empty memory): the Secret is found by its labels and reused.
+    let restarted = tokens_for(&h, Some("cp.example:6443"));
+    let third = tokio::spawn(async move { restarted.join_params("node2").await });
+    within("after a restart", async {
+        answer_cluster_info(&mut api).await;
+        let (_, send) = expect_request(&mut api, Method::GET, &secret_list_path("node2")).await;
+        let mut stored = as_stored(created.clone());
+        stored["metadata"]["resourceVersion"] = json!("7");
+        respond(send, &secret_list(vec![stored]));
+    })
+    .await;
+    let third = third
+        .await
+        .expect("joined")
+        .expect("join params")
+        .expect("some");
+    assert_eq!(third.token, params.token);
+    assert_eq!(
+        third.api_endpoint, "cp.example:6443",
+        "the configured endpoint wins"
+    );
+    no_more_requests(&mut api).await;
+}
+
+/// A new provisioning (reimage) replaces the old provisioning's Secret.
+#[tokio::test]
+async fn a_new_provisioning_replaces_the_old_token_secret() {
+    let (h, mut api, _) = imaged_node2();
+    let tokens = tokens_for(&h, Some("10.77.0.1:6443"));
+    let old = super::join::token_secret(
+        &BootstrapToken::generate().expect("token"),
+        "node2",
+        "00000000deadbeef",
+        k8s_openapi::jiff::Timestamp::now() + k8s_openapi::jiff::SignedDuration::from_hours(1),
+    );
+    let old = as_stored(serde_json::to_value(&old).expect("secret JSON"));
+    let old_name = old["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let task = tokio::spawn(async move { tokens.join_params("node2").await });
+    within("replacement", async {
+        answer_cluster_info(&mut api).await;
+        let (_, send) = expect_request(&mut api, Method::GET, &secret_list_path("node2")).await;
+        respond(send, &secret_list(vec![old.clone()]));
+        let (_, send) =
+            expect_request(&mut api, Method::DELETE, &format!("{SECRETS}/{old_name}?")).await;
+        respond(send, &old);
+        let event = expect_event(&mut api, "node2").await;
+        assert_eq!(event["reason"], "BootstrapTokenDeleted");
+        let (body, send) = expect_request(&mut api, Method::POST, &format!("{SECRETS}?")).await;
+        assert_ne!(body["metadata"]["name"], old_name.as_str());
+        respond(send, &as_stored(body));
+        assert_eq!(
+            expect_event(&mut api, "node2").await["reason"],
+            "BootstrapTokenCreated"
+        );
+    })
+    .await;
+    task.await.expect("joined").expect("join params");
+}
+
+fn stored_token_secret(machine: &str, provisioning: &str, expires_in_hours: i64) -> Value {
+    let secret = super::join::token_secret(
+        &BootstrapToken::generate().expect("token"),
+        machine,
+        provisioning,
+        k8s_openapi::jiff::Timestamp::now()
+            + k8s_openapi::jiff::SignedDuration::from_hours(expires_in_hours),
+    );
+    as_stored(serde_json::to_value(&secret).expect("secret JSON"))
+}
+
+async fn expect_token_deleted(api: &mut ApiServerHandle, secret: &Value, why: &str) {
+    let name = secret["metadata"]["name"].as_str().unwrap_or_default();
+    let (_, send) = expect_request(api, Method::DELETE, &format!("{SECRETS}/{name}?")).await;
+    respond(send, secret);
+    let event = expect_event(api, "node2").await;
+    assert_eq!(event["reason"], "BootstrapTokenDeleted");
+    assert!(
+        event["note"].as_str().unwrap_or_default().contains(why),
+        "{event}"
+    );
+}
+
+#[tokio::test]
+async fn the_token_secret_is_deleted_when_the_node_is_ready() {
+    let (h, mut api, mut m) = imaged_node2();
+    let tokens = tokens_for(&h, None);
+    h.status
+        .report("node2", crate::status::Report::Joining)
+        .expect("known");
+    m.status = Some(crate::cluster::crd::MachineStatus {
+        phase: Some("Joining".into()),
+        ..Default::default()
+    });
+    let node: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node2"},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+    }))
+    .expect("node");
+    let (_, node_writer) = ready_store(vec![node]);
+    let ctx = Arc::new(
+        Context::new(
+            h.ctx.client.clone(),
+            h.ctx.machines.clone(),
+            node_writer.as_reader(),
+            h.table.clone(),
+            h.status.clone(),
+            h.ctx.rules.clone(),
+            mpsc::unbounded_channel().0,
+        )
+        .with_tokens(Some(tokens)),
+    );
+    let secret = stored_token_secret("node2", &h.status.provisioning_id("node2").expect("id"), 1);
+    let reconcile = tokio::spawn(controller::reconcile(Arc::new(m.clone()), ctx));
+    within("Ready, then the token Secret deleted", async {
+        let body = expect_status_patch(&mut api, &m).await;
+        assert_eq!(body["status"]["phase"], "Ready");
+        let event = expect_event(&mut api, "node2").await;
+        assert_eq!(event["reason"], "Ready");
+        assert_eq!(event["note"], "Joining -> Ready: node is Ready");
+        let (_, send) = expect_request(&mut api, Method::GET, &secret_list_path("node2")).await;
+        respond(send, &secret_list(vec![secret.clone()]));
+        expect_token_deleted(&mut api, &secret, "the node has joined").await;
+    })
+    .await;
+    reconcile.await.expect("joined").expect("reconciled");
+    no_more_requests(&mut api).await;
+}
+
+#[tokio::test]
+async fn the_token_secret_is_deleted_with_the_machine() {
+    let (h, mut api, m) = imaged_node2();
+    let tokens = tokens_for(&h, None);
+    let mut gone = m.clone();
+    gone.meta_mut().deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    let ctx = Arc::new(
+        Context::new(
+            h.ctx.client.clone(),
+            h.ctx.machines.clone(),
+            h.ctx.nodes.clone(),
+            h.table.clone(),
+            h.status.clone(),
+            h.ctx.rules.clone(),
+            mpsc::unbounded_channel().0,
+        )
+        .with_tokens(Some(tokens)),
+    );
+    let secret = stored_token_secret("node2", "0123456789abcdef", 1);
+    let reconcile = tokio::spawn(controller::reconcile(Arc::new(gone.clone()), ctx));
+    within("token Secret deleted, then the finalizer removed", async {
+        let (_, send) = expect_request(&mut api, Method::GET, &secret_list_path("node2")).await;
+        respond(send, &secret_list(vec![secret.clone()]));
+        expect_token_deleted(&mut api, &secret, "the Machine is deleted").await;
+        let (body, send) =
+            expect_request(&mut api, Method::PATCH, &format!("{MACHINES}/node2?")).await;
+        assert_eq!(
+            body[1],
+            json!({"op": "remove", "path": "/metadata/finalizers/0"})
+        );
+        let mut done = gone.clone();
+        done.meta_mut().finalizers = None;
+        respond(send, &done);
+    })
+    .await;
+    reconcile.await.expect("joined").expect("reconciled");
+}
+
+/// The API server failing the Secret cleanup keeps the finalizer (retried), so the token
+/// does not outlive its Machine unnoticed.
+#[tokio::test]
+async fn a_failed_token_cleanup_keeps_the_finalizer() {
+    let (h, mut api, m) = imaged_node2();
+    let mut gone = m.clone();
+    gone.meta_mut().deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    let ctx = Arc::new(
+        Context::new(
+            h.ctx.client.clone(),
+            h.ctx.machines.clone(),
+            h.ctx.nodes.clone(),
+            h.table.clone(),
+            h.status.clone(),
+            h.ctx.rules.clone(),
+            mpsc::unbounded_channel().0,
+        )
+        .with_tokens(Some(tokens_for(&h, None))),
+    );
+    let reconcile = tokio::spawn(controller::reconcile(Arc::new(gone), ctx));
+    within("list fails", async {
+        let (_, send) = expect_request(&mut api, Method::GET, &secret_list_path("node2")).await;
+        respond_error(send, 500, "InternalError");
+    })
+    .await;
+    assert!(
+        reconcile.await.expect("joined").is_err(),
+        "reconcile fails and is retried"
+    );
+    no_more_requests(&mut api).await;
+}
+
+/// The sweep deletes what can no longer serve: expired, orphaned, earlier provisioning.
+#[tokio::test]
+async fn the_sweep_deletes_expired_and_orphaned_token_secrets() {
+    let (h, mut api, _) = imaged_node2();
+    let tokens = tokens_for(&h, None);
+    let current = h.status.provisioning_id("node2").expect("id");
+    let keep = stored_token_secret("node2", &current, 1);
+    let expired = stored_token_secret("node2", &current, -1);
+    let earlier = stored_token_secret("node2", "00000000deadbeef", 1);
+    let orphan = stored_token_secret("gone", "0123456789abcdef", 1);
+    let task = tokio::spawn(async move { tokens.sweep().await });
+    within("sweep", async {
+        let (_, send) = expect_request(
+            &mut api,
+            Method::GET,
+            &format!("{SECRETS}?&labelSelector=provisioner.dev%2Fmachine%2Capp.kubernetes.io%2Fmanaged-by%3Dprovisioner"),
+        )
+        .await;
+        respond(send, &secret_list(vec![keep.clone(), expired.clone(), earlier.clone(), orphan.clone()]));
+        expect_token_deleted(&mut api, &expired, "expired").await;
+        // Same Event again for the same Machine: kube's Recorder patches it into a series.
+        let name = earlier["metadata"]["name"].as_str().unwrap_or_default();
+        let (_, send) = expect_request(&mut api, Method::DELETE, &format!("{SECRETS}/{name}?")).await;
+        respond(send, &earlier);
+        let (request, send) = api.next_request().await.expect("a request");
+        let path = request.uri().to_string();
+        assert_eq!(request.method(), Method::PATCH, "{path}");
+        assert!(path.starts_with(&format!("{EVENTS}/node2.")), "{path}");
+        assert!(super::rbac::covered("PATCH", &path), "{path}");
+        let bytes = request.into_body().collect_bytes().await.expect("body");
+        let patch: Value = serde_json::from_slice(&bytes).expect("JSON");
+        assert_eq!(patch["series"]["count"], 2, "{patch}");
+        respond(send, &patch);
+        // No Machine "gone" in the store: deleted without an Event.
+        let name = orphan["metadata"]["name"].as_str().unwrap_or_default();
+        let (_, send) = expect_request(&mut api, Method::DELETE, &format!("{SECRETS}/{name}?")).await;
+        respond(send, &orphan);
+    })
+    .await;
+    assert_eq!(task.await.expect("joined").expect("swept"), 3);
+    no_more_requests(&mut api).await;
+}
+
+#[tokio::test]
+async fn no_join_without_a_cluster() {
+    use super::join::JoinSource as _;
+    assert_eq!(
+        super::join::NoJoin.join_params("node2").await.expect("ok"),
+        None
+    );
+}
+
+const CRD_PATH: &str =
+    "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/machines.provisioner.dev";
+
+#[tokio::test]
+async fn the_crd_is_applied_on_start() {
+    use kube::CustomResourceExt as _;
+    let (service, mut api) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let task = tokio::spawn(super::install::ensure_crd(client, true));
+    within("CRD apply", async {
+        let (body, send) = expect_request(
+            &mut api,
+            Method::PATCH,
+            &format!("{CRD_PATH}?&force=true&fieldManager=provisioner"),
+        )
+        .await;
+        let expected = serde_json::to_value(Machine::crd()).expect("CRD JSON");
+        assert_eq!(body, expected);
+        assert_eq!(body["apiVersion"], "apiextensions.k8s.io/v1");
+        assert_eq!(body["kind"], "CustomResourceDefinition");
+        assert_eq!(body["spec"]["scope"], "Cluster");
+        respond(send, &body);
+    })
+    .await;
+    assert_eq!(task.await.expect("joined").expect("ok"), CrdState::Applied);
+}
+
+#[tokio::test]
+async fn a_forbidden_crd_apply_uses_the_installed_crd() {
+    use kube::CustomResourceExt as _;
+    let (service, mut api) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let task = tokio::spawn(super::install::ensure_crd(client.clone(), true));
+    within("403, then the CRD is read", async {
+        let (_, send) = expect_request(
+            &mut api,
+            Method::PATCH,
+            &format!("{CRD_PATH}?&force=true&fieldManager=provisioner"),
+        )
+        .await;
+        respond_error(send, 403, "Forbidden");
+        let (_, send) = expect_request(&mut api, Method::GET, CRD_PATH).await;
+        respond(send, &Machine::crd());
+    })
+    .await;
+    assert_eq!(task.await.expect("joined").expect("ok"), CrdState::Existing);
+
+    // Forbidden and not installed: a clear error naming the fix.
+    let task = tokio::spawn(super::install::ensure_crd(client, true));
+    within("403, then 404", async {
+        let (_, send) = expect_request(
+            &mut api,
+            Method::PATCH,
+            &format!("{CRD_PATH}?&force=true&fieldManager=provisioner"),
+        )
+        .await;
+        respond_error(send, 403, "Forbidden");
+        let (_, send) = expect_request(&mut api, Method::GET, CRD_PATH).await;
+        respond_error(send, 404, "NotFound");
+    })
+    .await;
+    match task.await.expect("joined").expect("ok") {
+        CrdState::Missing(message) => {
+            assert!(message.contains("machines.provisioner.dev"), "{message}");
+            assert!(message.contains("may not install it"), "{message}");
+            assert!(
+                message.contains("provisioner crd | kubectl apply --server-side -f -"),
+                "{message}"
+            );
+        }
+        other => panic!("expected Missing, got {other:?}"),
+    }
+}
+
+/// `tests/bench/status-patch.sh`: 1000 Machines against an in-process mock API server; the time
+/// from a phase change in the status store to that Machine's status patch reaching the server.
+/// `cargo test -p agent --bins -- --ignored --exact cluster::tests::bench::status_patch_latency_1000_machines --nocapture`
+mod bench {
+    use super::*;
+    use std::time::Instant;
+    use tokio_util::sync::CancellationToken;
+
+    const MACHINE_COUNT: usize = 1000;
+    const SEQUENTIAL_SAMPLES: usize = 200;
+
+    fn mac_of(i: usize) -> String {
+        format!("52:54:00:00:{:02x}:{:02x}", i / 256, i % 256)
+    }
+
+    fn ip_of(i: usize) -> String {
+        format!("10.80.{}.{}", i / 250, i % 250 + 2)
+    }
+
+    /// Serves what the controller asks: lists (Machines, Nodes), watches (held open, never
+    /// answered), the CRD, Events; reports each status patch (machine, phase, arrival).
+    async fn mock_api_server(
+        mut handle: ApiServerHandle,
+        machines: Vec<Machine>,
+        patches: mpsc::UnboundedSender<(String, String, Instant)>,
+    ) {
+        let mut held_watches = Vec::new();
+        while let Some((request, send)) = handle.next_request().await {
+            let uri = request.uri().to_string();
+            let method = request.method().clone();
+            if method == Method::GET && uri.contains("watch=true") {
+                held_watches.push(send);
+                continue;
+            }
+            if method == Method::PATCH && uri.contains("/status?") {
+                let arrived = Instant::now();
+                let bytes = request
+                    .into_body()
+                    .collect_bytes()
+                    .await
+                    .unwrap_or_default();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                let name = uri
+                    .trim_start_matches(MACHINES)
+                    .trim_start_matches('/')
+                    .split('/')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                let phase = body["status"]["phase"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let mut object = machines
+                    .iter()
+                    .find(|m| m.meta().name.as_deref() == Some(name.as_str()))
+                    .map(|m| serde_json::to_value(m).unwrap_or_default())
+                    .unwrap_or_default();
+                object["status"] = body["status"].clone();
+                respond(send, &object);
+                let _ = patches.send((name, phase, arrived));
+                continue;
+            }
+            if method == Method::GET && uri.starts_with(MACHINES) {
+                respond(
+                    send,
+                    &json!({"apiVersion": "provisioner.dev/v1alpha1", "kind": "MachineList",
+                            "metadata": {"resourceVersion": "1"}, "items": machines}),
+                );
+            } else if method == Method::GET && uri.starts_with("/api/v1/nodes") {
+                respond(
+                    send,
+                    &json!({"apiVersion": "v1", "kind": "NodeList",
+                            "metadata": {"resourceVersion": "1"}, "items": []}),
+                );
+            } else if method == Method::POST && uri.starts_with(EVENTS) {
+                let bytes = request
+                    .into_body()
+                    .collect_bytes()
+                    .await
+                    .unwrap_or_default();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                respond(send, &body);
+            } else if uri.contains("customresourcedefinitions") {
+                use kube::CustomResourceExt as _;
+                respond(send, &Machine::crd());
+            } else {
+                respond_error(send, 404, "NotFound");
+            }
+        }
+    }
+
+    fn percentile(sorted: &[Duration], p: f64) -> Duration {
+        let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+        sorted[index.min(sorted.len() - 1)]
+    }
+
+    fn rss_kib() -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "benchmark: tests/bench/status-patch.sh"]
+    async fn status_patch_latency_1000_machines() {
+        let rss_before = rss_kib();
+        let machines: Vec<Machine> = (0..MACHINE_COUNT)
+            .map(|i| with_finalizer(machine(&format!("m{i:04}"), &mac_of(i), &ip_of(i))))
+            .collect();
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let (patch_tx, mut patch_rx) = mpsc::unbounded_channel();
+        tokio::spawn(mock_api_server(handle, machines.clone(), patch_tx));
+
+        let status = StatusStore::open(None);
+        let table = Arc::new(Table::with_status(status.clone()));
+        let shutdown = CancellationToken::new();
+        let rules = AddressRules {
+            subnet: "10.80.0.0/16".parse().expect("cidr"),
+            reserved: vec![Ipv4Addr::new(10, 80, 0, 1)],
+        };
+        let started = Instant::now();
+        let controller = tokio::spawn(crate::cluster::run(
+            client,
+            table.clone(),
+            status.clone(),
+            rules,
+            Arc::new(crate::cluster::ApiState::default()),
+            crate::cluster::Options::default(),
+            shutdown.clone(),
+        ));
+
+        // Every Machine gets its first status (Pending) once.
+        let mut first = std::collections::HashSet::new();
+        while first.len() < MACHINE_COUNT {
+            let (name, phase, _) = tokio::time::timeout(Duration::from_secs(120), patch_rx.recv())
+                .await
+                .expect("initial status patches within 120 s")
+                .expect("mock server running");
+            assert_eq!(phase, "Pending");
+            first.insert(name);
+        }
+        let initial = started.elapsed();
+        assert_eq!(table.len(), MACHINE_COUNT);
+        // The start queues more reconciles (status store additions, the first list): wait
+        // until no patch has come for a second, so samples do not queue behind them.
+        let mut settled_after = 0usize;
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(1), patch_rx.recv()).await
+        {
+            settled_after += 1;
+        }
+        let settled = started.elapsed();
+
+        // One phase change at a time: the latency of a single change.
+        let mut latencies = Vec::new();
+        for i in 0..SEQUENTIAL_SAMPLES {
+            let name = format!("m{i:04}");
+            let served = table
+                .by_mac(&mac_of(i).parse().expect("mac"))
+                .expect("served");
+            let changed = Instant::now();
+            table.observe(&served, BootEvent::DhcpOffered);
+            loop {
+                let (patched, phase, arrived) =
+                    tokio::time::timeout(Duration::from_secs(10), patch_rx.recv())
+                        .await
+                        .expect("status patch within 10 s")
+                        .expect("mock server running");
+                if patched == name && phase == "PXEBooting" {
+                    latencies.push(arrived - changed);
+                    break;
+                }
+            }
+        }
+        latencies.sort();
+
+        // All other machines change at once: time until every patch has arrived.
+        while patch_rx.try_recv().is_ok() {}
+        let burst_start = Instant::now();
+        let mut pending: std::collections::HashSet<String> = (SEQUENTIAL_SAMPLES..MACHINE_COUNT)
+            .map(|i| format!("m{i:04}"))
+            .collect();
+        let burst = pending.len();
+        for i in SEQUENTIAL_SAMPLES..MACHINE_COUNT {
+            let served = table
+                .by_mac(&mac_of(i).parse().expect("mac"))
+                .expect("served");
+            table.observe(&served, BootEvent::DhcpOffered);
+        }
+        let mut burst_latencies = Vec::new();
+        while !pending.is_empty() {
+            let (name, phase, arrived) =
+                tokio::time::timeout(Duration::from_secs(60), patch_rx.recv())
+                    .await
+                    .expect("burst patches within 60 s")
+                    .expect("mock server running");
+            if phase == "PXEBooting" && pending.remove(&name) {
+                burst_latencies.push(arrived - burst_start);
+            }
+        }
+        burst_latencies.sort();
+        let burst_total = burst_start.elapsed();
+        let rss = rss_kib();
+        shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), controller).await;
+
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        println!("machines: {MACHINE_COUNT} (mock API server in process, tower-test)");
+        println!(
+            "first status of every Machine written in {:.0} ms; start-up reconciles done after {:.0} ms ({settled_after} more patches)",
+            ms(initial),
+            ms(settled)
+        );
+        println!(
+            "phase change -> status patch, one at a time ({} samples): median {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            latencies.len(),
+            ms(percentile(&latencies, 0.5)),
+            ms(percentile(&latencies, 0.99)),
+            ms(percentile(&latencies, 1.0)),
+        );
+        println!(
+            "phase change -> status patch, {burst} at once: median {:.1} ms, p99 {:.1} ms, all in {:.1} ms",
+            ms(percentile(&burst_latencies, 0.5)),
+            ms(percentile(&burst_latencies, 0.99)),
+            ms(burst_total),
+        );
+        if let (Some(before), Some(after)) = (rss_before, rss) {
+            println!(
+                "resident memory of the process (controller + mock server + {MACHINE_COUNT} Machines): {:.1} MiB (test harness alone {:.1} MiB)",
+                after as f64 / 1024.0,
+                before as f64 / 1024.0
+            );
+        }
+    }
+}
+
 /// Against a real cluster (`KUBECONFIG`): run with
 /// `cargo test -p agent -- --ignored cluster::tests::live` (see README). Installs the CRD by
 /// server-side apply, runs the controller, creates Machines and watches their status.
@@ -507,6 +1316,7 @@ mod live {
             status.clone(),
             rules,
             Arc::new(crate::cluster::ApiState::default()),
+            crate::cluster::Options::default(),
             shutdown.clone(),
         ));
 
