@@ -39,6 +39,7 @@ if [ "$quick" = 0 ]; then
     run tests/image-build.sh
     run tests/nspawn.sh
     run tests/stage2-faults.sh
+    run tests/seed-flow.sh
 fi
 
 step "done"
