@@ -22,6 +22,7 @@ PACKAGES=(
     python3-jsonpatch python3-netifaces python3-oauthlib python3-serial
     syslinux syslinux-common           # the same image boots under BIOS (gptmbr.bin, ldlinux via mtools)
     mmdebstrap                         # image builder (tests/image-build.sh): the rootfs from the host's apt sources
+    openssl pkg-config libssl-dev libzstd-dev   # stage2-write bench: image data; building coreos-installer
 )
 
 missing=()

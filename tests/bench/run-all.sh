@@ -8,7 +8,7 @@ tests/install-deps.sh
 cargo build --release --locked -p agent -p netboot --examples --bins
 export PROVISIONER=$PWD/target/release/provisioner
 export TFTP_SERVER=$PWD/target/release/examples/tftp_server
-for b in netboot-memory dbus-status status-patch dhcp-perfdhcp tftp pxe-chain; do
+for b in netboot-memory dbus-status status-patch dhcp-perfdhcp tftp pxe-chain stage2-write; do
     printf '\n=== %s\n' "$b"
     bash "tests/bench/$b.sh" || echo "benchmark $b failed"
 done
