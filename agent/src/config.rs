@@ -158,6 +158,9 @@ struct RawConfig {
     #[serde(default)]
     listen: Listen,
     inventory: RawInventory,
+    #[serde(default)]
+    cloud_init: crate::cloudinit::Hooks,
+    laptop: Option<RawLaptop>,
     state_file: Option<PathBuf>,
     image: Option<Image>,
     #[serde(default)]
@@ -200,6 +203,117 @@ pub struct ClusterSettings {
     pub bootstrap_token_ttl: Duration,
 }
 
+/// `laptop:` as written: the first machine, which runs `kubeadm init` and then netboot.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawLaptop {
+    hostname: String,
+    mac_address: Option<String>,
+    kubernetes_version: String,
+    #[serde(default = "default_pod_subnet")]
+    pod_subnet: String,
+    #[serde(default = "default_service_subnet")]
+    service_subnet: String,
+    control_plane_endpoint: Option<String>,
+    #[serde(default = "default_cni_manifest")]
+    cni_manifest: PathBuf,
+}
+
+fn default_pod_subnet() -> String {
+    "10.244.0.0/16".to_string()
+}
+fn default_service_subnet() -> String {
+    "10.96.0.0/12".to_string()
+}
+fn default_cni_manifest() -> PathBuf {
+    PathBuf::from("/usr/share/provisioner/cni/cni.yaml")
+}
+
+/// The first machine (`laptop:`): what `provisioner cloud-config laptop` renders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Laptop {
+    pub hostname: String,
+    /// Matches the provisioning interface in the network-config (renamed to `interface`).
+    pub mac_address: Option<netboot::MacAddr>,
+    pub init: crate::cloudinit::InitSettings,
+}
+
+impl RawLaptop {
+    fn validate(self, subnet: Ipv4Net) -> Result<Laptop, (&'static str, String)> {
+        use crate::cloudinit::{self, RenderError};
+        let field = |e: RenderError| match e {
+            RenderError::Invalid { field, reason } => (field, reason),
+            other => ("laptop", other.to_string()),
+        };
+        cloudinit::validate_hostname("laptop.hostname", &self.hostname).map_err(field)?;
+        let mac_address = match &self.mac_address {
+            None => None,
+            Some(mac) => Some(
+                mac.parse::<netboot::MacAddr>()
+                    .map_err(|_| ("laptop.macAddress", format!("{mac:?} is not a MAC address")))?,
+            ),
+        };
+        cloudinit::validate_kubernetes_version(
+            "laptop.kubernetesVersion",
+            &self.kubernetes_version,
+        )
+        .map_err(field)?;
+        let cidr = |key: &'static str, value: &str| {
+            value.parse::<ipnet::IpNet>().map_err(|_| {
+                (
+                    key,
+                    format!("{value:?} is not a CIDR such as 10.244.0.0/16"),
+                )
+            })
+        };
+        let pod_subnet = cidr("laptop.podSubnet", &self.pod_subnet)?;
+        let service_subnet = cidr("laptop.serviceSubnet", &self.service_subnet)?;
+        let provisioning = ipnet::IpNet::V4(subnet);
+        for (key, net) in [
+            ("laptop.podSubnet", pod_subnet),
+            ("laptop.serviceSubnet", service_subnet),
+        ] {
+            if net.contains(&provisioning.network()) || provisioning.contains(&net.network()) {
+                return Err((
+                    key,
+                    format!("{net} overlaps the provisioning subnet {subnet}"),
+                ));
+            }
+        }
+        if pod_subnet.contains(&service_subnet.network())
+            || service_subnet.contains(&pod_subnet.network())
+        {
+            return Err((
+                "laptop.serviceSubnet",
+                format!("{service_subnet} overlaps podSubnet {pod_subnet}"),
+            ));
+        }
+        if let Some(endpoint) = &self.control_plane_endpoint {
+            cloudinit::validate_endpoint("laptop.controlPlaneEndpoint", endpoint).map_err(field)?;
+        }
+        if !self.cni_manifest.is_absolute() || self.cni_manifest.to_str().is_none() {
+            return Err((
+                "laptop.cniManifest",
+                format!(
+                    "{:?} must be an absolute path inside the image",
+                    self.cni_manifest
+                ),
+            ));
+        }
+        Ok(Laptop {
+            hostname: self.hostname,
+            mac_address,
+            init: cloudinit::InitSettings {
+                kubernetes_version: self.kubernetes_version,
+                pod_subnet,
+                service_subnet,
+                control_plane_endpoint: self.control_plane_endpoint,
+                cni_manifest: self.cni_manifest,
+            },
+        })
+    }
+}
+
 fn default_true() -> bool {
     true
 }
@@ -228,6 +342,10 @@ pub struct Config {
     pub state_file: Option<PathBuf>,
     /// What stage2 writes; `None`: machines boot `boot` without imaging orders.
     pub image: Option<Image>,
+    /// SSH keys and extra hooks of every rendered cloud-config (`cloudInit:`).
+    pub cloud_init: crate::cloudinit::Hooks,
+    /// The first machine's cloud-config settings; `None`: not described here.
+    pub laptop: Option<Laptop>,
     pub cluster: ClusterSettings,
 }
 
@@ -362,6 +480,19 @@ impl Config {
                 ));
             }
         }
+        if let Err(e) = raw.cloud_init.validate() {
+            return Err(match e {
+                crate::cloudinit::RenderError::Invalid { field, reason } => invalid(field, reason),
+                other => invalid("cloudInit", other.to_string()),
+            });
+        }
+        let laptop = match raw.laptop {
+            None => None,
+            Some(l) => Some(
+                l.validate(subnet)
+                    .map_err(|(key, message)| invalid(key, message))?,
+            ),
+        };
         // 10 minutes: kubeadm join must fit; 7 days: what kubeadm allows for bootstrap tokens
         // is unbounded, but a join token living longer than a week is a forgotten credential.
         if !(600..=7 * 24 * 3600).contains(&raw.cluster.bootstrap_token_ttl) {
@@ -419,6 +550,8 @@ impl Config {
             state_file: raw.state_file,
             image: raw.image,
             cluster,
+            cloud_init: raw.cloud_init,
+            laptop,
         })
     }
 }
@@ -554,6 +687,70 @@ inventory:
         assert!(kernel.contains("boot.kernel"), "{kernel}");
         let missing = error(&GOOD.replace("subnet: 10.77.0.0/24\n", ""));
         assert!(missing.contains("subnet"), "{missing}");
+    }
+
+    #[test]
+    fn cloud_init_and_laptop() {
+        let config = parse(GOOD).expect("valid");
+        assert_eq!(config.cloud_init, crate::cloudinit::Hooks::default());
+        assert_eq!(config.laptop, None);
+        let with = format!(
+            "{GOOD}cloudInit:\n  sshAuthorizedKeys: ['ssh-ed25519 AAAA a@b']\n  extraRunCmd: [modprobe br_netfilter]\n  extraWriteFiles:\n    - {{path: /etc/x, content: y}}\nlaptop:\n  hostname: laptop\n  macAddress: 52:54:00:00:00:01\n  kubernetesVersion: v1.30.2\n"
+        );
+        let config = parse(&with).expect("valid");
+        assert_eq!(
+            config.cloud_init.ssh_authorized_keys,
+            ["ssh-ed25519 AAAA a@b"]
+        );
+        assert_eq!(config.cloud_init.extra_write_files[0].permissions, "0644");
+        let laptop = config.laptop.expect("laptop");
+        assert_eq!(laptop.init.pod_subnet.to_string(), "10.244.0.0/16");
+        assert_eq!(laptop.init.service_subnet.to_string(), "10.96.0.0/12");
+        let cases = [
+            (
+                "ssh-ed25519 AAAA a@b",
+                "AAAA a@b",
+                "cloudInit.sshAuthorizedKeys",
+            ),
+            ("[modprobe br_netfilter]", "['']", "cloudInit.extraRunCmd"),
+            (
+                "path: /etc/x",
+                "path: etc/x",
+                "cloudInit.extraWriteFiles.path",
+            ),
+            ("hostname: laptop", "hostname: lap_top", "laptop.hostname"),
+            (
+                "macAddress: 52:54:00:00:00:01",
+                "macAddress: 52:54",
+                "laptop.macAddress",
+            ),
+            ("v1.30.2", "stable", "laptop.kubernetesVersion"),
+            (
+                "v1.30.2\n",
+                "v1.30.2\n  podSubnet: 10.77.0.0/16\n",
+                "laptop.podSubnet",
+            ),
+            (
+                "v1.30.2\n",
+                "v1.30.2\n  serviceSubnet: 10.244.1.0/24\n",
+                "laptop.serviceSubnet",
+            ),
+            (
+                "v1.30.2\n",
+                "v1.30.2\n  controlPlaneEndpoint: api\n",
+                "laptop.controlPlaneEndpoint",
+            ),
+            (
+                "v1.30.2\n",
+                "v1.30.2\n  cniManifest: cni.yaml\n",
+                "laptop.cniManifest",
+            ),
+            ("v1.30.2\n", "v1.30.2\n  podCidr: 10.1.0.0/16\n", "podCidr"),
+        ];
+        for (from, to, key) in cases {
+            let e = error(&with.replace(from, to));
+            assert!(e.contains(key), "{key}: {e}");
+        }
     }
 
     #[test]

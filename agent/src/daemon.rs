@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster;
 use crate::config::{Config, Inventory};
 use crate::inventory::{self, Table};
-use crate::provisioning::Imaging;
+use crate::provisioning::{Imaging, NodeCloudInit};
 use crate::status::{self, StatusStore};
 use crate::{dbus, systemd};
 
@@ -153,12 +153,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(image) = &config.image {
         tracing::info!(image = %image.url, local_boot = ?config.boot.local_boot, "imaging machines");
     }
-    let provisioning: Arc<dyn netboot::Provisioning> = Arc::new(Imaging::new(
-        store.clone(),
-        table.clone(),
-        config.image.clone(),
-        config.boot.local_boot,
-    ));
+    let provisioning: Arc<dyn netboot::Provisioning> = Arc::new(
+        Imaging::new(
+            store.clone(),
+            table.clone(),
+            config.image.clone(),
+            config.boot.local_boot,
+        )
+        .with_cloud_init(NodeCloudInit {
+            hooks: config.cloud_init.clone(),
+            base_url: base_url.clone(),
+        }),
+    );
     let mut servers = tokio::task::JoinSet::new();
     servers.spawn(netboot::dhcp::serve(
         sockets.dhcp,

@@ -551,7 +551,8 @@ impl StatusStore {
 
     /// stage2's report on the machine called `name`, accepted only with its current token and
     /// in a phase where it makes sense: while PXE booting, imaging or failed (stage2 retries),
-    /// and a repeated `imaged` once imaged.
+    /// and a repeated `imaged` once imaged. The installed system's cloud-init reports
+    /// `joining` (and `failed` when the join fails) once imaged or joining.
     pub fn imaging_report(
         &self,
         name: &str,
@@ -570,8 +571,16 @@ impl StatusStore {
             }
             let accepted = matches!(
                 (&report, status.phase),
-                (_, Phase::PxeBooting | Phase::Imaging | Phase::Failed)
-                    | (ProgressReport::Imaged { .. }, Phase::Imaged)
+                (
+                    ProgressReport::Imaging { .. }
+                        | ProgressReport::Imaged { .. }
+                        | ProgressReport::Failed { .. },
+                    Phase::PxeBooting | Phase::Imaging | Phase::Failed
+                ) | (ProgressReport::Imaged { .. }, Phase::Imaged)
+                    | (
+                        ProgressReport::Joining { .. } | ProgressReport::Failed { .. },
+                        Phase::Imaged | Phase::Joining
+                    )
             );
             if !accepted {
                 return Err(Refusal::WrongPhase {
@@ -593,6 +602,7 @@ impl StatusStore {
             },
             ProgressReport::Imaged { .. } => Report::Imaged,
             ProgressReport::Failed { message } => Report::Failed { message },
+            ProgressReport::Joining { .. } => Report::Joining,
         };
         self.report(name, report)
             .map_err(|_| Refusal::UnknownMachine)
