@@ -8,9 +8,11 @@
 # reservation from the sockets systemd bound; `journalctl -u netboot MACHINE=` and busctl show
 # the machine; D-Bus activation starts a stopped netboot; after a reboot netboot is back.
 #
-# The rootfs (mmdebstrap from the host's apt sources, about 230 MB) is cached in
-# $PROVISIONER_TEST_CACHE (default /var/tmp/provisioner-test-cache), keyed by the package
-# list; each run boots it through an overlay, so the cached tree is never changed.
+# The rootfs is the debian-test image's (image-builder/build.sh --rootfs-only: mmdebstrap from
+# the host's apt sources; ROOTFS=minimal: a bare mmdebstrap tree with systemd and dbus), cached
+# in $PROVISIONER_TEST_CACHE (default /var/tmp/provisioner-test-cache), keyed by what it is built
+# from; each run boots it through an overlay, so the cached tree is never changed, and installs
+# the current units and binary over the image's own.
 # Packages: systemd-container (systemd-nspawn), mmdebstrap, busybox-static.
 TEST_NAME=nspawn
 . "$(dirname "$0")/lib.sh"
@@ -21,8 +23,6 @@ done
 [ -x "$PROVISIONER" ] || { echo "FAIL $TEST_NAME: $PROVISIONER not built (cargo build -p agent)"; exit 1; }
 
 CACHE=${PROVISIONER_TEST_CACHE:-/var/tmp/provisioner-test-cache}
-SUITE=bookworm
-PACKAGES=systemd,systemd-sysv,dbus,udev,iproute2
 MAC=52:54:00:5e:00:20
 MACHINE_IP=$SUBNET_PREFIX.20
 NAME=dev.provisioner.Netboot1
@@ -31,22 +31,47 @@ started=$(date +%s.%N)
 elapsed() { awk -v s="$started" -v n="$(date +%s.%N)" 'BEGIN {printf "%.1f", n - s}'; }
 
 # --- the rootfs, built once -----------------------------------------------------------------
-key=$(printf '%s\n' "$SUITE" apt "$PACKAGES" | sha256sum | cut -c1-16)
-BASE=$CACHE/rootfs-$SUITE-$key
-if [ ! -x "$BASE/usr/lib/systemd/systemd" ]; then
-    # The host's own apt sources for this suite: no mirror is named here.
-    sources=()
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
-        [ -f "$f" ] && grep -qw "$SUITE" "$f" && sources+=("$f")
-    done
-    [ ${#sources[@]} -gt 0 ] || { echo "FAIL $TEST_NAME: no apt source for $SUITE on this host"; exit 1; }
-    log "building the $SUITE rootfs in $BASE (mmdebstrap, from ${sources[*]})"
-    mkdir -p "$CACHE"
-    rm -rf "$BASE.tmp"
-    mmdebstrap --quiet --variant=apt --include="$PACKAGES" "$SUITE" "$BASE.tmp" "${sources[@]}"
-    mv "$BASE.tmp" "$BASE"
-    log "rootfs built at $(elapsed)s: $(du -sh "$BASE" | cut -f1)"
+# The debian-test image's rootfs (image-builder/build.sh --rootfs-only), keyed by the builder and
+# its profile; ROOTFS=minimal (or no image builder) takes a bare mmdebstrap tree instead.
+ROOTFS=${ROOTFS:-debian-test}
+[ -x "$REPO/image-builder/build.sh" ] || ROOTFS=minimal
+if [ "$ROOTFS" = debian-test ]; then
+    key=$(cat "$REPO/image-builder/build.sh" "$REPO"/image-builder/profiles/debian-test.conf \
+        "$REPO"/image-builder/provisioner.yaml 2>/dev/null | sha256sum | cut -c1-16)
+    BUILT=$CACHE/debian-test-$key
+    BASE=$BUILT/rootfs
+    if [ ! -f "$BUILT/complete" ]; then
+        log "building the debian-test rootfs in $BUILT (image-builder/build.sh --rootfs-only)"
+        rm -rf "$BUILT"
+        mkdir -p "$BUILT"
+        "$REPO/image-builder/build.sh" --profile debian-test --rootfs-only --out "$BUILT" \
+            --apt-cache "${IMAGE_APT_CACHE:-/var/tmp/pv-image-apt-cache}" \
+            --provisioner "$PROVISIONER" >"$CACHE/debian-test-$key.log" 2>&1 \
+            || { tail -20 "$CACHE/debian-test-$key.log"; fail "image-builder/build.sh --rootfs-only (log: $CACHE/debian-test-$key.log)"; finish; }
+        touch "$BUILT/complete"
+        log "rootfs built at $(elapsed)s: $(du -sh "$BASE" | cut -f1)"
+    fi
+else
+    SUITE=bookworm
+    PACKAGES=systemd,systemd-sysv,dbus,udev,iproute2
+    key=$(printf '%s\n' "$SUITE" apt "$PACKAGES" | sha256sum | cut -c1-16)
+    BASE=$CACHE/rootfs-$SUITE-$key
+    if [ ! -x "$BASE/usr/lib/systemd/systemd" ]; then
+        # The host's own apt sources for this suite: no mirror is named here.
+        sources=()
+        for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+            [ -f "$f" ] && grep -qw "$SUITE" "$f" && sources+=("$f")
+        done
+        [ ${#sources[@]} -gt 0 ] || { echo "FAIL $TEST_NAME: no apt source for $SUITE on this host"; exit 1; }
+        log "building the $SUITE rootfs in $BASE (mmdebstrap, from ${sources[*]})"
+        mkdir -p "$CACHE"
+        rm -rf "$BASE.tmp"
+        mmdebstrap --quiet --variant=apt --include="$PACKAGES" "$SUITE" "$BASE.tmp" "${sources[@]}"
+        mv "$BASE.tmp" "$BASE"
+        log "rootfs built at $(elapsed)s: $(du -sh "$BASE" | cut -f1)"
+    fi
 fi
+log "booting the $ROOTFS rootfs $BASE"
 
 # --- an overlay over the cached tree, our files installed into it ------------------------------
 ROOT=$WORK/root
@@ -82,8 +107,12 @@ install -D -m 0644 "$REPO/units/provisioner.sysusers.conf" "$ROOT/usr/lib/sysuse
 install -D -m 0644 "$REPO/units/provisioner.tmpfiles.conf" "$ROOT/usr/lib/tmpfiles.d/provisioner.conf"
 : > "$ROOT/usr/bin/provisioner"   # mount point for the binary (bind-mounted read-only)
 chmod 0755 "$ROOT/usr/bin/provisioner"
-# What an operator types: enabling netboot enables its path unit (Also=) and nothing else.
+# The image enables netboot.path itself; undone here to show what `systemctl enable netboot`
+# (what an operator types) enables: its path unit (Also=) and nothing else.
+systemctl --root="$ROOT" disable netboot.path >/dev/null 2>&1 || true
 systemctl --root="$ROOT" enable netboot.service >/dev/null 2>&1
+# The image's cloud-init has no datasource here (the two-VM test gives it one).
+[ -d "$ROOT/etc/cloud" ] && touch "$ROOT/etc/cloud/cloud-init.disabled"
 check "systemctl enable netboot enables netboot.path only" bash -c "
     [ -L '$ROOT/etc/systemd/system/multi-user.target.wants/netboot.path' ] &&
     ! ls '$ROOT'/etc/systemd/system/*.wants/ | grep -Eq '^netboot(\.service|-.*\.socket)$'"
