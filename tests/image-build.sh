@@ -14,12 +14,12 @@
 # Prints the build time, the sizes and the boot time.
 #
 #   IMAGE_APT_CACHE=/var/tmp/pv-image-apt-cache (downloaded .debs kept between runs)
-#   BOOT=ovmf|bios|0 (one firmware, or no QEMU boot; default both)  TIMEOUT=480  KEEP_WORK=1  IMAGE_OUT=DIR (check DIR, no build)
+#   BOOT=ovmf|bios|0 (one firmware, or no QEMU boot; default both)  TIMEOUT=900  KEEP_WORK=1  IMAGE_OUT=DIR (check DIR, no build)
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 . "$REPO/tests/lib-qemu.sh"
 
-TIMEOUT=${TIMEOUT:-480}
+TIMEOUT=${TIMEOUT:-900}
 BOOT=${BOOT:-1}
 APT_CACHE=${IMAGE_APT_CACHE:-/var/tmp/pv-image-apt-cache}
 OUT=$WORK/out
