@@ -15,6 +15,7 @@
 #
 #   IMAGE_APT_CACHE=/var/tmp/pv-image-apt-cache (downloaded .debs kept between runs)
 #   BOOT=ovmf|bios|0 (one firmware, or no QEMU boot; default both)  TIMEOUT=900  KEEP_WORK=1  IMAGE_OUT=DIR (check DIR, no build)
+#   IMAGE_BUILD_OUT=DIR (build into DIR and keep it: run-all.sh hands it to nspawn.sh and seed-flow.sh)
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 . "$REPO/tests/lib-qemu.sh"
@@ -35,6 +36,7 @@ if [ -n "${IMAGE_OUT:-}" ]; then
     OUT=$IMAGE_OUT
     build_s='?'
 else
+    [ -n "${IMAGE_BUILD_OUT:-}" ] && OUT=$IMAGE_BUILD_OUT
     args=(--profile debian-test --out "$OUT" --apt-cache "$APT_CACHE" --keep-raw)
     # run-all.sh has built the workspace already; reuse its provisioner.
     [ -x "$PROVISIONER" ] && args+=(--provisioner "$PROVISIONER")

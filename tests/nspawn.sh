@@ -35,7 +35,11 @@ elapsed() { awk -v s="$started" -v n="$(date +%s.%N)" 'BEGIN {printf "%.1f", n -
 # its profile; ROOTFS=minimal (or no image builder) takes a bare mmdebstrap tree instead.
 ROOTFS=${ROOTFS:-debian-test}
 [ -x "$REPO/image-builder/build.sh" ] || ROOTFS=minimal
-if [ "$ROOTFS" = debian-test ]; then
+if [ -n "${ROOTFS_DIR:-}" ]; then
+    # A debian-test rootfs built earlier in the same run (run-all.sh: image-build.sh's output).
+    [ -x "$ROOTFS_DIR/usr/lib/systemd/systemd" ] || { fail "ROOTFS_DIR=$ROOTFS_DIR holds a rootfs"; finish; }
+    BASE=$ROOTFS_DIR
+elif [ "$ROOTFS" = debian-test ]; then
     key=$(cat "$REPO/image-builder/build.sh" "$REPO"/image-builder/profiles/debian-test.conf \
         "$REPO"/image-builder/provisioner.yaml 2>/dev/null | sha256sum | cut -c1-16)
     BUILT=$CACHE/debian-test-$key
