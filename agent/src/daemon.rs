@@ -153,6 +153,46 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(image) = &config.image {
         tracing::info!(image = %image.url, local_boot = ?config.boot.local_boot, "imaging machines");
     }
+    let kubeconfig = match &config.inventory {
+        Inventory::Kubernetes {
+            kubeconfig: Some(path),
+        } => Some(path.clone()),
+        // `kubernetes: true` under netboot.service: the kubeconfig systemd passed as the
+        // credential `kubeconfig` (LoadCredential=), which the service user may read while the
+        // file it comes from is root's; else the in-cluster or default configuration.
+        Inventory::Kubernetes { kubeconfig: None } => {
+            let credential = systemd::credential("kubeconfig");
+            if let Some(path) = &credential {
+                tracing::info!(kubeconfig = %path.display(), "using the kubeconfig credential");
+            }
+            credential
+        }
+        Inventory::Directory(_) => None,
+    };
+    // The cluster's client (files only, the API server is not contacted yet) and the bootstrap
+    // tokens that user-data's kubeadm join parameters come from.
+    let cluster = match &config.inventory {
+        Inventory::Kubernetes { .. } => {
+            let (client, facts) = cluster::connect(kubeconfig.as_deref())
+                .await
+                .context("inventory")?;
+            let tokens = Arc::new(cluster::join::BootstrapTokens::new(
+                client.clone(),
+                store.clone(),
+                cluster::join::JoinSettings {
+                    token_ttl: config.cluster.bootstrap_token_ttl,
+                    api_endpoint: config.cluster.api_endpoint.clone(),
+                },
+                facts,
+            ));
+            Some((client, tokens))
+        }
+        Inventory::Directory(_) => None,
+    };
+    let join: Arc<dyn cluster::join::JoinSource> = match &cluster {
+        Some((_, tokens)) => tokens.clone(),
+        None => Arc::new(cluster::join::NoJoin),
+    };
     let provisioning: Arc<dyn netboot::Provisioning> = Arc::new(
         Imaging::new(
             store.clone(),
@@ -163,7 +203,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_cloud_init(NodeCloudInit {
             hooks: config.cloud_init.clone(),
             base_url: base_url.clone(),
-        }),
+        })
+        .with_join(join),
     );
     let mut servers = tokio::task::JoinSet::new();
     servers.spawn(netboot::dhcp::serve(
@@ -208,22 +249,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         (_, false) => {}
     }
     let dir = folder.as_ref().map(|(dir, _)| dir.clone());
-    let kubeconfig = match &config.inventory {
-        Inventory::Kubernetes {
-            kubeconfig: Some(path),
-        } => Some(path.clone()),
-        // `kubernetes: true` under netboot.service: the kubeconfig systemd passed as the
-        // credential `kubeconfig` (LoadCredential=), which the service user may read while the
-        // file it comes from is root's; else the in-cluster or default configuration.
-        Inventory::Kubernetes { kubeconfig: None } => {
-            let credential = systemd::credential("kubeconfig");
-            if let Some(path) = &credential {
-                tracing::info!(kubeconfig = %path.display(), "using the kubeconfig credential");
-            }
-            credential
-        }
-        Inventory::Directory(_) => None,
-    };
     let watcher = match folder {
         Some((dir, watch)) => tokio::spawn(inventory::watch(
             watch,
@@ -235,22 +260,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             shutdown.clone(),
         )),
         None => {
-            let (client, facts) = cluster::connect(kubeconfig.as_deref())
-                .await
-                .context("inventory")?;
             let rules = cluster::AddressRules {
                 subnet: config.subnet,
                 reserved: reserved.clone(),
             };
-            let tokens = Arc::new(cluster::join::BootstrapTokens::new(
-                client.clone(),
-                store.clone(),
-                cluster::join::JoinSettings {
-                    token_ttl: config.cluster.bootstrap_token_ttl,
-                    api_endpoint: config.cluster.api_endpoint.clone(),
-                },
-                facts,
-            ));
+            let Some((client, tokens)) = cluster else {
+                anyhow::bail!("inventory: neither a folder nor a cluster");
+            };
             let options = cluster::Options {
                 install_crd: config.cluster.install_crd,
                 tokens: Some(tokens),

@@ -11,18 +11,23 @@
 //!
 //! User-data is the node cloud-config of [`crate::cloudinit`]: host name, SSH keys and hooks
 //! from `cloudInit:`, a `joining` report back to `POST /report/{mac}` with the machine's token,
-//! and the kubeadm join once join parameters are supplied (none yet: the document then says
-//! the node joins no cluster).
+//! and, with the cluster inventory, the kubeadm join: its parameters come from the
+//! [`JoinSource`] (a bootstrap token Secret per provisioning) before the one fetch is spent.
+//! When they cannot be had (API server down, 403) the answer is 503, the token stays unspent
+//! and cloud-init retries. With the folder inventory ([`NoJoin`]) the document says the node
+//! joins no cluster.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use netboot::provisioning::{
-    BootAction, CloudInitDocument, CloudInitFile, DiskHints, ImagingOrders, LocalBoot,
+    BootAction, BoxFuture, CloudInitDocument, CloudInitFile, DiskHints, ImagingOrders, LocalBoot,
     ProgressReport, Provisioning, Refusal,
 };
 use netboot::{Machine, MachineLookup};
 
 use crate::cloudinit::{self, Hooks, NodeUserData};
+use crate::cluster::join::{JoinSource, NoJoin};
 use crate::config::Image;
 use crate::inventory::Table;
 use crate::status::{MachineStatus, Phase, Report, StatusStore};
@@ -44,7 +49,14 @@ pub struct Imaging {
     local_boot: LocalBoot,
     /// `None` until [`Imaging::with_cloud_init`]: user-data is then refused.
     cloud_init: Option<NodeCloudInit>,
+    /// Where user-data's kubeadm join parameters come from ([`NoJoin`] until
+    /// [`Imaging::with_join`]).
+    join: Arc<dyn JoinSource>,
 }
+
+/// How long user-data waits for the join parameters before answering 503: cloud-init then
+/// retries rather than hanging on a request the API server does not answer.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Imaging {
     pub fn new(
@@ -59,7 +71,14 @@ impl Imaging {
             image,
             local_boot,
             cloud_init: None,
+            join: Arc::new(NoJoin),
         }
+    }
+
+    /// Sets where user-data's kubeadm join parameters come from.
+    pub fn with_join(mut self, join: Arc<dyn JoinSource>) -> Imaging {
+        self.join = join;
+        self
     }
 
     /// Sets what node user-data is rendered with.
@@ -98,51 +117,94 @@ fn instance_id(name: &str, token: &str) -> String {
 
 impl Imaging {
     /// The node cloud-config for the holder of `token`, rendered before the token's one
-    /// user-data fetch is spent, so that a rendering failure leaves it unspent.
-    fn user_data(&self, token: &str) -> Result<CloudInitDocument, Refusal> {
-        let status = self.store.token_holder(token)?;
+    /// user-data fetch is spent, so that a rendering failure leaves it unspent. The join
+    /// parameters are asked for only once the fetch is allowed (imaged, not yet served); when
+    /// they cannot be had the answer is [`Refusal::Unavailable`] (503, retried by cloud-init).
+    async fn user_data(&self, token: &str) -> Result<CloudInitDocument, Refusal> {
+        let status = self.store.check_user_data(token)?;
+        let Some(settings) = &self.cloud_init else {
+            return Err(self.render_failed(&status, "no cloud-init settings".to_string()));
+        };
+        let join =
+            match tokio::time::timeout(JOIN_TIMEOUT, self.join.join_params(&status.name)).await {
+                Ok(Ok(join)) => join,
+                Ok(Err(e)) => return Err(self.join_unavailable(&status, e.to_string())),
+                Err(_) => {
+                    return Err(self.join_unavailable(
+                        &status,
+                        format!("no answer within {} s", JOIN_TIMEOUT.as_secs()),
+                    ))
+                }
+            };
         let hostname = self.hostname(&status);
-        let rendered = match &self.cloud_init {
-            None => Err("no cloud-init settings".to_string()),
-            Some(settings) => {
-                let report_url = format!(
-                    "{}/report/{}",
-                    settings.base_url.trim_end_matches('/'),
-                    status.mac.to_hyphenated()
-                );
-                cloudinit::render_node_user_data(&NodeUserData {
-                    machine: &status.name,
-                    hostname: &hostname,
-                    node_ip: status.ip,
-                    report_url: &report_url,
-                    report_token: token,
-                    hooks: &settings.hooks,
-                    // Join parameters come with the cluster inventory's bootstrap tokens.
-                    join: None,
-                })
-                .map_err(|e| e.to_string())
-            }
-        };
-        let text = match rendered {
-            Ok(text) => text,
-            Err(reason) => {
-                tracing::error!(machine = %status.name, mac = %status.mac, ip = %status.ip, error = %reason, "cannot render user-data");
-                let _ = self.store.report(
-                    &status.name,
-                    Report::Failed {
-                        message: format!("cannot render user-data: {reason}"),
-                    },
-                );
-                return Err(Refusal::NoDocument {
-                    machine: status.name,
-                });
-            }
-        };
+        let report_url = format!(
+            "{}/report/{}",
+            settings.base_url.trim_end_matches('/'),
+            status.mac.to_hyphenated()
+        );
+        let text = cloudinit::render_node_user_data(&NodeUserData {
+            machine: &status.name,
+            hostname: &hostname,
+            node_ip: status.ip,
+            report_url: &report_url,
+            report_token: token,
+            hooks: &settings.hooks,
+            join: join.as_ref(),
+        })
+        .map_err(|e| self.render_failed(&status, e.to_string()))?;
         let status = self.store.take_user_data(token)?;
+        if let Some(join) = &join {
+            // The token id names the Secret; the token secret is never logged.
+            let token_id = join.token.split('.').next().unwrap_or_default();
+            tracing::info!(machine = %status.name, mac = %status.mac, ip = %status.ip, api_endpoint = %join.api_endpoint, token_id, "user-data with kubeadm join served");
+        }
         Ok(CloudInitDocument {
             machine: status.name,
             text,
         })
+    }
+
+    fn meta_data(&self, token: &str) -> Result<CloudInitDocument, Refusal> {
+        let status = self.store.token_holder(token)?;
+        let text = cloudinit::render_meta_data(&instance_id(&status.name, token), &self.hostname(&status))
+            .map_err(|e| {
+                tracing::error!(machine = %status.name, mac = %status.mac, ip = %status.ip, error = %e, "cannot render meta-data");
+                Refusal::NoDocument {
+                    machine: status.name.clone(),
+                }
+            })?;
+        Ok(CloudInitDocument {
+            machine: status.name,
+            text,
+        })
+    }
+
+    /// A document that cannot be rendered: the machine fails (its configuration must change).
+    fn render_failed(&self, status: &MachineStatus, reason: String) -> Refusal {
+        tracing::error!(machine = %status.name, mac = %status.mac, ip = %status.ip, error = %reason, "cannot render user-data");
+        let _ = self.store.report(
+            &status.name,
+            Report::Failed {
+                message: format!("cannot render user-data: {reason}"),
+            },
+        );
+        Refusal::NoDocument {
+            machine: status.name.clone(),
+        }
+    }
+
+    /// No join parameters now: the machine keeps its phase and its unspent token, and says
+    /// why in its message until cloud-init's retry succeeds.
+    fn join_unavailable(&self, status: &MachineStatus, reason: String) -> Refusal {
+        tracing::error!(machine = %status.name, mac = %status.mac, ip = %status.ip, phase = %status.phase, error = %reason, "no kubeadm join parameters for user-data: answering 503, cloud-init retries");
+        self.store.set_message(
+            &status.name,
+            format!("user-data delayed, no kubeadm join parameters: {reason}"),
+        );
+        Refusal::Unavailable {
+            machine: status.name.clone(),
+            reason: format!("no kubeadm join parameters: {reason}"),
+        }
     }
 }
 
@@ -183,34 +245,26 @@ impl Provisioning for Imaging {
         self.store.imaging_report(&machine.name, token, report)
     }
 
-    fn cloud_init(&self, token: &str, file: CloudInitFile) -> Result<CloudInitDocument, Refusal> {
-        if self.image.is_none() {
-            return Err(Refusal::NotEnabled);
-        }
-        match file {
-            CloudInitFile::MetaData => {
-                let status = self.store.token_holder(token)?;
-                let text =
-                    cloudinit::render_meta_data(&instance_id(&status.name, token), &self.hostname(&status))
-                        .map_err(|e| {
-                            tracing::error!(machine = %status.name, mac = %status.mac, ip = %status.ip, error = %e, "cannot render meta-data");
-                            Refusal::NoDocument {
-                                machine: status.name.clone(),
-                            }
-                        })?;
-                Ok(CloudInitDocument {
-                    machine: status.name,
-                    text,
-                })
+    fn cloud_init<'a>(
+        &'a self,
+        token: &'a str,
+        file: CloudInitFile,
+    ) -> BoxFuture<'a, Result<CloudInitDocument, Refusal>> {
+        Box::pin(async move {
+            if self.image.is_none() {
+                return Err(Refusal::NotEnabled);
             }
-            CloudInitFile::UserData => self.user_data(token),
-            CloudInitFile::VendorData => {
-                let status = self.store.token_holder(token)?;
-                Err(Refusal::NoDocument {
-                    machine: status.name,
-                })
+            match file {
+                CloudInitFile::MetaData => self.meta_data(token),
+                CloudInitFile::UserData => self.user_data(token).await,
+                CloudInitFile::VendorData => {
+                    let status = self.store.token_holder(token)?;
+                    Err(Refusal::NoDocument {
+                        machine: status.name,
+                    })
+                }
             }
-        }
+        })
     }
 }
 
@@ -318,8 +372,8 @@ mod tests {
         assert_eq!(phase(&store), Phase::Imaged);
     }
 
-    #[test]
-    fn wrong_and_old_tokens_are_refused() {
+    #[tokio::test]
+    async fn wrong_and_old_tokens_are_refused() {
         let (store, p) = setup(None);
         let m = node2();
         let first = token_of(p.boot_action(&m, false));
@@ -337,19 +391,19 @@ mod tests {
         p.report(&m, &second, imaging(1)).expect("current token");
         assert_eq!(phase(&store), Phase::Imaging);
         assert_eq!(
-            p.cloud_init(&first, CloudInitFile::MetaData),
+            p.cloud_init(&first, CloudInitFile::MetaData).await,
             Err(Refusal::WrongToken { machine: None })
         );
     }
 
-    #[test]
-    fn user_data_is_served_once_after_imaging() {
+    #[tokio::test]
+    async fn user_data_is_served_once_after_imaging() {
         let (store, p) = setup(None);
         let m = node2();
         let token = token_of(p.boot_action(&m, false));
         assert!(
             matches!(
-                p.cloud_init(&token, CloudInitFile::UserData),
+                p.cloud_init(&token, CloudInitFile::UserData).await,
                 Err(Refusal::WrongPhase { .. })
             ),
             "not before the disk is imaged"
@@ -358,6 +412,7 @@ mod tests {
             .expect("accepted");
         let meta = p
             .cloud_init(&token, CloudInitFile::MetaData)
+            .await
             .expect("meta-data");
         assert!(
             meta.text.starts_with("instance-id: \"node2-"),
@@ -372,6 +427,7 @@ mod tests {
         assert!(!meta.text.contains(&token));
         let doc = p
             .cloud_init(&token, CloudInitFile::UserData)
+            .await
             .expect("first fetch");
         assert_eq!(doc.machine, "node2");
         assert!(doc.text.starts_with("#cloud-config\n"), "{}", doc.text);
@@ -384,7 +440,7 @@ mod tests {
         );
         assert!(doc.text.contains(&format!("content: \"{token}\"\n")));
         assert_eq!(
-            p.cloud_init(&token, CloudInitFile::UserData),
+            p.cloud_init(&token, CloudInitFile::UserData).await,
             Err(Refusal::Replayed {
                 machine: "node2".into()
             })
@@ -393,7 +449,7 @@ mod tests {
         assert_eq!(status.phase, Phase::Imaged);
         assert!(status.message.contains("refused"), "{}", status.message);
         assert!(matches!(
-            p.cloud_init(&token, CloudInitFile::VendorData),
+            p.cloud_init(&token, CloudInitFile::VendorData).await,
             Err(Refusal::NoDocument { .. })
         ));
     }
@@ -421,8 +477,8 @@ mod tests {
         assert_eq!(phase(&store), Phase::PxeBooting);
     }
 
-    #[test]
-    fn reimage_requests_start_over() {
+    #[tokio::test]
+    async fn reimage_requests_start_over() {
         let (store, p) = setup(None);
         let m = node2();
         let requests = |v: &str| HashMap::from([("node2".to_string(), v.to_string())]);
@@ -442,7 +498,7 @@ mod tests {
         assert_eq!(s.phase, Phase::Pending);
         assert!(s.message.contains("reimage"), "{}", s.message);
         assert!(
-            p.cloud_init(&token, CloudInitFile::MetaData).is_err(),
+            p.cloud_init(&token, CloudInitFile::MetaData).await.is_err(),
             "the old token is dead"
         );
         let again = token_of(p.boot_action(&m, false));

@@ -493,6 +493,12 @@ impl StatusStore {
         }
     }
 
+    /// Sets the status message of the machine called `name`, its phase unchanged (a problem
+    /// the machine's next retry may not meet).
+    pub fn set_message(&self, name: &str, message: String) {
+        self.update(name, |status| status.message = message);
+    }
+
     /// Starts a new provisioning of `machine` (its imaging script is being served): a fresh
     /// token, whose sha256 replaces the previous one (which stops working), user-data not yet
     /// served, phase PXEBooting. Returns the token; only its hash is kept. `None` for a machine
@@ -616,9 +622,20 @@ impl StatusStore {
             .ok_or(Refusal::WrongToken { machine: None })
     }
 
+    /// Whether the holder of `token` may fetch its user-data now (imaged, not yet served),
+    /// without spending the fetch: checked before anything is asked of the cluster. A replay
+    /// is refused, logged and recorded as [`Self::take_user_data`] does.
+    pub fn check_user_data(&self, token: &str) -> Result<MachineStatus, Refusal> {
+        self.user_data_gate(token, false)
+    }
+
     /// cloud-init's user-data fetch: allowed once per token, once the machine is imaged. A
     /// second fetch is refused, logged and recorded as the machine's message.
     pub fn take_user_data(&self, token: &str) -> Result<MachineStatus, Refusal> {
+        self.user_data_gate(token, true)
+    }
+
+    fn user_data_gate(&self, token: &str, spend: bool) -> Result<MachineStatus, Refusal> {
         let (name, replay) = {
             let mut inner = self.lock();
             let Some(name) = Self::holder(&inner, token) else {
@@ -636,6 +653,8 @@ impl StatusStore {
                     phase: status.phase.to_string(),
                     what: "user-data",
                 });
+            } else if !spend {
+                return Ok(status);
             } else {
                 credentials.user_data_served = true;
                 (name, false)

@@ -510,6 +510,9 @@ struct NetbootSite<'a> {
     provisioning: &'a dyn Provisioning,
 }
 
+/// `Retry-After` (seconds) of a 503 for a document that cannot be made now.
+const UNAVAILABLE_RETRY_AFTER: &str = "5";
+
 /// How long a client may take to send a report body.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -520,7 +523,7 @@ impl NetbootSite<'_> {
             return self.report(rest, req, outcome).await;
         }
         if let Some(rest) = path.strip_prefix("/nocloud/") {
-            return self.cloud_init(rest, &req, outcome);
+            return self.cloud_init(rest, &req, outcome).await;
         }
         let (kind, rest) = if let Some(rest) = path.strip_prefix("/ipxe/") {
             (Route::Script, rest)
@@ -702,7 +705,7 @@ impl NetbootSite<'_> {
         }
     }
 
-    fn cloud_init(
+    async fn cloud_init(
         &self,
         rest: &str,
         req: &Request<Incoming>,
@@ -724,7 +727,7 @@ impl NetbootSite<'_> {
             outcome.refused = true;
             return plain(StatusCode::FORBIDDEN, "forbidden");
         }
-        match self.provisioning.cloud_init(token, file) {
+        match self.provisioning.cloud_init(token, file).await {
             Ok(doc) => {
                 outcome.machine = Some(doc.machine);
                 outcome.note = Some(format!("cloud-init {}", file.name()));
@@ -768,8 +771,20 @@ fn refused(refusal: Refusal, outcome: &mut Outcome) -> Response<Body> {
             outcome.machine = Some(machine.clone());
             StatusCode::CONFLICT
         }
+        Refusal::Unavailable { machine, .. } => {
+            outcome.machine = Some(machine.clone());
+            StatusCode::SERVICE_UNAVAILABLE
+        }
     };
-    plain(status, status.canonical_reason().unwrap_or("refused"))
+    let mut response = plain(status, status.canonical_reason().unwrap_or("refused"));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        // cloud-init retries a failed fetch of its seed; a short hint for other clients.
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(UNAVAILABLE_RETRY_AFTER),
+        );
+    }
+    response
 }
 
 /// The token of `Authorization: Bearer {token}` (scheme case-insensitive, RFC 9110 §11.1).

@@ -15,6 +15,8 @@
 //!    NoCloud's `seedfrom` cannot send headers; `user-data` is served once per token.
 
 use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
 
 use serde::{Deserialize, Serialize};
 
@@ -343,7 +345,15 @@ pub enum Refusal {
     /// The file does not exist for this datasource (e.g. `vendor-data`).
     #[error("no such document")]
     NoDocument { machine: String },
+    /// The document cannot be made now (the cluster's API server does not answer); the token
+    /// is not spent and the client may retry. `reason` never carries a token.
+    #[error("{reason}")]
+    Unavailable { machine: String, reason: String },
 }
+
+/// A boxed future, what [`Provisioning`]'s asynchronous methods return (a trait object's
+/// methods cannot be `async fn`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What netboot asks the agent for imaging. Implementations must be cheap (they run per
 /// request) and must never log tokens.
@@ -356,8 +366,13 @@ pub trait Provisioning: Send + Sync + 'static {
     fn report(&self, machine: &Machine, token: &str, report: ProgressReport)
         -> Result<(), Refusal>;
 
-    /// A cloud-init NoCloud file for the holder of `token`.
-    fn cloud_init(&self, token: &str, file: CloudInitFile) -> Result<CloudInitDocument, Refusal>;
+    /// A cloud-init NoCloud file for the holder of `token`. Asynchronous: user-data may need
+    /// the cluster (a kubeadm bootstrap token) before it can be rendered.
+    fn cloud_init<'a>(
+        &'a self,
+        token: &'a str,
+        file: CloudInitFile,
+    ) -> BoxFuture<'a, Result<CloudInitDocument, Refusal>>;
 }
 
 /// No imaging: every script is the configured one, reports and cloud-init are refused.
@@ -370,8 +385,12 @@ impl Provisioning for NoProvisioning {
     fn report(&self, _: &Machine, _: &str, _: ProgressReport) -> Result<(), Refusal> {
         Err(Refusal::NotEnabled)
     }
-    fn cloud_init(&self, _: &str, _: CloudInitFile) -> Result<CloudInitDocument, Refusal> {
-        Err(Refusal::NotEnabled)
+    fn cloud_init<'a>(
+        &'a self,
+        _: &'a str,
+        _: CloudInitFile,
+    ) -> BoxFuture<'a, Result<CloudInitDocument, Refusal>> {
+        Box::pin(std::future::ready(Err(Refusal::NotEnabled)))
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use netboot::http::{serve_files, serve_provisioning, HttpSettings};
 use netboot::ipxe::ScriptSettings;
 use netboot::provisioning::{
-    BootAction, CloudInitDocument, CloudInitFile, DiskHints, ImagingOrders, LocalBoot,
+    BootAction, BoxFuture, CloudInitDocument, CloudInitFile, DiskHints, ImagingOrders, LocalBoot,
     ProgressReport, Provisioning, Refusal,
 };
 use netboot::{MacAddr, Machine, MachineLookup};
@@ -28,6 +28,41 @@ struct Fake {
     heads: Mutex<u32>,
     reports: Mutex<Vec<ProgressReport>>,
     user_data_served: Mutex<bool>,
+    /// user-data cannot be made now (the cluster does not answer).
+    unavailable: Mutex<bool>,
+}
+
+impl Fake {
+    fn document(&self, token: &str, file: CloudInitFile) -> Result<CloudInitDocument, Refusal> {
+        if token != TOKEN {
+            return Err(Refusal::WrongToken { machine: None });
+        }
+        let machine = "node2".to_string();
+        match file {
+            CloudInitFile::UserData => {
+                if *self.unavailable.lock().expect("lock") {
+                    return Err(Refusal::Unavailable {
+                        machine,
+                        reason: "no join parameters: API server unreachable".into(),
+                    });
+                }
+                let mut served = self.user_data_served.lock().expect("lock");
+                if *served {
+                    return Err(Refusal::Replayed { machine });
+                }
+                *served = true;
+                Ok(CloudInitDocument {
+                    machine,
+                    text: "#cloud-config\nhostname: node2\n".into(),
+                })
+            }
+            CloudInitFile::MetaData => Ok(CloudInitDocument {
+                machine,
+                text: "instance-id: i-1\n".into(),
+            }),
+            CloudInitFile::VendorData => Err(Refusal::NoDocument { machine }),
+        }
+    }
 }
 
 impl Provisioning for Fake {
@@ -53,29 +88,12 @@ impl Provisioning for Fake {
         Ok(())
     }
 
-    fn cloud_init(&self, token: &str, file: CloudInitFile) -> Result<CloudInitDocument, Refusal> {
-        if token != TOKEN {
-            return Err(Refusal::WrongToken { machine: None });
-        }
-        let machine = "node2".to_string();
-        match file {
-            CloudInitFile::UserData => {
-                let mut served = self.user_data_served.lock().expect("lock");
-                if *served {
-                    return Err(Refusal::Replayed { machine });
-                }
-                *served = true;
-                Ok(CloudInitDocument {
-                    machine,
-                    text: "#cloud-config\nhostname: node2\n".into(),
-                })
-            }
-            CloudInitFile::MetaData => Ok(CloudInitDocument {
-                machine,
-                text: "instance-id: i-1\n".into(),
-            }),
-            CloudInitFile::VendorData => Err(Refusal::NoDocument { machine }),
-        }
+    fn cloud_init<'a>(
+        &'a self,
+        token: &'a str,
+        file: CloudInitFile,
+    ) -> BoxFuture<'a, Result<CloudInitDocument, Refusal>> {
+        Box::pin(std::future::ready(self.document(token, file)))
     }
 }
 
@@ -120,6 +138,7 @@ async fn start(action: BootAction) -> Server {
         heads: Mutex::new(0),
         reports: Mutex::new(Vec::new()),
         user_data_served: Mutex::new(false),
+        unavailable: Mutex::new(false),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -348,6 +367,16 @@ async fn nocloud_user_data_is_served_once() {
         (meta.status, meta.body.as_str()),
         (200, "instance-id: i-1\n")
     );
+    // The agent cannot make it now: 503 with a retry hint, and the token stays unspent.
+    *srv.fake.unavailable.lock().expect("lock") = true;
+    let busy = request(srv.addr, "GET", &format!("{base}/user-data"), &[], b"").await;
+    assert_eq!(busy.status, 503);
+    assert!(busy.head.contains("retry-after: 5"), "{}", busy.head);
+    assert!(
+        !busy.body.contains("API server"),
+        "no internals in the answer"
+    );
+    *srv.fake.unavailable.lock().expect("lock") = false;
     let first = request(srv.addr, "GET", &format!("{base}/user-data"), &[], b"").await;
     assert_eq!(first.status, 200);
     assert!(first.body.starts_with("#cloud-config\n"), "{}", first.body);

@@ -22,6 +22,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource};
 
 use super::crd::Machine;
+use crate::cloudinit::JoinParams;
 use crate::status::{Phase, StatusStore};
 
 /// Where kubeadm looks for bootstrap tokens.
@@ -44,28 +45,6 @@ pub const CLUSTER_INFO_NAMESPACE: &str = "kube-public";
 pub const CLUSTER_INFO: &str = "cluster-info";
 /// How often expired and orphaned token Secrets are looked for.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(600);
-
-/// What the cloud-init renderer needs for `kubeadm join`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct JoinParams {
-    /// `host:port` of the API server, as the joining node reaches it.
-    pub api_endpoint: String,
-    /// `<token-id>.<token-secret>`.
-    pub token: String,
-    /// `sha256:<hex>` pins of the CA's public key.
-    pub ca_cert_hashes: Vec<String>,
-}
-
-impl std::fmt::Debug for JoinParams {
-    // The token is a credential: never in a log line, not even through `{:?}`.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JoinParams")
-            .field("api_endpoint", &self.api_endpoint)
-            .field("token", &"<redacted>")
-            .field("ca_cert_hashes", &self.ca_cert_hashes)
-            .finish()
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {

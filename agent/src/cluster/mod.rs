@@ -4,8 +4,6 @@
 pub mod controller;
 pub mod crd;
 pub mod install;
-// Until the user-data path asks for join parameters, parts are only used by tests.
-#[cfg_attr(not(test), allow(dead_code))]
 pub mod join;
 #[cfg(test)]
 mod rbac;

@@ -19,11 +19,11 @@ use tokio::sync::mpsc;
 use super::controller::{self, AddressRules, Context};
 use super::crd::{Machine, MachineSpec};
 use super::install::CrdState;
-use super::join::{
-    BootstrapToken, BootstrapTokens, ClusterFacts, JoinParams, JoinSettings, JoinSource as _,
-};
+use super::join::{BootstrapToken, BootstrapTokens, ClusterFacts, JoinSettings, JoinSource as _};
+use crate::cloudinit::JoinParams;
 use crate::inventory::Table;
 use crate::status::{Phase, StatusStore};
+use netboot::provisioning::Refusal;
 
 type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -500,6 +500,12 @@ fn tokens_for(h: &Harness, api_endpoint: Option<&str>) -> Arc<BootstrapTokens> {
 
 /// node2 served, its imaging started (a provisioning token issued), the disk imaged.
 fn imaged_node2() -> (Harness, ApiServerHandle, Machine) {
+    let (h, api, m, _) = imaged_node2_with_token();
+    (h, api, m)
+}
+
+/// [`imaged_node2`] and node2's provisioning token.
+fn imaged_node2_with_token() -> (Harness, ApiServerHandle, Machine, String) {
     let m = with_finalizer(machine("node2", "52:54:00:00:00:02", "10.77.0.2"));
     let (h, api) = harness(vec![m.clone()], vec![]);
     let verdicts = controller::judge(&[Arc::new(m.clone())], &h.ctx.rules, None);
@@ -508,11 +514,11 @@ fn imaged_node2() -> (Harness, ApiServerHandle, Machine) {
         .table
         .by_mac(&"52:54:00:00:00:02".parse().expect("mac"))
         .expect("served");
-    h.status.start_imaging(&served).expect("provisioning token");
+    let token = h.status.start_imaging(&served).expect("provisioning token");
     h.status
         .report("node2", crate::status::Report::Imaged)
         .expect("known");
-    (h, api, m)
+    (h, api, m, token)
 }
 
 async fn answer_cluster_info(api: &mut ApiServerHandle) {
@@ -944,6 +950,192 @@ async fn no_join_without_a_cluster() {
     assert_eq!(
         super::join::NoJoin.join_params("node2").await.expect("ok"),
         None
+    );
+}
+
+/// netboot's imaging side for the harness's machines, with join parameters from `tokens`.
+fn imaging_with(h: &Harness, tokens: Arc<BootstrapTokens>) -> Arc<crate::provisioning::Imaging> {
+    use crate::provisioning::{Imaging, NodeCloudInit};
+    let image = crate::config::Image {
+        url: "http://10.77.0.1:8080/node.raw".into(),
+        sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+        size: None,
+    };
+    Arc::new(
+        Imaging::new(
+            h.status.clone(),
+            h.table.clone(),
+            Some(image),
+            netboot::provisioning::LocalBoot::Auto,
+        )
+        .with_cloud_init(NodeCloudInit {
+            hooks: crate::cloudinit::Hooks::default(),
+            base_url: "http://10.77.0.1".into(),
+        })
+        .with_join(tokens),
+    )
+}
+
+fn fetch_user_data(
+    imaging: &Arc<crate::provisioning::Imaging>,
+    token: &str,
+) -> tokio::task::JoinHandle<Result<netboot::provisioning::CloudInitDocument, Refusal>> {
+    use netboot::provisioning::{CloudInitFile, Provisioning as _};
+    let (imaging, token) = (imaging.clone(), token.to_string());
+    tokio::spawn(async move { imaging.cloud_init(&token, CloudInitFile::UserData).await })
+}
+
+/// Answers a first token request: cluster-info, no Secret yet, the created Secret, its Event.
+/// Returns the Secret as created.
+async fn answer_token_creation(api: &mut ApiServerHandle) -> Value {
+    answer_cluster_info(api).await;
+    let (_, send) = expect_request(api, Method::GET, &secret_list_path("node2")).await;
+    respond(send, &secret_list(vec![]));
+    let (body, send) = expect_request(api, Method::POST, &format!("{SECRETS}?")).await;
+    respond(send, &as_stored(body.clone()));
+    assert_eq!(
+        expect_event(api, "node2").await["reason"],
+        "BootstrapTokenCreated"
+    );
+    body
+}
+
+/// The kubeadm JoinConfiguration of a node's user-data.
+fn join_configuration(user_data: &str) -> serde_yaml::Value {
+    let doc: serde_yaml::Value = serde_yaml::from_str(user_data).expect("user-data YAML");
+    let content = doc["write_files"]
+        .as_sequence()
+        .and_then(|files| {
+            files
+                .iter()
+                .find(|f| f["path"].as_str() == Some(crate::cloudinit::JOIN_CONFIG_PATH))
+        })
+        .and_then(|f| f["content"].as_str())
+        .unwrap_or_else(|| panic!("no JoinConfiguration in {user_data}"));
+    serde_yaml::from_str(content).expect("JoinConfiguration YAML")
+}
+
+/// A user-data request for an imaged Machine makes its bootstrap token Secret and serves a
+/// JoinConfiguration with that token, the CA pin and the endpoint; the token's second fetch is
+/// refused without a new Secret.
+#[tokio::test]
+async fn user_data_carries_the_join_of_a_new_token_secret() {
+    let (h, mut api, _, token) = imaged_node2_with_token();
+    let imaging = imaging_with(&h, tokens_for(&h, None));
+
+    let first = fetch_user_data(&imaging, &token);
+    let created = within(
+        "token Secret for user-data",
+        answer_token_creation(&mut api),
+    )
+    .await;
+    let doc = first.await.expect("joined").expect("user-data served");
+    assert_eq!(doc.machine, "node2");
+    let id = created["stringData"]["token-id"]
+        .as_str()
+        .expect("token-id");
+    let secret = created["stringData"]["token-secret"]
+        .as_str()
+        .expect("token-secret");
+    let config = join_configuration(&doc.text);
+    assert_eq!(config["kind"].as_str(), Some("JoinConfiguration"));
+    let bootstrap = &config["discovery"]["bootstrapToken"];
+    assert_eq!(
+        bootstrap["token"].as_str(),
+        Some(format!("{id}.{secret}").as_str())
+    );
+    assert_eq!(
+        bootstrap["apiServerEndpoint"].as_str(),
+        Some("10.77.0.1:6443")
+    );
+    assert_eq!(bootstrap["caCertHashes"][0].as_str(), Some(RSA_PIN));
+    assert_eq!(
+        bootstrap["caCertHashes"].as_sequence().map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(config["nodeRegistration"]["name"].as_str(), Some("node2"));
+    let status = h.status.get("node2").expect("node2");
+    assert_eq!(status.phase, Phase::Imaged);
+    assert_eq!(status.message, "cloud-init user-data served");
+
+    // Single use: refused before the cluster is asked anything.
+    let again = fetch_user_data(&imaging, &token).await.expect("joined");
+    assert_eq!(
+        again,
+        Err(Refusal::Replayed {
+            machine: "node2".into()
+        })
+    );
+    no_more_requests(&mut api).await;
+    assert!(h
+        .status
+        .get("node2")
+        .expect("node2")
+        .message
+        .contains("refused"));
+}
+
+/// The API server refusing (403) or failing: 503 for cloud-init to retry, a status message,
+/// and the token unspent: the retry gets its user-data.
+#[tokio::test]
+async fn user_data_waits_for_the_api_server() {
+    let (h, mut api, _, token) = imaged_node2_with_token();
+    let imaging = imaging_with(&h, tokens_for(&h, None));
+
+    let refused = fetch_user_data(&imaging, &token);
+    within("forbidden Secret list", async {
+        answer_cluster_info(&mut api).await;
+        let (_, send) = expect_request(&mut api, Method::GET, &secret_list_path("node2")).await;
+        respond_error(send, 403, "Forbidden");
+    })
+    .await;
+    let refusal = refused.await.expect("joined").expect_err("no user-data");
+    let Refusal::Unavailable { machine, reason } = &refusal else {
+        panic!("expected Unavailable, got {refusal:?}");
+    };
+    assert_eq!(machine, "node2");
+    assert!(reason.contains("Forbidden"), "{reason}");
+    let status = h.status.get("node2").expect("node2");
+    assert_eq!(status.phase, Phase::Imaged, "the phase stays");
+    assert!(
+        status.message.contains("no kubeadm join parameters")
+            && status.message.contains("Forbidden"),
+        "{}",
+        status.message
+    );
+
+    // The API server failing on the create: the same.
+    let failed = fetch_user_data(&imaging, &token);
+    within("failed Secret create", async {
+        answer_cluster_info(&mut api).await;
+        let (_, send) = expect_request(&mut api, Method::GET, &secret_list_path("node2")).await;
+        respond(send, &secret_list(vec![]));
+        let (_, send) = expect_request(&mut api, Method::POST, &format!("{SECRETS}?")).await;
+        respond_error(send, 500, "InternalError");
+    })
+    .await;
+    assert!(matches!(
+        failed.await.expect("joined"),
+        Err(Refusal::Unavailable { .. })
+    ));
+
+    // The token still works once the API server answers.
+    let retry = fetch_user_data(&imaging, &token);
+    let created = within("retry", answer_token_creation(&mut api)).await;
+    let doc = retry.await.expect("joined").expect("user-data served");
+    let id = created["stringData"]["token-id"]
+        .as_str()
+        .expect("token-id");
+    assert!(
+        join_configuration(&doc.text)["discovery"]["bootstrapToken"]["token"]
+            .as_str()
+            .is_some_and(|t| t.starts_with(&format!("{id}."))),
+        "{}",
+        doc.text
+    );
+    assert_eq!(
+        h.status.get("node2").expect("node2").message,
+        "cloud-init user-data served"
     );
 }
 
