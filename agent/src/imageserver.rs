@@ -3,10 +3,12 @@
 //! first machine. Socket-activated like netboot (a socket named `http`, or the only one
 //! passed), else it binds `--listen`.
 //!
-//! On the operator's host (`--bootstrap SEED_DIR`) it also serves the first machine's NoCloud
-//! seed: `/nocloud/{name}/meta-data` and `user-data` from `SEED_DIR/{name}/`. On the first
-//! machine (`--upstream URL`) it is a pull-through cache of the bootstrap imageserver
-//! ([`cache`]).
+//! On the operator's host it also serves the first machine's NoCloud seed,
+//! `/nocloud/{name}/meta-data` and `user-data` (and `network-config`): rendered at start from
+//! the `laptop:` section of a configuration file (`--bootstrap --config FILE`, `{name}` is the
+//! laptop's host name), or pre-rendered files in `SEED_DIR/{name}/` (`--bootstrap SEED_DIR`).
+//! On the first machine (`--upstream URL`) it is a pull-through cache of the bootstrap
+//! imageserver ([`cache`]).
 
 mod cache;
 #[cfg(test)]
@@ -32,32 +34,107 @@ pub struct Options {
     pub dir: PathBuf,
     /// Bound when systemd passed no socket.
     pub listen: SocketAddr,
-    /// The NoCloud seed directory (`{name}/meta-data`, `{name}/user-data`).
-    pub bootstrap: Option<PathBuf>,
+    /// The first machine's NoCloud seed, served under `/nocloud/`.
+    pub seed: Option<Seed>,
     /// The imageserver to fetch missing files from.
     pub upstream: Option<String>,
 }
 
-/// The file server for `options` (without sockets and signals): shared with the tests.
-pub fn file_server(options: &Options) -> anyhow::Result<netboot::http::FileServer> {
+/// Where the bootstrap seed comes from.
+#[derive(Debug, Clone)]
+pub enum Seed {
+    /// Pre-rendered files: `{name}/meta-data`, `{name}/user-data`.
+    Dir(PathBuf),
+    /// Rendered at start from this configuration's `laptop:` section.
+    Config(PathBuf),
+}
+
+/// The file server for `options` (without sockets and signals), and the directory holding
+/// a rendered seed, which must live as long as the server: shared with the tests.
+pub fn file_server(
+    options: &Options,
+) -> anyhow::Result<(netboot::http::FileServer, Option<tempfile::TempDir>)> {
     if !options.dir.is_dir() {
         bail!("{} is not a directory", options.dir.display());
     }
-    if let Some(seed) = &options.bootstrap {
-        if !seed.is_dir() {
-            bail!("--bootstrap {} is not a directory", seed.display());
+    let mut rendered = None;
+    let seed_dir = match &options.seed {
+        None => None,
+        Some(Seed::Dir(dir)) => {
+            if !dir.is_dir() {
+                bail!("--bootstrap {} is not a directory", dir.display());
+            }
+            Some(dir.clone())
         }
-    }
+        Some(Seed::Config(config)) => {
+            let seed = render_seed(config)?;
+            let path = seed.path().to_path_buf();
+            rendered = Some(seed);
+            Some(path)
+        }
+    };
     let missing = match &options.upstream {
         Some(url) => Some(Arc::new(PullThrough::new(options.dir.clone(), url)?)
             as Arc<dyn netboot::http::MissingFiles>),
         None => None,
     };
-    Ok(netboot::http::FileServer {
-        dir: options.dir.clone(),
-        seed_dir: options.bootstrap.clone(),
-        missing,
-    })
+    Ok((
+        netboot::http::FileServer {
+            dir: options.dir.clone(),
+            seed_dir,
+            missing,
+        },
+        rendered,
+    ))
+}
+
+/// Renders the first machine's seed from `config` (as `provisioner cloud-config laptop` does)
+/// into a private temporary directory: `{hostname}/user-data`, `meta-data` and, when the
+/// configuration names the interface, `network-config`.
+fn render_seed(config: &std::path::Path) -> anyhow::Result<tempfile::TempDir> {
+    use crate::cloud_config_cmd::{render, CloudConfig, NoCloudFile};
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("cannot read {}", config.display()))?;
+    let parsed = crate::config::Config::parse(config, &text)?;
+    let Some(laptop) = &parsed.laptop else {
+        bail!(
+            "{}: no laptop: section to render the seed from",
+            config.display()
+        );
+    };
+    let name = laptop.hostname.clone();
+    let seed = tempfile::Builder::new()
+        .prefix("provisioner-seed-")
+        .tempdir()
+        .context("creating the seed directory")?;
+    let dir = seed.path().join(&name);
+    std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let one = |file: NoCloudFile| {
+        render(CloudConfig::Laptop {
+            config: config.to_path_buf(),
+            file,
+        })
+    };
+    for (file, name) in [
+        (NoCloudFile::UserData, "user-data"),
+        (NoCloudFile::MetaData, "meta-data"),
+    ] {
+        let text = one(file).with_context(|| format!("rendering the laptop's {name}"))?;
+        std::fs::write(dir.join(name), text)
+            .with_context(|| format!("writing the seed's {name}"))?;
+    }
+    match one(NoCloudFile::NetworkConfig) {
+        Ok(text) => std::fs::write(dir.join("network-config"), text)
+            .context("writing the seed's network-config")?,
+        Err(e) => tracing::info!(error = %format!("{e:#}"), "no network-config in the seed"),
+    }
+    tracing::info!(
+        machine = %name,
+        config = %config.display(),
+        path = %format!("/nocloud/{name}/"),
+        "NoCloud seed rendered"
+    );
+    Ok(seed)
 }
 
 /// How long downloads in flight get after SIGTERM: images are large, but a client resumes
@@ -85,7 +162,7 @@ fn listener(listen: SocketAddr) -> anyhow::Result<(std::net::TcpListener, bool)>
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
-    let server = file_server(&options)?;
+    let (server, _rendered_seed) = file_server(&options)?;
     let dir = options.dir;
     let (socket, activated) = listener(options.listen)?;
     socket.set_nonblocking(true)?;
@@ -99,8 +176,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         SHUTDOWN_GRACE,
     ));
     let mut status = format!("serving {} on {local}", dir.display());
-    if let Some(seed) = &options.bootstrap {
-        status.push_str(&format!("; NoCloud seed from {}", seed.display()));
+    if let Some(Seed::Dir(path) | Seed::Config(path)) = &options.seed {
+        status.push_str(&format!("; NoCloud seed from {}", path.display()));
     }
     if let Some(upstream) = &options.upstream {
         status.push_str(&format!("; caching {upstream}"));
@@ -109,7 +186,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         activated,
         dir = %dir.display(),
         %local,
-        bootstrap = options.bootstrap.as_ref().map(|d| tracing::field::display(d.display())),
+        seed = options.seed.as_ref().map(|s| tracing::field::debug(s)),
         upstream = options.upstream.as_deref(),
         "imageserver ready"
     );

@@ -61,10 +61,14 @@ enum Command {
         #[arg(long, default_value = "0.0.0.0:8080")]
         listen: std::net::SocketAddr,
         /// On the operator's host: also serve the first machine's NoCloud seed,
-        /// `/nocloud/NAME/{meta-data,user-data}` from `SEED_DIR/NAME/` (cloud-init:
-        /// `ds=nocloud-net;s=http://HOST:PORT/nocloud/NAME/`).
-        #[arg(long, value_name = "SEED_DIR")]
-        bootstrap: Option<PathBuf>,
+        /// `/nocloud/NAME/{meta-data,user-data}`, from `SEED_DIR/NAME/` or, with `--config`,
+        /// rendered from the configuration's `laptop:` section (NAME is its hostname).
+        /// cloud-init: `ds=nocloud-net;s=http://HOST:PORT/nocloud/NAME/`.
+        #[arg(long, value_name = "SEED_DIR", num_args = 0..=1)]
+        bootstrap: Option<Option<PathBuf>>,
+        /// With `--bootstrap`: the configuration file whose `laptop:` section is the seed.
+        #[arg(long, short, requires = "bootstrap")]
+        config: Option<PathBuf>,
         /// Pull-through cache: fetch a file missing from --dir from this imageserver
         /// (`http://HOST:PORT/`), check it and keep it in --dir.
         #[arg(long, value_name = "URL")]
@@ -153,6 +157,7 @@ fn run(command: Command) -> ExitCode {
             dir,
             listen,
             bootstrap,
+            config,
             upstream,
         } => {
             let runtime = match tokio::runtime::Runtime::new() {
@@ -162,10 +167,23 @@ fn run(command: Command) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            let seed = match (bootstrap, config) {
+                (None, None) => None,
+                (Some(Some(dir)), None) => Some(imageserver::Seed::Dir(dir)),
+                (Some(None), Some(config)) => Some(imageserver::Seed::Config(config)),
+                (Some(None), None) | (None, Some(_)) => {
+                    eprintln!("error: --bootstrap needs a seed directory or --config FILE");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+                (Some(Some(_)), Some(_)) => {
+                    eprintln!("error: --bootstrap takes a seed directory or --config, not both");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
             let options = imageserver::Options {
                 dir,
                 listen,
-                bootstrap,
+                seed,
                 upstream,
             };
             match runtime.block_on(imageserver::run(options)) {

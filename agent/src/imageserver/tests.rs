@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::cache::{manifest_entry, Expected};
-use super::{file_server, Options};
+use super::{file_server, Options, Seed};
 
 fn temp_dir(tag: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -86,16 +86,22 @@ impl Server {
 }
 
 async fn start(options: Options) -> Server {
-    let server = file_server(&options).expect("file server");
+    let (server, rendered) = file_server(&options).expect("file server");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(netboot::http::serve_file_server(
-        listener,
-        server,
-        shutdown.clone(),
-        Duration::from_secs(1),
-    ));
+    let shutdown_token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let served = netboot::http::serve_file_server(
+            listener,
+            server,
+            shutdown_token,
+            Duration::from_secs(1),
+        )
+        .await;
+        drop(rendered);
+        served
+    });
     Server {
         addr,
         shutdown,
@@ -107,7 +113,7 @@ fn options(dir: &Path) -> Options {
     Options {
         dir: dir.to_path_buf(),
         listen: "127.0.0.1:0".parse().expect("addr"),
-        bootstrap: None,
+        seed: None,
         upstream: None,
     }
 }
@@ -480,7 +486,7 @@ async fn bootstrap_serves_the_nocloud_seed_as_cloud_init_asks() {
     std::fs::write(seed.join("laptop/user-data"), user).expect("write");
     std::fs::write(dir.path().join("vmlinuz"), b"kernel").expect("write");
     let mut bootstrap = options(dir.path());
-    bootstrap.bootstrap = Some(seed.clone());
+    bootstrap.seed = Some(Seed::Dir(seed.clone()));
     let server = start(bootstrap).await;
     // cloud-init 22.4's NoCloud with s=http://HOST/nocloud/laptop/ asks for these three.
     let base = format!("http://{}/nocloud/laptop/", server.addr);
@@ -505,4 +511,44 @@ async fn bootstrap_serves_the_nocloud_seed_as_cloud_init_asks() {
     let got = get(format!("http://{}/vmlinuz", server.addr), None).await;
     assert_eq!((got.status, got.body.as_slice()), (200, &b"kernel"[..]));
     server.stop().await;
+}
+
+/// `--bootstrap --config FILE`: the seed rendered from the example configuration's `laptop:`.
+#[tokio::test]
+async fn bootstrap_renders_the_seed_from_the_configuration() {
+    let dir = temp_dir("artifacts");
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../provisioner.yaml.example");
+    let mut bootstrap = options(dir.path());
+    bootstrap.seed = Some(Seed::Config(config.clone()));
+    let server = start(bootstrap).await;
+    let base = format!("http://{}/nocloud/seed/", server.addr);
+    let user = get(format!("{base}user-data"), None).await;
+    assert_eq!(user.status, 200);
+    let user = String::from_utf8(user.body).expect("utf-8");
+    assert!(user.starts_with("#cloud-config\n"), "{user}");
+    assert!(
+        user.contains("kubeadm"),
+        "the laptop's user-data runs kubeadm init"
+    );
+    let meta = get(format!("{base}meta-data"), None).await;
+    assert_eq!(meta.status, 200);
+    let meta = String::from_utf8(meta.body).expect("utf-8");
+    assert!(meta.contains("seed"), "{meta}");
+    assert_eq!(get(format!("{base}vendor-data"), None).await.status, 200);
+    let other = format!("http://{}/nocloud/laptop/user-data", server.addr);
+    assert_eq!(get(other, None).await.status, 404, "only the laptop's name");
+    server.stop().await;
+
+    let mut no_laptop = options(dir.path());
+    let plain = dir.path().join("plain.yaml");
+    let text = std::fs::read_to_string(&config).expect("example");
+    let cut = text.find("\nlaptop:").expect("laptop: section");
+    let rest = &text[cut + 1..];
+    let end = rest.find("\n\n").map_or(rest.len(), |i| i + 1);
+    std::fs::write(&plain, format!("{}{}", &text[..cut + 1], &rest[end..])).expect("write");
+    no_laptop.seed = Some(Seed::Config(plain));
+    let error = file_server(&no_laptop)
+        .err()
+        .expect("no laptop: section is an error");
+    assert!(format!("{error:#}").contains("laptop"), "{error:#}");
 }
