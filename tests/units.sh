@@ -29,6 +29,14 @@ dump=$(SYSTEMD_LOG_LEVEL=debug systemd-analyze verify --man=no "$WORK/units-trig
 check "the example drop-in moves netboot.path's trigger" grep -q 'PathExists: /etc/provisioner/enabled' <<<"$dump"
 check "and leaves only the new path" bash -c '! grep -q "PathExists: /etc/kubernetes/admin.conf" <<<"$1"' _ "$dump"
 
+cp -r "$WORK/units" "$WORK/units-upstream"
+cp -r "$REPO"/units/examples/imageserver-upstream/*.d "$WORK/units-upstream/"
+sed -i "s|/usr/bin/provisioner|$PROVISIONER|g" "$WORK"/units-upstream/*.d/*.conf
+verify "the units with the example pull-through drop-in" "$WORK/units-upstream"
+dump=$(SYSTEMD_LOG_LEVEL=debug systemd-analyze verify --man=no "$WORK/units-upstream/imageserver.service" 2>&1 || true)
+check "imageserver has a directory of its own, outside netboot's private state" \
+    grep -qx 'StateDirectory=provisioner-images' "$REPO/units/imageserver.service"
+
 check "netboot.path is wanted by multi-user.target" grep -qx 'WantedBy=multi-user.target' "$REPO/units/netboot.path"
 for unit in netboot.service netboot-dhcp.socket netboot-tftp.socket netboot-http.socket; do
     check "$unit is started only through netboot.path (no WantedBy=)" bash -c "! grep -q '^WantedBy=' '$REPO/units/$unit'"
