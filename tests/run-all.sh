@@ -1,19 +1,16 @@
 #!/bin/bash
 # Runs every test: installs what is missing, then unit and integration tests (cargo), lints, and
 # the privileged tests (network namespaces, real clients, QEMU boots). Must run as root.
-# Usage: sudo tests/run-all.sh [--quick | --full]
-#   --quick skips the QEMU boots and the image build; --full adds the two-VM seed flow
-#   (tests/seed-flow.sh, 15-25 minutes under TCG), which CI leaves out to stay near 30 minutes.
+# Usage: sudo tests/run-all.sh [--quick]   (--quick skips the QEMU boots and the image build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root: the tests create network namespaces" >&2; exit 1; }
 
-quick=0 full=0
+quick=0
 case "${1:-}" in
     --quick) quick=1 ;;
-    --full) full=1 ;;
     "") ;;
-    *) echo "usage: $0 [--quick | --full]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--quick]" >&2; exit 2 ;;
 esac
 started=$(date +%s)
 step() { printf '\n=== %s (%ss)\n' "$*" $(( $(date +%s) - started )); }
@@ -47,7 +44,7 @@ if [ "$quick" = 0 ]; then
     run tests/e2e-provision.sh
     run tests/stage2-faults.sh
     # The debian-test image is built once (mmdebstrap takes minutes) and shared: nspawn.sh boots
-    # its rootfs, seed-flow.sh provisions with its artifacts.
+    # its rootfs, seed-flow.sh (two VMs, the seed's whole flow) provisions with its artifacts.
     image_dir=$(mktemp -d /var/tmp/provisioner-ci-image.XXXXXX)
     trap 'rm -rf "$image_dir"' EXIT
     run tests/image-build.sh IMAGE_BUILD_OUT="$image_dir/out"
@@ -56,12 +53,10 @@ if [ "$quick" = 0 ]; then
     else
         run tests/nspawn.sh
     fi
-    if [ "$full" = 1 ]; then
-        if [ -f "$image_dir/out/manifest.json" ]; then
-            run tests/seed-flow.sh SEED_IMAGE_DIR="$image_dir/out"
-        else
-            run tests/seed-flow.sh
-        fi
+    if [ -f "$image_dir/out/manifest.json" ]; then
+        run tests/seed-flow.sh SEED_IMAGE_DIR="$image_dir/out"
+    else
+        run tests/seed-flow.sh
     fi
 fi
 
