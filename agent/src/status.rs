@@ -104,6 +104,10 @@ pub struct MachineStatus {
     pub message: String,
     /// Microseconds since the Unix epoch (systemd's timestamp convention); 0 = never seen.
     pub last_seen_usec: u64,
+    /// When user-data was last refused because its token was already spent (same clock as
+    /// `last_seen_usec`); 0 = no replay since the current provisioning started. The cluster
+    /// controller raises it as the Machine's `UserDataReplayed` condition.
+    pub user_data_replayed_usec: u64,
 }
 
 impl MachineStatus {
@@ -116,6 +120,7 @@ impl MachineStatus {
             progress: 0,
             message: String::new(),
             last_seen_usec: 0,
+            user_data_replayed_usec: 0,
         }
     }
 }
@@ -232,6 +237,8 @@ struct StoredMachine {
     message: String,
     #[serde(default)]
     last_seen_usec: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    user_data_replayed_usec: u64,
     /// sha256 of the current provisioning token (hex); the token itself is never stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     token_sha256: Option<String>,
@@ -265,6 +272,10 @@ struct Credentials {
     token_sha256: Option<[u8; 32]>,
     user_data_served: bool,
     reimage: Option<String>,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 fn token_hash(token: &str) -> [u8; 32] {
@@ -406,6 +417,7 @@ impl StatusStore {
                                 status.progress = stored.progress.min(100);
                                 status.message = stored.message;
                                 status.last_seen_usec = stored.last_seen_usec;
+                                status.user_data_replayed_usec = stored.user_data_replayed_usec;
                             }
                             let token_sha256 = stored
                                 .token_sha256
@@ -520,6 +532,8 @@ impl StatusStore {
             status.phase = Phase::PxeBooting;
             status.progress = 0;
             status.message = "imaging script served: booting stage2".to_string();
+            // A new token: the old one's replays are history.
+            status.user_data_replayed_usec = 0;
         });
         self.persist_now();
         tracing::info!(machine = %machine.name, mac = %machine.mac, ip = %machine.ip, "provisioning token issued");
@@ -630,7 +644,8 @@ impl StatusStore {
     }
 
     /// cloud-init's user-data fetch: allowed once per token, once the machine is imaged. A
-    /// second fetch is refused, logged and recorded as the machine's message.
+    /// second fetch is refused, logged and recorded as the machine's message and
+    /// [`MachineStatus::user_data_replayed_usec`] (until the next provisioning).
     pub fn take_user_data(&self, token: &str) -> Result<MachineStatus, Refusal> {
         self.user_data_gate(token, true)
     }
@@ -669,6 +684,9 @@ impl StatusStore {
         self.update(&name, |status| {
             status.last_seen_usec = now;
             status.message = message.to_string();
+            if replay {
+                status.user_data_replayed_usec = now;
+            }
         });
         self.persist_now();
         if replay {
@@ -714,6 +732,7 @@ impl StatusStore {
                 status.phase = Phase::Pending;
                 status.progress = 0;
                 status.message = format!("reimage requested (spec.reimage {value:?})");
+                status.user_data_replayed_usec = 0;
             });
         }
         if recorded {
@@ -838,6 +857,7 @@ impl StatusStore {
                             progress: m.progress,
                             message: m.message.clone(),
                             last_seen_usec: m.last_seen_usec,
+                            user_data_replayed_usec: m.user_data_replayed_usec,
                             token_sha256: inner
                                 .credentials
                                 .get(&m.name)
@@ -1173,6 +1193,47 @@ mod tests {
         );
         assert!(a.last_seen_usec > 0);
         assert_eq!(again.get("b").map(|s| s.phase), Some(Phase::Pending));
+    }
+
+    /// A replayed user-data fetch is kept (state file included) until the next provisioning.
+    #[tokio::test]
+    async fn a_user_data_replay_is_recorded_until_the_next_provisioning() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.yaml");
+        let a = machine("a", 2);
+        let shutdown = CancellationToken::new();
+        let store = StatusStore::open(Some(path.clone()));
+        let writer = tokio::spawn(store.clone().persist(shutdown.clone()));
+        store.sync_inventory(&inventory(std::slice::from_ref(&a)));
+        let token = store.start_imaging(&a).expect("token");
+        store.report("a", Report::Imaged).expect("known");
+        store.take_user_data(&token).expect("first fetch served");
+        assert_eq!(store.get("a").map(|s| s.user_data_replayed_usec), Some(0));
+        let before = now_usec();
+        assert_eq!(
+            store.check_user_data(&token),
+            Err(Refusal::Replayed {
+                machine: "a".into()
+            })
+        );
+        let replayed = store.get("a").expect("a").user_data_replayed_usec;
+        assert!(replayed >= before, "{replayed} < {before}");
+        shutdown.cancel();
+        writer.await.expect("writer");
+        let text = std::fs::read_to_string(&path).expect("state file");
+        assert!(
+            text.contains(&format!("userDataReplayedUsec: {replayed}")),
+            "{text}"
+        );
+
+        let again = StatusStore::open(Some(path));
+        again.sync_inventory(&inventory(std::slice::from_ref(&a)));
+        assert_eq!(
+            again.get("a").map(|s| s.user_data_replayed_usec),
+            Some(replayed)
+        );
+        again.start_imaging(&a).expect("new provisioning");
+        assert_eq!(again.get("a").map(|s| s.user_data_replayed_usec), Some(0));
     }
 
     #[test]

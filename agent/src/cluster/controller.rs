@@ -42,6 +42,9 @@ const RETRY: Duration = Duration::from_secs(15);
 pub const CONDITION_SERVED: &str = "Served";
 pub const CONDITION_CONFLICT: &str = "Conflict";
 pub const CONDITION_NODE_READY: &str = "NodeReady";
+/// True once a spent provisioning token asked for user-data again; present until the next
+/// provisioning (imaging) starts.
+pub const CONDITION_USER_DATA_REPLAYED: &str = "UserDataReplayed";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -424,6 +427,25 @@ pub fn desired_status(
         ),
     };
     desired.conditions = vec![served, conflict];
+    if let Some(replayed) = stored
+        .filter(|_| problem.is_none())
+        .and_then(|s| usec_to_time(s.user_data_replayed_usec))
+    {
+        // The message carries the time of the last refused fetch (lastTransitionTime stays
+        // at the first one), so every replay changes the status and posts an Event.
+        desired.conditions.push(condition(
+            old,
+            CONDITION_USER_DATA_REPLAYED,
+            true,
+            "TokenReused",
+            format!(
+                "user-data requested again with an already used provisioning token: refused (last at {})",
+                replayed.0
+            ),
+            generation,
+            now,
+        ));
+    }
     if let Some(node) = node {
         let ready = node_ready(node);
         desired.conditions.push(condition(
@@ -446,6 +468,14 @@ fn condition_true(status: &MachineStatus, type_: &str) -> bool {
         .any(|c| c.type_ == type_ && c.status == "True")
 }
 
+fn condition_message<'a>(status: &'a MachineStatus, type_: &str) -> Option<&'a str> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == "True")
+        .map(|c| c.message.as_str())
+}
+
 fn condition_reason<'a>(status: &'a MachineStatus, type_: &str) -> Option<&'a str> {
     status
         .conditions
@@ -454,7 +484,8 @@ fn condition_reason<'a>(status: &'a MachineStatus, type_: &str) -> Option<&'a st
         .map(|c| c.reason.as_str())
 }
 
-/// The Events a status change deserves: a phase change, a conflict or an invalid spec appearing.
+/// The Events a status change deserves: a phase change, a conflict or an invalid spec appearing,
+/// a refused user-data replay (each one).
 fn events_for(before: &MachineStatus, after: &MachineStatus) -> Vec<Event> {
     let mut events = Vec::new();
     if let (Some(from), Some(to)) = (&before.phase, &after.phase) {
@@ -494,6 +525,16 @@ fn events_for(before: &MachineStatus, after: &MachineStatus) -> Vec<Event> {
             reason: "InvalidSpec".to_string(),
             note: after.message.clone(),
             action: "Serve".to_string(),
+            secondary: None,
+        });
+    }
+    let replay = condition_message(after, CONDITION_USER_DATA_REPLAYED);
+    if replay.is_some() && replay != condition_message(before, CONDITION_USER_DATA_REPLAYED) {
+        events.push(Event {
+            type_: EventType::Warning,
+            reason: "UserDataReplayed".to_string(),
+            note: replay.map(str::to_string),
+            action: "ServeUserData".to_string(),
             secondary: None,
         });
     }

@@ -1075,6 +1075,97 @@ async fn user_data_carries_the_join_of_a_new_token_secret() {
         .contains("refused"));
 }
 
+/// The `UserDataReplayed` condition of a status patch body.
+fn replay_condition(body: &Value) -> Option<Value> {
+    body["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == controller::CONDITION_USER_DATA_REPLAYED)
+        .cloned()
+}
+
+/// A refused user-data replay is raised on the Machine: a `UserDataReplayed` condition with the
+/// time of the refused fetch in the status patch and a Warning Event; the next provisioning
+/// (a new token) clears the condition.
+#[tokio::test]
+async fn a_user_data_replay_is_raised_as_a_condition_and_an_event() {
+    let (h, mut api, m, token) = imaged_node2_with_token();
+    h.status.take_user_data(&token).expect("first fetch served");
+    assert_eq!(
+        h.status.take_user_data(&token),
+        Err(Refusal::Replayed {
+            machine: "node2".into()
+        })
+    );
+    let replayed_usec = h
+        .status
+        .get("node2")
+        .expect("node2")
+        .user_data_replayed_usec;
+    let replayed =
+        k8s_openapi::jiff::Timestamp::from_microsecond(i64::try_from(replayed_usec).expect("usec"))
+            .expect("time");
+
+    let reconcile = tokio::spawn(controller::reconcile(Arc::new(m.clone()), h.ctx.clone()));
+    let stored = within("status patch with the condition, then its Event", async {
+        let (body, raw) = expect_status_patch_raw(&mut api, &m).await;
+        assert_eq!(
+            conditions(&body).get(controller::CONDITION_USER_DATA_REPLAYED),
+            Some(&("True".to_string(), "TokenReused".to_string())),
+            "{body}"
+        );
+        let condition = replay_condition(&body).expect("condition");
+        let message = condition["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&format!("last at {replayed}")),
+            "the time of the refused fetch: {message}"
+        );
+        assert_eq!(condition["observedGeneration"], 1);
+        assert_eq!(
+            body["status"]["message"],
+            "user-data requested again with a used token: refused"
+        );
+        // Served and Conflict as usual: the replay does not stop netboot serving the machine.
+        assert_eq!(
+            conditions(&body).get("Served"),
+            Some(&("True".to_string(), "InInventory".to_string()))
+        );
+        let event = expect_event(&mut api, "node2").await;
+        assert_eq!(event["type"], "Warning");
+        assert_eq!(event["reason"], "UserDataReplayed");
+        assert_eq!(event["action"], "ServeUserData");
+        assert_eq!(event["note"], message);
+        assert!(
+            !event.to_string().contains(&token),
+            "the Event does not carry the token"
+        );
+        raw
+    })
+    .await;
+    reconcile.await.expect("joined").expect("reconciled");
+    no_more_requests(&mut api).await;
+
+    // The next provisioning: a new token, the condition is gone from the applied status.
+    let mut m = m;
+    m.status = Some(serde_json::from_value(stored).expect("stored status"));
+    let served = h
+        .table
+        .by_mac(&"52:54:00:00:00:02".parse().expect("mac"))
+        .expect("served");
+    h.status.start_imaging(&served).expect("new token");
+    let reconcile = tokio::spawn(controller::reconcile(Arc::new(m.clone()), h.ctx.clone()));
+    within("status patch without the condition", async {
+        let body = expect_status_patch(&mut api, &m).await;
+        assert_eq!(replay_condition(&body), None, "{body}");
+        let event = expect_event(&mut api, "node2").await;
+        assert_eq!(event["type"], "Normal");
+        assert_eq!(event["reason"], body["status"]["phase"]);
+    })
+    .await;
+    reconcile.await.expect("joined").expect("reconciled");
+    no_more_requests(&mut api).await;
+}
+
 /// The API server refusing (403) or failing: 503 for cloud-init to retry, a status message,
 /// and the token unspent: the retry gets its user-data.
 #[tokio::test]
