@@ -30,14 +30,9 @@ pub use controller::AddressRules;
 pub use crd::Machine;
 
 /// A client from `kubeconfig`, or else the usual places (in-cluster service account,
-/// `$KUBECONFIG`, `~/.kube/config`). Reads files only: the API server is not contacted yet.
-#[cfg(test)]
-pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
-    Ok(connect(kubeconfig).await?.0)
-}
-
-/// [`client`], and what its configuration says about the cluster (server URL, CA
-/// certificates) for kubeadm join when cluster-info is not readable.
+/// `$KUBECONFIG`, `~/.kube/config`), and what its configuration says about the cluster (server
+/// URL, CA certificates) for kubeadm join when cluster-info is not readable. Reads files only:
+/// the API server is not contacted yet.
 pub async fn connect(kubeconfig: Option<&Path>) -> anyhow::Result<(Client, join::ClusterFacts)> {
     let config = match kubeconfig {
         Some(path) => {
