@@ -186,7 +186,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         activated,
         dir = %dir.display(),
         %local,
-        seed = options.seed.as_ref().map(|s| tracing::field::debug(s)),
+        seed = options.seed.as_ref().map(tracing::field::debug),
         upstream = options.upstream.as_deref(),
         "imageserver ready"
     );
