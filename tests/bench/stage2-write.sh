@@ -54,6 +54,16 @@ if [ "${NO_COREOS:-0}" != 1 ] && [ ! -x "$COREOS" ]; then
     nice -n 19 cargo install --locked -j 1 --root "$TOOLS_DIR" coreos-installer >"$WORK/coreos-build.log" 2>&1 \
         || { tail -20 "$WORK/coreos-build.log"; log "coreos-installer did not build; it is left out"; }
 fi
+# coreos-installer re-reads the partition table (the loop device needs partition scanning) and
+# waits for udev (`udevadm settle`): without a running udevd it stops with "udevd socket missing".
+COREOS_RUNS=0
+if [ -x "$COREOS" ] && [ "${NO_COREOS:-0}" != 1 ]; then
+    if [ -S /run/udev/control ]; then
+        COREOS_RUNS=1
+    else
+        log "coreos-installer is left out: it needs a running udevd (/run/udev/control), and this host has none"
+    fi
+fi
 
 # The image, deterministic: a GPT (fixed GUIDs) and then, every 8 MiB, 2 MiB of pseudo-random
 # bytes (incompressible, like compressed or encrypted files), 2 MiB of base64 text of such bytes
@@ -87,7 +97,7 @@ ZSIZE=$(stat -c %s "$DATA/images/image.raw.zst")
 log "image: $SIZE bytes, zstd -3 $ZSIZE bytes (ratio $(awk -v a="$SIZE" -v b="$ZSIZE" 'BEGIN { printf "%.2f", a / b }'):1), sha256 $SHA"
 
 truncate -s $((IMAGE_MIB + 64))M "$DATA/disk.img"
-LOOP=$(losetup --find --show "$DATA/disk.img")
+LOOP=$(losetup --find --show --partscan "$DATA/disk.img")
 
 netns_up
 start_in_srv imageserver "$PROVISIONER" imageserver --dir "$DATA/images" --listen "$SRV_IP:$PORT" >/dev/null
@@ -145,7 +155,7 @@ for round in $(seq 1 "$ROUNDS"); do
         fresh_target; timed baseline run_stage2 "$WRITER_BASELINE"
         verify_target "the baseline writer"
     fi
-    if [ -x "$COREOS" ]; then
+    if [ "$COREOS_RUNS" = 1 ]; then
         fresh_target; timed coreos-installer run_coreos
         verify_target coreos-installer
     fi
