@@ -170,6 +170,8 @@ if [ -n "$BOOT" ]; then
         finish
     fi
 fi
+# netboot's DHCPACK to the VM (its startup lines name the reservation too).
+lease_logged() { grep -a 'DHCP reply sent' "$WORK/provisioner.log" 2>/dev/null | grep -a 'Ack' | grep -q "$SUBNET_PREFIX\.40"; }
 if [[ " $BOOT " == *" ovmf "* ]]; then
     # The disk is booted first; -snapshot keeps the image itself untouched. One vCPU: with two,
     # TCG on a loaded 2-core host stalls the guest kernel (soft lockups).
@@ -181,8 +183,10 @@ if [[ " $BOOT " == *" ovmf "* ]]; then
     if [ "${OVMF_LOGIN:-0}" = 1 ]; then target='login:'; else target='Started netboot\.path'; fi
     if qemu_wait image "$target" "$TIMEOUT"; then
         pass "the image boots under OVMF to '$target' (${QEMU_ELAPSED}s)"
+        # sockets.target comes after paths.target; the lease after both (systemd-networkd).
+        qemu_wait image 'Listening on imageserver\.s' 300 || true
         deadline=$(( $(date +%s) + 300 ))
-        until grep -aq "$SUBNET_PREFIX\.40" "$WORK/provisioner.log" || [ "$(date +%s)" -ge "$deadline" ]; do
+        until lease_logged || [ "$(date +%s)" -ge "$deadline" ]; do
             sleep 2
         done
     else
@@ -198,7 +202,7 @@ if [[ " $BOOT " == *" ovmf "* ]]; then
         check "netboot.path started at boot" grep -aq 'Started netboot\.path' "$(qemu_serial image)"
     fi
     check "no failed units on the console" bash -c "! grep -a 'FAILED' '$(qemu_serial image)' >&2"
-    check "netboot logged the image's lease" grep -aq "$SUBNET_PREFIX\.40" "$WORK/provisioner.log"
+    check "netboot logged the image's lease" lease_logged
     echo "IMAGE_BOOT firmware=ovmf welcome_seconds=$(qemu_time_of image 'Welcome to' || echo '?') booted_seconds=$booted_s"
 fi
 if [[ " $BOOT " == *" bios "* ]]; then
