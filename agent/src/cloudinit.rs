@@ -202,16 +202,7 @@ fn validate_permissions(field: &'static str, mode: &str) -> Result<(), RenderErr
 /// A host name as RFC 1123 allows: dot-separated labels of 1-63 letters, digits and hyphens,
 /// not starting or ending with a hyphen, 253 characters at most.
 pub fn validate_hostname(field: &'static str, name: &str) -> Result<(), RenderError> {
-    let label_ok = |label: &str| {
-        !label.is_empty()
-            && label.len() <= 63
-            && !label.starts_with('-')
-            && !label.ends_with('-')
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    };
-    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+    if !crate::inventory::valid_hostname(name) {
         return Err(invalid(
             field,
             format!("{name:?} is not an RFC 1123 host name (letters, digits, '-', dot-separated labels of 1-63)"),

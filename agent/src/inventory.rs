@@ -81,7 +81,9 @@ fn is_manifest(path: &Path) -> bool {
     )
 }
 
-fn valid_hostname(name: &str) -> bool {
+/// An RFC 1123 host name: dot-separated labels of 1-63 letters, digits and hyphens, not
+/// starting or ending with a hyphen, 253 characters at most.
+pub(crate) fn valid_hostname(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|label| {
