@@ -95,3 +95,14 @@ finish() {
     if [ "$FAILURES" -eq 0 ]; then log "all checks passed"; exit 0; fi
     log "$FAILURES check(s) failed"; exit 1
 }
+
+# build_static_stage2 TARGET_DIR: stage2 as the initrd's /init: a static binary (no NSS, no libc
+# in the initrd), no debug info and stripped to keep the initrd small without a release build,
+# the C compressors optimised (at -O0 zstd takes ~4x longer to compress the initrd).
+build_static_stage2() {
+    (cd "$REPO" && RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_DEV_DEBUG=0 \
+        CARGO_PROFILE_DEV_STRIP=true cargo build -q -p stage2 --bin stage2 \
+        --target x86_64-unknown-linux-gnu --target-dir "$1" \
+        --config 'profile.dev.package.zstd-sys.opt-level=3' \
+        --config 'profile.dev.package.liblzma-sys.opt-level=3')
+}

@@ -69,11 +69,7 @@ done
 
 # --- binaries and the image ---------------------------------------------------------------------
 [ "${SKIP_BUILD:-0}" = 1 ] || (cd "$REPO" && cargo build -q -p agent --bin provisioner)
-[ "${SKIP_BUILD:-0}" = 1 ] || (cd "$REPO" && RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_DEV_DEBUG=0 \
-    CARGO_PROFILE_DEV_STRIP=true cargo build -q -p stage2 --bin stage2 \
-    --target x86_64-unknown-linux-gnu --target-dir "$STATIC_TARGET_DIR" \
-    --config 'profile.dev.package.zstd-sys.opt-level=3' \
-    --config 'profile.dev.package.liblzma-sys.opt-level=3')
+[ "${SKIP_BUILD:-0}" = 1 ] || build_static_stage2 "$STATIC_TARGET_DIR"
 step_done "cargo build provisioner and static stage2"
 
 if [ -n "${SEED_IMAGE_DIR:-}" ]; then

@@ -19,15 +19,8 @@ STATIC_TARGET_DIR=${STATIC_TARGET_DIR:-$REPO/target/static}
 STAGE2=$STATIC_TARGET_DIR/x86_64-unknown-linux-gnu/debug/stage2
 MAX_INITRD=$((16 * 1024 * 1024))
 
-# A static binary (no NSS, no libc in the initrd); no debug info and stripped, to keep the
-# initrd small without a release build; the C compressors optimised (at -O0 zstd takes ~4x
-# longer to compress the initrd).
 log "building static stage2"
-(cd "$REPO" && RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_DEV_DEBUG=0 \
-    CARGO_PROFILE_DEV_STRIP=true cargo build -q -p stage2 --bin stage2 \
-    --target x86_64-unknown-linux-gnu --target-dir "$STATIC_TARGET_DIR" \
-    --config 'profile.dev.package.zstd-sys.opt-level=3' \
-    --config 'profile.dev.package.liblzma-sys.opt-level=3')
+build_static_stage2 "$STATIC_TARGET_DIR"
 check "stage2 is statically linked (no ELF interpreter)" \
     bash -c "! readelf -l '$STAGE2' | grep -q 'program interpreter'"
 

@@ -34,11 +34,7 @@ MAC_SHA=52:54:00:5e:00:42
 
 image_tools_present || { fail "the image tools are installed (tests/install-deps.sh)"; finish; }
 log "building static stage2"
-(cd "$REPO" && RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_DEV_DEBUG=0 \
-    CARGO_PROFILE_DEV_STRIP=true cargo build -q -p stage2 --bin stage2 \
-    --target x86_64-unknown-linux-gnu --target-dir "$STATIC_TARGET_DIR" \
-    --config 'profile.dev.package.zstd-sys.opt-level=3' \
-    --config 'profile.dev.package.liblzma-sys.opt-level=3')
+build_static_stage2 "$STATIC_TARGET_DIR"
 KERNEL=$(qemu_kernel)
 KVER=${KERNEL#/boot/vmlinuz-}
 mkdir -p "$WORK/boot/assets" "$WORK/boot/machines" "$WORK/images"
