@@ -235,6 +235,38 @@ fn wrong_size_fails() {
     );
 }
 
+/// Chunks finish out of order when several writes are in flight (the first MiB is assembled
+/// from many of them): the bytes on the target and the progress must not depend on that.
+#[test]
+fn any_number_of_writes_in_flight_and_any_chunk_size_write_the_same_bytes() {
+    let image = image();
+    let encoded = zstd(&image);
+    for writes_in_flight in [1, 2, 8] {
+        // 5000 is rounded up to whole 4 KiB blocks; 64 KiB puts the first MiB in 16 chunks.
+        for chunk_size in [5000, 64 * 1024, 4 * MIB] {
+            let dir = tempfile::tempdir().expect("ok");
+            let target = old_disk(dir.path());
+            let mut options = options(&image);
+            options.writes_in_flight = writes_in_flight;
+            options.chunk_size = chunk_size;
+            options.progress_interval = std::time::Duration::ZERO;
+            let mut samples = Vec::new();
+            write_image(&encoded[..], &target, &options, |p| samples.push(*p)).unwrap_or_else(
+                |e| panic!("{writes_in_flight} writers, chunks of {chunk_size}: {e}"),
+            );
+            assert_written(&target, &image);
+            assert!(
+                samples
+                    .windows(2)
+                    .all(|w| w[0].bytes_written <= w[1].bytes_written),
+                "progress went backwards"
+            );
+            let last = samples.last().expect("a final progress sample");
+            assert_eq!(last.bytes_written, image.len() as u64);
+        }
+    }
+}
+
 #[test]
 fn images_smaller_than_the_head_are_written() {
     let image = b"tiny image".repeat(100);

@@ -1,15 +1,15 @@
-//! The write procedure: a pipeline of four threads (fetch, decode, hash, write) joined by
-//! bounded channels of recycled buffers, and the ordering that keeps a half-written image
-//! unbootable.
+//! The write procedure: a pipeline of threads (fetch, decode, hash, then a few writers)
+//! joined by bounded channels of recycled buffers, and the ordering that keeps a half-written
+//! image unbootable.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -30,12 +30,16 @@ pub struct WriteOptions {
     /// Size of the decompressed image, if known: checked up front against the target and
     /// enforced while streaming.
     pub expected_size: Option<u64>,
-    /// Size of each buffer of decoded image handed between threads (the size of each write).
+    /// Size of each buffer of decoded image handed between threads (the size of each write);
+    /// rounded up to a multiple of 4 KiB.
     pub chunk_size: usize,
-    /// Buffers each channel may hold; memory in flight is about `(queue_depth + 2) *
-    /// chunk_size` of decoded image, `(queue_depth + 1)` MiB of compressed stream and the
-    /// decoder's window.
+    /// Buffers each channel may hold; memory in flight is about `(queue_depth +
+    /// writes_in_flight + 1) * chunk_size` of decoded image, `(queue_depth + 1)` MiB of
+    /// compressed stream and the decoder's window.
     pub queue_depth: usize,
+    /// Writes issued to the target at the same time, each by its own thread. A disk (and the
+    /// block layer in front of it) completes several queued writes faster than one at a time.
+    pub writes_in_flight: usize,
     /// Minimum time between two progress callbacks (a last one always follows the write).
     pub progress_interval: Duration,
 }
@@ -47,6 +51,7 @@ impl WriteOptions {
             expected_size: None,
             chunk_size: 4 << 20,
             queue_depth: 4,
+            writes_in_flight: 3,
             progress_interval: Duration::from_secs(1),
         }
     }
@@ -258,14 +263,19 @@ fn run_pipeline<S: Read + Send>(
     mut progress: impl FnMut(&Progress),
     started: Instant,
 ) -> Result<WriteReport, Failed> {
-    let chunk_size = options.chunk_size.max(DIRECT_IO_ALIGN);
+    // Whole blocks, so that every write but the image's last one can be direct.
+    let chunk_size = options
+        .chunk_size
+        .max(DIRECT_IO_ALIGN)
+        .next_multiple_of(DIRECT_IO_ALIGN);
     let depth = options.queue_depth.max(1);
+    let writers = options.writes_in_flight.max(1);
     let source_bytes = Arc::new(AtomicU64::new(0));
     let expected_size = options.expected_size;
     // Every buffer is allocated once, here, and goes round its loop (fetch → decode → fetch,
     // decode → hash → write → decode) until the end: memory in flight is fixed.
     let (raw_free_tx, raw_free_rx) = buffer_pool(depth + 1, SOURCE_CHUNK.min(chunk_size));
-    let (decoded_free_tx, decoded_free_rx) = buffer_pool(depth + 2, chunk_size);
+    let (decoded_free_tx, decoded_free_rx) = buffer_pool(depth + writers + 1, chunk_size);
 
     thread::scope(|scope| {
         let (raw_tx, raw_rx) = sync_channel::<Chunk>(depth);
@@ -308,6 +318,7 @@ fn run_pipeline<S: Read + Send>(
             .spawn_scoped(scope, move || hash_stream(decoded_rx, hashed_tx));
 
         let written = write_stream(
+            scope,
             target,
             hashed_rx,
             decoded_free_tx,
@@ -406,7 +417,8 @@ fn decode_stream(
         Some(limit) => Box::new(SizeLimitReader::new(decoded, limit)),
         None => decoded,
     };
-    // No free buffer means the writer is gone (it holds the only way back to this pool).
+    let mut offset = 0u64;
+    // No free buffer means the writers are gone (they hold the only way back to this pool).
     while let Ok(mut chunk) = free.recv() {
         let n =
             read_full(&mut decoded, chunk.space()).map_err(|e| DecodeFailure::Decode(format, e))?;
@@ -414,6 +426,8 @@ fn decode_stream(
             return Ok(format);
         }
         chunk.len = n;
+        chunk.offset = offset;
+        offset += n as u64;
         if decoded_tx.send(chunk).is_err() {
             break;
         }
@@ -436,12 +450,14 @@ fn hash_stream(
     Some((hasher.finalize().into(), bytes))
 }
 
-/// Receives decoded chunks, writes them and hands the buffers back to the decoder; returns the
-/// held-back first MiB and the end offset of what reached the target (for the wipe on
-/// failure).
+/// Receives decoded chunks and writes them with `options.writes_in_flight` threads, each
+/// handing its buffer back to the decoder; calls `progress` every `progress_interval` while
+/// they work. Returns the held-back first MiB and the end offset of what reached the target
+/// (for the wipe on failure).
 #[allow(clippy::too_many_arguments)]
-fn write_stream(
-    target: &File,
+fn write_stream<'scope, 'env>(
+    scope: &'scope thread::Scope<'scope, 'env>,
+    target: &'env File,
     hashed_rx: Receiver<Chunk>,
     free: SyncSender<Chunk>,
     capacity: Option<u64>,
@@ -450,86 +466,206 @@ fn write_stream(
     progress: &mut impl FnMut(&Progress),
     started: Instant,
 ) -> Result<(Vec<u8>, u64), Failed> {
-    let mut head = Vec::with_capacity(HEAD_LEN as usize);
-    let mut offset = 0u64;
-    let mut last_progress = started;
-    let sample = |offset: u64| {
+    let shared = Arc::new(Writers {
+        target,
+        capacity,
+        // Block devices are written with O_DIRECT: one copy fewer than through the page cache,
+        // the image does not push everything else out of memory (stage2 runs from RAM), and
+        // the disk is written while the image streams instead of in one flush at the end.
+        direct: capacity
+            .is_some()
+            .then(|| DirectIo::enable(target))
+            .flatten(),
+        next: Mutex::new(hashed_rx),
+        head: Mutex::new(vec![0u8; HEAD_LEN as usize]),
+        head_len: AtomicU64::new(0),
+        received: AtomicU64::new(0),
+        written_end: AtomicU64::new(0),
+        failure: Mutex::new(None),
+        failed: AtomicBool::new(false),
+    });
+    // Each writer holds a sender; when the last one is gone, the progress loop ends.
+    let (alive_tx, alive_rx) = channel::<()>();
+    let mut handles = Vec::new();
+    for index in 0..options.writes_in_flight.max(1) {
+        let writer = Arc::clone(&shared);
+        let free = free.clone();
+        let alive = alive_tx.clone();
+        let handle = thread::Builder::new()
+            .name(format!("image-write-{index}"))
+            .spawn_scoped(scope, move || {
+                writer.run(&free);
+                drop(alive);
+            });
+        match handle {
+            Ok(handle) => handles.push(handle),
+            Err(e) => {
+                shared.fail(WriteError::Source(e));
+                break;
+            }
+        }
+    }
+    drop((free, alive_tx));
+
+    let sample = || {
         let elapsed = started.elapsed();
+        let bytes = shared.received.load(Ordering::Relaxed);
         Progress {
-            bytes_written: offset,
+            bytes_written: bytes,
             total: options.expected_size,
             source_bytes: source_bytes.load(Ordering::Relaxed),
-            bytes_per_second: (offset as f64 / elapsed.as_secs_f64().max(1e-6)) as u64,
+            bytes_per_second: (bytes as f64 / elapsed.as_secs_f64().max(1e-6)) as u64,
             elapsed,
         }
     };
-    // Block devices are written with O_DIRECT: one copy fewer than through the page cache, and
-    // the image does not push everything else out of memory (stage2 runs from RAM).
-    let mut direct = capacity
-        .is_some()
-        .then(|| DirectIo::enable(target))
-        .flatten();
-    for chunk in hashed_rx {
+    let interval = options.progress_interval.max(Duration::from_millis(10));
+    while let Err(RecvTimeoutError::Timeout) = alive_rx.recv_timeout(interval) {
+        progress(&sample());
+    }
+    for handle in handles {
+        if handle.join().is_err() {
+            shared.fail(WriteError::ThreadPanicked("write"));
+        }
+    }
+    // Nobody receives any more: an upstream thread blocked on sending must see that and stop.
+    drop(shared.next_receiver());
+    progress(&sample());
+
+    let written_end = shared.written_end.load(Ordering::Relaxed);
+    let failure = shared
+        .failure
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    if let Some(error) = failure {
+        return Err((error, written_end));
+    }
+    let head_len = shared.head_len.load(Ordering::Relaxed) as usize;
+    let mut head = std::mem::take(&mut *shared.head.lock().unwrap_or_else(PoisonError::into_inner));
+    head.truncate(head_len);
+    Ok((head, written_end))
+}
+
+/// What the writer threads share.
+struct Writers<'a> {
+    target: &'a File,
+    capacity: Option<u64>,
+    direct: Option<DirectIo<'a>>,
+    /// Where the next chunk comes from; taken by one writer at a time.
+    next: Mutex<Receiver<Chunk>>,
+    /// The first MiB of the image, held back until the image is verified.
+    head: Mutex<Vec<u8>>,
+    head_len: AtomicU64,
+    /// Decoded bytes handled (the held-back first MiB counts).
+    received: AtomicU64,
+    /// Highest end offset a write was issued for.
+    written_end: AtomicU64,
+    /// The first error; `failed` tells the other writers to stop.
+    failure: Mutex<Option<WriteError>>,
+    failed: AtomicBool,
+}
+
+impl Writers<'_> {
+    /// One writer thread: takes chunks until the stream ends or a writer fails.
+    fn run(&self, free: &SyncSender<Chunk>) {
+        while !self.failed.load(Ordering::Relaxed) {
+            // The lock is held only to take the next chunk, not while writing it.
+            let next = match self.next.lock() {
+                Ok(receiver) => receiver.recv(),
+                Err(_) => break,
+            };
+            let Ok(chunk) = next else { break };
+            if self.failed.load(Ordering::Relaxed) {
+                break;
+            }
+            if let Err(error) = self.write_chunk(&chunk) {
+                self.fail(error);
+                break;
+            }
+            // The decoder may be gone already (end of stream): then the buffer is simply freed.
+            let _ = free.send(chunk);
+        }
+    }
+
+    fn write_chunk(&self, chunk: &Chunk) -> Result<(), WriteError> {
         let mut data = chunk.data();
+        let mut offset = chunk.offset;
         if offset < HEAD_LEN {
             let take = data.len().min((HEAD_LEN - offset) as usize);
-            head.extend_from_slice(&data[..take]);
+            let at = offset as usize;
+            self.head.lock().unwrap_or_else(PoisonError::into_inner)[at..at + take]
+                .copy_from_slice(&data[..take]);
+            self.head_len
+                .fetch_max(offset + take as u64, Ordering::Relaxed);
             data = &data[take..];
             offset += take as u64;
         }
         if !data.is_empty() {
             let end = offset + data.len() as u64;
-            if let Some(capacity) = capacity.filter(|&c| end > c) {
-                let error = WriteError::TargetTooSmall {
+            if let Some(capacity) = self.capacity.filter(|&c| end > c) {
+                return Err(WriteError::TargetTooSmall {
                     needed: end,
                     capacity,
-                };
-                return Err((error, offset));
+                });
             }
-            write_at(target, &mut direct, data, offset)
-                .map_err(|cause| (WriteError::Write { offset, cause }, offset))?;
-            offset = end;
+            self.written_end.fetch_max(end, Ordering::Relaxed);
+            self.write_at(data, offset)
+                .map_err(|cause| WriteError::Write { offset, cause })?;
         }
-        // The decoder may be gone already (end of stream): then the buffer is simply freed.
-        let _ = free.send(chunk);
-        if last_progress.elapsed() >= options.progress_interval {
-            last_progress = Instant::now();
-            progress(&sample(offset));
-        }
+        self.received
+            .fetch_add(chunk.data().len() as u64, Ordering::Relaxed);
+        Ok(())
     }
-    drop(direct);
-    progress(&sample(offset));
-    Ok((head, offset))
+
+    /// Writes with O_DIRECT while that is on and the write is aligned; otherwise (the image's
+    /// last, partial block, or a device that refuses) through the page cache from then on.
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        if let Some(direct) = &self.direct {
+            let aligned = offset.is_multiple_of(DIRECT_IO_ALIGN as u64)
+                && data.len().is_multiple_of(DIRECT_IO_ALIGN)
+                && data.as_ptr().align_offset(DIRECT_IO_ALIGN) == 0;
+            if aligned {
+                match direct.write_all_at(data, offset) {
+                    Some(Err(e)) if e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                        tracing::debug!(error = %e, "direct write refused; writing through the page cache");
+                        direct.turn_off();
+                    }
+                    Some(result) => return result,
+                    None => {}
+                }
+            } else {
+                direct.turn_off();
+            }
+        }
+        self.target.write_all_at(data, offset)
+    }
+
+    /// Records the first error and stops the other writers.
+    fn fail(&self, error: WriteError) {
+        let mut failure = self.failure.lock().unwrap_or_else(PoisonError::into_inner);
+        if failure.is_none() {
+            *failure = Some(error);
+        }
+        self.failed.store(true, Ordering::Relaxed);
+    }
+
+    /// Takes the chunk receiver out (an empty stand-in stays), so it can be dropped.
+    fn next_receiver(&self) -> Receiver<Chunk> {
+        let (_, empty) = sync_channel(0);
+        std::mem::replace(
+            &mut *self.next.lock().unwrap_or_else(PoisonError::into_inner),
+            empty,
+        )
+    }
 }
 
-/// Writes with O_DIRECT while `direct` is on and the write is aligned; otherwise (the image's
-/// last, partial block, or a device that refuses) through the page cache from then on.
-fn write_at(
-    target: &File,
-    direct: &mut Option<DirectIo<'_>>,
-    data: &[u8],
-    offset: u64,
-) -> io::Result<()> {
-    let aligned = offset.is_multiple_of(DIRECT_IO_ALIGN as u64)
-        && data.len().is_multiple_of(DIRECT_IO_ALIGN)
-        && data.as_ptr().align_offset(DIRECT_IO_ALIGN) == 0;
-    if direct.is_some() && !aligned {
-        *direct = None;
-    }
-    match target.write_all_at(data, offset) {
-        Err(e) if direct.is_some() && e.raw_os_error() == Some(nix::libc::EINVAL) => {
-            tracing::debug!(error = %e, "direct write refused; writing through the page cache");
-            *direct = None;
-            target.write_all_at(data, offset)
-        }
-        result => result,
-    }
-}
-
-/// O_DIRECT set on a file while this lives; the file's flags are restored on drop.
+/// O_DIRECT set on a file while this lives (or until [`DirectIo::turn_off`]); the file's flags
+/// are restored then. The flag belongs to the open file, which all writers share: a write
+/// holds the read lock, so the flag cannot change under it.
 struct DirectIo<'a> {
     file: &'a File,
     flags: OFlag,
+    on: RwLock<bool>,
 }
 
 impl<'a> DirectIo<'a> {
@@ -538,15 +674,33 @@ impl<'a> DirectIo<'a> {
         let fd = file.as_raw_fd();
         let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).ok()?);
         fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_DIRECT)).ok()?;
-        Some(Self { file, flags })
+        Some(Self {
+            file,
+            flags,
+            on: RwLock::new(true),
+        })
+    }
+
+    /// The write's result if it went out with O_DIRECT, `None` if direct I/O is off by now.
+    fn write_all_at(&self, data: &[u8], offset: u64) -> Option<io::Result<()>> {
+        let on = self.on.read().unwrap_or_else(PoisonError::into_inner);
+        on.then(|| self.file.write_all_at(data, offset))
+    }
+
+    fn turn_off(&self) {
+        let mut on = self.on.write().unwrap_or_else(PoisonError::into_inner);
+        if *on {
+            *on = false;
+            if let Err(error) = fcntl(self.file.as_raw_fd(), FcntlArg::F_SETFL(self.flags)) {
+                tracing::warn!(%error, "cannot clear O_DIRECT on the target");
+            }
+        }
     }
 }
 
 impl Drop for DirectIo<'_> {
     fn drop(&mut self) {
-        if let Err(error) = fcntl(self.file.as_raw_fd(), FcntlArg::F_SETFL(self.flags)) {
-            tracing::warn!(%error, "cannot clear O_DIRECT on the target");
-        }
+        self.turn_off();
     }
 }
 
@@ -570,6 +724,8 @@ struct Chunk {
     storage: Vec<u8>,
     start: usize,
     capacity: usize,
+    /// Where the data goes in the image (set by the decoder).
+    offset: u64,
     /// Bytes of data from `start`.
     len: usize,
 }
@@ -587,6 +743,7 @@ impl Chunk {
             storage,
             start,
             capacity,
+            offset: 0,
             len: 0,
         }
     }
