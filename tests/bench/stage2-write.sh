@@ -12,8 +12,15 @@
 #     decompress (zstd -d of the cached file → /dev/null), write (dd of zeros, conv=fsync,
 #     through the page cache and with O_DIRECT: the faster counts).
 #
+# The loop device does direct I/O on its backing file (LOOP_DIRECT_IO=off to turn that off). A
+# disk has no page cache behind it: with the backing file's cache in between, nothing reaches
+# the disk until a tool's final fsync, whatever the tool does, and the benchmark would compare
+# flushes instead of writers.
+#
 # Each is run ROUNDS times (default 2), interleaved; the best run counts. Prints MB/s of
-# decompressed image (1 MB = 10^6 bytes), the ratios, and the writer's peak resident memory.
+# decompressed image (1 MB = 10^6 bytes), the ratios, the writer's peak resident memory, and
+# for each run the CPU time the whole machine was busy (figures are only comparable on an
+# otherwise idle machine: the load average at the start is printed).
 # WRITER_BASELINE=path also runs another build of the write_image example (before/after a change).
 # Run as root. Uses release binaries.
 TEST_NAME=stage2-write
@@ -55,16 +62,26 @@ if [ "${NO_COREOS:-0}" != 1 ] && [ ! -x "$COREOS" ]; then
         || { tail -20 "$WORK/coreos-build.log"; log "coreos-installer did not build; it is left out"; }
 fi
 # coreos-installer re-reads the partition table (the loop device needs partition scanning) and
-# waits for udev (`udevadm settle`): without a running udevd it stops with "udevd socket missing".
+# refuses to start without udev ("udevd socket missing": it checks /run/udev/control, then runs
+# `udevadm settle`). A host without udevd gets one for coreos-installer's run only, fenced off:
+# a private mount namespace with its own /run and no rules (so it touches nothing in /dev), in
+# the benchmark's network namespace, where the kernel sends it no device events (uevents go to
+# the initial network namespace only). `udevadm settle` then returns at once, as it does on a
+# quiet machine; only the wait for udev is left out, not any of coreos-installer's work.
 COREOS_RUNS=0
+UDEVD=
 if [ -x "$COREOS" ] && [ "${NO_COREOS:-0}" != 1 ]; then
-    if [ -S /run/udev/control ]; then
-        COREOS_RUNS=1
-    else
-        log "coreos-installer is left out: it needs a running udevd (/run/udev/control), and this host has none"
+    COREOS_RUNS=1
+    if [ ! -S /run/udev/control ]; then
+        for candidate in /lib/systemd/systemd-udevd /usr/lib/systemd/systemd-udevd; do
+            [ -x "$candidate" ] && UDEVD=$candidate && break
+        done
+        if [ -z "$UDEVD" ]; then
+            COREOS_RUNS=0
+            log "coreos-installer is left out: it needs udevd, and neither a running one nor systemd-udevd is here"
+        fi
     fi
 fi
-
 # The image, deterministic: a GPT (fixed GUIDs) and then, every 8 MiB, 2 MiB of pseudo-random
 # bytes (incompressible, like compressed or encrypted files), 2 MiB of base64 text of such bytes
 # (compressible about 4:3, like text and code) and 4 MiB of zeros (free space). The random
@@ -96,8 +113,11 @@ rm -f "$IMG"
 ZSIZE=$(stat -c %s "$DATA/images/image.raw.zst")
 log "image: $SIZE bytes, zstd -3 $ZSIZE bytes (ratio $(awk -v a="$SIZE" -v b="$ZSIZE" 'BEGIN { printf "%.2f", a / b }'):1), sha256 $SHA"
 
+mkdir -p "$DATA/no-udev-rules"
 truncate -s $((IMAGE_MIB + 64))M "$DATA/disk.img"
-LOOP=$(losetup --find --show --partscan "$DATA/disk.img")
+LOOP_DIRECT_IO=${LOOP_DIRECT_IO:-on}
+LOOP=$(losetup --find --show --partscan --direct-io="$LOOP_DIRECT_IO" "$DATA/disk.img")
+LOOP_DIO=$(losetup --noheadings --output DIO "$LOOP" | tr -d ' ')
 
 netns_up
 start_in_srv imageserver "$PROVISIONER" imageserver --dir "$DATA/images" --listen "$SRV_IP:$PORT" >/dev/null
@@ -109,6 +129,11 @@ done
 in_srv curl -sf -o /dev/null "$URL" || { echo "FAIL $TEST_NAME: imageserver does not serve the image"; exit 1; }
 
 now() { date +%s.%N; }
+# cpu_busy: CPU seconds spent so far by the whole machine outside idle and I/O wait (user, nice,
+# system, irq, softirq, steal). Kernel work done for a run (the loop device's worker, network
+# softirqs) belongs to no process, so the machine-wide figure is the one that counts.
+cpu_busy() { awk -v hz="$(getconf CLK_TCK)" '/^cpu / { printf "%.2f", ($2 + $3 + $4 + $7 + $8 + $9) / hz }' /proc/stat; }
+declare -A CPU
 # fresh_target: every writer starts from the same empty (discarded, hence sparse) device with no
 # dirty pages of a previous run still being flushed.
 fresh_target() { blkdiscard -f "$LOOP"; sync; }
@@ -116,14 +141,18 @@ declare -A BEST
 # timed NAME CMD...: runs CMD, keeps the best time of NAME; fails the benchmark if CMD fails.
 timed() {
     local name=$1; shift
-    local t0 t1 s
+    local t0 t1 s c0 c1 c
+    c0=$(cpu_busy)
     t0=$(now)
     "$@" || { echo "FAIL $TEST_NAME: $name failed"; tail -20 "$WORK"/*.log 2>/dev/null; exit 1; }
     t1=$(now)
+    c1=$(cpu_busy)
     s=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
-    log "$name: $s s"
+    c=$(awk -v a="$c0" -v b="$c1" 'BEGIN { printf "%.2f", b - a }')
+    log "$name: $s s, machine CPU busy $c s"
     if [ -z "${BEST[$name]:-}" ] || awk -v a="$s" -v b="${BEST[$name]}" 'BEGIN { exit !(a < b) }'; then
         BEST[$name]=$s
+        CPU[$name]=$c
     fi
 }
 verify_target() {
@@ -132,10 +161,28 @@ verify_target() {
 }
 
 run_stage2() {
-    in_srv /usr/bin/time -f 'peak_rss_kib %M' "${1:-$WRITER}" "$URL" "$LOOP" "$SHA" "$SIZE" >"$WORK/writer.log" 2>&1
+    in_srv /usr/bin/time -f 'peak_rss_kib %M user_s %U sys_s %S' "${1:-$WRITER}" "$URL" "$LOOP" "$SHA" "$SIZE" >"$WORK/writer.log" 2>&1
 }
 run_coreos() {
-    in_srv "$COREOS" install "$LOOP" --image-url "$URL" --insecure >"$WORK/coreos.log" 2>&1
+    if [ -z "$UDEVD" ]; then
+        in_srv "$COREOS" install "$LOOP" --image-url "$URL" --insecure >"$WORK/coreos.log" 2>&1
+        return
+    fi
+    # shellcheck disable=SC2016 # expanded by the inner shell
+    in_srv unshare --mount --propagation private sh -c '
+        set -e
+        udevd=$1 empty=$2; shift 2
+        mount -t tmpfs -o mode=0755 bench-run /run
+        for rules in /etc/udev/rules.d /lib/udev/rules.d /usr/lib/udev/rules.d; do
+            [ -d "$rules" ] && mount --bind "$empty" "$rules"
+        done
+        "$udevd" & pid=$!
+        for _ in $(seq 1 100); do [ -S /run/udev/control ] && break; sleep 0.05; done
+        rc=0
+        "$@" || rc=$?
+        kill "$pid"; wait "$pid" || true
+        exit "$rc"' sh "$UDEVD" "$DATA/no-udev-rules" \
+        "$COREOS" install "$LOOP" --image-url "$URL" --insecure >"$WORK/coreos.log" 2>&1
 }
 run_shell_pipeline() {
     in_srv sh -c 'set -e; curl -sf "$1" | zstd -q -d | dd of="$2" bs=1M iflag=fullblock conv=fsync status=none' \
@@ -146,10 +193,14 @@ decompress_alone() { zstd -q -d -c "$DATA/images/image.raw.zst" >/dev/null; }
 write_cached() { dd if=/dev/zero of="$LOOP" bs=1M count=$((SIZE / 1048576)) conv=fsync status=none; }
 write_direct() { dd if=/dev/zero of="$LOOP" bs=4M count=$((SIZE / 4194304)) oflag=direct conv=fsync status=none; }
 
+LOAD_AT_START=$(cut -d' ' -f1 /proc/loadavg)
+awk -v l="$LOAD_AT_START" 'BEGIN { exit !(l > 0.5) }' \
+    && log "load average $LOAD_AT_START: something else is running, figures will be low and noisy"
 for round in $(seq 1 "$ROUNDS"); do
     log "round $round of $ROUNDS"
     fresh_target; timed stage2 run_stage2
-    rss=$(sed -n 's/^peak_rss_kib //p' "$WORK/writer.log")
+    rss=$(awk '$1 == "peak_rss_kib" { print $2 }' "$WORK/writer.log")
+    log "stage2 writer process: $(grep '^peak_rss_kib' "$WORK/writer.log")"
     verify_target "the stage2 writer"
     if [ -n "${WRITER_BASELINE:-}" ]; then
         fresh_target; timed baseline run_stage2 "$WRITER_BASELINE"
@@ -177,20 +228,22 @@ for stage in decompress write; do
     awk -v a="${BEST[$stage]}" -v b="${BEST[$slowest]}" 'BEGIN { exit !(a > b) }' && slowest=$stage
 done
 
-printf '\nimage %s MiB (zstd %s MiB), best of %s round(s), MB/s of decompressed image:\n' \
-    "$((SIZE / 1048576))" "$((ZSIZE / 1048576))" "$ROUNDS"
-printf '  %-44s %7s s  %7s MB/s\n' \
-    "stage2 writer (sha256, first MiB last, fsync)" "${BEST[stage2]}" "$(mbps "${BEST[stage2]}")"
-[ -n "${BEST[coreos-installer]:-}" ] && printf '  %-44s %7s s  %7s MB/s\n' \
-    "coreos-installer install --insecure" "${BEST[coreos-installer]}" "$(mbps "${BEST[coreos-installer]}")"
-printf '  %-44s %7s s  %7s MB/s\n' \
-    "curl | zstd -d | dd conv=fsync (no checks)" "${BEST[pipeline]}" "$(mbps "${BEST[pipeline]}")"
-[ -n "${BEST[baseline]:-}" ] && printf '  %-44s %7s s  %7s MB/s\n' \
-    "baseline writer ($WRITER_BASELINE)" "${BEST[baseline]}" "$(mbps "${BEST[baseline]}")"
-printf '  %-44s %7s s  %7s MB/s\n' "read alone (curl > /dev/null)" "${BEST[read]}" "$(mbps "${BEST[read]}")"
-printf '  %-44s %7s s  %7s MB/s\n' "decompress alone (zstd -d > /dev/null)" "${BEST[decompress]}" "$(mbps "${BEST[decompress]}")"
-printf '  %-44s %7s s  %7s MB/s\n' "write alone (dd zeros bs=1M, page cache)" "${BEST[write-cached]}" "$(mbps "${BEST[write-cached]}")"
-printf '  %-44s %7s s  %7s MB/s\n' "write alone (dd zeros bs=4M, O_DIRECT)" "${BEST[write-direct]}" "$(mbps "${BEST[write-direct]}")"
+printf '\nimage %s MiB (zstd %s MiB), best of %s round(s), loop device direct I/O %s, %s CPUs, load average at start %s\n' \
+    "$((SIZE / 1048576))" "$((ZSIZE / 1048576))" "$ROUNDS" "$LOOP_DIO" "$(nproc)" "$LOAD_AT_START"
+printf 'MB/s of decompressed image, and the CPU seconds the machine was busy during that run:\n'
+# row LABEL NAME: one line of the table, if NAME was run.
+row() {
+    [ -n "${BEST[$2]:-}" ] || return 0
+    printf '  %-46s %7s s  %7s MB/s  cpu %6s s\n' "$1" "${BEST[$2]}" "$(mbps "${BEST[$2]}")" "${CPU[$2]}"
+}
+row "stage2 writer (sha256, first MiB last, fsync)" stage2
+row "coreos-installer install --insecure" coreos-installer
+row "curl | zstd -d | dd conv=fsync (no checks)" pipeline
+row "baseline writer (${WRITER_BASELINE:-})" baseline
+row "read alone (curl > /dev/null)" read
+row "decompress alone (zstd -d > /dev/null)" decompress
+row "write alone (dd zeros bs=1M, page cache)" write-cached
+row "write alone (dd zeros bs=4M, O_DIRECT)" write-direct
 printf 'stage2 writer peak RSS: %s MiB (target < 64)\n' "$((rss / 1024))"
 [ -n "${BEST[coreos-installer]:-}" ] && printf 'stage2 / coreos-installer: %s (target >= 1.3)\n' \
     "$(ratio "${BEST[stage2]}" "${BEST[coreos-installer]}")"
