@@ -6,7 +6,8 @@
 #   qemu_mk_initrd OUT MARKER        busybox initramfs whose /init prints MARKER, then powers off
 #   qemu_start NAME FW MAC TAP [QEMU ARGS...]
 #                                    FW: seabios (pc, iPXE NIC ROM) | ovmf (q35, OVMF PXE: NIC ROM
-#                                    disabled) | ovmf-ipxe-rom (q35, OVMF with QEMU's EFI iPXE ROM)
+#                                    disabled) | ovmf-ipxe-rom (q35, OVMF with QEMU's EFI iPXE ROM);
+#                                    both OVMF kinds run with the firmware's IPv6 stack off
 #                                    sets QEMU_PID and QEMU_T0 (epoch seconds, fractional)
 #   qemu_wait NAME REGEX TIMEOUT     waits for REGEX on the serial console; sets QEMU_ELAPSED
 #                                    (seconds from qemu_start to the first match); 1 on timeout/exit
@@ -64,7 +65,12 @@ qemu_start() {
             cp "$OVMF_VARS" "$WORK/$name.vars.fd"
             fwargs=(-machine q35
                 -drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_CODE"
-                -drive "if=pflash,format=raw,unit=1,file=$WORK/$name.vars.fd")
+                -drive "if=pflash,format=raw,unit=1,file=$WORK/$name.vars.fd"
+                # IPv6 off in the firmware, as an operator turns it off in a machine's setup: when
+                # PXEv4 returns (netboot's `exit 1` for an imaged machine) OVMF would otherwise try
+                # PXEv6 and HTTP Boot v6 before the disk, each waiting about a minute for DHCPv6,
+                # which nothing here answers. PXEv4 and iPXE's own IPv6 are not affected.
+                -fw_cfg name=opt/org.tianocore/IPv6Support,string=no)
             # without romfile= the "PXE" of OVMF is QEMU's EFI iPXE ROM, not EDK2's own PXE
             [ "$fw" = ovmf ] && nic="$nic,romfile=" ;;
         *) log "qemu_start: unknown firmware $fw"; return 2 ;;
