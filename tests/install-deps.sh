@@ -23,6 +23,7 @@ PACKAGES=(
     syslinux syslinux-common           # the same image boots under BIOS (gptmbr.bin, ldlinux via mtools)
     mmdebstrap                         # image builder (tests/image-build.sh): the rootfs from the host's apt sources
     openssl pkg-config libssl-dev libzstd-dev   # stage2-write bench: image data; building coreos-installer
+    fio                                # stage2-write bench: the device written alone, several writes in flight
 )
 
 missing=()

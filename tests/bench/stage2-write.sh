@@ -10,7 +10,8 @@
 #   - `curl | zstd -d | dd conv=fsync` (verifies nothing);
 #   - each stage alone, the physical limit of any pipeline here: read (curl → /dev/null),
 #     decompress (zstd -d of the cached file → /dev/null), write (dd of zeros, conv=fsync,
-#     through the page cache and with O_DIRECT: the faster counts).
+#     through the page cache and with O_DIRECT, and fio with 4 MiB O_DIRECT writes, 1 to 8 in
+#     flight: the fastest counts).
 #
 # The loop device does direct I/O on its backing file (LOOP_DIRECT_IO=off to turn that off). A
 # disk has no page cache behind it: with the backing file's cache in between, nothing reaches
@@ -192,6 +193,13 @@ read_alone() { in_srv curl -sf -o /dev/null "$URL"; }
 decompress_alone() { zstd -q -d -c "$DATA/images/image.raw.zst" >/dev/null; }
 write_cached() { dd if=/dev/zero of="$LOOP" bs=1M count=$((SIZE / 1048576)) conv=fsync status=none; }
 write_direct() { dd if=/dev/zero of="$LOOP" bs=4M count=$((SIZE / 4194304)) oflag=direct conv=fsync status=none; }
+# write_queued DEPTH: what the device does with several writes queued (fio, libaio).
+write_queued() {
+    fio --name=write-alone --filename="$LOOP" --rw=write --bs=4M --size="$SIZE" --direct=1 \
+        --ioengine=libaio --iodepth="$1" --end_fsync=1 --output=/dev/null
+}
+FIO_DEPTHS=
+command -v fio >/dev/null && FIO_DEPTHS="3 8"
 
 LOAD_AT_START=$(cut -d' ' -f1 /proc/loadavg)
 awk -v l="$LOAD_AT_START" 'BEGIN { exit !(l > 0.5) }' \
@@ -216,13 +224,18 @@ for round in $(seq 1 "$ROUNDS"); do
     timed decompress decompress_alone
     fresh_target; timed write-cached write_cached
     fresh_target; timed write-direct write_direct
+    for depth in $FIO_DEPTHS; do
+        fresh_target; timed "write-fio-$depth" write_queued "$depth"
+    done
 done
 
 mbps() { awk -v b="$SIZE" -v s="$1" 'BEGIN { printf "%.1f", b / s / 1e6 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b / a }'; }
-# Writing alone: the faster of the page cache and O_DIRECT.
+# Writing alone: the fastest way of writing the device.
 BEST[write]=${BEST[write-cached]}
-awk -v a="${BEST[write-direct]}" -v b="${BEST[write]}" 'BEGIN { exit !(a < b) }' && BEST[write]=${BEST[write-direct]}
+for way in write-direct $(for d in $FIO_DEPTHS; do echo "write-fio-$d"; done); do
+    awk -v a="${BEST[$way]}" -v b="${BEST[write]}" 'BEGIN { exit !(a < b) }' && BEST[write]=${BEST[$way]}
+done
 slowest=read
 for stage in decompress write; do
     awk -v a="${BEST[$stage]}" -v b="${BEST[$slowest]}" 'BEGIN { exit !(a > b) }' && slowest=$stage
@@ -244,6 +257,9 @@ row "read alone (curl > /dev/null)" read
 row "decompress alone (zstd -d > /dev/null)" decompress
 row "write alone (dd zeros bs=1M, page cache)" write-cached
 row "write alone (dd zeros bs=4M, O_DIRECT)" write-direct
+for depth in $FIO_DEPTHS; do
+    row "write alone (fio 4M O_DIRECT, $depth in flight)" "write-fio-$depth"
+done
 printf 'stage2 writer peak RSS: %s MiB (target < 64)\n' "$((rss / 1024))"
 [ -n "${BEST[coreos-installer]:-}" ] && printf 'stage2 / coreos-installer: %s (target >= 1.3)\n' \
     "$(ratio "${BEST[stage2]}" "${BEST[coreos-installer]}")"
