@@ -476,7 +476,7 @@ fn write_stream<'scope, 'env>(
             .is_some()
             .then(|| DirectIo::enable(target))
             .flatten(),
-        next: Mutex::new(hashed_rx),
+        next: Mutex::new(Some(hashed_rx)),
         head: Mutex::new(vec![0u8; HEAD_LEN as usize]),
         head_len: AtomicU64::new(0),
         received: AtomicU64::new(0),
@@ -528,7 +528,13 @@ fn write_stream<'scope, 'env>(
         }
     }
     // Nobody receives any more: an upstream thread blocked on sending must see that and stop.
-    drop(shared.next_receiver());
+    drop(
+        shared
+            .next
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take(),
+    );
     progress(&sample());
 
     let written_end = shared.written_end.load(Ordering::Relaxed);
@@ -551,8 +557,9 @@ struct Writers<'a> {
     target: &'a File,
     capacity: Option<u64>,
     direct: Option<DirectIo<'a>>,
-    /// Where the next chunk comes from; taken by one writer at a time.
-    next: Mutex<Receiver<Chunk>>,
+    /// Where the next chunk comes from; taken by one writer at a time, and taken out (dropped)
+    /// once the writers are done.
+    next: Mutex<Option<Receiver<Chunk>>>,
     /// The first MiB of the image, held back until the image is verified.
     head: Mutex<Vec<u8>>,
     head_len: AtomicU64,
@@ -571,10 +578,10 @@ impl Writers<'_> {
         while !self.failed.load(Ordering::Relaxed) {
             // The lock is held only to take the next chunk, not while writing it.
             let next = match self.next.lock() {
-                Ok(receiver) => receiver.recv(),
+                Ok(receiver) => receiver.as_ref().and_then(|r| r.recv().ok()),
                 Err(_) => break,
             };
-            let Ok(chunk) = next else { break };
+            let Some(chunk) = next else { break };
             if self.failed.load(Ordering::Relaxed) {
                 break;
             }
@@ -647,15 +654,6 @@ impl Writers<'_> {
             *failure = Some(error);
         }
         self.failed.store(true, Ordering::Relaxed);
-    }
-
-    /// Takes the chunk receiver out (an empty stand-in stays), so it can be dropped.
-    fn next_receiver(&self) -> Receiver<Chunk> {
-        let (_, empty) = sync_channel(0);
-        std::mem::replace(
-            &mut *self.next.lock().unwrap_or_else(PoisonError::into_inner),
-            empty,
-        )
     }
 }
 
