@@ -10,7 +10,7 @@
 #   - `curl | zstd -d | dd conv=fsync` (verifies nothing);
 #   - each stage alone, the physical limit of any pipeline here: read (curl → /dev/null),
 #     decompress (zstd -d of the cached file → /dev/null), write (dd of zeros, conv=fsync,
-#     through the page cache and with O_DIRECT, and fio with 4 MiB O_DIRECT writes, 1 to 8 in
+#     through the page cache and with O_DIRECT, and fio with 4 MiB O_DIRECT writes, 3 and 8 in
 #     flight: the fastest counts).
 #
 # The loop device does direct I/O on its backing file (LOOP_DIRECT_IO=off to turn that off). A

@@ -478,7 +478,6 @@ fn write_stream<'scope, 'env>(
             .flatten(),
         next: Mutex::new(Some(hashed_rx)),
         head: Mutex::new(vec![0u8; HEAD_LEN as usize]),
-        head_len: AtomicU64::new(0),
         received: AtomicU64::new(0),
         written_end: AtomicU64::new(0),
         failure: Mutex::new(None),
@@ -546,7 +545,8 @@ fn write_stream<'scope, 'env>(
     if let Some(error) = failure {
         return Err((error, written_end));
     }
-    let head_len = shared.head_len.load(Ordering::Relaxed) as usize;
+    // Every chunk arrived: the head is the image's first MiB, or all of a smaller image.
+    let head_len = shared.received.load(Ordering::Relaxed).min(HEAD_LEN) as usize;
     let mut head = std::mem::take(&mut *shared.head.lock().unwrap_or_else(PoisonError::into_inner));
     head.truncate(head_len);
     Ok((head, written_end))
@@ -562,7 +562,6 @@ struct Writers<'a> {
     next: Mutex<Option<Receiver<Chunk>>>,
     /// The first MiB of the image, held back until the image is verified.
     head: Mutex<Vec<u8>>,
-    head_len: AtomicU64,
     /// Decoded bytes handled (the held-back first MiB counts).
     received: AtomicU64,
     /// Highest end offset a write was issued for.
@@ -602,8 +601,6 @@ impl Writers<'_> {
             let at = offset as usize;
             self.head.lock().unwrap_or_else(PoisonError::into_inner)[at..at + take]
                 .copy_from_slice(&data[..take]);
-            self.head_len
-                .fetch_max(offset + take as u64, Ordering::Relaxed);
             data = &data[take..];
             offset += take as u64;
         }
