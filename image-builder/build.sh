@@ -16,6 +16,8 @@
 #   --apt-cache DIR     keep downloaded .debs there between builds
 #   --keep-raw          keep OUT/image.raw beside the .zst
 #   --stage2 FILE / --provisioner FILE   use these binaries instead of building them
+#   --kubernetes DIR    Kubernetes bundle (kubeadm profiles; format in image-builder/README.md)
+#   --print-apt-sources print the apt sources the build would use, and exit
 # Environment: CARGO_TARGET_DIR (default <repo>/target), STATIC_TARGET_DIR (static stage2).
 set -euo pipefail
 
@@ -29,8 +31,11 @@ APT_CACHE=
 KEEP_RAW=0
 STAGE2_BIN=
 PROVISIONER_BIN=
+KUBERNETES_BUNDLE=${KUBERNETES_BUNDLE:-}
+PRINT_SOURCES=0
+APT_ETC=${APT_ETC:-/etc/apt}
 
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case $1 in
         --profile) PROFILE=$2; shift 2 ;;
@@ -42,13 +47,15 @@ while [ $# -gt 0 ]; do
         --keep-raw) KEEP_RAW=1; shift ;;
         --stage2) STAGE2_BIN=$2; shift 2 ;;
         --provisioner) PROVISIONER_BIN=$2; shift 2 ;;
+        --kubernetes) KUBERNETES_BUNDLE=$2; shift 2 ;;
+        --print-apt-sources) PRINT_SOURCES=1; shift ;;
         -h|--help) usage ;;
         *) echo "unknown argument: $1" >&2; usage ;;
     esac
 done
 [ -n "$PROFILE" ] && [ -n "$OUT" ] || usage
 case $STAGE in rootfs|disk|artifacts|all) ;; *) echo "--stage: rootfs, disk, artifacts or all" >&2; exit 2 ;; esac
-[ "$(id -u)" = 0 ] || { echo "run as root (mmdebstrap root mode, device nodes, file ownership)" >&2; exit 1; }
+[ "$PRINT_SOURCES" = 1 ] || [ "$(id -u)" = 0 ] || { echo "run as root (mmdebstrap root mode, device nodes, file ownership)" >&2; exit 1; }
 PROFILE_FILE=$HERE/profiles/$PROFILE.conf
 [ -f "$PROFILE_FILE" ] || { echo "no profile $PROFILE ($(ls "$HERE/profiles" | sed 's/\.conf$//' | tr '\n' ' '))" >&2; exit 2; }
 
@@ -117,20 +124,27 @@ build_binaries() {
 }
 
 # --- stage 1: rootfs ----------------------------------------------------------------------------
-# The apt sources: --sources FILE, else the host's own (sources.list and sources.list.d/*.list,
-# *.sources), so no mirror is named here. Each file is handed to mmdebstrap as a MIRROR argument
-# (an existing file is pasted into the chroot's sources).
+# The apt sources: --sources FILE as given, else the host's own (sources.list and
+# sources.list.d/*.list, *.sources under $APT_ETC, default /etc/apt) restricted to the profile's
+# suite and its -updates/-security (apt-sources.py): other suites the host lists, pinned down by
+# its own preferences, must not reach the image, whose apt would not have those pins. No mirror
+# is named here. The file is handed to mmdebstrap as a MIRROR argument (an existing file is
+# pasted into the chroot's sources).
 apt_source_files() {
     if [ -n "$SOURCES" ]; then
         [ -f "$SOURCES" ] || die "--sources $SOURCES: no such file"
         echo "$SOURCES"
         return
     fi
-    local f
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
-        [ -f "$f" ] && grep -qv '^\s*\(#\|$\)' "$f" && echo "$f"
+    local f host=()
+    for f in "$APT_ETC"/sources.list "$APT_ETC"/sources.list.d/*.list "$APT_ETC"/sources.list.d/*.sources; do
+        [ -f "$f" ] && grep -qv '^\s*\(#\|$\)' "$f" && host+=("$f")
     done
-    return 0
+    [ ${#host[@]} -gt 0 ] || return 0
+    mkdir -p "$OUT"
+    python3 "$HERE/apt-sources.py" "$SUITE" "${host[@]}" > "$OUT/apt-sources.sources" \
+        || die "the host's apt sources (${host[*]}) carry no $SUITE suite; give --sources FILE"
+    echo "$OUT/apt-sources.sources"
 }
 
 stage_rootfs() {
@@ -386,6 +400,10 @@ EOF
     step ""
 }
 
+if [ "$PRINT_SOURCES" = 1 ]; then
+    for f in $(apt_source_files); do cat "$f"; done
+    exit 0
+fi
 case $STAGE in
     rootfs) stage_rootfs ;;
     disk) stage_disk ;;
