@@ -9,6 +9,7 @@ mod dbus;
 mod imageserver;
 mod inventory;
 mod logging;
+mod pod_network;
 mod provisioning;
 mod status;
 mod systemd;
@@ -73,6 +74,22 @@ enum Command {
         /// (`http://HOST:PORT/`), check it and keep it in --dir.
         #[arg(long, value_name = "URL")]
         upstream: Option<String>,
+    },
+    /// On a kubeadm node: the CNI configuration (bridge + host-local) for this node's pod range
+    /// and a route to every other node's range (the provisioner-pod-network.service daemon).
+    PodNetwork {
+        /// Credentials to read Nodes with (the kubelet's).
+        #[arg(long, default_value = "/etc/kubernetes/kubelet.conf")]
+        kubeconfig: PathBuf,
+        /// This node's name; default: the node the credentials belong to (system:node:NAME).
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Directory of CNI configuration files (containerd's conf_dir).
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        cni_dir: PathBuf,
+        /// Linux bridge the pods are attached to.
+        #[arg(long, default_value = "cni0")]
+        bridge: String,
     },
 }
 
@@ -194,5 +211,56 @@ fn run(command: Command) -> ExitCode {
                 }
             }
         }
+        Command::PodNetwork {
+            kubeconfig,
+            node_name,
+            cni_dir,
+            bridge,
+        } => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let options = pod_network::Options {
+                kubeconfig,
+                node_name,
+                cni_dir,
+                bridge,
+                resync: std::time::Duration::from_secs(60),
+            };
+            let result = runtime.block_on(async {
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                tokio::spawn(cancel_on_signal(shutdown.clone()));
+                pod_network::run(options, shutdown).await
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("pod network failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
+}
+
+/// Cancels `token` on SIGTERM (systemd stopping the unit) or SIGINT.
+async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    token.cancel();
 }
