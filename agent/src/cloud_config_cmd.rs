@@ -113,6 +113,10 @@ fn node(path: &Path, name: &str, example_join: bool, file: NoCloudFile) -> anyho
                 report_token: EXAMPLE_TOKEN,
                 hooks: &config.cloud_init,
                 join: join.as_ref(),
+                external_cni: config
+                    .laptop
+                    .as_ref()
+                    .is_some_and(|l| l.init.cni_manifest.is_some()),
             })?)
         }
     }
@@ -125,6 +129,7 @@ fn laptop(path: &Path, file: NoCloudFile) -> anyhow::Result<String> {
     let Some(laptop) = &config.laptop else {
         bail!("{}: no laptop: section", path.display());
     };
+    let network = laptop_network(&config, laptop)?;
     let user_data = || {
         cloudinit::render_laptop_user_data(&LaptopUserData {
             hostname: &laptop.hostname,
@@ -132,6 +137,8 @@ fn laptop(path: &Path, file: NoCloudFile) -> anyhow::Result<String> {
             hooks: &config.cloud_init,
             init: &laptop.init,
             provisioner_yaml: &text,
+            network: network.as_ref(),
+            image_upstream: laptop.image_upstream.as_deref(),
         })
     };
     match file {
@@ -144,27 +151,38 @@ fn laptop(path: &Path, file: NoCloudFile) -> anyhow::Result<String> {
             Ok(cloudinit::render_meta_data(&id, &laptop.hostname)?)
         }
         NoCloudFile::NetworkConfig => {
-            let Some(interface) = config.interface.clone() else {
+            let Some(network) = &network else {
                 bail!(
                     "{}: interface: the laptop's provisioning interface name is needed for its network-config",
                     path.display()
                 );
             };
-            let address = ipnet::Ipv4Net::new(config.server_address, config.subnet.prefix_len())
-                .context("serverAddress with the subnet's prefix")?;
-            Ok(cloudinit::render_laptop_network_config(&LaptopNetwork {
-                interface,
-                mac_address: laptop.mac_address,
-                address,
-                // The laptop is often the gateway it hands out: no route to itself.
-                gateway: config.gateway.filter(|g| *g != config.server_address),
-                nameservers: config
-                    .dns_servers
-                    .iter()
-                    .copied()
-                    .filter(|d| *d != config.server_address)
-                    .collect(),
-            })?)
+            Ok(cloudinit::render_laptop_network_config(network)?)
         }
     }
+}
+
+/// The laptop's static address on `interface`, when the configuration names the interface.
+fn laptop_network(
+    config: &Config,
+    laptop: &crate::config::Laptop,
+) -> anyhow::Result<Option<LaptopNetwork>> {
+    let Some(interface) = config.interface.clone() else {
+        return Ok(None);
+    };
+    let address = ipnet::Ipv4Net::new(config.server_address, config.subnet.prefix_len())
+        .context("serverAddress with the subnet's prefix")?;
+    Ok(Some(LaptopNetwork {
+        interface,
+        mac_address: laptop.mac_address,
+        address,
+        // The laptop is often the gateway it hands out: no route to itself.
+        gateway: config.gateway.filter(|g| *g != config.server_address),
+        nameservers: config
+            .dns_servers
+            .iter()
+            .copied()
+            .filter(|d| *d != config.server_address)
+            .collect(),
+    }))
 }

@@ -305,6 +305,8 @@ pub struct NodeUserData<'a> {
     pub hooks: &'a Hooks,
     /// `None`: no cluster to join (YAML-folder inventory); the document says so.
     pub join: Option<&'a JoinParams>,
+    /// The pod network comes from a CNI manifest: mask the image's bridge pod network.
+    pub external_cni: bool,
 }
 
 #[derive(Serialize)]
@@ -320,6 +322,7 @@ struct NodeContext<'a> {
     extra_run_cmd: &'a [String],
     extra_write_files: &'a [ExtraFile],
     join: Option<&'a JoinParams>,
+    external_cni: bool,
 }
 
 /// `hostname` and `fqdn` for cloud-init: the first label, and the whole name when it has dots.
@@ -371,6 +374,7 @@ pub fn render_node_user_data(data: &NodeUserData<'_>) -> Result<String, RenderEr
         extra_run_cmd: &data.hooks.extra_run_cmd,
         extra_write_files: &data.hooks.extra_write_files,
         join: data.join,
+        external_cni: data.external_cni,
     };
     let text = render("node-user-data.yaml", &context)?;
     let document = check_cloud_config("node-user-data.yaml", &text)?;
@@ -389,8 +393,9 @@ pub struct InitSettings {
     pub service_subnet: ipnet::IpNet,
     /// `host:port` for a load-balanced or DNS API endpoint; `None`: the laptop's address.
     pub control_plane_endpoint: Option<String>,
-    /// The CNI manifest inside the image, applied with kubectl after `kubeadm init`.
-    pub cni_manifest: PathBuf,
+    /// A CNI manifest inside the image, applied with kubectl after `kubeadm init`; `None`: the
+    /// image's bridge pod network (`provisioner pod-network` on every node).
+    pub cni_manifest: Option<PathBuf>,
 }
 
 /// Everything the laptop's user-data holds.
@@ -403,6 +408,10 @@ pub struct LaptopUserData<'a> {
     pub init: &'a InitSettings,
     /// The text of `provisioner.yaml`, written to `/etc/provisioner/provisioner.yaml`.
     pub provisioner_yaml: &'a str,
+    /// The static address to configure (also written as the seed's network-config).
+    pub network: Option<&'a LaptopNetwork>,
+    /// `http://HOST:PORT/` the laptop's imageserver fetches missing files from.
+    pub image_upstream: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -419,7 +428,9 @@ struct LaptopContext<'a> {
     pod_subnet: String,
     service_subnet: String,
     control_plane_endpoint: Option<&'a str>,
-    cni_manifest: String,
+    cni_manifest: Option<String>,
+    networkd_file: Option<String>,
+    imageserver_dropin: Option<String>,
 }
 
 pub fn render_laptop_user_data(data: &LaptopUserData<'_>) -> Result<String, RenderError> {
@@ -430,17 +441,30 @@ pub fn render_laptop_user_data(data: &LaptopUserData<'_>) -> Result<String, Rend
     if let Some(endpoint) = &cluster.control_plane_endpoint {
         validate_endpoint("laptop.controlPlaneEndpoint", endpoint)?;
     }
-    let manifest = cluster.cni_manifest.to_str().unwrap_or_default();
-    if !cluster.cni_manifest.is_absolute() || manifest.chars().any(char::is_control) {
-        return Err(invalid(
-            "laptop.cniManifest",
-            format!(
-                "{:?} must be an absolute path inside the image",
-                cluster.cni_manifest
-            ),
-        ));
-    }
+    let manifest = match &cluster.cni_manifest {
+        None => None,
+        Some(path) => {
+            let text = path.to_str().unwrap_or_default();
+            if !path.is_absolute() || text.is_empty() || text.chars().any(char::is_control) {
+                return Err(invalid(
+                    "laptop.cniManifest",
+                    format!("{path:?} must be an absolute path inside the image"),
+                ));
+            }
+            Some(text.to_string())
+        }
+    };
     no_nul("provisionerYaml", data.provisioner_yaml)?;
+    let networkd_file = data.network.map(networkd_file).transpose()?;
+    let imageserver_dropin = match data.image_upstream {
+        None => None,
+        Some(url) => {
+            validate_http_url("laptop.imageUpstream", url)?;
+            Some(format!(
+                "[Service]\nExecStart=\nExecStart=/usr/bin/provisioner imageserver --dir /var/lib/provisioner-images --upstream {url}\n"
+            ))
+        }
+    };
     let (hostname, fqdn) = host_and_fqdn(data.hostname);
     let context = LaptopContext {
         hostname,
@@ -455,7 +479,9 @@ pub fn render_laptop_user_data(data: &LaptopUserData<'_>) -> Result<String, Rend
         pod_subnet: cluster.pod_subnet.to_string(),
         service_subnet: cluster.service_subnet.to_string(),
         control_plane_endpoint: cluster.control_plane_endpoint.as_deref(),
-        cni_manifest: manifest.to_string(),
+        cni_manifest: manifest,
+        networkd_file,
+        imageserver_dropin,
     };
     let text = render("laptop-user-data.yaml", &context)?;
     let document = check_cloud_config("laptop-user-data.yaml", &text)?;
@@ -484,18 +510,61 @@ struct NetworkContext {
     nameservers: Vec<String>,
 }
 
-pub fn render_laptop_network_config(network: &LaptopNetwork) -> Result<String, RenderError> {
-    let name_ok = !network.interface.is_empty()
-        && network.interface.len() <= 15
-        && !network
-            .interface
-            .contains(|c: char| c == '/' || c.is_whitespace() || c.is_control());
+fn validate_interface(name: &str) -> Result<(), RenderError> {
+    let name_ok = !name.is_empty()
+        && name.len() <= 15
+        && !name.contains(|c: char| c == '/' || c.is_whitespace() || c.is_control());
     if !name_ok {
         return Err(invalid(
             "interface",
-            format!("{:?} is not an interface name", network.interface),
+            format!("{name:?} is not an interface name"),
         ));
     }
+    Ok(())
+}
+
+/// The same address as the network-config, as a systemd-networkd file.
+fn networkd_file(network: &LaptopNetwork) -> Result<String, RenderError> {
+    use std::fmt::Write as _;
+    validate_interface(&network.interface)?;
+    let mut text = String::from("[Match]\n");
+    match network.mac_address {
+        Some(mac) => {
+            let _ = writeln!(text, "MACAddress={mac}");
+        }
+        None => {
+            let _ = writeln!(text, "Name={}", network.interface);
+        }
+    }
+    let _ = write!(text, "\n[Network]\nDHCP=no\nAddress={}\n", network.address);
+    if let Some(gateway) = network.gateway {
+        let _ = writeln!(text, "Gateway={gateway}");
+    }
+    for dns in &network.nameservers {
+        let _ = writeln!(text, "DNS={dns}");
+    }
+    Ok(text)
+}
+
+/// `http://HOST[:PORT][/PATH]`, printable ASCII without blanks or quotes (it goes on a unit's
+/// command line).
+pub fn validate_http_url(field: &'static str, url: &str) -> Result<(), RenderError> {
+    let bad = || invalid(field, format!("{url:?} is not an http://HOST:PORT/ URL"));
+    if !url
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\'' | b'\\' | b'%' | b'$'))
+    {
+        return Err(bad());
+    }
+    let uri: http::Uri = url.parse().map_err(|_| bad())?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none_or(str::is_empty) {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+pub fn render_laptop_network_config(network: &LaptopNetwork) -> Result<String, RenderError> {
+    validate_interface(&network.interface)?;
     let context = NetworkContext {
         interface: network.interface.clone(),
         mac_address: network.mac_address.map(|m| m.to_string()),
@@ -697,6 +766,7 @@ mod tests {
             report_token: TOKEN,
             hooks,
             join,
+            external_cni: false,
         }
     }
 
@@ -925,7 +995,7 @@ mod tests {
             pod_subnet: "10.244.0.0/16".parse().expect("cidr"),
             service_subnet: "10.96.0.0/12".parse().expect("cidr"),
             control_plane_endpoint: None,
-            cni_manifest: "/usr/share/provisioner/cni/cni.yaml".into(),
+            cni_manifest: Some("/usr/share/provisioner/cni/cni.yaml".into()),
         }
     }
 
@@ -943,6 +1013,8 @@ mod tests {
             hooks: &h,
             init: &c,
             provisioner_yaml: config_text,
+            network: None,
+            image_upstream: None,
         })
         .expect("renders");
         let doc = yaml(&text);
@@ -979,15 +1051,26 @@ mod tests {
                 .map(|s| s.iter().filter_map(|w| w.as_str()).collect())
                 .unwrap_or_default()
         };
-        assert_eq!(words(0), ["kubeadm", "init", "--config", INIT_CONFIG_PATH]);
+        // kubeadm init (CoreDNS's addon skipped when the image lacks its image), then the CNI
+        // manifest with the bridge pod network masked, then netboot.path.
+        assert_eq!(words(0)[..2], ["sh", "-c"]);
+        assert!(words(0)[2].contains("exec kubeadm init"), "{:?}", words(0));
+        assert!(words(0)[2].contains("--config /etc/kubernetes/kubeadm-init.yaml"));
+        assert!(words(0)[2].contains("--skip-phases=addon/coredns"));
+        assert_eq!(words(2)[..2], ["systemctl", "mask"]);
         assert_eq!(
-            words(1).last().copied(),
+            words(3).last().copied(),
             Some("/usr/share/provisioner/cni/cni.yaml")
         );
-        assert_eq!(words(2), ["systemctl", "enable", "--now", "netboot.path"]);
+        assert_eq!(words(4), ["systemctl", "enable", "--now", "netboot.path"]);
+        assert!(doc["write_files"]
+            .as_sequence()
+            .expect("write_files")
+            .iter()
+            .all(|f| f["path"].as_str() != Some("/etc/systemd/network/05-provisioning.network")));
 
         let relative = InitSettings {
-            cni_manifest: "cni.yaml".into(),
+            cni_manifest: Some("cni.yaml".into()),
             ..settings()
         };
         let e = render_laptop_user_data(&LaptopUserData {
@@ -996,9 +1079,96 @@ mod tests {
             hooks: &h,
             init: &relative,
             provisioner_yaml: "",
+            network: None,
+            image_upstream: None,
         })
         .expect_err("relative manifest");
         assert!(e.to_string().starts_with("laptop.cniManifest"), "{e}");
+    }
+
+    #[test]
+    fn laptop_with_the_bridge_pod_network_a_static_address_and_an_upstream() {
+        let h = hooks();
+        let c = InitSettings {
+            cni_manifest: None,
+            ..settings()
+        };
+        let network = LaptopNetwork {
+            interface: "ens3".into(),
+            mac_address: Some(netboot::MacAddr([0x52, 0x54, 0, 0, 0, 1])),
+            address: "10.77.0.2/24".parse().expect("net"),
+            gateway: None,
+            nameservers: vec![Ipv4Addr::new(10, 77, 0, 53)],
+        };
+        let data = LaptopUserData {
+            hostname: "laptop",
+            node_ip: Ipv4Addr::new(10, 77, 0, 2),
+            hooks: &h,
+            init: &c,
+            provisioner_yaml: "serverAddress: 10.77.0.2\n",
+            network: Some(&network),
+            image_upstream: Some("http://10.77.0.1:8000/"),
+        };
+        let text = render_laptop_user_data(&data).expect("renders");
+        let doc = yaml(&text);
+        assert_eq!(
+            file(&doc, "/etc/systemd/network/05-provisioning.network")["content"].as_str(),
+            Some("[Match]\nMACAddress=52:54:00:00:00:01\n\n[Network]\nDHCP=no\nAddress=10.77.0.2/24\nDNS=10.77.0.53\n")
+        );
+        assert_eq!(
+            file(&doc, "/etc/systemd/system/imageserver.service.d/upstream.conf")["content"]
+                .as_str(),
+            Some("[Service]\nExecStart=\nExecStart=/usr/bin/provisioner imageserver --dir /var/lib/provisioner-images --upstream http://10.77.0.1:8000/\n")
+        );
+        let commands: Vec<String> = doc["runcmd"]
+            .as_sequence()
+            .expect("runcmd")
+            .iter()
+            .map(|c| {
+                c.as_sequence()
+                    .map(|s| {
+                        s.iter()
+                            .filter_map(|w| w.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        // No manifest: nothing applied, the pod network service is left to its path unit.
+        assert!(
+            commands
+                .iter()
+                .all(|c| !c.contains("kubectl") && !c.contains("mask")),
+            "{commands:?}"
+        );
+        let position = |needle: &str| {
+            commands
+                .iter()
+                .position(|c| c.contains(needle))
+                .unwrap_or_else(|| panic!("no {needle:?} in {commands:?}"))
+        };
+        assert!(position("networkctl reload") < position("kubeadm init"));
+        assert!(position("try-restart imageserver.service") < position("kubeadm init"));
+        assert!(position("kubeadm init") < position("netboot.path"));
+
+        for bad in [
+            "ftp://x/",
+            "http://",
+            "http://a b/",
+            "http://x/\"q",
+            "http://x/$(id)",
+        ] {
+            let e = render_laptop_user_data(&LaptopUserData {
+                image_upstream: Some(bad),
+                ..data.clone()
+            })
+            .expect_err(bad);
+            assert!(
+                e.to_string().starts_with("laptop.imageUpstream"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -215,8 +215,12 @@ struct RawLaptop {
     #[serde(default = "default_service_subnet")]
     service_subnet: String,
     control_plane_endpoint: Option<String>,
-    #[serde(default = "default_cni_manifest")]
-    cni_manifest: PathBuf,
+    /// A CNI manifest inside the image, applied after `kubeadm init`; without it the image's
+    /// own bridge pod network (`provisioner pod-network`) is used.
+    cni_manifest: Option<PathBuf>,
+    /// The operator's imageserver (`provisioner imageserver --bootstrap`) the laptop's own
+    /// imageserver fetches the node image from (pull-through cache).
+    image_upstream: Option<String>,
 }
 
 fn default_pod_subnet() -> String {
@@ -224,9 +228,6 @@ fn default_pod_subnet() -> String {
 }
 fn default_service_subnet() -> String {
     "10.96.0.0/12".to_string()
-}
-fn default_cni_manifest() -> PathBuf {
-    PathBuf::from("/usr/share/provisioner/cni/cni.yaml")
 }
 
 /// The first machine (`laptop:`): what `provisioner cloud-config laptop` renders.
@@ -236,6 +237,8 @@ pub struct Laptop {
     /// Matches the provisioning interface in the network-config (renamed to `interface`).
     pub mac_address: Option<netboot::MacAddr>,
     pub init: crate::cloudinit::InitSettings,
+    /// `http://HOST:PORT/`: where the laptop's imageserver fetches what it does not have.
+    pub image_upstream: Option<String>,
 }
 
 impl RawLaptop {
@@ -291,14 +294,16 @@ impl RawLaptop {
         if let Some(endpoint) = &self.control_plane_endpoint {
             cloudinit::validate_endpoint("laptop.controlPlaneEndpoint", endpoint).map_err(field)?;
         }
-        if !self.cni_manifest.is_absolute() || self.cni_manifest.to_str().is_none() {
-            return Err((
-                "laptop.cniManifest",
-                format!(
-                    "{:?} must be an absolute path inside the image",
-                    self.cni_manifest
-                ),
-            ));
+        if let Some(manifest) = &self.cni_manifest {
+            if !manifest.is_absolute() || manifest.to_str().is_none() {
+                return Err((
+                    "laptop.cniManifest",
+                    format!("{manifest:?} must be an absolute path inside the image"),
+                ));
+            }
+        }
+        if let Some(url) = &self.image_upstream {
+            cloudinit::validate_http_url("laptop.imageUpstream", url).map_err(field)?;
         }
         Ok(Laptop {
             hostname: self.hostname,
@@ -310,6 +315,7 @@ impl RawLaptop {
                 control_plane_endpoint: self.control_plane_endpoint,
                 cni_manifest: self.cni_manifest,
             },
+            image_upstream: self.image_upstream,
         })
     }
 }

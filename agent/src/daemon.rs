@@ -204,6 +204,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             hooks: config.cloud_init.clone(),
             base_url: base_url.clone(),
         })
+        .with_external_cni(
+            config
+                .laptop
+                .as_ref()
+                .is_some_and(|l| l.init.cni_manifest.is_some()),
+        )
         .with_join(join),
     );
     let mut servers = tokio::task::JoinSet::new();

@@ -49,6 +49,8 @@ pub struct Imaging {
     local_boot: LocalBoot,
     /// `None` until [`Imaging::with_cloud_init`]: user-data is then refused.
     cloud_init: Option<NodeCloudInit>,
+    /// See [`Imaging::with_external_cni`].
+    external_cni: bool,
     /// Where user-data's kubeadm join parameters come from ([`NoJoin`] until
     /// [`Imaging::with_join`]).
     join: Arc<dyn JoinSource>,
@@ -71,6 +73,7 @@ impl Imaging {
             image,
             local_boot,
             cloud_init: None,
+            external_cni: false,
             join: Arc::new(NoJoin),
         }
     }
@@ -84,6 +87,13 @@ impl Imaging {
     /// Sets what node user-data is rendered with.
     pub fn with_cloud_init(mut self, cloud_init: NodeCloudInit) -> Imaging {
         self.cloud_init = Some(cloud_init);
+        self
+    }
+
+    /// The cluster's pod network comes from a CNI manifest (`laptop.cniManifest`): node
+    /// user-data turns the image's own bridge pod network off.
+    pub fn with_external_cni(mut self, external_cni: bool) -> Imaging {
+        self.external_cni = external_cni;
         self
     }
 
@@ -150,6 +160,7 @@ impl Imaging {
             report_token: token,
             hooks: &settings.hooks,
             join: join.as_ref(),
+            external_cni: self.external_cni,
         })
         .map_err(|e| self.render_failed(&status, e.to_string()))?;
         let status = self.store.take_user_data(token)?;
