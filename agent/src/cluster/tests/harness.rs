@@ -27,8 +27,9 @@ pub(super) type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Respon
 pub(super) const MACHINES: &str = "/apis/provisioner.dev/v1alpha1/machines";
 pub(super) const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
 
-pub(super) fn machine(name: &str, mac: &str, ip: &str) -> Machine {
-    let mut m = Machine::new(
+/// A Machine as a client creates it: name and spec, nothing the API server sets.
+pub(super) fn new_machine(name: &str, mac: &str, ip: &str) -> Machine {
+    Machine::new(
         name,
         MachineSpec {
             mac_address: mac.to_string(),
@@ -39,7 +40,13 @@ pub(super) fn machine(name: &str, mac: &str, ip: &str) -> Machine {
             role: None,
             reimage: None,
         },
-    );
+    )
+}
+
+/// A Machine as the API server returns it after the create: with uid, generation and
+/// resourceVersion (a create body must not carry them: a real server refuses it).
+pub(super) fn machine(name: &str, mac: &str, ip: &str) -> Machine {
+    let mut m = new_machine(name, mac, ip);
     m.meta_mut().generation = Some(1);
     m.meta_mut().uid = Some(format!("uid-{name}"));
     m.meta_mut().resource_version = Some("1".to_string());
