@@ -275,11 +275,13 @@ impl ControlPlane {
         started.elapsed()
     }
 
-    /// Stops kube-apiserver (SIGTERM: it closes its watches) and waits until it is gone;
-    /// etcd keeps running.
-    pub(super) fn stop_apiserver(&mut self) {
+    /// Kills kube-apiserver (SIGKILL: a crash, connections reset at once) and waits until it
+    /// is gone; etcd keeps running. A SIGTERM would do, but kube-apiserver then keeps the
+    /// agent's open watches for over 10 s before it exits.
+    pub(super) fn kill_apiserver(&mut self) {
         let mut process = self.apiserver.take().expect("kube-apiserver runs");
-        process.stop();
+        let _ = process.child.kill();
+        let _ = process.child.wait();
     }
 
     /// Starts kube-controller-manager with the given controllers (`--controllers=`), as the

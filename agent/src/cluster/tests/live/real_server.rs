@@ -149,7 +149,7 @@ async fn status_conflict_on_a_stale_resource_version() {
     agent.stop().await;
 }
 
-/// kube-apiserver stopped under a running agent: `ApiState` says unreachable, netboot keeps
+/// kube-apiserver killed under a running agent: `ApiState` says unreachable, netboot keeps
 /// serving from its table, a phase change made while it is down and a Machine created right
 /// after it is back (same port, same etcd) both reach the cluster, and `ApiState` says
 /// reachable again.
@@ -170,7 +170,7 @@ async fn the_watch_survives_an_api_server_restart() {
     assert!(agent.api_state.reachable());
 
     let stopped = Instant::now();
-    live.plane.stop_apiserver();
+    live.plane.kill_apiserver();
     let api_state = agent.api_state.clone();
     wait_for("ApiState unreachable", move || {
         let api_state = api_state.clone();
