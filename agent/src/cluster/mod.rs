@@ -129,7 +129,10 @@ pub async fn run(
     ));
     let machines_api: Api<Machine> = Api::all(client.clone());
     let nodes_api: Api<Node> = Api::all(client.clone());
-    let controller = Controller::new(machines_api, watcher::Config::default().any_semantic());
+    let controller = Controller::new(machines_api, watcher::Config::default().any_semantic())
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(controller::CONCURRENCY),
+        );
     let machines = controller.store();
     if let Some(tokens) = &options.tokens {
         tokens.attach(machines.clone());

@@ -104,6 +104,58 @@ async fn new_machine_gets_the_finalizer_then_its_status_and_is_served() {
     reconcile.await.expect("joined").expect("reconciled");
 }
 
+/// A second trigger for a Machine before the finalizer patch's watch event has reached the
+/// reflector (a status store change, every Machine reconciled again) runs it from the same
+/// stale copy: the finalizer is not patched again (its JSON patch test would fail with 422 on a
+/// real server), the status is written.
+#[tokio::test]
+async fn a_stale_copy_after_the_finalizer_patch_does_not_patch_it_again() {
+    let fresh = machine("node2", "52:54:00:00:00:02", "10.77.0.2");
+    let (h, mut api) = harness(vec![fresh.clone()], vec![]);
+    let reconcile = tokio::spawn(controller::reconcile(
+        Arc::new(fresh.clone()),
+        h.ctx.clone(),
+    ));
+    within("finalizer patch", async {
+        let (_, send) =
+            expect_request(&mut api, Method::PATCH, &format!("{MACHINES}/node2?")).await;
+        let mut patched = with_finalizer(fresh.clone());
+        patched.meta_mut().resource_version = Some("2".into());
+        respond(send, &patched);
+    })
+    .await;
+    reconcile.await.expect("joined").expect("reconciled");
+
+    // The same stale copy again (resourceVersion 1, no finalizer).
+    let reconcile = tokio::spawn(controller::reconcile(
+        Arc::new(fresh.clone()),
+        h.ctx.clone(),
+    ));
+    let body = within("status patch, no second finalizer patch", async {
+        expect_status_patch(&mut api, &with_finalizer(fresh.clone())).await
+    })
+    .await;
+    reconcile.await.expect("joined").expect("reconciled");
+    assert_eq!(body["status"]["phase"], "Pending");
+
+    // Once the reflector has a newer version without the finalizer (someone removed it), it
+    // is added again.
+    let mut removed = fresh.clone();
+    removed.meta_mut().resource_version = Some("3".into());
+    let reconcile = tokio::spawn(controller::reconcile(
+        Arc::new(removed.clone()),
+        h.ctx.clone(),
+    ));
+    within("finalizer added again", async {
+        let (body, send) =
+            expect_request(&mut api, Method::PATCH, &format!("{MACHINES}/node2?")).await;
+        assert_eq!(body[1]["op"], "add", "{body}");
+        respond(send, &with_finalizer(removed.clone()));
+    })
+    .await;
+    reconcile.await.expect("joined").expect("reconciled");
+}
+
 #[tokio::test]
 async fn duplicate_mac_flags_both_machines_and_serves_neither() {
     let a = with_finalizer(machine("a", "52:54:00:00:00:0a", "10.77.0.10"));
