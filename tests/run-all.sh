@@ -38,6 +38,8 @@ run() { # run TEST [VAR=value…]: the test script with extra environment
 for t in tests/dhcp.sh tests/tftp.sh tests/http.sh tests/activation.sh tests/journald.sh tests/dbus.sh tests/units.sh tests/imaging-api.sh tests/imageserver-cache.sh tests/cloud-init.sh tests/stage2-writer.sh; do
     [ -f "$t" ] && run "$t"
 done
+# The controller against real etcd + kube-apiserver from the Kubernetes bundle (no QEMU).
+run tests/kube-live.sh
 if [ "$quick" = 0 ]; then
     run tests/boot-chain.sh
     run tests/stage2-boot.sh
