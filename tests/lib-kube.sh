@@ -37,7 +37,7 @@ kube_bundle_dir() {
     esac
     parent=$(dirname "$_KUBE_REPO")
     while :; do
-        candidates+=("$parent/shared/kubernetes")
+        candidates+=("${parent%/}/shared/kubernetes")
         [ "$parent" = / ] && break
         parent=$(dirname "$parent")
     done
