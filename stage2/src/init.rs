@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::modules::{LoadOutcome, ModuleDb, ModuleLoader, ModulesError, ALWAYS_LOAD};
+use crate::modules::{LoadOutcome, LoadReport, ModuleDb, ModuleLoader, ModulesError, ALWAYS_LOAD};
 use cmdline::BootOptions;
 use dhcp::{DhcpError, Lease, Retry};
 use net::{NetError, Netlink};
@@ -109,10 +109,12 @@ fn boot(reboot_delay: &mut Duration) -> Result<Booted, InitError> {
     tracing::info!(
         kernel = release,
         modules = db.module_count(),
+        builtin = db.builtin_count(),
         "module index loaded"
     );
     let mut loader = ModuleLoader::new(db, modules_dir);
     let started = Instant::now();
+    // Each outcome is logged as it happens; the list is for tests.
     load_hardware_modules(
         &mut loader,
         &options.extra_modules,
@@ -187,8 +189,14 @@ pub fn modaliases(sys_devices: &Path) -> BTreeSet<String> {
 
 /// Loads the modules the devices' modaliases match, plus [`ALWAYS_LOAD`] and `extra`, in
 /// rounds: loading a bus driver (virtio_pci) makes new devices (virtio net, block) appear,
-/// whose drivers the next round loads. Stops when a round finds nothing new.
-pub fn load_hardware_modules(loader: &mut ModuleLoader, extra: &[String], sys_devices: &Path) {
+/// whose drivers the next round loads. Stops when a round finds nothing new. Returns what
+/// happened to each module, in order (built-in ones are reported, never loaded).
+pub fn load_hardware_modules(
+    loader: &mut ModuleLoader,
+    extra: &[String],
+    sys_devices: &Path,
+) -> Vec<LoadReport> {
+    let mut all_reports = Vec::new();
     let mut attempted: BTreeSet<String> = BTreeSet::new();
     let mut wanted: BTreeSet<String> = ALWAYS_LOAD.iter().map(|m| m.to_string()).collect();
     wanted.extend(extra.iter().cloned());
@@ -217,14 +225,17 @@ pub fn load_hardware_modules(loader: &mut ModuleLoader, extra: &[String], sys_de
             attempted.insert(module.clone());
             match loader.load(std::slice::from_ref(&module)) {
                 Ok(reports) => {
-                    for report in reports {
-                        let name = report.module;
-                        match report.outcome {
+                    for report in &reports {
+                        let name = &report.module;
+                        match &report.outcome {
                             Ok(LoadOutcome::Loaded) => {
                                 tracing::info!(module = name, "module loaded")
                             }
                             Ok(LoadOutcome::AlreadyPresent) => {
                                 tracing::debug!(module = name, "module already present")
+                            }
+                            Ok(LoadOutcome::BuiltIn) => {
+                                tracing::debug!(module = name, "module built into the kernel")
                             }
                             Err(e) if report.optional => tracing::info!(
                                 module = name,
@@ -236,11 +247,13 @@ pub fn load_hardware_modules(loader: &mut ModuleLoader, extra: &[String], sys_de
                             }
                         }
                     }
+                    all_reports.extend(reports);
                 }
                 Err(e) => tracing::warn!(module, error = %e, "module not carried in this initrd"),
             }
         }
     }
+    all_reports
 }
 
 /// Block devices of `/sys/block` that can hold an image (not loop, ram, zram or optical).

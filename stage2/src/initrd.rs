@@ -1,6 +1,7 @@
 //! Builds the stage2 initrd: a deterministic, compressed newc cpio archive holding the stage2
 //! binary as `/init` and the kernel modules the target hardware needs, with their dependencies
-//! and a `modules.dep`/`modules.alias`/`modules.softdep` restricted to what is carried.
+//! and a `modules.dep`/`modules.alias`/`modules.softdep` restricted to what is carried. Modules the
+//! kernel has built in are not carried; `modules.builtin` and their aliases go along instead.
 //!
 //! Deterministic: entries sorted by path, mtime 0, uid/gid 0, inode numbers by position, so two
 //! builds from the same inputs are byte-identical (the image manifest can carry its sha256).
@@ -78,6 +79,8 @@ pub struct InitrdSummary {
     pub entries: usize,
     /// Every module carried, sorted.
     pub modules: Vec<String>,
+    /// Modules asked for (or needed by those) that the kernel has built in: not carried.
+    pub builtin: Vec<String>,
     /// Sum of the (uncompressed) module files.
     pub module_bytes: u64,
 }
@@ -188,6 +191,7 @@ fn module_bytes(path: &Path, relative: &str) -> Result<Vec<u8>, InitrdError> {
 pub fn build_cpio(spec: &InitrdSpec) -> Result<(Vec<u8>, InitrdSummary), InitrdError> {
     let db = ModuleDb::load(&spec.modules_dir)?;
     let keep = db.closure(&spec.modules)?;
+    let builtin = db.builtin_needed(&spec.modules)?;
     let mut tree = Tree::default();
     for dir in ["dev", "proc", "sys", "run", "tmp", "sbin"] {
         tree.add_dirs(dir);
@@ -208,7 +212,7 @@ pub fn build_cpio(spec: &InitrdSpec) -> Result<(Vec<u8>, InitrdSummary), InitrdE
     let mut module_bytes_total = 0u64;
     for name in &keep {
         let Some(entry) = db.module(name) else {
-            continue; // resolved through an alias to a built-in: nothing to carry
+            continue; // the closure holds modules of modules.dep only; kept for safety
         };
         let data = module_bytes(&spec.modules_dir.join(&entry.path), &entry.path)?;
         module_bytes_total += data.len() as u64;
@@ -233,16 +237,19 @@ pub fn build_cpio(spec: &InitrdSpec) -> Result<(Vec<u8>, InitrdSummary), InitrdE
         &format!("{base}/modules.softdep"),
         text_file(db.render_softdep(&keep)),
     );
-    // modules.builtin lets PID 1 tell a built-in driver from a missing one.
-    if let Ok(builtin) = std::fs::read(spec.modules_dir.join("modules.builtin")) {
-        tree.add(
-            &format!("{base}/modules.builtin"),
-            Content::File {
-                mode: 0o644,
-                data: builtin,
-            },
-        );
-    }
+    // modules.builtin and the built-in aliases let PID 1 (and the kernel's modprobe calls) tell
+    // a built-in driver from a missing one, and take it as present.
+    tree.add(
+        &format!("{base}/modules.builtin"),
+        text_file(db.render_builtin()),
+    );
+    tree.add(
+        &format!("{base}/modules.builtin.modinfo"),
+        Content::File {
+            mode: 0o644,
+            data: db.render_builtin_modinfo(),
+        },
+    );
     let entries = tree.entries.len();
     let cpio = tree.write_cpio()?;
     let summary = InitrdSummary {
@@ -250,6 +257,7 @@ pub fn build_cpio(spec: &InitrdSpec) -> Result<(Vec<u8>, InitrdSummary), InitrdE
         cpio_bytes: cpio.len() as u64,
         entries,
         modules: keep.into_iter().collect(),
+        builtin: builtin.into_iter().collect(),
         module_bytes: module_bytes_total,
     };
     Ok((cpio, summary))

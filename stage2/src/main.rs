@@ -197,6 +197,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 summary.module_bytes,
             );
             println!("modules: {}", summary.modules.join(" "));
+            if !summary.builtin.is_empty() {
+                println!("built into the kernel: {}", summary.builtin.join(" "));
+            }
             Ok(())
         }
         Command::Init { force } => {

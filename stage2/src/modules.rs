@@ -1,5 +1,9 @@
-//! Kernel module index: `modules.dep`, `modules.alias` and `modules.softdep` of one kernel, and
-//! what to load for a device's modalias, in dependency order.
+//! Kernel module index: `modules.dep`, `modules.alias`, `modules.softdep`, `modules.builtin` and
+//! `modules.builtin.modinfo` of one kernel, and what to load for a device's modalias, in
+//! dependency order.
+//!
+//! A module built into the kernel (`modules.builtin`, e.g. virtio on Debian's 6.12) counts as
+//! present: it needs no file and nothing loads it, and modules that depend on it are satisfied.
 //!
 //! Used twice: on the build host to pick the modules an initrd carries (and their dependencies),
 //! and in the initrd by PID 1 to load what the hardware needs (see [`ModuleLoader`]), since there
@@ -53,7 +57,7 @@ pub enum ModulesError {
         #[source]
         source: std::io::Error,
     },
-    #[error("no module or alias named {0:?} in modules.dep/modules.alias")]
+    #[error("no module or alias named {0:?} in modules.dep/modules.alias/modules.builtin")]
     Unknown(String),
     #[error("loading module {module} from {path}: {source}")]
     Load {
@@ -86,6 +90,8 @@ pub struct ModuleDb {
     modules: BTreeMap<String, ModuleEntry>,
     aliases: Vec<Alias>,
     softdeps: BTreeMap<String, SoftDeps>,
+    /// Modules built into the kernel, by name, with their path as `modules.builtin` lists it.
+    builtin: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -232,22 +238,91 @@ impl ModuleDb {
         Ok(db)
     }
 
-    /// Reads `modules.dep`, `modules.alias` and (if present) `modules.softdep` from `dir`.
+    /// Adds the modules built into the kernel: `modules.builtin` (one path per line, as in
+    /// `modules.dep`) and the aliases of `modules.builtin.modinfo` (NUL-terminated
+    /// `MODULE.KEY=VALUE` records; only `alias` records are used, other keys are skipped). Both
+    /// may be empty.
+    pub fn with_builtin(mut self, builtin: &str, modinfo: &[u8]) -> Result<Self, ModulesError> {
+        for line in builtin.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            self.builtin.insert(module_name(line), line.to_string());
+        }
+        for (index, record) in modinfo.split(|b| *b == 0).enumerate() {
+            if record.is_empty() {
+                continue;
+            }
+            let malformed = |reason: &str| ModulesError::Parse {
+                file: "modules.builtin.modinfo",
+                line: index + 1,
+                reason: reason.to_string(),
+            };
+            // Descriptions and parameter texts need not be UTF-8; only alias records must be.
+            let Some(eq) = record.iter().position(|b| *b == b'=') else {
+                return Err(malformed("expected 'MODULE.KEY=VALUE'"));
+            };
+            let (name_key, value) = (&record[..eq], &record[eq + 1..]);
+            if name_key != b"alias" && !name_key.ends_with(b".alias") {
+                continue;
+            }
+            let (Ok(name_key), Ok(pattern_text)) =
+                (std::str::from_utf8(name_key), std::str::from_utf8(value))
+            else {
+                return Err(malformed("alias record is not UTF-8"));
+            };
+            let Some(module) = name_key.strip_suffix(".alias").filter(|m| !m.is_empty()) else {
+                return Err(malformed("alias record without a module name"));
+            };
+            let Ok(pattern) = glob::Pattern::new(pattern_text) else {
+                tracing::warn!(
+                    record = index + 1,
+                    pattern = pattern_text,
+                    "unusable built-in alias pattern"
+                );
+                continue;
+            };
+            let module = module_name(module);
+            if !self.builtin.contains_key(&module) {
+                // modinfo also covers code that is not a module at all (e.g. `printk`); only
+                // what modules.builtin lists is a module someone may ask for.
+                continue;
+            }
+            self.aliases.push(Alias {
+                pattern,
+                pattern_text: pattern_text.to_string(),
+                module,
+            });
+        }
+        Ok(self)
+    }
+
+    /// Reads `modules.dep`, `modules.alias` and, if present, `modules.softdep`,
+    /// `modules.builtin` and `modules.builtin.modinfo` from `dir`.
     pub fn load(dir: &Path) -> Result<Self, ModulesError> {
-        let read = |name: &str, required: bool| -> Result<String, ModulesError> {
+        let read = |name: &str, required: bool| -> Result<Vec<u8>, ModulesError> {
             let path = dir.join(name);
-            match std::fs::read_to_string(&path) {
-                Ok(text) => Ok(text),
-                Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
-                    Ok(String::new())
-                }
+            match std::fs::read(&path) {
+                Ok(bytes) => Ok(bytes),
+                Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
                 Err(source) => Err(ModulesError::Read { path, source }),
             }
         };
+        let read_text = |name: &str, required: bool| -> Result<String, ModulesError> {
+            String::from_utf8(read(name, required)?).map_err(|e| ModulesError::Read {
+                path: dir.join(name),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            })
+        };
         Self::parse(
-            &read("modules.dep", true)?,
-            &read("modules.alias", true)?,
-            &read("modules.softdep", false)?,
+            &read_text("modules.dep", true)?,
+            &read_text("modules.alias", true)?,
+            &read_text("modules.softdep", false)?,
+        )?
+        .with_builtin(
+            &read_text("modules.builtin", false)?,
+            &read("modules.builtin.modinfo", false)?,
         )
     }
 
@@ -257,6 +332,16 @@ impl ModuleDb {
 
     pub fn module_count(&self) -> usize {
         self.modules.len()
+    }
+
+    /// Whether the kernel has this module built in (by name, `-` or `_`).
+    pub fn is_builtin(&self, name: &str) -> bool {
+        let name = module_name(name);
+        self.builtin.contains_key(&name) && !self.modules.contains_key(&name)
+    }
+
+    pub fn builtin_count(&self) -> usize {
+        self.builtin.len()
     }
 
     /// Modules whose alias patterns match a device's modalias (sorted, no duplicates).
@@ -270,10 +355,11 @@ impl ModuleDb {
         found.into_iter().map(str::to_string).collect()
     }
 
-    /// A module name, or else every module an alias names (e.g. `crypto-crc32c`).
+    /// A module name (loadable or built in), or else every module an alias names (e.g.
+    /// `crypto-crc32c`).
     pub fn resolve(&self, name_or_alias: &str) -> Vec<String> {
         let name = module_name(name_or_alias);
-        if self.modules.contains_key(&name) {
+        if self.modules.contains_key(&name) || self.builtin.contains_key(&name) {
             return vec![name];
         }
         self.match_modalias(name_or_alias)
@@ -281,15 +367,24 @@ impl ModuleDb {
 
     /// Modules to load, in order, so that `roots` are loaded with every dependency before them:
     /// soft pre-dependencies, then hard dependencies (deepest first), the module itself, then
-    /// soft post-dependencies. Each module appears once. A root that names no module fails; a
-    /// soft dependency that resolves to nothing is skipped (it is optional by definition).
+    /// soft post-dependencies. Each module appears once; built-in ones are left out (see
+    /// [`Self::load_plan`]). A root that names no module fails; a soft dependency that resolves
+    /// to nothing is skipped (it is optional by definition).
     pub fn load_order(&self, roots: &[String]) -> Result<Vec<String>, ModulesError> {
-        Ok(self.load_plan(roots)?.into_iter().map(|m| m.name).collect())
+        Ok(self
+            .load_plan(roots)?
+            .into_iter()
+            .filter(|m| !m.builtin)
+            .map(|m| m.name)
+            .collect())
     }
 
     /// [`Self::load_order`], telling which modules are only wanted as soft dependencies (or as
     /// one of several providers of an alias, like crc32c_intel for `crypto-crc32c`): those may
-    /// fail to load (no such CPU feature or device) without anything being wrong.
+    /// fail to load (no such CPU feature or device) without anything being wrong. Built-in
+    /// modules are listed too, marked [`PlannedModule::builtin`]: they are present from boot,
+    /// so neither they nor their soft dependencies are loaded (as modprobe skips a module
+    /// already in the kernel).
     pub fn load_plan(&self, roots: &[String]) -> Result<Vec<PlannedModule>, ModulesError> {
         let mut order: Vec<PlannedModule> = Vec::new();
         let mut seen = HashSet::new();
@@ -322,6 +417,14 @@ impl ModuleDb {
             }
             return;
         }
+        if self.is_builtin(module) {
+            order.push(PlannedModule {
+                name: module.to_string(),
+                optional,
+                builtin: true,
+            });
+            return;
+        }
         let soft = self.softdeps.get(module);
         for pre in soft.map(|s| s.pre.as_slice()).unwrap_or_default() {
             for dep in self.resolve(pre) {
@@ -337,6 +440,7 @@ impl ModuleDb {
         order.push(PlannedModule {
             name: module.to_string(),
             optional,
+            builtin: false,
         });
         for post in soft.map(|s| s.post.as_slice()).unwrap_or_default() {
             for dep in self.resolve(post) {
@@ -345,9 +449,20 @@ impl ModuleDb {
         }
     }
 
-    /// Every module `roots` need (see [`Self::load_order`]), as a sorted set.
+    /// Every loadable module `roots` need (see [`Self::load_order`]), as a sorted set: what an
+    /// initrd carries.
     pub fn closure(&self, roots: &[String]) -> Result<BTreeSet<String>, ModulesError> {
         Ok(self.load_order(roots)?.into_iter().collect())
+    }
+
+    /// The built-in modules `roots` name or need: present in the kernel, so not carried.
+    pub fn builtin_needed(&self, roots: &[String]) -> Result<BTreeSet<String>, ModulesError> {
+        Ok(self
+            .load_plan(roots)?
+            .into_iter()
+            .filter(|m| m.builtin)
+            .map(|m| m.name)
+            .collect())
     }
 
     /// `modules.dep` for a subset of modules (which must be closed under dependencies), with the
@@ -374,7 +489,11 @@ impl ModuleDb {
     /// `modules.alias` lines of the modules in `keep`, in their original order.
     pub fn render_alias(&self, keep: &BTreeSet<String>) -> String {
         let mut out = String::new();
-        for alias in self.aliases.iter().filter(|a| keep.contains(&a.module)) {
+        for alias in self
+            .aliases
+            .iter()
+            .filter(|a| keep.contains(&a.module) && !self.is_builtin(&a.module))
+        {
             out.push_str(&format!("alias {} {}\n", alias.pattern_text, alias.module));
         }
         out
@@ -398,6 +517,30 @@ impl ModuleDb {
         }
         out
     }
+
+    /// `modules.builtin`: every built-in module's path, sorted by name. The whole list is kept
+    /// (a few KiB): PID 1 must know any built-in module a device or the kernel may ask for.
+    pub fn render_builtin(&self) -> String {
+        let mut out = String::new();
+        for path in self.builtin.values() {
+            out.push_str(path);
+            out.push('\n');
+        }
+        out
+    }
+
+    /// `modules.builtin.modinfo` reduced to the alias records of built-in modules (the only
+    /// records this index reads), in their original order.
+    pub fn render_builtin_modinfo(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for alias in self.aliases.iter().filter(|a| self.is_builtin(&a.module)) {
+            out.extend_from_slice(alias.module.as_bytes());
+            out.extend_from_slice(b".alias=");
+            out.extend_from_slice(alias.pattern_text.as_bytes());
+            out.push(0);
+        }
+        out
+    }
 }
 
 /// One step of a [`ModuleDb::load_plan`].
@@ -406,6 +549,8 @@ pub struct PlannedModule {
     pub name: String,
     /// Only a soft dependency, or one of several modules an alias names: failing is normal.
     pub optional: bool,
+    /// Built into the kernel: present already, nothing to load.
+    pub builtin: bool,
 }
 
 /// What happened to one module a [`ModuleLoader`] tried to load.
@@ -420,17 +565,28 @@ pub struct LoadReport {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoadOutcome {
     Loaded,
-    /// Loaded before (by us, by the kernel, or built in).
+    /// Loaded before (by us or by the kernel).
     AlreadyPresent,
+    /// Built into the kernel (`modules.builtin`): nothing was loaded.
+    BuiltIn,
+}
+
+/// How a module file gets into the kernel: `finit_module(2)` unless a test says otherwise.
+pub type InsertModule = Box<dyn FnMut(&Path, &File) -> Result<(), nix::errno::Errno>>;
+
+fn finit_module(_path: &Path, file: &File) -> Result<(), nix::errno::Errno> {
+    nix::kmod::finit_module(file, c"", nix::kmod::ModuleInitFlags::empty())
 }
 
 /// Loads modules with `finit_module(2)` from `/lib/modules/VERSION` (in the initrd), each after
-/// its dependencies, remembering what it has loaded.
+/// its dependencies, remembering what it has loaded. Built-in modules are reported as such and
+/// never loaded.
 pub struct ModuleLoader {
     db: ModuleDb,
     dir: PathBuf,
-    /// `/sys/module`: a module (or a built-in one with parameters) present there is not loaded.
+    /// `/sys/module`: a module present there with an `initstate` is loaded already.
     sys_module: PathBuf,
+    insert: InsertModule,
     done: HashSet<String>,
 }
 
@@ -440,8 +596,17 @@ impl ModuleLoader {
             db,
             dir,
             sys_module: PathBuf::from("/sys/module"),
+            insert: Box::new(finit_module),
             done: HashSet::new(),
         }
+    }
+
+    /// A loader that looks for loaded modules in `sys_module` and inserts them with `insert`:
+    /// lets tests on the host see what PID 1 would load, without touching the host's kernel.
+    pub fn with_kernel(mut self, sys_module: PathBuf, insert: InsertModule) -> Self {
+        self.sys_module = sys_module;
+        self.insert = insert;
+        self
     }
 
     pub fn db(&self) -> &ModuleDb {
@@ -454,11 +619,20 @@ impl ModuleLoader {
     pub fn load(&mut self, roots: &[String]) -> Result<Vec<LoadReport>, ModulesError> {
         let plan = self.db.load_plan(roots)?;
         let mut results = Vec::new();
-        for PlannedModule { name, optional } in plan {
+        for PlannedModule {
+            name,
+            optional,
+            builtin,
+        } in plan
+        {
             if self.done.contains(&name) {
                 continue;
             }
-            let outcome = self.load_one(&name);
+            let outcome = if builtin {
+                Ok(LoadOutcome::BuiltIn)
+            } else {
+                self.load_one(&name)
+            };
             // Tried once: an optional module that failed (no such CPU feature) is not retried.
             self.done.insert(name.clone());
             results.push(LoadReport {
@@ -470,12 +644,13 @@ impl ModuleLoader {
         Ok(results)
     }
 
-    fn load_one(&self, module: &str) -> Result<LoadOutcome, ModulesError> {
+    fn load_one(&mut self, module: &str) -> Result<LoadOutcome, ModulesError> {
         if self.sys_module.join(module).join("initstate").exists() {
             return Ok(LoadOutcome::AlreadyPresent);
         }
         let Some(entry) = self.db.module(module) else {
-            // Not in modules.dep: built into the kernel (or not carried); nothing to load.
+            // Not in modules.dep: an index without modules.builtin, where a built-in module is
+            // only known by its absence; nothing to load.
             return Ok(LoadOutcome::AlreadyPresent);
         };
         let path = self.dir.join(&entry.path);
@@ -485,7 +660,7 @@ impl ModuleLoader {
             source,
         };
         let file = File::open(&path).map_err(load_error)?;
-        match nix::kmod::finit_module(&file, c"", nix::kmod::ModuleInitFlags::empty()) {
+        match (self.insert)(&path, &file) {
             Ok(()) => Ok(LoadOutcome::Loaded),
             Err(nix::errno::Errno::EEXIST) => Ok(LoadOutcome::AlreadyPresent),
             Err(errno) => Err(load_error(std::io::Error::from(errno))),
@@ -693,6 +868,162 @@ mod tests {
             subset.match_modalias("virtio:d00000001v00001AF4"),
             names(&["virtio_net"])
         );
+    }
+
+    mod builtin {
+        use super::*;
+
+        const DIR: &str = "../tests/fixtures/modules-virtio-builtin";
+        const DEP: &str = include_str!("../tests/fixtures/modules-virtio-builtin/modules.dep");
+        const ALIAS: &str = include_str!("../tests/fixtures/modules-virtio-builtin/modules.alias");
+        const SOFTDEP: &str =
+            include_str!("../tests/fixtures/modules-virtio-builtin/modules.softdep");
+        const BUILTIN: &str =
+            include_str!("../tests/fixtures/modules-virtio-builtin/modules.builtin");
+        const MODINFO: &[u8] =
+            include_bytes!("../tests/fixtures/modules-virtio-builtin/modules.builtin.modinfo");
+
+        fn db() -> ModuleDb {
+            match ModuleDb::parse(DEP, ALIAS, SOFTDEP)
+                .and_then(|db| db.with_builtin(BUILTIN, MODINFO))
+            {
+                Ok(db) => db,
+                Err(e) => panic!("{DIR} does not parse: {e}"),
+            }
+        }
+
+        fn plan(db: &ModuleDb, roots: &[&str]) -> Vec<PlannedModule> {
+            db.load_plan(&names(roots))
+                .unwrap_or_else(|e| panic!("{roots:?}: {e}"))
+        }
+
+        #[test]
+        fn builtin_modules_are_known_by_name_and_modinfo_alias() {
+            let db = db();
+            assert_eq!(db.builtin_count(), 12);
+            assert!(db.is_builtin("virtio_pci"));
+            assert!(db.is_builtin("rtc-cmos"), "file name with '-'");
+            assert!(!db.is_builtin("virtio_scsi"), "a loadable module");
+            assert!(
+                !db.is_builtin("printk"),
+                "modinfo of code that is no module"
+            );
+            assert_eq!(db.resolve("virtio_pci"), names(&["virtio_pci"]));
+            assert_eq!(db.match_modalias("platform:rtc_cmos"), names(&["rtc_cmos"]));
+            // Two providers: the built-in generic one and the loadable crc32c_intel.
+            assert_eq!(
+                db.resolve("crypto-crc32c"),
+                names(&["crc32c_generic", "crc32c_intel"])
+            );
+            // The device-table aliases of built-in drivers are not in modinfo: no match.
+            assert!(db
+                .match_modalias("pci:v00001AF4d00001000sv00001AF4sd00000001bc02sc00i00")
+                .is_empty());
+        }
+
+        #[test]
+        fn a_builtin_root_is_planned_as_builtin_and_nothing_else() {
+            let db = db();
+            assert_eq!(
+                plan(&db, &["virtio_pci", "virtio_net"]),
+                vec![
+                    PlannedModule {
+                        name: "virtio_pci".into(),
+                        optional: false,
+                        builtin: true
+                    },
+                    PlannedModule {
+                        name: "virtio_net".into(),
+                        optional: false,
+                        builtin: true
+                    },
+                ]
+            );
+            assert_eq!(db.load_order(&names(&["virtio_pci"])).ok(), Some(vec![]));
+            assert!(matches!(
+                db.load_order(&names(&["virtio_gpu"])),
+                Err(ModulesError::Unknown(name)) if name == "virtio_gpu"
+            ));
+        }
+
+        #[test]
+        fn builtin_soft_dependencies_are_satisfied_and_not_carried() {
+            let db = db();
+            let order = db
+                .load_order(&names(&["ext4"]))
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                order,
+                names(&["crc32c_intel", "jbd2", "mbcache", "crc16", "ext4"])
+            );
+            let builtin = db
+                .builtin_needed(&names(&["ext4", "virtio_scsi"]))
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(builtin, BTreeSet::from(["crc32c_generic".to_string()]));
+        }
+
+        #[test]
+        fn softdeps_of_a_builtin_module_are_not_followed() {
+            // As modprobe does for a module already in the kernel.
+            let db = ModuleDb::parse(
+                "kernel/lib/crc16.ko:\n",
+                "",
+                "softdep virtio_net pre: crc16\n",
+            )
+            .and_then(|db| db.with_builtin("kernel/drivers/net/virtio_net.ko\n", b""))
+            .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(db.load_order(&names(&["virtio_net"])).ok(), Some(vec![]));
+        }
+
+        #[test]
+        fn rendered_builtin_files_parse_back_with_the_same_answers() {
+            let db = db();
+            let rendered = ModuleDb::parse("", "", "")
+                .and_then(|empty| {
+                    empty.with_builtin(&db.render_builtin(), &db.render_builtin_modinfo())
+                })
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(rendered.builtin_count(), db.builtin_count());
+            assert!(rendered.is_builtin("rtc_cmos"));
+            assert_eq!(
+                rendered.match_modalias("platform:rtc_cmos"),
+                names(&["rtc_cmos"])
+            );
+            assert_eq!(rendered.resolve("crc32c"), names(&["crc32c_generic"]));
+            // Only alias records are kept, and no loadable module's alias is mixed in.
+            let modinfo =
+                String::from_utf8(db.render_builtin_modinfo()).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(modinfo.matches('\0').count(), 5, "{modinfo:?}");
+            assert!(!modinfo.contains("license") && !modinfo.contains("crc32c_intel"));
+            // The loadable modules' alias file does not list built-in ones.
+            let keep = db
+                .closure(&names(&["ext4"]))
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(!db.render_alias(&keep).contains("crc32c_generic"));
+        }
+
+        #[test]
+        fn modinfo_records_other_than_aliases_may_be_anything_but_aliases_must_be_well_formed() {
+            let with = |modinfo: &[u8]| {
+                ModuleDb::default().with_builtin("kernel/drivers/rtc/rtc-cmos.ko\n", modinfo)
+            };
+            let db =
+                with(b"rtc_cmos.description=\xff\xfe not UTF-8\0rtc_cmos.alias=platform:rtc\0")
+                    .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(db.match_modalias("platform:rtc"), names(&["rtc_cmos"]));
+            assert!(matches!(
+                with(b"rtc_cmos.license=GPL\0no equals sign\0"),
+                Err(ModulesError::Parse {
+                    file: "modules.builtin.modinfo",
+                    line: 2,
+                    ..
+                })
+            ));
+            assert!(matches!(
+                with(b".alias=platform:rtc\0"),
+                Err(ModulesError::Parse { line: 1, .. })
+            ));
+        }
     }
 
     #[test]
