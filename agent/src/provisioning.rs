@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use netboot::provisioning::{
     BootAction, BoxFuture, CloudInitDocument, CloudInitFile, DiskHints, ImagingOrders, LocalBoot,
-    ProgressReport, Provisioning, Refusal,
+    ProgressReport, Provisioning, Refusal, Token,
 };
 use netboot::{Machine, MachineLookup};
 
@@ -97,15 +97,24 @@ impl Imaging {
         self
     }
 
-    fn orders(image: &Image, token: String) -> ImagingOrders {
-        ImagingOrders {
+    /// The orders for `token`; `None` (logged) if the token or the configured sha256 does not
+    /// have the shape stage2 takes, which the store's tokens and a checked config always have.
+    fn orders(image: &Image, token: &str) -> Option<ImagingOrders> {
+        let (Some(token), Some(sha256)) = (
+            Token::parse(token),
+            wire::orders::parse_sha256(&image.sha256),
+        ) else {
+            tracing::error!("no imaging orders: malformed token or image sha256");
+            return None;
+        };
+        Some(ImagingOrders {
             token,
             image_url: image.url.clone(),
-            sha256: image.sha256.to_ascii_lowercase(),
+            sha256,
             image_size: image.size,
             // Disk hints come with the Machine spec's rootDevice (cluster inventory).
             disk: DiskHints::default(),
-        }
+        })
     }
 
     fn hostname(&self, status: &MachineStatus) -> String {
@@ -234,10 +243,15 @@ impl Provisioning for Imaging {
                 if head {
                     // Same length as a real token, so HEAD's Content-Length matches a GET's;
                     // nothing is minted and nothing changes.
-                    return BootAction::Image(Self::orders(image, "0".repeat(64)));
+                    return Self::orders(image, &"0".repeat(64))
+                        .map_or(BootAction::Configured, BootAction::Image);
                 }
-                match self.store.start_imaging(machine) {
-                    Some(token) => BootAction::Image(Self::orders(image, token)),
+                match self
+                    .store
+                    .start_imaging(machine)
+                    .and_then(|token| Self::orders(image, &token))
+                {
+                    Some(orders) => BootAction::Image(orders),
                     None => BootAction::Configured,
                 }
             }
@@ -323,9 +337,9 @@ mod tests {
     fn token_of(action: BootAction) -> String {
         match action {
             BootAction::Image(orders) => {
-                assert_eq!(orders.sha256, HASH);
+                assert_eq!(hex::encode(orders.sha256), HASH);
                 assert_eq!(orders.image_size, Some(4096));
-                orders.token
+                orders.token.expose().to_owned()
             }
             other => panic!("expected imaging, got {other:?}"),
         }

@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 
 use crate::machine::Machine;
 use crate::provisioning::{ImagingOrders, LocalBoot};
+use wire::orders::KERNEL_CMDLINE_MAX;
 
 /// What every machine's script boots: files under the HTTP `/assets/` tree and a kernel
 /// command line.
@@ -40,6 +41,10 @@ pub enum ScriptError {
     BadBaseUrl(String),
     #[error("imaging orders: {0}")]
     Orders(String),
+    #[error(
+        "the imaging kernel command line takes {len} bytes, more than the {max} the kernel keeps"
+    )]
+    CommandLineTooLong { len: usize, max: usize },
     #[error(
         "unknown placeholder {{{0}}} in the kernel command line (known: name, mac, ip, hostname)"
     )]
@@ -153,6 +158,16 @@ fn render(
     }
 
     let initrd_name = s.initrd.rsplit('/').next().unwrap_or(&s.initrd);
+    if orders.is_some() {
+        // The kernel cuts a longer line silently, and stage2 would read cut orders.
+        let len = format!("initrd={initrd_name} {}", cmdline.trim()).len();
+        if len > KERNEL_CMDLINE_MAX {
+            return Err(ScriptError::CommandLineTooLong {
+                len,
+                max: KERNEL_CMDLINE_MAX,
+            });
+        }
+    }
     let mut out = String::with_capacity(256);
     // Writing to a String cannot fail.
     let _ = writeln!(out, "#!ipxe");
@@ -441,5 +456,29 @@ mod tests {
             let err = boot_script(&node2(), bad, &settings(""));
             assert!(err.is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn imaging_lines_the_kernel_would_cut_are_refused() {
+        let orders = crate::provisioning::ImagingOrders {
+            token: crate::provisioning::Token::parse("0123456789abcdef0123")
+                .unwrap_or_else(|| panic!("token")),
+            image_url: "http://10.77.0.1:8080/node.raw.zst".into(),
+            sha256: [0xab; 32],
+            image_size: None,
+            disk: crate::provisioning::DiskHints::default(),
+        };
+        let script = imaging_script(&node2(), "http://h", &settings("console=ttyS0"), &orders)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(script.contains(" provisioner.sha256=abab"), "{script}");
+        // The operator's own parameters leave too little room for the orders.
+        let long = settings(&format!("console=ttyS0 {}", "quiet ".repeat(330)));
+        let err = imaging_script(&node2(), "http://h", &long, &orders);
+        assert!(
+            matches!(err, Err(ScriptError::CommandLineTooLong { len, .. }) if len > 2047),
+            "{err:?}"
+        );
+        // Without orders nothing is cut that stage2 needs: the configured line is as it was.
+        assert!(boot_script(&node2(), "http://h", &long).is_ok());
     }
 }

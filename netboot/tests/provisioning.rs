@@ -11,7 +11,7 @@ use netboot::http::{serve_files, serve_provisioning, HttpSettings};
 use netboot::ipxe::ScriptSettings;
 use netboot::provisioning::{
     BootAction, BoxFuture, CloudInitDocument, CloudInitFile, DiskHints, ImagingOrders, LocalBoot,
-    ProgressReport, Provisioning, Refusal,
+    ProgressReport, Provisioning, Refusal, Token,
 };
 use netboot::{MacAddr, Machine, MachineLookup};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -99,9 +99,9 @@ impl Provisioning for Fake {
 
 fn orders() -> ImagingOrders {
     ImagingOrders {
-        token: TOKEN.into(),
+        token: Token::parse(TOKEN).expect("token"),
         image_url: "http://10.77.0.1:8080/node.raw".into(),
-        sha256: HASH.into(),
+        sha256: wire::orders::parse_sha256(HASH).expect("sha256"),
         image_size: Some(4096),
         disk: DiskHints {
             serial: Some("S1".into()),

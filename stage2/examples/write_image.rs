@@ -10,7 +10,8 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use stage2::image::{parse_sha256, write_image, HttpSource, RetryPolicy, WriteOptions};
+use stage2::image::{write_image, HttpSource, RetryPolicy, WriteOptions};
+use wire::orders::parse_sha256;
 
 fn main() -> std::process::ExitCode {
     match run() {

@@ -9,47 +9,13 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use wire::orders::DiskHints;
+
 const SECTOR: u64 = 512;
 
-/// Operator hints from the Machine spec (via the kernel command line). `path`, `serial` and
-/// `model` identify a disk (all given ones must match); `min_size` only filters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DiskHints {
-    /// `/dev/NAME` or a symlink to it (`/dev/disk/by-id/…`).
-    pub path: Option<PathBuf>,
-    pub serial: Option<String>,
-    /// Compared case-insensitively, surrounding blanks ignored (sysfs pads models).
-    pub model: Option<String>,
-    pub min_size: Option<u64>,
-}
-
-impl DiskHints {
-    fn identifies_a_disk(&self) -> bool {
-        self.path.is_some() || self.serial.is_some() || self.model.is_some()
-    }
-}
-
-impl fmt::Display for DiskHints {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut parts = Vec::new();
-        if let Some(path) = &self.path {
-            parts.push(format!("path={}", path.display()));
-        }
-        if let Some(serial) = &self.serial {
-            parts.push(format!("serial={serial:?}"));
-        }
-        if let Some(model) = &self.model {
-            parts.push(format!("model={model:?}"));
-        }
-        if let Some(min_size) = self.min_size {
-            parts.push(format!("min_size={min_size}"));
-        }
-        if parts.is_empty() {
-            f.write_str("none")
-        } else {
-            f.write_str(&parts.join(", "))
-        }
-    }
+/// Whether the hints name a disk (rather than only filtering by size).
+fn identifies_a_disk(hints: &DiskHints) -> bool {
+    hints.path.is_some() || hints.serial.is_some() || hints.model.is_some()
 }
 
 /// A whole disk as sysfs describes it.
@@ -227,7 +193,7 @@ fn matches_if_given<T>(hint: Option<T>, check: impl FnOnce(T) -> bool) -> bool {
 
 fn matches_hints(disk: &Disk, hints: &DiskHints) -> bool {
     matches_if_given(hints.path.as_deref(), |path| {
-        hinted_name(path).as_deref() == Some(&disk.name)
+        hinted_name(Path::new(path)).as_deref() == Some(&disk.name)
     }) && matches_if_given(hints.serial.as_deref(), |serial| {
         disk.serial.as_deref() == Some(serial.trim())
     }) && matches_if_given(hints.model.as_deref(), |model| {
@@ -262,7 +228,7 @@ pub fn choose_disk(
     image_size: Option<u64>,
 ) -> Result<Disk, DiskError> {
     let disks = list_disks(sys_block)?;
-    if hints.identifies_a_disk() {
+    if identifies_a_disk(hints) {
         let considered: Vec<Considered> = disks
             .into_iter()
             .map(|disk| {

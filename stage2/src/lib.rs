@@ -1,7 +1,8 @@
 //! stage2: PID 1 of the imaging initrd, as a library so its parts are tested on the host.
+//! What it is told (its orders on the kernel command line) and what it reports back are the
+//! `wire` crate's, shared with netboot.
 //!
 //! - [`image`]: streams an image onto a disk, verified, so a partial image never boots;
-//! - [`orders`]: what to do, from the kernel command line;
 //! - [`provision`]: the imaging step: disk, image, cloud-init drop-in, reports to netboot;
 //! - [`disk`]: which disk to write, from sysfs, never guessing;
 //! - [`init`]: PID 1 itself: API file systems, drivers, DHCP;
@@ -13,5 +14,4 @@ pub mod image;
 pub mod init;
 pub mod initrd;
 pub mod modules;
-pub mod orders;
 pub mod provision;

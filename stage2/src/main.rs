@@ -10,11 +10,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use netboot::provisioning::ProgressReport;
 use stage2::initrd::{Compression, InitrdSpec};
 use stage2::modules::DEFAULT_MODULES;
-use stage2::orders::{Orders, Token};
 use stage2::provision::{self, Pacing, Reporter};
+use wire::orders::{keys, split_cmdline, Orders, Token};
+use wire::report::ProgressReport;
 
 #[derive(Parser)]
 #[command(
@@ -114,7 +114,11 @@ fn after_network(booted: &stage2::init::Booted) -> Result<(), String> {
             return Err(reason);
         }
     };
-    let reporter = Reporter::new(&orders.netboot_url, booted.mac, orders.token.clone());
+    let reporter = Reporter::new(
+        &orders.netboot_url,
+        booted.mac,
+        orders.imaging.token.clone(),
+    );
     let mut console = std::io::stderr();
     provision::provision(
         &orders,
@@ -133,14 +137,14 @@ fn after_network(booted: &stage2::init::Booted) -> Result<(), String> {
 /// A reporter from `provisioner.url` and `provisioner.token` alone, for reporting orders that
 /// are otherwise unusable; `None` unless both are present and plausible.
 fn reporter_from_partial_orders(cmdline: &str, mac: [u8; 6]) -> Option<Reporter> {
-    let params = stage2::orders::split_cmdline(cmdline).ok()?;
+    let params = split_cmdline(cmdline).ok()?;
     let value = |key: &str| {
         params
             .iter()
             .find_map(|p| p.strip_prefix(key)?.strip_prefix('='))
     };
-    let url = value("provisioner.url").filter(|u| u.starts_with("http://"))?;
-    let token = Token::parse(value("provisioner.token")?)?;
+    let url = value(keys::URL).filter(|u| u.starts_with("http://"))?;
+    let token = Token::parse(value(keys::TOKEN)?)?;
     Some(Reporter::new(url, mac, token))
 }
 

@@ -11,10 +11,11 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use netboot::provisioning::{nocloud_seed_url, ProgressReport};
+use wire::orders::{Orders, Token};
+use wire::report::{ProgressReport, MAX_MESSAGE_LEN};
+use wire::seed::nocloud_seed_url;
 
 use crate::image::{self, HttpSource, Progress, RetryPolicy, WriteOptions, WriteReport};
-use crate::orders::{Orders, Token};
 
 /// Where the drop-in goes inside the imaged root file system.
 pub const DROP_IN_PATH: &str = "etc/cloud/cloud.cfg.d/90-provisioner.cfg";
@@ -156,10 +157,10 @@ pub fn write_ordered_image(
     pacing: Pacing,
     console: &mut dyn Write,
 ) -> Result<WriteReport, ProvisionError> {
-    let mut options = WriteOptions::new(orders.sha256);
-    options.expected_size = orders.image_size;
+    let mut options = WriteOptions::new(orders.imaging.sha256);
+    options.expected_size = orders.imaging.image_size;
     options.progress_interval = pacing.console_every.min(pacing.report_every);
-    let source = HttpSource::new(&orders.image_url, RetryPolicy::default());
+    let source = HttpSource::new(&orders.imaging.image_url, RetryPolicy::default());
     reporter.send(
         &ProgressReport::Imaging {
             progress: 0,
@@ -478,7 +479,8 @@ pub fn provision(
     console: &mut dyn Write,
 ) -> Result<(), ProvisionError> {
     let outcome = (|| -> Result<(), ProvisionError> {
-        let disk = crate::disk::choose_disk(sys_block, &orders.disk, orders.image_size)?;
+        let imaging = &orders.imaging;
+        let disk = crate::disk::choose_disk(sys_block, &imaging.disk, imaging.image_size)?;
         let _ = writeln!(
             console,
             "imaging: disk {} ({} bytes, model {:?}, serial {:?})",
@@ -488,7 +490,7 @@ pub fn provision(
             disk.serial
         );
         write_ordered_image(orders, &disk.dev_path, reporter, pacing, console)?;
-        let seed_url = nocloud_seed_url(&orders.netboot_url, orders.token.expose());
+        let seed_url = nocloud_seed_url(&orders.netboot_url, imaging.token.expose());
         let configured = configure_root(&disk, sys_block, Path::new("/run/root"), &seed_url);
         if configured.is_err() {
             // The image is unusable without its configuration: make it unbootable so the
@@ -515,7 +517,7 @@ pub fn provision(
             let _ = writeln!(console, "imaging failed: {e}");
             reporter.send(
                 &ProgressReport::Failed {
-                    message: truncate(&e.to_string(), netboot::provisioning::MAX_MESSAGE_LEN),
+                    message: truncate(&e.to_string(), MAX_MESSAGE_LEN),
                 },
                 5,
             );

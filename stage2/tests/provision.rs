@@ -8,10 +8,10 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use netboot::provisioning::ProgressReport;
 use sha2::{Digest, Sha256};
-use stage2::orders::Orders;
 use stage2::provision::{provision, write_ordered_image, Pacing, Reporter};
+use wire::orders::Orders;
+use wire::report::ProgressReport;
 
 const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xee, 0x00, 0x07];
@@ -117,7 +117,7 @@ fn image_is_written_with_progress_on_the_console_and_reported_to_netboot() {
     let compressed = zstd::encode_all(&image[..], 3).expect("zstd");
     let (base, reports) = stand_in_netboot(compressed);
     let orders = orders(&base, &image, &hex::encode(Sha256::digest(&image)));
-    let reporter = Reporter::new(&orders.netboot_url, MAC, orders.token.clone());
+    let reporter = Reporter::new(&orders.netboot_url, MAC, orders.imaging.token.clone());
     let dir = tempfile::tempdir().expect("dir");
     let target = dir.path().join("disk.raw");
     let mut console = Vec::new();
@@ -165,7 +165,7 @@ fn wrong_sha256_leaves_the_target_unbootable_and_no_imaged_report() {
     let compressed = zstd::encode_all(&image[..], 3).expect("zstd");
     let (base, reports) = stand_in_netboot(compressed);
     let orders = orders(&base, &image, &"ab".repeat(32));
-    let reporter = Reporter::new(&orders.netboot_url, MAC, orders.token.clone());
+    let reporter = Reporter::new(&orders.netboot_url, MAC, orders.imaging.token.clone());
     let dir = tempfile::tempdir().expect("dir");
     let target = dir.path().join("disk.raw");
     std::fs::write(&target, vec![0xffu8; 4 << 20]).expect("old disk");
@@ -195,7 +195,7 @@ fn no_disk_reports_failed_with_the_reason_and_writes_nothing() {
     let image = test_image();
     let (base, reports) = stand_in_netboot(Vec::new());
     let orders = orders(&base, &image, &"ab".repeat(32));
-    let reporter = Reporter::new(&orders.netboot_url, MAC, orders.token.clone());
+    let reporter = Reporter::new(&orders.netboot_url, MAC, orders.imaging.token.clone());
     let sys_block = tempfile::tempdir().expect("dir");
     let mut console = Vec::new();
     let error = provision(

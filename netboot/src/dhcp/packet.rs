@@ -2,10 +2,8 @@
 
 use dhcproto::v4::{DhcpOption, DhcpOptions, Message, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable, Encoder};
+use wire::dhcp::{filter_options, MAGIC_COOKIE, OPTIONS_OFFSET};
 
-/// Fixed BOOTP header (up to and including `file`) plus the magic cookie.
-const OPTIONS_OFFSET: usize = 240;
-const MAGIC: [u8; 4] = [99, 130, 83, 99];
 /// Replies are padded to the BOOTP minimum: some PXE ROMs drop shorter packets.
 const MIN_REPLY_LEN: usize = 300;
 /// IP (20) and UDP (8) headers, counted in option 57 (maximum DHCP message size).
@@ -31,8 +29,9 @@ pub enum PacketError {
 }
 
 /// Whether option `code` with `len` value bytes is one the server reads and is well formed.
-/// Everything else is dropped before the packet reaches the generic decoder: the server needs
-/// none of it, and some malformed options would make that decoder fail or stop early.
+/// Everything else is dropped before the packet reaches the generic decoder ([`wire::dhcp`]):
+/// the server needs none of it, and some malformed options would make that decoder fail or
+/// stop early.
 fn keep_option(code: u8, len: usize) -> bool {
     match code {
         53 => len == 1,                     // message type
@@ -45,7 +44,8 @@ fn keep_option(code: u8, len: usize) -> bool {
 }
 
 /// Decodes a client's datagram. Only Ethernet BOOTREQUESTs with the DHCP cookie pass; options
-/// the server does not use, and malformed ones, are dropped. Never panics.
+/// the server does not use, and malformed ones, are dropped; an option cut short ends the
+/// options (those before it still count). Never panics.
 pub fn decode_request(bytes: &[u8]) -> Result<Message, PacketError> {
     if bytes.len() < OPTIONS_OFFSET {
         return Err(PacketError::TooShort(bytes.len()));
@@ -57,30 +57,10 @@ pub fn decode_request(bytes: &[u8]) -> Result<Message, PacketError> {
     if htype != 1 || hlen != 6 {
         return Err(PacketError::NotEthernet { htype, hlen });
     }
-    if bytes[OPTIONS_OFFSET - 4..OPTIONS_OFFSET] != MAGIC {
+    if bytes[OPTIONS_OFFSET - 4..OPTIONS_OFFSET] != MAGIC_COOKIE {
         return Err(PacketError::NoMagic);
     }
-    let mut clean = Vec::with_capacity(bytes.len());
-    clean.extend_from_slice(&bytes[..OPTIONS_OFFSET]);
-    let mut i = OPTIONS_OFFSET;
-    while let Some(&code) = bytes.get(i) {
-        match code {
-            0 => i += 1,
-            255 => break,
-            _ => {
-                let Some(&len) = bytes.get(i + 1) else { break };
-                let end = i + 2 + usize::from(len);
-                let Some(option) = bytes.get(i..end) else {
-                    break;
-                };
-                if keep_option(code, usize::from(len)) {
-                    clean.extend_from_slice(option);
-                }
-                i = end;
-            }
-        }
-    }
-    clean.push(255);
+    let clean = filter_options(bytes, keep_option).packet;
     Ok(Message::decode(&mut Decoder::new(&clean))?)
 }
 

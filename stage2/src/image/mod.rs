@@ -25,13 +25,3 @@ pub use write::{
     wipe_partition_tables, write_image, write_image_to, Progress, WriteError, WriteOptions,
     WriteReport, HEAD_LEN,
 };
-
-/// Parses a sha256 given as 64 hex digits.
-pub fn parse_sha256(text: &str) -> Option<[u8; 32]> {
-    let mut digest = [0u8; 32];
-    if text.len() != 64 {
-        return None;
-    }
-    hex::decode_to_slice(text, &mut digest).ok()?;
-    Some(digest)
-}

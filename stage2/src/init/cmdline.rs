@@ -6,7 +6,7 @@ use std::time::Duration;
 /// Splits a command line into `(key, value)` words; a word without `=` has no value. Double
 /// quotes group spaces and are removed, as the kernel does for its own parameters.
 pub fn split(cmdline: &str) -> Vec<(String, Option<String>)> {
-    let words = crate::orders::split_cmdline_lenient(cmdline);
+    let words = wire::orders::split_cmdline_lenient(cmdline);
     words
         .into_iter()
         .map(|w| match w.split_once('=') {

@@ -8,12 +8,10 @@ use std::time::{Duration, Instant};
 
 use dhcproto::v4::{DhcpOption, Flags, HType, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable, Encoder};
+use wire::dhcp::{filter_options, MAGIC_COOKIE, OPTIONS_OFFSET};
 
 pub const CLIENT_PORT: u16 = 68;
 pub const SERVER_PORT: u16 = 67;
-/// BOOTP header up to `file` plus the magic cookie.
-const OPTIONS_OFFSET: usize = 240;
-const MAGIC: [u8; 4] = [99, 130, 83, 99];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DhcpError {
@@ -123,8 +121,8 @@ fn keep_option(code: u8, len: usize) -> bool {
 }
 
 /// Decodes a server's datagram if it is a reply to us (`xid`, `mac`). Options the client does
-/// not read, and malformed ones, are dropped first: dhcproto 0.12 can panic (debug builds) on
-/// some malformed lengths, and a PID 1 must not die of a stray packet on the LAN. Never panics.
+/// not read, and malformed ones, are dropped first ([`wire::dhcp`]: a PID 1 must not die of a
+/// stray packet on the LAN); a reply with an option cut short is ignored whole. Never panics.
 pub fn parse_reply(bytes: &[u8], xid: u32, mac: [u8; 6]) -> Option<Reply> {
     if bytes.len() < OPTIONS_OFFSET
         || bytes[0] != 2
@@ -132,31 +130,15 @@ pub fn parse_reply(bytes: &[u8], xid: u32, mac: [u8; 6]) -> Option<Reply> {
         || bytes[2] != 6
         || bytes[4..8] != xid.to_be_bytes()
         || bytes[28..34] != mac
-        || bytes[OPTIONS_OFFSET - 4..OPTIONS_OFFSET] != MAGIC
+        || bytes[OPTIONS_OFFSET - 4..OPTIONS_OFFSET] != MAGIC_COOKIE
     {
         return None;
     }
-    let mut clean = bytes[..OPTIONS_OFFSET].to_vec();
-    let mut at = OPTIONS_OFFSET;
-    while at < bytes.len() {
-        let code = bytes[at];
-        match code {
-            0 => at += 1,
-            255 => break,
-            _ => {
-                let len = *bytes.get(at + 1)? as usize;
-                let value = bytes.get(at + 2..at + 2 + len)?;
-                if keep_option(code, len) {
-                    clean.push(code);
-                    clean.push(len as u8);
-                    clean.extend_from_slice(value);
-                }
-                at += 2 + len;
-            }
-        }
+    let filtered = filter_options(bytes, keep_option);
+    if filtered.truncated {
+        return None;
     }
-    clean.push(255);
-    let message = Message::decode(&mut Decoder::new(&clean)).ok()?;
+    let message = Message::decode(&mut Decoder::new(&filtered.packet)).ok()?;
     let kind = message.opts().msg_type()?;
     Some(Reply { kind, message })
 }
@@ -343,131 +325,11 @@ fn rand_xid(mac: [u8; 6], attempt: u32) -> u32 {
     nanos ^ mac_bits.rotate_left(13) ^ attempt.wrapping_mul(0x9e37_79b9)
 }
 
+// The exchange with netboot's DHCP server is tested in netboot/tests/stage2_dhcp.rs (netboot's
+// server against this client), which keeps stage2 free of netboot and its HTTP stack.
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    use netboot::dhcp::{handle, DhcpSettings, Outcome};
-    use netboot::{MacAddr, Machine};
-
-    const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x5e, 0x00, 0x01];
-    const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
-    const RESERVED: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 20);
-
-    fn settings() -> DhcpSettings {
-        DhcpSettings {
-            server_ip: SERVER,
-            subnet: "10.77.0.0/24".parse().unwrap_or_else(|e| panic!("{e}")),
-            gateway: Some(SERVER),
-            dns_servers: vec![SERVER],
-            lease_time: Duration::from_secs(3600),
-            bios_loader: "undionly.kpxe".into(),
-            uefi_loader: "snponly.efi".into(),
-            http_base: "http://10.77.0.1:8080".into(),
-        }
-    }
-
-    fn inventory() -> HashMap<MacAddr, Machine> {
-        let machine = Machine {
-            name: "node2".into(),
-            mac: MacAddr(MAC),
-            ip: RESERVED,
-            hostname: Some("node2".into()),
-        };
-        HashMap::from([(MacAddr(MAC), machine)])
-    }
-
-    /// Runs one of our datagrams through netboot's DHCP decisions; returns the reply bytes.
-    fn serve(datagram: &[u8]) -> Vec<u8> {
-        let request = match netboot::dhcp::decode_request(datagram) {
-            Ok(r) => r,
-            Err(e) => panic!("netboot cannot read our request: {e}"),
-        };
-        match handle(&request, &settings(), &inventory()) {
-            Outcome::Reply { reply, .. } => match reply.to_bytes() {
-                Ok(b) => b,
-                Err(e) => panic!("{e}"),
-            },
-            other => panic!("no reply: {other:?}"),
-        }
-    }
-
-    #[test]
-    fn full_exchange_with_netboot_yields_the_reserved_lease() {
-        let xid = 0x0bad_cafe;
-        let discover = discover(MAC, xid, 0).unwrap_or_else(|e| panic!("{e}"));
-        let offer = parse_reply(&serve(&discover), xid, MAC).unwrap_or_else(|| panic!("no offer"));
-        assert_eq!(offer.kind, MessageType::Offer);
-        assert_eq!(offer.message.yiaddr(), RESERVED);
-        let request = request(MAC, xid, 1, &offer.message).unwrap_or_else(|e| panic!("{e}"));
-        let ack = parse_reply(&serve(&request), xid, MAC).unwrap_or_else(|| panic!("no ack"));
-        assert_eq!(ack.kind, MessageType::Ack);
-        let lease = lease_from_ack(&ack.message).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            lease,
-            Lease {
-                address: RESERVED,
-                prefix_len: 24,
-                router: Some(SERVER),
-                dns: vec![SERVER],
-                server: SERVER,
-                lease_secs: Some(3600),
-                hostname: Some("node2".into()),
-            }
-        );
-    }
-
-    #[test]
-    fn requests_ask_for_broadcast_replies_and_name_the_offer() {
-        let offer_bytes = {
-            let discover = discover(MAC, 7, 0).unwrap_or_else(|e| panic!("{e}"));
-            serve(&discover)
-        };
-        let offer = parse_reply(&offer_bytes, 7, MAC).unwrap_or_else(|| panic!("no offer"));
-        let bytes = request(MAC, 7, 0, &offer.message).unwrap_or_else(|e| panic!("{e}"));
-        let msg = Message::decode(&mut Decoder::new(&bytes)).unwrap_or_else(|e| panic!("{e}"));
-        assert!(msg.flags().broadcast());
-        assert_eq!(
-            msg.opts().get(OptionCode::RequestedIpAddress),
-            Some(&DhcpOption::RequestedIpAddress(RESERVED))
-        );
-        assert_eq!(
-            msg.opts().get(OptionCode::ServerIdentifier),
-            Some(&DhcpOption::ServerIdentifier(SERVER))
-        );
-    }
-
-    #[test]
-    fn replies_for_someone_else_or_malformed_are_ignored() {
-        let discover = discover(MAC, 42, 0).unwrap_or_else(|e| panic!("{e}"));
-        let offer = serve(&discover);
-        assert!(parse_reply(&offer, 43, MAC).is_none(), "other xid");
-        let mut other_mac = MAC;
-        other_mac[5] ^= 1;
-        assert!(parse_reply(&offer, 42, other_mac).is_none(), "other MAC");
-        assert!(
-            parse_reply(&offer[..100], 42, MAC).is_none(),
-            "truncated header"
-        );
-        // An option whose length runs past the end, and a router option of 3 bytes: the first
-        // makes the packet unreadable, the second is dropped.
-        let mut bad = offer.clone();
-        let end = bad.iter().rposition(|b| *b == 255).unwrap_or(bad.len());
-        bad.truncate(end);
-        bad.extend_from_slice(&[3, 3, 1, 2, 3, 255]);
-        let reply = parse_reply(&bad, 42, MAC).unwrap_or_else(|| panic!("dropped whole reply"));
-        assert!(
-            reply.message.opts().get(OptionCode::Router).is_some(),
-            "first router kept"
-        );
-        bad.truncate(end);
-        bad.extend_from_slice(&[12, 200, b'x']);
-        assert!(parse_reply(&bad, 42, MAC).is_none());
-        for len in 0..offer.len() {
-            let _ = parse_reply(&offer[..len], 42, MAC); // must not panic
-        }
-    }
 
     #[test]
     fn retry_waits_double_up_to_the_cap() {
