@@ -320,13 +320,17 @@ async fn sync(
 /// Runs until `shutdown`.
 pub async fn run(options: Options, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (client, _) = crate::cluster::connect(Some(&options.kubeconfig)).await?;
+    // Ready as soon as it runs: on a new node the API server may take minutes to come up (the
+    // path unit starts this when kubeadm writes the kubeconfig), and STATUS= says what it waits
+    // for. A start job pending that long would time out and be restarted for nothing.
+    systemd::notify_ready("waiting for the API server");
     let node_name = match options.node_name.clone() {
         Some(name) => name,
         None => loop {
             match own_node_name(&client).await {
                 Ok(name) => break name,
                 Err(e) if is_unreachable(&e) => {
-                    tracing::warn!("API server not reachable yet, retrying in 5 s: {e:#}");
+                    tracing::info!("API server not reachable yet, retrying in 5 s: {e:#}");
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
                         _ = tokio::time::sleep(Duration::from_secs(5)) => {}
@@ -351,7 +355,6 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> anyhow::Resul
     let mut watchdog =
         tokio::time::interval(systemd::watchdog_interval().unwrap_or(Duration::from_secs(3600)));
     let mut listed = false;
-    let mut ready = false;
     let mut last = None;
     loop {
         let due = tokio::select! {
@@ -374,14 +377,9 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> anyhow::Resul
         }
         match sync(&store, &node_name, &options, &table).await {
             Ok(outcome) => {
-                let status = outcome.status(&node_name, &options.bridge);
-                if !ready && outcome.own_range.is_some() {
-                    ready = true;
-                    systemd::notify_ready(&status);
-                } else if last.as_ref() != Some(&outcome) {
-                    systemd::notify_status(&status);
-                }
                 if last.as_ref() != Some(&outcome) {
+                    let status = outcome.status(&node_name, &options.bridge);
+                    systemd::notify_status(&status);
                     tracing::info!(node = %node_name, "{status}");
                 }
                 last = Some(outcome);
