@@ -396,6 +396,10 @@ pub struct InitSettings {
     /// A CNI manifest inside the image, applied with kubectl after `kubeadm init`; `None`: the
     /// image's bridge pod network (`provisioner pod-network` on every node).
     pub cni_manifest: Option<PathBuf>,
+    /// How long the control plane may take to come up (kubeadm's wait, and the kubelet's
+    /// startup and liveness probes of the control-plane Pods); `None`: kubeadm's defaults
+    /// (4 minutes, probes of 240 s and 80 s).
+    pub control_plane_timeout: Option<std::time::Duration>,
 }
 
 /// Everything the laptop's user-data holds.
@@ -429,6 +433,10 @@ struct LaptopContext<'a> {
     service_subnet: String,
     control_plane_endpoint: Option<&'a str>,
     cni_manifest: Option<String>,
+    /// `1200s`: kubeadm's timeoutForControlPlane.
+    control_plane_timeout: Option<String>,
+    /// The probes' failureThreshold (period 10 s) that spans control_plane_timeout.
+    probe_failure_threshold: Option<u64>,
     networkd_file: Option<String>,
     imageserver_dropin: Option<String>,
 }
@@ -480,6 +488,12 @@ pub fn render_laptop_user_data(data: &LaptopUserData<'_>) -> Result<String, Rend
         service_subnet: cluster.service_subnet.to_string(),
         control_plane_endpoint: cluster.control_plane_endpoint.as_deref(),
         cni_manifest: manifest,
+        control_plane_timeout: cluster
+            .control_plane_timeout
+            .map(|t| format!("{}s", t.as_secs())),
+        probe_failure_threshold: cluster
+            .control_plane_timeout
+            .map(|t| t.as_secs().div_ceil(10)),
         networkd_file,
         imageserver_dropin,
     };
@@ -996,6 +1010,7 @@ mod tests {
             service_subnet: "10.96.0.0/12".parse().expect("cidr"),
             control_plane_endpoint: None,
             cni_manifest: Some("/usr/share/provisioner/cni/cni.yaml".into()),
+            control_plane_timeout: None,
         }
     }
 
@@ -1091,6 +1106,7 @@ mod tests {
         let h = hooks();
         let c = InitSettings {
             cni_manifest: None,
+            control_plane_timeout: Some(std::time::Duration::from_secs(1200)),
             ..settings()
         };
         let network = LaptopNetwork {
@@ -1135,6 +1151,45 @@ mod tests {
                     .unwrap_or_default()
             })
             .collect();
+        // A slow machine: kubeadm waits 1200 s, and the kubelet's probes of every control-plane
+        // Pod span as much (120 × 10 s) through kubeadm's patches.
+        let init: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(
+            file(&doc, INIT_CONFIG_PATH)["content"]
+                .as_str()
+                .expect("content"),
+        )
+        .map(|d| serde_yaml::Value::deserialize(d).expect("YAML"))
+        .collect();
+        assert_eq!(
+            init[0]["patches"]["directory"].as_str(),
+            Some("/etc/kubernetes/patches")
+        );
+        assert_eq!(
+            init[1]["apiServer"]["timeoutForControlPlane"].as_str(),
+            Some("1200s")
+        );
+        for component in [
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+        ] {
+            let patch = file(
+                &doc,
+                &format!("/etc/kubernetes/patches/{component}+strategic.yaml"),
+            );
+            let patch = yaml(patch["content"].as_str().expect("content"));
+            let container = &patch["spec"]["containers"][0];
+            assert_eq!(container["name"].as_str(), Some(component));
+            assert_eq!(
+                container["startupProbe"]["failureThreshold"].as_u64(),
+                Some(120)
+            );
+            assert_eq!(
+                container["livenessProbe"]["failureThreshold"].as_u64(),
+                Some(120)
+            );
+        }
         // No manifest: nothing applied, the pod network service is left to its path unit.
         assert!(
             commands

@@ -221,6 +221,8 @@ struct RawLaptop {
     /// The operator's imageserver (`provisioner imageserver --bootstrap`) the laptop's own
     /// imageserver fetches the node image from (pull-through cache).
     image_upstream: Option<String>,
+    /// Seconds the control plane may take to come up; default kubeadm's.
+    control_plane_timeout: Option<u64>,
 }
 
 fn default_pod_subnet() -> String {
@@ -302,6 +304,15 @@ impl RawLaptop {
                 ));
             }
         }
+        // kubeadm's own 4 minutes at least; two hours covers any machine that works at all.
+        if let Some(t) = self.control_plane_timeout {
+            if !(240..=7200).contains(&t) {
+                return Err((
+                    "laptop.controlPlaneTimeout",
+                    format!("{t} is not between 240 and 7200 seconds"),
+                ));
+            }
+        }
         if let Some(url) = &self.image_upstream {
             cloudinit::validate_http_url("laptop.imageUpstream", url).map_err(field)?;
         }
@@ -314,6 +325,9 @@ impl RawLaptop {
                 service_subnet,
                 control_plane_endpoint: self.control_plane_endpoint,
                 cni_manifest: self.cni_manifest,
+                control_plane_timeout: self
+                    .control_plane_timeout
+                    .map(std::time::Duration::from_secs),
             },
             image_upstream: self.image_upstream,
         })
