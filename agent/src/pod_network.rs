@@ -324,6 +324,18 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> anyhow::Resul
     // path unit starts this when kubeadm writes the kubeconfig), and STATUS= says what it waits
     // for. A start job pending that long would time out and be restarted for nothing.
     systemd::notify_ready("waiting for the API server");
+    if let Some(interval) = systemd::watchdog_interval() {
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            loop {
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tick.tick() => systemd::notify_watchdog(),
+                }
+            }
+        });
+    }
     let node_name = match options.node_name.clone() {
         Some(name) => name,
         None => loop {
@@ -352,14 +364,11 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> anyhow::Resul
     );
     let mut events = std::pin::pin!(events);
     let mut resync = tokio::time::interval(options.resync);
-    let mut watchdog =
-        tokio::time::interval(systemd::watchdog_interval().unwrap_or(Duration::from_secs(3600)));
     let mut listed = false;
     let mut last = None;
     loop {
         let due = tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = watchdog.tick() => { systemd::notify_watchdog(); false }
             _ = resync.tick() => listed,
             event = events.next() => match event {
                 None => bail!("the Node watch ended"),
