@@ -11,9 +11,11 @@
 //! YAML scalar whatever it holds (quotes, `#`, `: `, newlines), also inside the kubeadm files,
 //! which are YAML block scalars of the cloud-config. Inputs are validated first (host names
 //! RFC 1123, keys on one line, `host:port` endpoints, kubeadm token and CA hash formats), and
-//! every rendered document is parsed back as YAML before it is returned. The kubeadm files use
-//! `kubeadm.k8s.io/v1beta3`, which kubeadm reads from 1.22 on (deprecated in favour of
-//! v1beta4 since 1.31, still read by it). Tokens never appear in errors or `Debug` output.
+//! every rendered document is parsed back as YAML before it is returned. The node's kubeadm file
+//! uses `kubeadm.k8s.io/v1beta3`, which kubeadm reads from 1.22 on (deprecated in favour of
+//! v1beta4 since 1.31, still read by it); the laptop's uses v1beta4 for Kubernetes 1.31 and
+//! later, whose kubeadm takes its control-plane timeout from there only. Tokens never appear in
+//! errors or `Debug` output.
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -24,8 +26,11 @@ use ipnet::Ipv4Net;
 use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde::{Deserialize, Serialize};
 
-/// The kubeadm configuration API version the templates write.
+/// The kubeadm configuration API version the node template writes, and the laptop's before
+/// Kubernetes 1.31.
 pub const KUBEADM_API_VERSION: &str = "kubeadm.k8s.io/v1beta3";
+/// The laptop's kubeadm configuration from Kubernetes 1.31 on.
+pub const KUBEADM_API_VERSION_V1BETA4: &str = "kubeadm.k8s.io/v1beta4";
 /// Where a node's kubeadm JoinConfiguration is written (mode 0600).
 pub const JOIN_CONFIG_PATH: &str = "/etc/kubernetes/kubeadm-join.yaml";
 /// Where the laptop's kubeadm InitConfiguration + ClusterConfiguration is written (mode 0600).
@@ -291,6 +296,17 @@ pub fn validate_kubernetes_version(field: &'static str, version: &str) -> Result
     Ok(())
 }
 
+/// `31` of `v1.31.2` (a version [`validate_kubernetes_version`] accepted).
+fn kubernetes_minor(version: &str) -> Option<u32> {
+    version
+        .strip_prefix('v')
+        .unwrap_or(version)
+        .split('.')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// Everything a node's user-data holds.
 #[derive(Debug, Clone)]
 pub struct NodeUserData<'a> {
@@ -379,7 +395,13 @@ pub fn render_node_user_data(data: &NodeUserData<'_>) -> Result<String, RenderEr
     let text = render("node-user-data.yaml", &context)?;
     let document = check_cloud_config("node-user-data.yaml", &text)?;
     if data.join.is_some() {
-        embedded_documents(&document, JOIN_CONFIG_PATH, "node-user-data.yaml", 1)?;
+        embedded_documents(
+            &document,
+            JOIN_CONFIG_PATH,
+            "node-user-data.yaml",
+            KUBEADM_API_VERSION,
+            1,
+        )?;
     }
     Ok(text)
 }
@@ -433,7 +455,11 @@ struct LaptopContext<'a> {
     service_subnet: String,
     control_plane_endpoint: Option<&'a str>,
     cni_manifest: Option<String>,
-    /// `1200s`: kubeadm's timeoutForControlPlane.
+    /// `kubeadm.k8s.io/v1beta4` from Kubernetes 1.31 on (kubeadm 1.31 deprecated v1beta3 and
+    /// no longer honours v1beta3's timeoutForControlPlane), else v1beta3.
+    kubeadm_api_version: &'static str,
+    kubeadm_v1beta4: bool,
+    /// `1200s`: kubeadm's wait for the control plane.
     control_plane_timeout: Option<String>,
     /// The probes' failureThreshold (period 10 s) that spans control_plane_timeout.
     probe_failure_threshold: Option<u64>,
@@ -464,6 +490,7 @@ pub fn render_laptop_user_data(data: &LaptopUserData<'_>) -> Result<String, Rend
     };
     no_nul("provisionerYaml", data.provisioner_yaml)?;
     let networkd_file = data.network.map(networkd_file).transpose()?;
+    let v1beta4 = kubernetes_minor(&cluster.kubernetes_version).is_some_and(|minor| minor >= 31);
     let imageserver_dropin = match data.image_upstream {
         None => None,
         Some(url) => {
@@ -488,6 +515,12 @@ pub fn render_laptop_user_data(data: &LaptopUserData<'_>) -> Result<String, Rend
         service_subnet: cluster.service_subnet.to_string(),
         control_plane_endpoint: cluster.control_plane_endpoint.as_deref(),
         cni_manifest: manifest,
+        kubeadm_api_version: if v1beta4 {
+            KUBEADM_API_VERSION_V1BETA4
+        } else {
+            KUBEADM_API_VERSION
+        },
+        kubeadm_v1beta4: v1beta4,
         control_plane_timeout: cluster
             .control_plane_timeout
             .map(|t| format!("{}s", t.as_secs())),
@@ -499,7 +532,13 @@ pub fn render_laptop_user_data(data: &LaptopUserData<'_>) -> Result<String, Rend
     };
     let text = render("laptop-user-data.yaml", &context)?;
     let document = check_cloud_config("laptop-user-data.yaml", &text)?;
-    embedded_documents(&document, INIT_CONFIG_PATH, "laptop-user-data.yaml", 2)?;
+    embedded_documents(
+        &document,
+        INIT_CONFIG_PATH,
+        "laptop-user-data.yaml",
+        context.kubeadm_api_version,
+        2,
+    )?;
     Ok(text)
 }
 
@@ -705,6 +744,7 @@ fn embedded_documents(
     document: &serde_yaml::Mapping,
     path: &str,
     template: &'static str,
+    api_version: &str,
     expected: usize,
 ) -> Result<Vec<serde_yaml::Value>, RenderError> {
     let output = |reason: String| RenderError::Output { template, reason };
@@ -723,10 +763,8 @@ fn embedded_documents(
     for part in serde_yaml::Deserializer::from_str(content) {
         let value = serde_yaml::Value::deserialize(part)
             .map_err(|e| output(format!("{path} is not YAML: {e}")))?;
-        if value.get("apiVersion").and_then(|v| v.as_str()) != Some(KUBEADM_API_VERSION) {
-            return Err(output(format!(
-                "{path}: a document lacks {KUBEADM_API_VERSION}"
-            )));
+        if value.get("apiVersion").and_then(|v| v.as_str()) != Some(api_version) {
+            return Err(output(format!("{path}: a document lacks {api_version}")));
         }
         documents.push(value);
     }
@@ -1105,6 +1143,7 @@ mod tests {
     fn laptop_with_the_bridge_pod_network_a_static_address_and_an_upstream() {
         let h = hooks();
         let c = InitSettings {
+            kubernetes_version: "v1.32.0".into(),
             cni_manifest: None,
             control_plane_timeout: Some(std::time::Duration::from_secs(1200)),
             ..settings()
@@ -1160,14 +1199,31 @@ mod tests {
         )
         .map(|d| serde_yaml::Value::deserialize(d).expect("YAML"))
         .collect();
+        // Kubernetes 1.32: v1beta4, whose kubeletExtraArgs is a list and whose wait is
+        // timeouts.controlPlaneComponentHealthCheck (1.32 ignores v1beta3's timeoutForControlPlane).
+        for document in &init {
+            assert_eq!(
+                document["apiVersion"].as_str(),
+                Some("kubeadm.k8s.io/v1beta4")
+            );
+        }
+        assert_eq!(
+            init[0]["nodeRegistration"]["kubeletExtraArgs"][0]["name"].as_str(),
+            Some("node-ip")
+        );
+        assert_eq!(
+            init[0]["nodeRegistration"]["kubeletExtraArgs"][0]["value"].as_str(),
+            Some("10.77.0.2")
+        );
         assert_eq!(
             init[0]["patches"]["directory"].as_str(),
             Some("/etc/kubernetes/patches")
         );
         assert_eq!(
-            init[1]["apiServer"]["timeoutForControlPlane"].as_str(),
+            init[0]["timeouts"]["controlPlaneComponentHealthCheck"].as_str(),
             Some("1200s")
         );
+        assert!(init[1]["apiServer"].is_null(), "{:?}", init[1]);
         for component in [
             "etcd",
             "kube-apiserver",
