@@ -6,8 +6,10 @@
 # laptop's (kubeadm init); `cloud-init devel net-convert` parses the laptop's network-config;
 # deliberately broken documents must fail both. python3-yaml then reads the kubeadm
 # JoinConfiguration / InitConfiguration + ClusterConfiguration inside and checks their fields
-# and that every tricky value came through unchanged. No network, no root needed beyond
-# fetching the package once (cached).
+# and that every tricky value came through unchanged, and the Kubernetes bundle's own kubeadm
+# (tests/lib-kube.sh) validates the rendered InitConfiguration (v1beta4, bridge pod network,
+# slow-machine timeouts) and JoinConfiguration (`kubeadm config validate`). No network, no root
+# needed beyond fetching the package once (cached).
 TEST_NAME=cloud-init
 . "$(dirname "$0")/lib.sh"
 
@@ -171,7 +173,8 @@ expect("cluster: version", cluster["kubernetesVersion"], "v1.30.2")
 expect("cluster: pod subnet", cluster["networking"]["podSubnet"], "10.244.0.0/16")
 expect("cluster: endpoint", cluster["controlPlaneEndpoint"], "api.lab.example:6443")
 cmds = [c for c in lap["runcmd"] if isinstance(c, list)]
-expect("laptop: kubeadm init", ["kubeadm", "init", "--config", "/etc/kubernetes/kubeadm-init.yaml"] in cmds, True)
+init_cmd = [c for c in cmds if c[:2] == ["sh", "-c"] and "exec kubeadm init" in c[2]]
+expect("laptop: kubeadm init with its file", len(init_cmd) == 1 and "--config /etc/kubernetes/kubeadm-init.yaml" in init_cmd[0][2], True)
 expect("laptop: CNI from the image", ["kubectl", "--kubeconfig", "/etc/kubernetes/admin.conf", "apply", "-f", "/usr/share/provisioner/cni/cni.yaml"] in cmds, True)
 order = [json.dumps(c) for c in lap["runcmd"]]
 ki = next(i for i, c in enumerate(order) if "kubeadm" in c and "init" in c)
@@ -186,6 +189,34 @@ for p in problems:
     print(p)
 sys.exit(1 if problems else 0)
 EOF
+
+# --- the bundle's kubeadm reads what it is given ------------------------------------------------
+. "$REPO/tests/lib-kube.sh"
+if KBIN=$(kube_unpack); then
+    kversion=$("$KBIN/kubeadm" version -o short)
+    "$PY" - "$WORK/provisioner.yaml" "$WORK/bridge.yaml" "$kversion" <<'EOF'
+import sys, yaml
+d = yaml.safe_load(open(sys.argv[1]))
+d["laptop"].pop("cniManifest")
+d["laptop"].update(kubernetesVersion=sys.argv[3], controlPlaneTimeout=1800, imageUpstream="http://10.77.0.254:8000/")
+yaml.safe_dump(d, open(sys.argv[2], "w"), allow_unicode=True)
+EOF
+    check "render: laptop user-data, Kubernetes $kversion, bridge pod network" \
+        render laptop-bridge.yaml laptop -c "$WORK/bridge.yaml"
+    check "cloud-init schema: laptop-bridge.yaml is valid" valid "$WORK/laptop-bridge.yaml"
+    # extract DOC PATH OUT: the content of write_files entry PATH of DOC.
+    extract() { "$PY" -c 'import sys,yaml; [open(sys.argv[3],"w").write(f["content"]) for f in yaml.safe_load(open(sys.argv[1]))["write_files"] if f["path"] == sys.argv[2]]' "$@" && [ -s "$3" ]; }
+    kubeadm_valid() { "$KBIN/kubeadm" config validate --config "$1" >"$1.validate" 2>&1; }
+    check "kubeadm $kversion validates the laptop's InitConfiguration + ClusterConfiguration" bash -c \
+        "$(declare -f extract kubeadm_valid); PY=$PY KBIN=$KBIN; extract '$WORK/laptop-bridge.yaml' /etc/kubernetes/kubeadm-init.yaml '$WORK/init.yaml' && kubeadm_valid '$WORK/init.yaml'"
+    check "kubeadm $kversion validates a node's JoinConfiguration" bash -c \
+        "$(declare -f extract kubeadm_valid); PY=$PY KBIN=$KBIN; extract '$WORK/node-join.yaml' /etc/kubernetes/kubeadm-join.yaml '$WORK/join.yaml' && kubeadm_valid '$WORK/join.yaml'"
+    sed 's/podSubnet: .*/podSubnet: "not a subnet"/' "$WORK/init.yaml" > "$WORK/init-broken.yaml"
+    check "kubeadm rejects the InitConfiguration with one value made wrong" bash -c \
+        "! '$KBIN/kubeadm' config validate --config '$WORK/init-broken.yaml' >/dev/null 2>&1"
+else
+    fail "the Kubernetes bundle unpacks (tests/lib-kube.sh)"
+fi
 
 # Inputs that cannot make a valid cloud-config are refused with the key named (exit 2).
 "$PY" -c 'import sys,yaml; d=yaml.safe_load(open(sys.argv[1])); d["cloudInit"]["sshAuthorizedKeys"]=["ssh-ed25519 AAAA a\nssh-rsa BBBB evil"]; yaml.safe_dump(d, open(sys.argv[2],"w"))' "$WORK/provisioner.yaml" "$WORK/two-line-key.yaml"
