@@ -76,6 +76,18 @@ pub struct Boot {
     pub local_boot: netboot::provisioning::LocalBoot,
 }
 
+/// `image:` as written: the [`Image`] and how long its tokens may be handed out.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawImage {
+    url: String,
+    sha256: String,
+    size: Option<u64>,
+    /// Seconds after a machine's DHCP ACK during which its imaging script (with the token)
+    /// may be fetched.
+    token_window: Option<u64>,
+}
+
 /// The disk image stage2 writes (`image:`); without it netboot does not image machines.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -153,6 +165,8 @@ struct RawConfig {
     dns_servers: Vec<String>,
     #[serde(default = "default_lease")]
     lease_time: u32,
+    #[serde(default)]
+    dhcp_relays: Vec<String>,
     boot_files: BootFiles,
     boot: Boot,
     #[serde(default)]
@@ -162,7 +176,7 @@ struct RawConfig {
     cloud_init: crate::cloudinit::Hooks,
     laptop: Option<RawLaptop>,
     state_file: Option<PathBuf>,
-    image: Option<Image>,
+    image: Option<RawImage>,
     #[serde(default)]
     cluster: RawCluster,
 }
@@ -353,6 +367,8 @@ pub struct Config {
     pub gateway: Option<Ipv4Addr>,
     pub dns_servers: Vec<Ipv4Addr>,
     pub lease_time: Duration,
+    /// DHCP relay agents whose relayed packets are answered (`dhcpRelays`); empty: none.
+    pub dhcp_relays: Vec<Ipv4Addr>,
     pub boot_files: BootFiles,
     pub boot: Boot,
     pub listen: Listen,
@@ -362,6 +378,9 @@ pub struct Config {
     pub state_file: Option<PathBuf>,
     /// What stage2 writes; `None`: machines boot `boot` without imaging orders.
     pub image: Option<Image>,
+    /// How long after a machine's DHCP ACK its imaging script (and token) may be fetched
+    /// (`image.tokenWindow`).
+    pub token_window: Duration,
     /// SSH keys and extra hooks of every rendered cloud-config (`cloudInit:`).
     pub cloud_init: crate::cloudinit::Hooks,
     /// The first machine's cloud-config settings; `None`: not described here.
@@ -437,6 +456,20 @@ impl Config {
             .iter()
             .map(|d| ipv4("dnsServers", d))
             .collect::<Result<Vec<_>, _>>()?;
+        let dhcp_relays = raw
+            .dhcp_relays
+            .iter()
+            .map(|r| {
+                let ip = ipv4("dhcpRelays", r)?;
+                if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+                    return Err(invalid(
+                        "dhcpRelays",
+                        format!("{ip} cannot be a relay agent's address"),
+                    ));
+                }
+                Ok(ip)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         if raw.lease_time < 60 {
             return Err(invalid(
                 "leaseTime",
@@ -464,6 +497,17 @@ impl Config {
         }
         if raw.boot.cmdline.contains(['\n', '\r']) {
             return Err(invalid("boot.cmdline", "must be a single line".to_string()));
+        }
+        let token_window = raw
+            .image
+            .as_ref()
+            .and_then(|i| i.token_window)
+            .unwrap_or(crate::provisioning::DEFAULT_TOKEN_WINDOW.as_secs());
+        if !(10..=3600).contains(&token_window) {
+            return Err(invalid(
+                "image.tokenWindow",
+                format!("{token_window} seconds: give between 10 and 3600"),
+            ));
         }
         if let Some(image) = &raw.image {
             // stage2 refuses unknown or repeated provisioner.* parameters; netboot writes them.
@@ -563,12 +607,18 @@ impl Config {
             gateway,
             dns_servers,
             lease_time: Duration::from_secs(u64::from(raw.lease_time)),
+            dhcp_relays,
             boot_files: raw.boot_files,
             boot: raw.boot,
             listen: raw.listen,
             inventory,
             state_file: raw.state_file,
-            image: raw.image,
+            image: raw.image.map(|i| Image {
+                url: i.url,
+                sha256: i.sha256,
+                size: i.size,
+            }),
+            token_window: Duration::from_secs(token_window),
             cluster,
             cloud_init: raw.cloud_init,
             laptop,
@@ -627,6 +677,41 @@ inventory:
             67,
             "defaults fill what is not given"
         );
+    }
+
+    #[test]
+    fn relays_and_the_token_window() {
+        let config = parse(GOOD).expect("valid");
+        assert!(config.dhcp_relays.is_empty(), "no relay unless configured");
+        assert_eq!(
+            config.token_window,
+            crate::provisioning::DEFAULT_TOKEN_WINDOW
+        );
+        let image = "image: {url: \"http://10.77.0.1:8080/n.raw\", sha256: \"".to_string()
+            + &"a".repeat(64)
+            + "\"";
+        let set = parse(&format!(
+            "{GOOD}dhcpRelays: [10.77.1.1, 10.77.2.1]\n{image}, tokenWindow: 120}}\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            set.dhcp_relays,
+            [Ipv4Addr::new(10, 77, 1, 1), Ipv4Addr::new(10, 77, 2, 1)]
+        );
+        assert_eq!(set.token_window, Duration::from_secs(120));
+        assert!(set.image.is_some());
+        for (bad, key) in [
+            ("dhcpRelays: [nope]\n".to_string(), "dhcpRelays"),
+            ("dhcpRelays: [0.0.0.0]\n".to_string(), "dhcpRelays"),
+            (format!("{image}, tokenWindow: 5}}\n"), "image.tokenWindow"),
+            (
+                format!("{image}, tokenWindow: 7200}}\n"),
+                "image.tokenWindow",
+            ),
+        ] {
+            let e = error(&format!("{GOOD}{bad}"));
+            assert!(e.contains(key), "{e}");
+        }
     }
 
     #[test]

@@ -134,6 +134,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         bios_loader: config.boot_files.bios_loader.clone(),
         uefi_loader: config.boot_files.uefi_loader.file_name().to_string(),
         http_base: base_url.clone(),
+        relays: config.dhcp_relays.clone(),
     });
     let tftp_settings = Arc::new(netboot::tftp::TftpSettings::new(
         config.boot_files.ipxe_dir.clone(),
@@ -210,7 +211,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .as_ref()
                 .is_some_and(|l| l.init.cni_manifest.is_some()),
         )
-        .with_join(join),
+        .with_join(join)
+        .with_token_window(config.token_window),
     );
     let mut servers = tokio::task::JoinSet::new();
     servers.spawn(netboot::dhcp::serve(

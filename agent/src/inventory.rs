@@ -319,7 +319,9 @@ impl MachineLookup for Table {
     }
 
     fn observe(&self, machine: &Machine, event: BootEvent) {
-        tracing::info!(machine = %machine.name, mac = %machine.mac, ip = %machine.ip, event = ?event, "boot event");
+        // Debug: the server that saw the event logs it (rate-limited); this would be a second,
+        // unlimited line per packet.
+        tracing::debug!(machine = %machine.name, mac = %machine.mac, ip = %machine.ip, event = ?event, "boot event");
         if let Some(status) = &self.status {
             status.observe(machine, &event);
         }

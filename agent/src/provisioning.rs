@@ -4,8 +4,13 @@
 //!
 //! | phase | iPXE script |
 //! |---|---|
-//! | Pending, PXEBooting, Imaging, Failed | stage2 with imaging orders and a fresh token (a machine that boots again mid-imaging, or after a failure, starts over) |
+//! | Pending, PXEBooting, Imaging, Failed | stage2 with imaging orders and the token of this DHCP cycle (a machine that boots again mid-imaging, or after a failure, starts over with a fresh one) |
 //! | Imaged, Joining, Ready | the local disk (`boot.localBoot`) |
+//!
+//! The imaging script, and with it the token, is given only to a request from the machine's
+//! reserved address within `image.tokenWindow` after netboot acknowledged its DHCP lease;
+//! reports and cloud-init fetches are accepted only from that address ([`StatusStore`] keeps
+//! these rules). Anything else is refused (403) with the reason.
 //!
 //! Without `image:` in the configuration every machine gets the configured kernel as before.
 //!
@@ -17,6 +22,7 @@
 //! and cloud-init retries. With the folder inventory ([`NoJoin`]) the document says the node
 //! joins no cluster.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,7 +60,14 @@ pub struct Imaging {
     /// Where user-data's kubeadm join parameters come from ([`NoJoin`] until
     /// [`Imaging::with_join`]).
     join: Arc<dyn JoinSource>,
+    /// How long after a machine's DHCP ACK its imaging script (and token) may be fetched.
+    token_window: Duration,
 }
+
+/// `image.tokenWindow` when not configured: iPXE asks for its script seconds after its DHCP
+/// ACK, even under emulation; minutes leave room for slow firmware without leaving the window
+/// open for long.
+pub const DEFAULT_TOKEN_WINDOW: Duration = Duration::from_secs(300);
 
 /// How long user-data waits for the join parameters before answering 503: cloud-init then
 /// retries rather than hanging on a request the API server does not answer.
@@ -75,7 +88,14 @@ impl Imaging {
             cloud_init: None,
             external_cni: false,
             join: Arc::new(NoJoin),
+            token_window: DEFAULT_TOKEN_WINDOW,
         }
+    }
+
+    /// Sets how long after a machine's DHCP ACK its imaging script may be fetched.
+    pub fn with_token_window(mut self, window: Duration) -> Imaging {
+        self.token_window = window;
+        self
     }
 
     /// Sets where user-data's kubeadm join parameters come from.
@@ -139,8 +159,8 @@ impl Imaging {
     /// user-data fetch is spent, so that a rendering failure leaves it unspent. The join
     /// parameters are asked for only once the fetch is allowed (imaged, not yet served); when
     /// they cannot be had the answer is [`Refusal::Unavailable`] (503, retried by cloud-init).
-    async fn user_data(&self, token: &str) -> Result<CloudInitDocument, Refusal> {
-        let status = self.store.check_user_data(token)?;
+    async fn user_data(&self, peer: IpAddr, token: &str) -> Result<CloudInitDocument, Refusal> {
+        let status = self.store.check_user_data(token, peer)?;
         let Some(settings) = &self.cloud_init else {
             return Err(self.render_failed(&status, "no cloud-init settings".to_string()));
         };
@@ -172,7 +192,7 @@ impl Imaging {
             external_cni: self.external_cni,
         })
         .map_err(|e| self.render_failed(&status, e.to_string()))?;
-        let status = self.store.take_user_data(token)?;
+        let status = self.store.take_user_data(token, peer)?;
         if let Some(join) = &join {
             // The token id names the Secret; the token secret is never logged.
             let token_id = join.token.split('.').next().unwrap_or_default();
@@ -184,8 +204,8 @@ impl Imaging {
         })
     }
 
-    fn meta_data(&self, token: &str) -> Result<CloudInitDocument, Refusal> {
-        let status = self.store.token_holder(token)?;
+    fn meta_data(&self, peer: IpAddr, token: &str) -> Result<CloudInitDocument, Refusal> {
+        let status = self.store.token_holder(token, peer)?;
         let text = cloudinit::render_meta_data(&instance_id(&status.name, token), &self.hostname(&status))
             .map_err(|e| {
                 tracing::error!(machine = %status.name, mac = %status.mac, ip = %status.ip, error = %e, "cannot render meta-data");
@@ -229,31 +249,34 @@ impl Imaging {
 }
 
 impl Provisioning for Imaging {
-    fn boot_action(&self, machine: &Machine, head: bool) -> BootAction {
+    fn boot_action(
+        &self,
+        machine: &Machine,
+        peer: IpAddr,
+        head: bool,
+    ) -> Result<BootAction, Refusal> {
         let Some(image) = &self.image else {
-            return BootAction::Configured;
+            return Ok(BootAction::Configured);
         };
         let Some(status) = self.store.get(&machine.name) else {
             // Not in the store yet (the inventory is being reloaded): no token to give.
-            return BootAction::Configured;
+            return Ok(BootAction::Configured);
         };
         match status.phase {
-            Phase::Imaged | Phase::Joining | Phase::Ready => BootAction::LocalDisk(self.local_boot),
+            Phase::Imaged | Phase::Joining | Phase::Ready => {
+                Ok(BootAction::LocalDisk(self.local_boot))
+            }
             Phase::Pending | Phase::PxeBooting | Phase::Imaging | Phase::Failed => {
                 if head {
-                    // Same length as a real token, so HEAD's Content-Length matches a GET's;
-                    // nothing is minted and nothing changes.
-                    return Self::orders(image, &"0".repeat(64))
-                        .map_or(BootAction::Configured, BootAction::Image);
+                    // Same checks as a GET; same length as a real token, so HEAD's
+                    // Content-Length matches a GET's; nothing is minted and nothing changes.
+                    self.store
+                        .check_imaging_script(machine, peer, self.token_window)?;
+                    return Ok(Self::orders(image, &"0".repeat(64))
+                        .map_or(BootAction::Configured, BootAction::Image));
                 }
-                match self
-                    .store
-                    .start_imaging(machine)
-                    .and_then(|token| Self::orders(image, &token))
-                {
-                    Some(orders) => BootAction::Image(orders),
-                    None => BootAction::Configured,
-                }
+                let token = self.store.imaging_token(machine, peer, self.token_window)?;
+                Ok(Self::orders(image, &token).map_or(BootAction::Configured, BootAction::Image))
             }
         }
     }
@@ -261,17 +284,20 @@ impl Provisioning for Imaging {
     fn report(
         &self,
         machine: &Machine,
+        peer: IpAddr,
         token: &str,
         report: ProgressReport,
     ) -> Result<(), Refusal> {
         if self.image.is_none() {
             return Err(Refusal::NotEnabled);
         }
-        self.store.imaging_report(&machine.name, token, report)
+        self.store
+            .imaging_report(&machine.name, peer, token, report)
     }
 
     fn cloud_init<'a>(
         &'a self,
+        peer: IpAddr,
         token: &'a str,
         file: CloudInitFile,
     ) -> BoxFuture<'a, Result<CloudInitDocument, Refusal>> {
@@ -280,10 +306,10 @@ impl Provisioning for Imaging {
                 return Err(Refusal::NotEnabled);
             }
             match file {
-                CloudInitFile::MetaData => self.meta_data(token),
-                CloudInitFile::UserData => self.user_data(token).await,
+                CloudInitFile::MetaData => self.meta_data(peer, token),
+                CloudInitFile::UserData => self.user_data(peer, token).await,
                 CloudInitFile::VendorData => {
-                    let status = self.store.token_holder(token)?;
+                    let status = self.store.token_holder(token, peer)?;
                     Err(Refusal::NoDocument {
                         machine: status.name,
                     })
@@ -297,9 +323,15 @@ impl Provisioning for Imaging {
 mod tests {
     use super::*;
     use std::collections::HashMap;
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::time::Instant;
 
-    use netboot::MacAddr;
+    use netboot::{BootEvent, MacAddr};
+
+    /// node2's reserved address, where its requests come from.
+    const PEER: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 2));
+    /// Another host on the provisioning LAN.
+    const INTRUDER: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 50));
 
     const HASH: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 
@@ -334,6 +366,13 @@ mod tests {
         store.get("node2").map(|s| s.phase).expect("node2")
     }
 
+    /// The machine boots from the network: a DHCP ACK (a new cycle), then its script request
+    /// from its reserved address.
+    fn pxe_boot(store: &StatusStore, p: &Imaging, m: &Machine) -> BootAction {
+        store.observe(m, &BootEvent::DhcpAcked);
+        p.boot_action(m, PEER, false).expect("script served")
+    }
+
     fn token_of(action: BootAction) -> String {
         match action {
             BootAction::Image(orders) => {
@@ -359,39 +398,45 @@ mod tests {
         let (store, p) = setup(None);
         let m = node2();
         assert_eq!(phase(&store), Phase::Pending);
+        store.observe(&m, &BootEvent::DhcpAcked);
         // HEAD mints nothing and changes nothing.
-        let head = p.boot_action(&m, true);
-        assert!(matches!(head, BootAction::Image(_)));
-        assert_eq!(phase(&store), Phase::Pending);
+        let head = p.boot_action(&m, PEER, true);
+        assert!(matches!(head, Ok(BootAction::Image(_))));
+        assert_eq!(
+            phase(&store),
+            Phase::PxeBooting,
+            "the ACK moved it, not the HEAD"
+        );
 
-        let token = token_of(p.boot_action(&m, false));
+        let token = token_of(p.boot_action(&m, PEER, false).expect("script"));
         assert_eq!(token.len(), 64);
         assert_eq!(phase(&store), Phase::PxeBooting);
 
         let mut seen = vec![phase(&store)];
         for progress in [10, 55, 100] {
-            p.report(&m, &token, imaging(progress)).expect("accepted");
+            p.report(&m, PEER, &token, imaging(progress))
+                .expect("accepted");
             let s = store.get("node2").expect("node2");
             assert_eq!((s.phase, s.progress), (Phase::Imaging, progress));
             assert_eq!(s.message, "writing the image, 100.0 MiB/s");
             seen.push(s.phase);
         }
-        p.report(&m, &token, ProgressReport::Imaged { message: None })
+        p.report(&m, PEER, &token, ProgressReport::Imaged { message: None })
             .expect("accepted");
         seen.push(phase(&store));
         seen.dedup();
         assert_eq!(seen, [Phase::PxeBooting, Phase::Imaging, Phase::Imaged]);
         // A repeated imaged is fine (stage2 retrying a lost answer), going back is not.
-        p.report(&m, &token, ProgressReport::Imaged { message: None })
+        p.report(&m, PEER, &token, ProgressReport::Imaged { message: None })
             .expect("idempotent");
         assert!(matches!(
-            p.report(&m, &token, imaging(5)),
+            p.report(&m, PEER, &token, imaging(5)),
             Err(Refusal::WrongPhase { .. })
         ));
 
         // Imaged: the next PXE boot gets the local disk, and no new token.
         assert_eq!(
-            p.boot_action(&m, false),
+            pxe_boot(&store, &p, &m),
             BootAction::LocalDisk(LocalBoot::Auto)
         );
         assert_eq!(phase(&store), Phase::Imaged);
@@ -401,22 +446,23 @@ mod tests {
     async fn wrong_and_old_tokens_are_refused() {
         let (store, p) = setup(None);
         let m = node2();
-        let first = token_of(p.boot_action(&m, false));
+        let first = token_of(pxe_boot(&store, &p, &m));
         let wrong = "f".repeat(64);
         assert_eq!(
-            p.report(&m, &wrong, imaging(1)),
+            p.report(&m, PEER, &wrong, imaging(1)),
             Err(Refusal::WrongToken {
                 machine: Some("node2".into())
             })
         );
         // The machine boots again: a new token, the old one stops working.
-        let second = token_of(p.boot_action(&m, false));
+        let second = token_of(pxe_boot(&store, &p, &m));
         assert_ne!(first, second);
-        assert!(p.report(&m, &first, imaging(1)).is_err());
-        p.report(&m, &second, imaging(1)).expect("current token");
+        assert!(p.report(&m, PEER, &first, imaging(1)).is_err());
+        p.report(&m, PEER, &second, imaging(1))
+            .expect("current token");
         assert_eq!(phase(&store), Phase::Imaging);
         assert_eq!(
-            p.cloud_init(&first, CloudInitFile::MetaData).await,
+            p.cloud_init(PEER, &first, CloudInitFile::MetaData).await,
             Err(Refusal::WrongToken { machine: None })
         );
     }
@@ -425,18 +471,18 @@ mod tests {
     async fn user_data_is_served_once_after_imaging() {
         let (store, p) = setup(None);
         let m = node2();
-        let token = token_of(p.boot_action(&m, false));
+        let token = token_of(pxe_boot(&store, &p, &m));
         assert!(
             matches!(
-                p.cloud_init(&token, CloudInitFile::UserData).await,
+                p.cloud_init(PEER, &token, CloudInitFile::UserData).await,
                 Err(Refusal::WrongPhase { .. })
             ),
             "not before the disk is imaged"
         );
-        p.report(&m, &token, ProgressReport::Imaged { message: None })
+        p.report(&m, PEER, &token, ProgressReport::Imaged { message: None })
             .expect("accepted");
         let meta = p
-            .cloud_init(&token, CloudInitFile::MetaData)
+            .cloud_init(PEER, &token, CloudInitFile::MetaData)
             .await
             .expect("meta-data");
         assert!(
@@ -451,7 +497,7 @@ mod tests {
         );
         assert!(!meta.text.contains(&token));
         let doc = p
-            .cloud_init(&token, CloudInitFile::UserData)
+            .cloud_init(PEER, &token, CloudInitFile::UserData)
             .await
             .expect("first fetch");
         assert_eq!(doc.machine, "node2");
@@ -465,7 +511,7 @@ mod tests {
         );
         assert!(doc.text.contains(&format!("content: \"{token}\"\n")));
         assert_eq!(
-            p.cloud_init(&token, CloudInitFile::UserData).await,
+            p.cloud_init(PEER, &token, CloudInitFile::UserData).await,
             Err(Refusal::Replayed {
                 machine: "node2".into()
             })
@@ -474,7 +520,7 @@ mod tests {
         assert_eq!(status.phase, Phase::Imaged);
         assert!(status.message.contains("refused"), "{}", status.message);
         assert!(matches!(
-            p.cloud_init(&token, CloudInitFile::VendorData).await,
+            p.cloud_init(PEER, &token, CloudInitFile::VendorData).await,
             Err(Refusal::NoDocument { .. })
         ));
     }
@@ -483,9 +529,10 @@ mod tests {
     fn failed_machines_are_imaged_again() {
         let (store, p) = setup(None);
         let m = node2();
-        let token = token_of(p.boot_action(&m, false));
+        let token = token_of(pxe_boot(&store, &p, &m));
         p.report(
             &m,
+            PEER,
             &token,
             ProgressReport::Failed {
                 message: "sha256 mismatch".into(),
@@ -497,7 +544,7 @@ mod tests {
             (s.phase, s.message.as_str()),
             (Phase::Failed, "sha256 mismatch")
         );
-        let retry = token_of(p.boot_action(&m, false));
+        let retry = token_of(pxe_boot(&store, &p, &m));
         assert_ne!(retry, token);
         assert_eq!(phase(&store), Phase::PxeBooting);
     }
@@ -510,8 +557,8 @@ mod tests {
         // Seen first on a pending machine: recorded, nothing to undo.
         store.sync_reimage(&requests("1"));
         assert_eq!(phase(&store), Phase::Pending);
-        let token = token_of(p.boot_action(&m, false));
-        p.report(&m, &token, ProgressReport::Imaged { message: None })
+        let token = token_of(pxe_boot(&store, &p, &m));
+        p.report(&m, PEER, &token, ProgressReport::Imaged { message: None })
             .expect("accepted");
         store.sync_reimage(&requests("1"));
         assert_eq!(phase(&store), Phase::Imaged, "same value: nothing to do");
@@ -523,10 +570,12 @@ mod tests {
         assert_eq!(s.phase, Phase::Pending);
         assert!(s.message.contains("reimage"), "{}", s.message);
         assert!(
-            p.cloud_init(&token, CloudInitFile::MetaData).await.is_err(),
+            p.cloud_init(PEER, &token, CloudInitFile::MetaData)
+                .await
+                .is_err(),
             "the old token is dead"
         );
-        let again = token_of(p.boot_action(&m, false));
+        let again = token_of(pxe_boot(&store, &p, &m));
         assert_ne!(again, token);
         assert_eq!(phase(&store), Phase::PxeBooting);
     }
@@ -541,8 +590,8 @@ mod tests {
             let shutdown = tokio_util::sync::CancellationToken::new();
             let writer = tokio::spawn(store.clone().persist(shutdown.clone()));
             store.sync_reimage(&HashMap::from([("node2".to_string(), "7".to_string())]));
-            let token = token_of(p.boot_action(&m, false));
-            p.report(&m, &token, imaging(30)).expect("accepted");
+            let token = token_of(pxe_boot(&store, &p, &m));
+            p.report(&m, PEER, &token, imaging(30)).expect("accepted");
             shutdown.cancel();
             writer.await.expect("writer");
             token
@@ -553,7 +602,14 @@ mod tests {
 
         let (store, p) = setup(Some(path));
         assert_eq!(phase(&store), Phase::Imaging);
-        p.report(&m, &token, ProgressReport::Imaged { message: None })
+        assert!(
+            matches!(
+                p.boot_action(&m, PEER, false),
+                Err(Refusal::NoRecentLease { .. })
+            ),
+            "DHCP cycles are not restored: the machine must boot from the network again"
+        );
+        p.report(&m, PEER, &token, ProgressReport::Imaged { message: None })
             .expect("token accepted after the restart");
         store.sync_reimage(&HashMap::from([("node2".to_string(), "7".to_string())]));
         assert_eq!(
@@ -570,11 +626,164 @@ mod tests {
         let m = node2();
         table.replace(HashMap::from([(m.mac, m.clone())]));
         let p = Imaging::new(store.clone(), table, None, LocalBoot::Auto);
-        assert_eq!(p.boot_action(&m, false), BootAction::Configured);
         assert_eq!(
-            p.report(&m, &"0".repeat(64), imaging(1)),
+            p.boot_action(&m, INTRUDER, false),
+            Ok(BootAction::Configured)
+        );
+        assert_eq!(
+            p.report(&m, PEER, &"0".repeat(64), imaging(1)),
             Err(Refusal::NotEnabled)
         );
         assert_eq!(phase(&store), Phase::Pending);
+    }
+
+    #[test]
+    fn a_token_only_for_the_reservation_after_a_recent_dhcp_ack() {
+        let (store, p) = setup(None);
+        let m = node2();
+        // No DHCP ACK yet: nothing, from anywhere, and no phase change.
+        assert_eq!(
+            p.boot_action(&m, PEER, false),
+            Err(Refusal::NoRecentLease {
+                machine: "node2".into(),
+                window_secs: DEFAULT_TOKEN_WINDOW.as_secs()
+            })
+        );
+        store.observe(&m, &BootEvent::DhcpAcked);
+        // After the ACK, another host on the LAN still gets nothing (GET or HEAD).
+        for head in [false, true] {
+            assert_eq!(
+                p.boot_action(&m, INTRUDER, head),
+                Err(Refusal::WrongPeer {
+                    machine: "node2".into(),
+                    peer: INTRUDER
+                })
+            );
+        }
+        assert_eq!(store.provisioning_id("node2"), None, "nothing minted");
+        // The machine itself does; an IPv4-mapped IPv6 peer is the same address.
+        let mapped = IpAddr::V6(Ipv4Addr::new(10, 77, 0, 2).to_ipv6_mapped());
+        let token = token_of(p.boot_action(&m, mapped, false).expect("script"));
+        assert_eq!(phase(&store), Phase::PxeBooting);
+        // Once the window after the ACK is over, not even the machine gets its script.
+        let later = Instant::now() + DEFAULT_TOKEN_WINDOW + Duration::from_secs(1);
+        assert!(matches!(
+            store.imaging_token_at(&m, PEER, DEFAULT_TOKEN_WINDOW, later),
+            Err(Refusal::NoRecentLease { .. })
+        ));
+        // The token given keeps working.
+        p.report(&m, PEER, &token, imaging(5)).expect("accepted");
+        // A window of its own: configurable.
+        let short = Imaging::new(
+            store.clone(),
+            Arc::new(Table::with_status(store.clone())),
+            p.image.clone(),
+            LocalBoot::Auto,
+        )
+        .with_token_window(Duration::from_secs(0));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(matches!(
+            short.boot_action(&m, PEER, false),
+            Err(Refusal::NoRecentLease { window_secs: 0, .. })
+        ));
+        let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+        assert!(matches!(
+            p.boot_action(&m, v6, false),
+            Err(Refusal::WrongPeer { .. })
+        ));
+    }
+
+    #[test]
+    fn a_live_token_is_only_replaced_by_a_new_dhcp_cycle() {
+        let (store, p) = setup(None);
+        let m = node2();
+        let token = token_of(pxe_boot(&store, &p, &m));
+        // iPXE asks again in the same cycle: the same token, nothing changes.
+        let again = token_of(p.boot_action(&m, PEER, false).expect("script"));
+        assert_eq!(again, token);
+        p.report(&m, PEER, &token, imaging(10))
+            .expect("stage2's token works");
+        // Another host asks: refused, the live token untouched.
+        assert!(p.boot_action(&m, INTRUDER, false).is_err());
+        // stage2's own DHCP is a new cycle: the token keeps working until a script is
+        // requested in that cycle.
+        store.observe(&m, &BootEvent::DhcpAcked);
+        p.report(&m, PEER, &token, imaging(20))
+            .expect("still accepted");
+        assert_eq!(phase(&store), Phase::Imaging);
+        // The machine boots from the network again: a new token, the old one is dead.
+        let next = token_of(p.boot_action(&m, PEER, false).expect("script"));
+        assert_ne!(next, token);
+        assert!(matches!(
+            p.report(&m, PEER, &token, imaging(30)),
+            Err(Refusal::WrongToken { .. })
+        ));
+        assert_eq!(phase(&store), Phase::PxeBooting, "starts over");
+        // And in that cycle it is the one given again.
+        assert_eq!(
+            token_of(p.boot_action(&m, PEER, false).expect("script")),
+            next
+        );
+    }
+
+    #[test]
+    fn a_reimage_replaces_the_token_within_a_cycle() {
+        let (store, p) = setup(None);
+        let m = node2();
+        let token = token_of(pxe_boot(&store, &p, &m));
+        store.sync_reimage(&HashMap::from([("node2".to_string(), "2".to_string())]));
+        assert_eq!(phase(&store), Phase::Pending);
+        let fresh = token_of(p.boot_action(&m, PEER, false).expect("script"));
+        assert_ne!(
+            fresh, token,
+            "the reimage's new provisioning, not the old token"
+        );
+        assert!(p.report(&m, PEER, &token, imaging(1)).is_err());
+        p.report(&m, PEER, &fresh, imaging(1)).expect("new token");
+    }
+
+    #[tokio::test]
+    async fn reports_and_cloud_init_only_from_the_reservation() {
+        let (store, p) = setup(None);
+        let m = node2();
+        let token = token_of(pxe_boot(&store, &p, &m));
+        // A stolen token used from another host: refused, nothing recorded.
+        let wrong_peer = Err(Refusal::WrongPeer {
+            machine: "node2".into(),
+            peer: INTRUDER,
+        });
+        assert_eq!(
+            p.report(
+                &m,
+                INTRUDER,
+                &token,
+                ProgressReport::Imaged { message: None }
+            ),
+            wrong_peer
+        );
+        assert_eq!(phase(&store), Phase::PxeBooting);
+        p.report(&m, PEER, &token, ProgressReport::Imaged { message: None })
+            .expect("from the machine");
+        for file in [
+            CloudInitFile::MetaData,
+            CloudInitFile::UserData,
+            CloudInitFile::VendorData,
+        ] {
+            let refused = p.cloud_init(INTRUDER, &token, file).await;
+            assert_eq!(
+                refused.map(|d| d.text),
+                wrong_peer.clone().map(|()| String::new())
+            );
+        }
+        let status = store.get("node2").expect("node2");
+        assert_eq!(status.user_data_replayed_usec, 0, "not counted as a replay");
+        // The machine still gets its one user-data.
+        p.cloud_init(PEER, &token, CloudInitFile::UserData)
+            .await
+            .expect("served to the machine");
+        assert!(matches!(
+            p.cloud_init(PEER, &token, CloudInitFile::UserData).await,
+            Err(Refusal::Replayed { .. })
+        ));
     }
 }

@@ -4,20 +4,43 @@
 //! stage2 go through it; every change is sent to subscribers (D-Bus, `STATUS=`), every phase
 //! change is one journald record with a fixed `MESSAGE_ID`, and the whole table is written to a
 //! state file so that a restart in the middle of provisioning resumes where it was.
+//!
+//! It also keeps each machine's provisioning token bound to the machine (DESIGN.md, Security):
+//!
+//! * A token is handed out ([`StatusStore::imaging_token`]) only to a request from the
+//!   machine's reserved address, within a window after netboot acknowledged the machine's DHCP
+//!   lease (a *DHCP cycle*: each ACK starts a new one).
+//! * A live token is never replaced by another request of the same cycle: a repeated script
+//!   request (iPXE retrying) gets the same token. Only a new cycle (the machine booted from the
+//!   network again) or a new provisioning (reimage) mints a new one. To give the same token
+//!   again without storing it, its plain text is kept in memory for its cycle only (wiped when
+//!   the next ACK comes, the window passes, or the machine leaves); the state file holds its
+//!   sha256 only. Deriving it from a long-lived key instead would keep a key in memory that
+//!   makes every token; this keeps at most one live secret per machine, for a few minutes.
+//! * Reports and cloud-init fetches with the token must come from the reserved address too.
+//!
+//! DHCP cycles are not written to the state file: after a restart a machine must do DHCP again
+//! before it is given a token (a token already given keeps working).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use netboot::provisioning::{ProgressReport, Refusal};
+use netboot::lograte::LogLimit;
+use netboot::provisioning::{canonical_peer, ProgressReport, Refusal};
 use netboot::{BootEvent, MacAddr, Machine};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
+
+/// Budget of the per-request warnings about refused user-data fetches (the phase records are
+/// never limited).
+static REPLAY_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new("user-data replay", 1, 20));
 
 /// Where a machine is in its provisioning (DESIGN.md: Pending → PXEBooting → Imaging → Imaged →
 /// Joining → Ready, or Failed with a reason).
@@ -262,6 +285,25 @@ struct Inner {
     restored: HashMap<String, StoredMachine>,
     /// Per machine name: the current provisioning's credentials.
     credentials: HashMap<String, Credentials>,
+    /// Per machine name: its DHCP cycles (memory only).
+    leases: HashMap<String, Lease>,
+}
+
+/// A machine's DHCP cycles, kept in memory only.
+#[derive(Default)]
+struct Lease {
+    /// ACKs sent to the machine since netboot started: the number of the current cycle.
+    cycle: u64,
+    /// When the current cycle's ACK was sent.
+    acked_at: Option<Instant>,
+    /// The token minted in cycle `.0`, to give it again to a repeated script request of that
+    /// cycle. Wiped when dropped.
+    minted: Option<(u64, Zeroizing<String>)>,
+}
+
+/// Whether `peer` is the reserved address `ip` (an IPv4-mapped IPv6 peer counts as IPv4).
+fn from_reservation(ip: Ipv4Addr, peer: IpAddr) -> bool {
+    canonical_peer(peer) == IpAddr::V4(ip)
 }
 
 /// What authenticates the current provisioning of a machine. Kept apart from
@@ -371,6 +413,7 @@ impl StatusStore {
                 .collect();
             for name in gone {
                 inner.credentials.remove(&name);
+                inner.leases.remove(&name);
                 if let Some(status) = inner.machines.remove(&name) {
                     changes.push(Change::Removed(status));
                 }
@@ -391,6 +434,7 @@ impl StatusStore {
                         // Same name, other hardware: a new machine as far as provisioning goes.
                         let before = status.clone();
                         *status = MachineStatus::pending(machine);
+                        inner.leases.remove(&machine.name);
                         let reimage = inner
                             .credentials
                             .remove(&machine.name)
@@ -447,6 +491,9 @@ impl StatusStore {
     /// it is PXE booting unless it is further along (an imaged machine's own OS also does DHCP,
     /// stage2 does DHCP while imaging). A failed machine that boots again is retrying.
     pub fn observe(&self, machine: &Machine, event: &BootEvent) {
+        if *event == BootEvent::DhcpAcked {
+            self.lease_acked(&machine.name, Instant::now());
+        }
         let now = now_usec();
         let entering = match event {
             BootEvent::DhcpOffered => Some("DHCP offer sent"),
@@ -514,7 +561,9 @@ impl StatusStore {
     /// Starts a new provisioning of `machine` (its imaging script is being served): a fresh
     /// token, whose sha256 replaces the previous one (which stops working), user-data not yet
     /// served, phase PXEBooting. Returns the token; only its hash is kept. `None` for a machine
-    /// the store does not know, or without randomness.
+    /// the store does not know, or without randomness. Tests only: netboot goes through
+    /// [`Self::imaging_token`], which binds the token to the machine's address and DHCP cycle.
+    #[cfg(test)]
     pub fn start_imaging(&self, machine: &Machine) -> Option<String> {
         let token = new_token()?;
         {
@@ -525,7 +574,16 @@ impl StatusStore {
             let credentials = inner.credentials.entry(machine.name.clone()).or_default();
             credentials.token_sha256 = Some(token_hash(&token));
             credentials.user_data_served = false;
+            if let Some(lease) = inner.leases.get_mut(&machine.name) {
+                lease.minted = None;
+            }
         }
+        self.provisioning_started(machine);
+        Some(token)
+    }
+
+    /// A new token was minted for `machine`: phase PXEBooting, the state file written at once.
+    fn provisioning_started(&self, machine: &Machine) {
         let now = now_usec();
         self.update(&machine.name, |status| {
             status.last_seen_usec = now;
@@ -537,7 +595,121 @@ impl StatusStore {
         });
         self.persist_now();
         tracing::info!(machine = %machine.name, mac = %machine.mac, ip = %machine.ip, "provisioning token issued");
-        Some(token)
+    }
+
+    /// netboot acknowledged the DHCP lease of the machine called `name` at `at`: a new DHCP
+    /// cycle, in which its next script request may be given a token. The previous cycle's
+    /// token text is forgotten (the token itself keeps working until another one is minted).
+    fn lease_acked(&self, name: &str, at: Instant) {
+        let mut inner = self.lock();
+        if !inner.machines.contains_key(name) {
+            return;
+        }
+        let lease = inner.leases.entry(name.to_string()).or_default();
+        lease.cycle += 1;
+        lease.acked_at = Some(at);
+        lease.minted = None;
+    }
+
+    /// Whether a request from `peer` may be given `name`'s imaging script now: it comes from
+    /// the machine's reserved address, within `window` after the DHCP ACK of its current cycle.
+    fn check_script(
+        inner: &mut Inner,
+        name: &str,
+        peer: IpAddr,
+        window: Duration,
+        now: Instant,
+    ) -> Result<(), Refusal> {
+        let Some(status) = inner.machines.get(name) else {
+            return Err(Refusal::UnknownMachine);
+        };
+        if !from_reservation(status.ip, peer) {
+            return Err(Refusal::WrongPeer {
+                machine: name.to_string(),
+                peer: canonical_peer(peer),
+            });
+        }
+        let lease = inner.leases.entry(name.to_string()).or_default();
+        let recent = lease
+            .acked_at
+            .is_some_and(|at| now.saturating_duration_since(at) <= window);
+        if !recent {
+            // The cycle's window is over: its token text is no longer needed.
+            lease.minted = None;
+            return Err(Refusal::NoRecentLease {
+                machine: name.to_string(),
+                window_secs: window.as_secs(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether `machine`'s imaging script may be served to `peer` now, without minting or
+    /// changing anything (a HEAD request).
+    pub fn check_imaging_script(
+        &self,
+        machine: &Machine,
+        peer: IpAddr,
+        window: Duration,
+    ) -> Result<(), Refusal> {
+        Self::check_script(
+            &mut self.lock(),
+            &machine.name,
+            peer,
+            window,
+            Instant::now(),
+        )
+    }
+
+    /// The provisioning token for `machine`'s imaging script, asked for by `peer`: only from
+    /// the machine's reserved address and within `window` after its last DHCP ACK (see the
+    /// module documentation). The first request of a DHCP cycle starts a new provisioning (a
+    /// fresh token, as [`Self::start_imaging`]); a repeated request of the same cycle gets the
+    /// same token and changes nothing.
+    pub fn imaging_token(
+        &self,
+        machine: &Machine,
+        peer: IpAddr,
+        window: Duration,
+    ) -> Result<String, Refusal> {
+        self.imaging_token_at(machine, peer, window, Instant::now())
+    }
+
+    /// [`Self::imaging_token`] at `now`.
+    pub(crate) fn imaging_token_at(
+        &self,
+        machine: &Machine,
+        peer: IpAddr,
+        window: Duration,
+        now: Instant,
+    ) -> Result<String, Refusal> {
+        let name = machine.name.as_str();
+        let fresh = new_token();
+        let token = {
+            let mut guard = self.lock();
+            Self::check_script(&mut guard, name, peer, window, now)?;
+            let inner = &mut *guard;
+            let credentials = inner.credentials.entry(name.to_string()).or_default();
+            let lease = inner.leases.entry(name.to_string()).or_default();
+            if let Some((cycle, token)) = &lease.minted {
+                // Same cycle and still the live token (no reimage since): give it again.
+                if *cycle == lease.cycle && credentials.token_sha256 == Some(token_hash(token)) {
+                    return Ok(token.to_string());
+                }
+            }
+            let Some(token) = fresh else {
+                return Err(Refusal::Unavailable {
+                    machine: name.to_string(),
+                    reason: "no random bytes for a provisioning token".to_string(),
+                });
+            };
+            credentials.token_sha256 = Some(token_hash(&token));
+            credentials.user_data_served = false;
+            lease.minted = Some((lease.cycle, Zeroizing::new(token.clone())));
+            token
+        };
+        self.provisioning_started(machine);
+        Ok(token)
     }
 
     /// A name for the current provisioning of the machine called `name` (16 hex digits), stable
@@ -569,13 +741,14 @@ impl StatusStore {
             .map(|(name, _)| name.clone())
     }
 
-    /// stage2's report on the machine called `name`, accepted only with its current token and
-    /// in a phase where it makes sense: while PXE booting, imaging or failed (stage2 retries),
+    /// stage2's report on the machine called `name`, accepted only from its reserved address,
+    /// with its current token and in a phase where it makes sense: while PXE booting, imaging or failed (stage2 retries),
     /// and a repeated `imaged` once imaged. The installed system's cloud-init reports
     /// `joining` (and `failed` when the join fails) once imaged or joining.
     pub fn imaging_report(
         &self,
         name: &str,
+        peer: IpAddr,
         token: &str,
         report: ProgressReport,
     ) -> Result<(), Refusal> {
@@ -584,6 +757,12 @@ impl StatusStore {
             let Some(status) = inner.machines.get(name) else {
                 return Err(Refusal::UnknownMachine);
             };
+            if !from_reservation(status.ip, peer) {
+                return Err(Refusal::WrongPeer {
+                    machine: name.to_string(),
+                    peer: canonical_peer(peer),
+                });
+            }
             if !Self::holds(&inner, name, token) {
                 return Err(Refusal::WrongToken {
                     machine: Some(name.to_string()),
@@ -628,29 +807,50 @@ impl StatusStore {
             .map_err(|_| Refusal::UnknownMachine)
     }
 
-    /// The machine holding `token` (for cloud-init's meta-data).
-    pub fn token_holder(&self, token: &str) -> Result<MachineStatus, Refusal> {
+    /// The machine holding `token` (for cloud-init's meta-data), asked for from `peer`: only
+    /// from the machine's reserved address.
+    pub fn token_holder(&self, token: &str, peer: IpAddr) -> Result<MachineStatus, Refusal> {
         let inner = self.lock();
-        Self::holder(&inner, token)
+        let status = Self::holder(&inner, token)
             .and_then(|name| inner.machines.get(&name).cloned())
-            .ok_or(Refusal::WrongToken { machine: None })
+            .ok_or(Refusal::WrongToken { machine: None })?;
+        Self::peer_is_holder(&status, peer)?;
+        Ok(status)
     }
 
-    /// Whether the holder of `token` may fetch its user-data now (imaged, not yet served),
-    /// without spending the fetch: checked before anything is asked of the cluster. A replay
-    /// is refused, logged and recorded as [`Self::take_user_data`] does.
-    pub fn check_user_data(&self, token: &str) -> Result<MachineStatus, Refusal> {
-        self.user_data_gate(token, false)
+    fn peer_is_holder(status: &MachineStatus, peer: IpAddr) -> Result<(), Refusal> {
+        if from_reservation(status.ip, peer) {
+            Ok(())
+        } else {
+            Err(Refusal::WrongPeer {
+                machine: status.name.clone(),
+                peer: canonical_peer(peer),
+            })
+        }
     }
 
-    /// cloud-init's user-data fetch: allowed once per token, once the machine is imaged. A
-    /// second fetch is refused, logged and recorded as the machine's message and
-    /// [`MachineStatus::user_data_replayed_usec`] (until the next provisioning).
-    pub fn take_user_data(&self, token: &str) -> Result<MachineStatus, Refusal> {
-        self.user_data_gate(token, true)
+    /// Whether the holder of `token` may fetch its user-data now from `peer` (its reserved
+    /// address; imaged, not yet served), without spending the fetch: checked before anything
+    /// is asked of the cluster. A replay is refused, logged and recorded as
+    /// [`Self::take_user_data`] does.
+    pub fn check_user_data(&self, token: &str, peer: IpAddr) -> Result<MachineStatus, Refusal> {
+        self.user_data_gate(token, peer, false)
     }
 
-    fn user_data_gate(&self, token: &str, spend: bool) -> Result<MachineStatus, Refusal> {
+    /// cloud-init's user-data fetch: allowed once per token, from the machine's reserved
+    /// address, once the machine is imaged. A second fetch is refused, logged and recorded as
+    /// the machine's message and [`MachineStatus::user_data_replayed_usec`] (until the next
+    /// provisioning). A fetch from another address is refused and spends nothing.
+    pub fn take_user_data(&self, token: &str, peer: IpAddr) -> Result<MachineStatus, Refusal> {
+        self.user_data_gate(token, peer, true)
+    }
+
+    fn user_data_gate(
+        &self,
+        token: &str,
+        peer: IpAddr,
+        spend: bool,
+    ) -> Result<MachineStatus, Refusal> {
         let (name, replay) = {
             let mut inner = self.lock();
             let Some(name) = Self::holder(&inner, token) else {
@@ -659,6 +859,7 @@ impl StatusStore {
             let Some(status) = inner.machines.get(&name).cloned() else {
                 return Err(Refusal::WrongToken { machine: None });
             };
+            Self::peer_is_holder(&status, peer)?;
             let credentials = inner.credentials.entry(name.clone()).or_default();
             if credentials.user_data_served {
                 (name, true)
@@ -690,7 +891,7 @@ impl StatusStore {
         });
         self.persist_now();
         if replay {
-            if let Some(status) = self.get(&name) {
+            if let Some(status) = self.get(&name).filter(|_| REPLAY_LOG.allow()) {
                 tracing::warn!(machine = %status.name, mac = %status.mac, ip = %status.ip, phase = %status.phase, "user-data requested again with an already used token: refused");
             }
             return Err(Refusal::Replayed { machine: name });
@@ -723,6 +924,9 @@ impl StatusStore {
                         reimage: Some(value.clone()),
                         ..Credentials::default()
                     };
+                    if let Some(lease) = inner.leases.get_mut(name) {
+                        lease.minted = None;
+                    }
                     reset.push((name.clone(), value.clone()));
                 }
             }
@@ -1207,11 +1411,14 @@ mod tests {
         store.sync_inventory(&inventory(std::slice::from_ref(&a)));
         let token = store.start_imaging(&a).expect("token");
         store.report("a", Report::Imaged).expect("known");
-        store.take_user_data(&token).expect("first fetch served");
+        let peer = IpAddr::V4(a.ip);
+        store
+            .take_user_data(&token, peer)
+            .expect("first fetch served");
         assert_eq!(store.get("a").map(|s| s.user_data_replayed_usec), Some(0));
         let before = now_usec();
         assert_eq!(
-            store.check_user_data(&token),
+            store.check_user_data(&token, peer),
             Err(Refusal::Replayed {
                 machine: "a".into()
             })

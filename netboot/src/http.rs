@@ -2,11 +2,11 @@
 //!
 //! | route | answer |
 //! |---|---|
-//! | `GET /ipxe/{mac}` | the machine's iPXE script (`52-54-00-12-34-56` or `52:54:00:12:34:56`); 400 for a malformed MAC, 404 for a machine we do not know |
+//! | `GET /ipxe/{mac}` | the machine's iPXE script (`52-54-00-12-34-56` or `52:54:00:12:34:56`); 400 for a malformed MAC, 404 for a machine we do not know; an imaging script only to the machine's reserved address shortly after its DHCP ACK, else 403 with the reason |
 //! | `GET /boot/{file}` | a file from [`HttpSettings::boot_dir`] (iPXE binaries, for UEFI HTTP Boot) |
 //! | `GET /assets/{path}` | a file from [`HttpSettings::assets_dir`] (kernel, initrd) |
-//! | `POST /report/{mac}` | stage2's [`ProgressReport`] (JSON, at most [`MAX_REPORT_BODY`] bytes) with `Authorization: Bearer {token}`: 204; 400 bad JSON, 401 no token, 403 wrong token, 404 unknown machine, 409 wrong phase, 413 too large |
-//! | `GET /nocloud/{token}/{meta-data,user-data,vendor-data}` | cloud-init NoCloud files for the holder of the token (NoCloud's `seedfrom` cannot send headers, so the token is in the path); `user-data` is served once per token, a second fetch gets 403 |
+//! | `POST /report/{mac}` | stage2's [`ProgressReport`] (JSON, at most [`MAX_REPORT_BODY`] bytes) with `Authorization: Bearer {token}`: 204; 400 bad JSON, 401 no token, 403 wrong token or not from the machine's reserved address, 404 unknown machine, 409 wrong phase, 413 too large |
+//! | `GET /nocloud/{token}/{meta-data,user-data,vendor-data}` | cloud-init NoCloud files for the holder of the token (NoCloud's `seedfrom` cannot send headers, so the token is in the path); `user-data` is served once per token, a second fetch gets 403, and so does a fetch from another address than the machine's reserved one |
 //!
 //! The script route asks [`Provisioning::boot_action`] what the machine should boot: stage2
 //! with its imaging orders, its local disk, or the configured kernel. Tokens are never logged:
@@ -37,10 +37,10 @@ mod files;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use http_body_util::BodyExt;
@@ -57,10 +57,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::ipxe::{boot_script, imaging_script, local_boot_script, ScriptSettings};
+use crate::lograte::LogLimit;
 use crate::machine::{BootEvent, MacAddr, Machine, MachineLookup};
 use crate::provisioning::{
-    valid_token, BootAction, CloudInitFile, NoProvisioning, ProgressReport, Provisioning, Refusal,
-    MAX_REPORT_BODY,
+    canonical_peer, valid_token, BootAction, CloudInitFile, NoProvisioning, ProgressReport,
+    Provisioning, Refusal, MAX_REPORT_BODY,
 };
 
 use body::Body;
@@ -345,16 +346,34 @@ pub(crate) struct Outcome {
     refused: bool,
 }
 
-/// The request path as logged: the token of a `/nocloud/` path is replaced.
+/// The request path as logged: the token of a `/nocloud/` path is replaced, and a path
+/// longer than [`LOGGED_PATH_MAX`] is cut there (its length is said).
 fn loggable_path(path: &str) -> String {
-    match path.strip_prefix("/nocloud/") {
+    let path = match path.strip_prefix("/nocloud/") {
         Some(rest) => match rest.split_once('/') {
             Some((_, file)) => format!("/nocloud/<token>/{file}"),
             None => "/nocloud/<token>".to_string(),
         },
         None => path.to_string(),
+    };
+    if path.len() <= LOGGED_PATH_MAX {
+        return path;
     }
+    let mut end = LOGGED_PATH_MAX;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &path[..end], path.len())
 }
+
+/// Longest request path written to the log as is.
+const LOGGED_PATH_MAX: usize = 256;
+
+/// Budgets of the per-request log lines (see [`crate::lograte`]): refused credentials, server
+/// errors and the rest.
+static REFUSED_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new("http refused", 5, 50));
+static ERROR_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new("http error", 5, 50));
+static REQUEST_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new("http request", 20, 200));
 
 async fn handle(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let mut outcome = Outcome::default();
@@ -375,7 +394,8 @@ async fn handle(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response
                 machines: machines.as_ref(),
                 provisioning: provisioning.as_ref(),
             };
-            site.route(req, &mut outcome).await
+            site.route(req, canonical_peer(peer.ip()), &mut outcome)
+                .await
         }
         Site::Files(server) => files_route(server, &req, &mut outcome).await,
     };
@@ -399,10 +419,14 @@ async fn handle(ctx: &Ctx, peer: SocketAddr, req: Request<Incoming>) -> Response
     let mac = outcome.mac.as_deref().map(tracing::field::display);
     let status = status.as_u16();
     if outcome.refused {
-        warn!(%peer, %method, path = %raw_path, status, machine, mac, reason = note, "HTTP request refused");
+        if REFUSED_LOG.allow() {
+            warn!(%peer, %method, path = %raw_path, status, machine, mac, reason = note, "HTTP request refused");
+        }
     } else if status >= 500 {
-        warn!(%peer, %method, path = %raw_path, status, bytes, machine, mac, error = note, "HTTP request");
-    } else {
+        if ERROR_LOG.allow() {
+            warn!(%peer, %method, path = %raw_path, status, bytes, machine, mac, error = note, "HTTP request");
+        }
+    } else if REQUEST_LOG.allow() {
         info!(%peer, %method, path = %raw_path, status, bytes, machine, mac, reason = note, "HTTP request");
     }
     response
@@ -517,13 +541,18 @@ const UNAVAILABLE_RETRY_AFTER: &str = "5";
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl NetbootSite<'_> {
-    async fn route(&self, req: Request<Incoming>, outcome: &mut Outcome) -> Response<Body> {
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        peer: IpAddr,
+        outcome: &mut Outcome,
+    ) -> Response<Body> {
         let path = req.uri().path().to_string();
         if let Some(rest) = path.strip_prefix("/report/") {
-            return self.report(rest, req, outcome).await;
+            return self.report(rest, req, peer, outcome).await;
         }
         if let Some(rest) = path.strip_prefix("/nocloud/") {
-            return self.cloud_init(rest, &req, outcome).await;
+            return self.cloud_init(rest, &req, peer, outcome).await;
         }
         let (kind, rest) = if let Some(rest) = path.strip_prefix("/ipxe/") {
             (Route::Script, rest)
@@ -553,7 +582,7 @@ impl NetbootSite<'_> {
         }
 
         match kind {
-            Route::Script => self.script(&rel, head, outcome),
+            Route::Script => self.script(&rel, peer, head, outcome),
             Route::Boot => {
                 files::serve_file(&self.settings.boot_dir, &rel, head, req.headers(), outcome).await
             }
@@ -591,13 +620,16 @@ impl NetbootSite<'_> {
         Ok(machine)
     }
 
-    fn script(&self, rel: &str, head: bool, outcome: &mut Outcome) -> Response<Body> {
+    fn script(&self, rel: &str, peer: IpAddr, head: bool, outcome: &mut Outcome) -> Response<Body> {
         let machine = match self.machine(rel, outcome) {
             Ok(m) => m,
             Err(r) => return *r,
         };
         let settings = self.settings;
-        let action = self.provisioning.boot_action(&machine, head);
+        let action = match self.provisioning.boot_action(&machine, peer, head) {
+            Ok(action) => action,
+            Err(refusal) => return refused(refusal, outcome),
+        };
         let rendered = match &action {
             BootAction::Configured => boot_script(&machine, &settings.base_url, &settings.script),
             BootAction::Image(orders) => {
@@ -640,6 +672,7 @@ impl NetbootSite<'_> {
         &self,
         rel: &str,
         req: Request<Incoming>,
+        peer: IpAddr,
         outcome: &mut Outcome,
     ) -> Response<Body> {
         if req.method() != Method::POST {
@@ -696,7 +729,7 @@ impl NetbootSite<'_> {
                 return plain(StatusCode::BAD_REQUEST, "malformed report");
             }
         };
-        match self.provisioning.report(&machine, &token, report) {
+        match self.provisioning.report(&machine, peer, &token, report) {
             Ok(()) => Response::builder()
                 .status(StatusCode::NO_CONTENT)
                 .body(Body::Empty)
@@ -709,6 +742,7 @@ impl NetbootSite<'_> {
         &self,
         rest: &str,
         req: &Request<Incoming>,
+        peer: IpAddr,
         outcome: &mut Outcome,
     ) -> Response<Body> {
         if req.method() != Method::GET {
@@ -727,7 +761,7 @@ impl NetbootSite<'_> {
             outcome.refused = true;
             return plain(StatusCode::FORBIDDEN, "forbidden");
         }
-        match self.provisioning.cloud_init(token, file).await {
+        match self.provisioning.cloud_init(peer, token, file).await {
             Ok(doc) => {
                 outcome.machine = Some(doc.machine);
                 outcome.note = Some(format!("cloud-init {}", file.name()));
@@ -775,8 +809,16 @@ fn refused(refusal: Refusal, outcome: &mut Outcome) -> Response<Body> {
             outcome.machine = Some(machine.clone());
             StatusCode::SERVICE_UNAVAILABLE
         }
+        Refusal::WrongPeer { machine, .. } | Refusal::NoRecentLease { machine, .. } => {
+            outcome.machine = Some(machine.clone());
+            outcome.refused = true;
+            StatusCode::FORBIDDEN
+        }
     };
-    let mut response = plain(status, status.canonical_reason().unwrap_or("refused"));
+    let text = refusal
+        .public_reason()
+        .unwrap_or_else(|| status.canonical_reason().unwrap_or("refused"));
+    let mut response = plain(status, text);
     if status == StatusCode::SERVICE_UNAVAILABLE {
         // cloud-init retries a failed fetch of its seed; a short hint for other clients.
         response.headers_mut().insert(

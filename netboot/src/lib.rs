@@ -7,6 +7,7 @@
 pub mod dhcp;
 pub mod http;
 pub mod ipxe;
+pub mod lograte;
 pub mod machine;
 pub mod path;
 pub mod provisioning;

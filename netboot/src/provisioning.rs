@@ -3,8 +3,11 @@
 //! The flow, per machine (the agent keeps the state, netboot only asks):
 //!
 //! 1. iPXE requests `/ipxe/{mac}`. [`Provisioning::boot_action`] decides: image the disk (the
-//!    agent mints a fresh token and hands it back in [`ImagingOrders`]), boot the local disk, or
-//!    the configured kernel as before imaging existed.
+//!    agent hands back the provisioning token in [`ImagingOrders`]), boot the local disk, or
+//!    the configured kernel as before imaging existed. A token is bound to its machine: it is
+//!    only given to a request from the machine's reserved address shortly after netboot
+//!    acknowledged the machine's DHCP lease, and the reports and cloud-init fetches made with it
+//!    must come from that address too ([`Refusal::WrongPeer`], [`Refusal::NoRecentLease`]).
 //! 2. The imaging script boots stage2 with its orders on the kernel command line
 //!    ([`ImagingOrders::kernel_args`], from `wire`).
 //! 3. stage2 sends `POST {provisioner.url}/report/{mac}` with `Authorization: Bearer {token}`
@@ -15,6 +18,7 @@
 //!    NoCloud's `seedfrom` cannot send headers; `user-data` is served once per token.
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 
 use serde::Deserialize;
@@ -115,6 +119,35 @@ pub enum Refusal {
     /// is not spent and the client may retry. `reason` never carries a token.
     #[error("{reason}")]
     Unavailable { machine: String, reason: String },
+    /// The request does not come from the machine's reserved address: a token is bound to it.
+    #[error("request from {peer}, not from the machine's reserved address")]
+    WrongPeer { machine: String, peer: IpAddr },
+    /// No DHCP lease of the machine was acknowledged recently: its imaging script (and token)
+    /// is only given out within `window_secs` after a DHCP ACK.
+    #[error("no DHCP lease acknowledged for the machine in the last {window_secs} s")]
+    NoRecentLease { machine: String, window_secs: u64 },
+}
+
+impl Refusal {
+    /// The body of the 403 answer to a binding refusal: why, without the machine's address.
+    pub fn public_reason(&self) -> Option<&'static str> {
+        match self {
+            Refusal::WrongPeer { .. } => {
+                Some("forbidden: the request does not come from the machine's reserved address")
+            }
+            Refusal::NoRecentLease { .. } => Some(
+                "forbidden: no recent DHCP lease for this machine; its imaging script is only \
+                 served to it shortly after it booted from the network",
+            ),
+            _ => None,
+        }
+    }
+}
+
+/// `peer` as IPv4 when it is an IPv4-mapped IPv6 address (a dual-stack listener's view of an
+/// IPv4 client), else as it is.
+pub fn canonical_peer(peer: IpAddr) -> IpAddr {
+    peer.to_canonical()
 }
 
 /// A boxed future, what [`Provisioning`]'s asynchronous methods return (a trait object's
@@ -122,20 +155,35 @@ pub enum Refusal {
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What netboot asks the agent for imaging. Implementations must be cheap (they run per
-/// request) and must never log tokens.
+/// request) and must never log tokens. `peer` is the address the request came from (IPv4 for
+/// IPv4 clients, see [`canonical_peer`]): a token is only handed to, and only accepted from,
+/// its machine's reserved address.
 pub trait Provisioning: Send + Sync + 'static {
-    /// What `machine`'s iPXE script does now. `head`: a HEAD request, which must not change
-    /// any state (no token is minted; the answer is only used for its headers).
-    fn boot_action(&self, machine: &Machine, head: bool) -> BootAction;
+    /// What `machine`'s iPXE script does now, for a request from `peer`. `head`: a HEAD
+    /// request, which must not change any state (no token is minted; the answer is only used
+    /// for its headers). A refusal is answered 403.
+    fn boot_action(
+        &self,
+        machine: &Machine,
+        peer: IpAddr,
+        head: bool,
+    ) -> Result<BootAction, Refusal>;
 
-    /// A report from stage2 on `machine`, authenticated by `token`.
-    fn report(&self, machine: &Machine, token: &str, report: ProgressReport)
-        -> Result<(), Refusal>;
+    /// A report from stage2 on `machine`, sent from `peer`, authenticated by `token`.
+    fn report(
+        &self,
+        machine: &Machine,
+        peer: IpAddr,
+        token: &str,
+        report: ProgressReport,
+    ) -> Result<(), Refusal>;
 
-    /// A cloud-init NoCloud file for the holder of `token`. Asynchronous: user-data may need
-    /// the cluster (a kubeadm bootstrap token) before it can be rendered.
+    /// A cloud-init NoCloud file for the holder of `token`, asked for from `peer`.
+    /// Asynchronous: user-data may need the cluster (a kubeadm bootstrap token) before it can
+    /// be rendered.
     fn cloud_init<'a>(
         &'a self,
+        peer: IpAddr,
         token: &'a str,
         file: CloudInitFile,
     ) -> BoxFuture<'a, Result<CloudInitDocument, Refusal>>;
@@ -145,14 +193,15 @@ pub trait Provisioning: Send + Sync + 'static {
 pub struct NoProvisioning;
 
 impl Provisioning for NoProvisioning {
-    fn boot_action(&self, _machine: &Machine, _head: bool) -> BootAction {
-        BootAction::Configured
+    fn boot_action(&self, _: &Machine, _: IpAddr, _: bool) -> Result<BootAction, Refusal> {
+        Ok(BootAction::Configured)
     }
-    fn report(&self, _: &Machine, _: &str, _: ProgressReport) -> Result<(), Refusal> {
+    fn report(&self, _: &Machine, _: IpAddr, _: &str, _: ProgressReport) -> Result<(), Refusal> {
         Err(Refusal::NotEnabled)
     }
     fn cloud_init<'a>(
         &'a self,
+        _: IpAddr,
         _: &'a str,
         _: CloudInitFile,
     ) -> BoxFuture<'a, Result<CloudInitDocument, Refusal>> {

@@ -31,7 +31,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
@@ -41,9 +41,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::lograte::LogLimit;
 use crate::path::{open_confined, PathError};
 use crate::MachineLookup;
 use packet::{ErrorCode, Packet, Request};
+
+/// Budgets of the lines logged per request ([`crate::lograte`]): refusals on the listening
+/// socket (busy, write requests, malformed requests) and the end of each transfer.
+static REFUSED_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new("tftp refused", 5, 50));
+static TRANSFER_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new("tftp transfer", 20, 200));
 
 /// Largest block size RFC 2348 allows.
 pub const MAX_BLKSIZE: u16 = 65464;
@@ -130,8 +136,10 @@ pub async fn serve(
                     None
                 }
                 Err(_) => {
-                    warn!(%ip, file = %req.filename, max_transfers = settings.max_transfers,
-                        "TFTP request refused: too many transfers in progress");
+                    if REFUSED_LOG.allow() {
+                        warn!(%ip, file = %req.filename, max_transfers = settings.max_transfers,
+                            "TFTP request refused: too many transfers in progress");
+                    }
                     Some(packet::error(
                         ErrorCode::NotDefined,
                         "server busy: too many transfers in progress, try again later",
@@ -139,7 +147,9 @@ pub async fn serve(
                 }
             },
             Ok(Packet::Wrq(req)) => {
-                warn!(%ip, file = %req.filename, "TFTP write request refused");
+                if REFUSED_LOG.allow() {
+                    warn!(%ip, file = %req.filename, "TFTP write request refused");
+                }
                 Some(packet::error(
                     ErrorCode::AccessViolation,
                     "read-only server: uploads are not accepted",
@@ -155,7 +165,9 @@ pub async fn serve(
                 None
             }
             Err(e) => {
-                info!(%ip, error = %e, "malformed TFTP request");
+                if REFUSED_LOG.allow() {
+                    info!(%ip, error = %e, "malformed TFTP request");
+                }
                 Some(packet::error(e.code(), &format!("malformed request: {e}")))
             }
         };
@@ -287,7 +299,11 @@ async fn transfer(
     let file = req.filename.clone();
     let started = Instant::now();
     debug!(%ip, %file, mode = %req.mode, options = ?req.options, "TFTP read request");
-    match run(peer, local_ip, req, settings, abort).await {
+    let result = run(peer, local_ip, req, settings, abort).await;
+    if !TRANSFER_LOG.allow() {
+        return;
+    }
+    match result {
         Ok((bytes, n)) => {
             let secs = started.elapsed().as_secs_f64();
             info!(%ip, %file, bytes, blksize = n.blksize, windowsize = n.windowsize,

@@ -26,6 +26,7 @@ fn settings() -> DhcpSettings {
         bios_loader: "undionly.kpxe".into(),
         uefi_loader: "snponly.efi".into(),
         http_base: "http://10.77.0.1:8080".into(),
+        relays: vec![],
     }
 }
 
@@ -60,7 +61,12 @@ struct Answer {
 fn answer(name: &str, reserved: Ipv4Addr) -> Answer {
     let request = decode_request(&fixture(name)).expect("fixture decodes");
     let client = boot_client(&request);
-    let outcome = handle(&request, &settings(), &inventory(reserved));
+    let outcome = handle(
+        &request,
+        Ipv4Addr::UNSPECIFIED,
+        &settings(),
+        &inventory(reserved),
+    );
     let Outcome::Reply {
         reply,
         event,
@@ -231,7 +237,12 @@ fn captured_requests_for_another_server_get_silence() {
     };
     for prefix in ["bios-ipxe-rom", "ovmf-pxe", "ovmf-httpboot"] {
         let request = decode_request(&fixture(&format!("{prefix}-request.bin"))).expect("decodes");
-        let outcome = handle(&request, &other, &inventory(CAPTURED_OFFER));
+        let outcome = handle(
+            &request,
+            Ipv4Addr::UNSPECIFIED,
+            &other,
+            &inventory(CAPTURED_OFFER),
+        );
         assert!(
             matches!(
                 outcome,
@@ -253,7 +264,7 @@ fn unknown_machines_get_nothing() {
         let request = decode_request(&fixture(name)).expect("decodes");
         assert!(
             matches!(
-                handle(&request, &settings(), &empty),
+                handle(&request, Ipv4Addr::UNSPECIFIED, &settings(), &empty),
                 Outcome::UnknownMac(_)
             ),
             "{name}"

@@ -3,7 +3,7 @@
 //! single use, phases) is the agent's and is tested there.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,13 +30,37 @@ struct Fake {
     user_data_served: Mutex<bool>,
     /// user-data cannot be made now (the cluster does not answer).
     unavailable: Mutex<bool>,
+    /// The machine's reserved address as far as this agent is concerned: requests from
+    /// elsewhere are refused.
+    reserved: Mutex<IpAddr>,
+    /// No DHCP lease acknowledged lately: no imaging script.
+    no_lease: Mutex<bool>,
+    /// The peer address of every request the agent was asked about.
+    peers: Mutex<Vec<IpAddr>>,
 }
 
 impl Fake {
-    fn document(&self, token: &str, file: CloudInitFile) -> Result<CloudInitDocument, Refusal> {
+    fn check_peer(&self, peer: IpAddr) -> Result<(), Refusal> {
+        self.peers.lock().expect("lock").push(peer);
+        if peer != *self.reserved.lock().expect("lock") {
+            return Err(Refusal::WrongPeer {
+                machine: "node2".into(),
+                peer,
+            });
+        }
+        Ok(())
+    }
+
+    fn document(
+        &self,
+        peer: IpAddr,
+        token: &str,
+        file: CloudInitFile,
+    ) -> Result<CloudInitDocument, Refusal> {
         if token != TOKEN {
             return Err(Refusal::WrongToken { machine: None });
         }
+        self.check_peer(peer)?;
         let machine = "node2".to_string();
         match file {
             CloudInitFile::UserData => {
@@ -66,19 +90,33 @@ impl Fake {
 }
 
 impl Provisioning for Fake {
-    fn boot_action(&self, _machine: &Machine, head: bool) -> BootAction {
+    fn boot_action(
+        &self,
+        machine: &Machine,
+        peer: IpAddr,
+        head: bool,
+    ) -> Result<BootAction, Refusal> {
         if head {
             *self.heads.lock().expect("lock") += 1;
         }
-        self.action.lock().expect("lock").clone()
+        self.check_peer(peer)?;
+        if *self.no_lease.lock().expect("lock") {
+            return Err(Refusal::NoRecentLease {
+                machine: machine.name.clone(),
+                window_secs: 300,
+            });
+        }
+        Ok(self.action.lock().expect("lock").clone())
     }
 
     fn report(
         &self,
         machine: &Machine,
+        peer: IpAddr,
         token: &str,
         report: ProgressReport,
     ) -> Result<(), Refusal> {
+        self.check_peer(peer)?;
         if token != TOKEN {
             return Err(Refusal::WrongToken {
                 machine: Some(machine.name.clone()),
@@ -90,10 +128,11 @@ impl Provisioning for Fake {
 
     fn cloud_init<'a>(
         &'a self,
+        peer: IpAddr,
         token: &'a str,
         file: CloudInitFile,
     ) -> BoxFuture<'a, Result<CloudInitDocument, Refusal>> {
-        Box::pin(std::future::ready(self.document(token, file)))
+        Box::pin(std::future::ready(self.document(peer, token, file)))
     }
 }
 
@@ -123,6 +162,10 @@ impl Drop for Server {
 }
 
 async fn start(action: BootAction) -> Server {
+    start_on("127.0.0.1:0", action).await
+}
+
+async fn start_on(bind: &str, action: BootAction) -> Server {
     let mut machines = HashMap::new();
     machines.insert(
         MAC,
@@ -139,8 +182,11 @@ async fn start(action: BootAction) -> Server {
         reports: Mutex::new(Vec::new()),
         user_data_served: Mutex::new(false),
         unavailable: Mutex::new(false),
+        reserved: Mutex::new(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        no_lease: Mutex::new(false),
+        peers: Mutex::new(Vec::new()),
     });
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = TcpListener::bind(bind).await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let settings = Arc::new(HttpSettings {
         boot_dir: std::env::temp_dir(),
@@ -409,6 +455,85 @@ async fn nocloud_user_data_is_served_once() {
             .status,
         403,
         "malformed token"
+    );
+}
+
+/// Requests from another address than the machine's, or without a recent DHCP lease, are
+/// refused with 403 and a reason; the agent sees the client's address.
+#[tokio::test]
+async fn binding_refusals_are_403_with_a_reason() {
+    let srv = start(BootAction::Image(orders())).await;
+    // The machine is reserved elsewhere: everything from 127.0.0.1 is someone else.
+    *srv.fake.reserved.lock().expect("lock") = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 20));
+    let script = request(srv.addr, "GET", "/ipxe/52-54-00-12-34-56", &[], b"").await;
+    assert_eq!(script.status, 403);
+    assert!(
+        script
+            .body
+            .contains("not come from the machine's reserved address"),
+        "{}",
+        script.body
+    );
+    assert!(!script.body.contains(TOKEN));
+    assert!(
+        !script.body.contains("10.77.0.20"),
+        "the answer does not tell the reserved address"
+    );
+    let report = request(
+        srv.addr,
+        "POST",
+        "/report/52-54-00-12-34-56",
+        &[&bearer(TOKEN)],
+        br#"{"phase":"imaged"}"#,
+    )
+    .await;
+    assert_eq!(report.status, 403);
+    assert!(srv.fake.reports.lock().expect("lock").is_empty());
+    let user_data = request(
+        srv.addr,
+        "GET",
+        &format!("/nocloud/{TOKEN}/user-data"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(user_data.status, 403);
+    assert!(!*srv.fake.user_data_served.lock().expect("lock"));
+
+    // From the right address but with no recent lease: 403, saying so.
+    *srv.fake.reserved.lock().expect("lock") = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    *srv.fake.no_lease.lock().expect("lock") = true;
+    let script = request(srv.addr, "GET", "/ipxe/52-54-00-12-34-56", &[], b"").await;
+    assert_eq!(script.status, 403);
+    assert!(
+        script.body.contains("no recent DHCP lease"),
+        "{}",
+        script.body
+    );
+    let peers = srv.fake.peers.lock().expect("lock").clone();
+    assert!(
+        peers.iter().all(|p| *p == IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        "{peers:?}"
+    );
+    assert_eq!(peers.len(), 4);
+}
+
+/// A dual-stack listener (what a `ListenStream=80` socket unit gives) sees IPv4 clients as
+/// IPv4-mapped IPv6 addresses; the agent is given the IPv4 address.
+#[tokio::test]
+async fn ipv4_clients_of_a_dual_stack_listener_are_ipv4_peers() {
+    let Ok(probe) = std::net::TcpListener::bind("[::]:0") else {
+        eprintln!("no IPv6 on this host: dual-stack listener not tested");
+        return;
+    };
+    drop(probe);
+    let srv = start_on("[::]:0", BootAction::Image(orders())).await;
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, srv.addr.port()));
+    let r = request(v4, "GET", "/ipxe/52-54-00-12-34-56", &[], b"").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        *srv.fake.peers.lock().expect("lock"),
+        vec![IpAddr::V4(Ipv4Addr::LOCALHOST)]
     );
 }
 

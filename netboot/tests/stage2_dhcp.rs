@@ -26,6 +26,7 @@ fn settings() -> DhcpSettings {
         bios_loader: "undionly.kpxe".into(),
         uefi_loader: "snponly.efi".into(),
         http_base: "http://10.77.0.1:8080".into(),
+        relays: vec![],
     }
 }
 
@@ -45,7 +46,8 @@ fn serve(datagram: &[u8]) -> Vec<u8> {
         Ok(r) => r,
         Err(e) => panic!("netboot cannot read our request: {e}"),
     };
-    match handle(&request, &settings(), &inventory()) {
+    // stage2 has no address yet: its datagrams come from 0.0.0.0.
+    match handle(&request, Ipv4Addr::UNSPECIFIED, &settings(), &inventory()) {
         Outcome::Reply { reply, .. } => match reply.to_bytes() {
             Ok(b) => b,
             Err(e) => panic!("{e}"),

@@ -1,4 +1,19 @@
 //! The protocol core: one request in, at most one reply out. Pure: no I/O, no clock.
+//!
+//! Where replies go, and which packets are believed, follows RFC 2131 with the sender's
+//! address checked where it can be:
+//!
+//! * A relayed packet (`giaddr` set) is answered only when `giaddr` and the address it came
+//!   from are both configured relays ([`DhcpSettings::relays`], none by default); otherwise
+//!   anyone could have replies sent to any address.
+//! * A reply is unicast to `ciaddr` only where the client says it has that address: a REQUEST
+//!   in RENEWING or REBINDING (`ciaddr` set, no server identifier) and an INFORM, and only when
+//!   `ciaddr` is the client's reservation and the packet came from it. Everything else is
+//!   broadcast (or silence).
+//! * RELEASE and DECLINE change nothing unless they match the client: our server identifier
+//!   (which RFC 2131 requires in both), the reservation as `ciaddr` (RELEASE, sent from it) or
+//!   as the requested address (DECLINE). The chaddr is the only proof of the MAC a UDP socket
+//!   sees; the link-layer source is not visible here.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
@@ -54,6 +69,30 @@ pub enum Ignored {
     NoAddress,
     /// The reservation is outside the served subnet (inventory error).
     OutsideSubnet(Ipv4Addr),
+    /// Relayed (`giaddr` set) but `giaddr` or the sender is not a configured relay.
+    UntrustedRelay { giaddr: Ipv4Addr, from: Ipv4Addr },
+    /// Claims an address (`ciaddr` of a RENEWING REQUEST or an INFORM) that is not the
+    /// client's reservation, or was not sent from it.
+    NotFromClient { ciaddr: Ipv4Addr, from: Ipv4Addr },
+    /// A RELEASE or DECLINE that does not match the client (wrong or missing server
+    /// identifier, address or sender).
+    NotTheClient {
+        kind: MessageType,
+        reason: &'static str,
+    },
+}
+
+impl Ignored {
+    /// Whether this is a packet someone may have forged (logged as a refusal), rather than
+    /// ordinary noise.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Ignored::UntrustedRelay { .. }
+                | Ignored::NotFromClient { .. }
+                | Ignored::NotTheClient { .. }
+        )
+    }
 }
 
 /// What [`handle`] decided.
@@ -103,16 +142,17 @@ fn nonzero(ip: Ipv4Addr) -> Option<Ipv4Addr> {
     (!ip.is_unspecified()).then_some(ip)
 }
 
-/// Where a reply goes. Relayed: to the relay's server port. Renewing or INFORM (the client has
-/// its address): unicast to it. Otherwise broadcast: the client has no address yet, and a
-/// unicast to `yiaddr` would need a static ARP entry, i.e. CAP_NET_ADMIN, which we do not have.
-/// NAKs are always broadcast unless relayed (RFC 2131 §4.3.2).
-fn destination(request: &Message, kind: MessageType) -> SocketAddr {
+/// Where a reply goes. Relayed (by a configured relay): to the relay's server port. A client
+/// that has its address (`unicast`: RENEWING, REBINDING, INFORM, checked by [`handle`]):
+/// unicast to it. Otherwise broadcast: the client has no address yet, and a unicast to
+/// `yiaddr` would need a static ARP entry, i.e. CAP_NET_ADMIN, which we do not have. NAKs are
+/// always broadcast unless relayed (RFC 2131 §4.3.2).
+fn destination(request: &Message, kind: MessageType, unicast: Option<Ipv4Addr>) -> SocketAddr {
     let to = |ip: Ipv4Addr, port| SocketAddr::V4(SocketAddrV4::new(ip, port));
     if let Some(giaddr) = nonzero(request.giaddr()) {
         return to(giaddr, SERVER_PORT);
     }
-    match nonzero(request.ciaddr()) {
+    match unicast {
         Some(ciaddr) if kind != MessageType::Nak => to(ciaddr, CLIENT_PORT),
         _ => to(Ipv4Addr::BROADCAST, CLIENT_PORT),
     }
@@ -166,7 +206,12 @@ const ESSENTIAL: [OptionCode; 4] = [
 
 /// Builds the reply, dropping the least wanted options (last in wire order) until it fits the
 /// client's maximum message size.
-fn finish(request: &Message, mut message: Message, kind: MessageType) -> Reply {
+fn finish(
+    request: &Message,
+    mut message: Message,
+    kind: MessageType,
+    unicast: Option<Ipv4Addr>,
+) -> Reply {
     let option_order = option_order(request);
     let limit = max_payload(request);
     // Encoding only fails on overflowing lengths, which the options built here cannot reach;
@@ -199,7 +244,7 @@ fn finish(request: &Message, mut message: Message, kind: MessageType) -> Reply {
     };
     Reply {
         message,
-        destination: destination(request, kind),
+        destination: destination(request, kind, unicast),
         option_order,
         wire,
     }
@@ -208,7 +253,7 @@ fn finish(request: &Message, mut message: Message, kind: MessageType) -> Reply {
 fn nak(request: &Message, settings: &DhcpSettings, text: &str) -> Reply {
     let mut msg = skeleton(request, MessageType::Nak, settings);
     msg.opts_mut().insert(DhcpOption::Message(text.to_string()));
-    finish(request, msg, MessageType::Nak)
+    finish(request, msg, MessageType::Nak, None)
 }
 
 fn lease_secs(settings: &DhcpSettings) -> u32 {
@@ -217,11 +262,13 @@ fn lease_secs(settings: &DhcpSettings) -> u32 {
         .max(1)
 }
 
-/// OFFER, ACK, or ACK to an INFORM (no `yiaddr`, no lease).
+/// OFFER, ACK, or ACK to an INFORM (no `yiaddr`, no lease); `unicast`: the client's own
+/// address, when the reply may go there.
 fn configure(
     request: &Message,
     kind: MessageType,
     inform: bool,
+    unicast: Option<Ipv4Addr>,
     machine: &Machine,
     client: BootClient,
     settings: &DhcpSettings,
@@ -271,11 +318,17 @@ fn configure(
             msg.set_fname_str(file);
         }
     }
-    finish(request, msg, kind)
+    finish(request, msg, kind, unicast)
 }
 
-/// Decides the answer to one decoded request. Replies only for reserved MACs.
-pub fn handle(request: &Message, settings: &DhcpSettings, machines: &dyn MachineLookup) -> Outcome {
+/// Decides the answer to one decoded request, which came from `from` (the datagram's source
+/// address: 0.0.0.0 for a client without one). Replies only for reserved MACs.
+pub fn handle(
+    request: &Message,
+    from: Ipv4Addr,
+    settings: &DhcpSettings,
+    machines: &dyn MachineLookup,
+) -> Outcome {
     if request.opcode() != Opcode::BootRequest || request.htype() != HType::Eth {
         return Outcome::Ignored(Ignored::NotEthernetRequest);
     }
@@ -285,6 +338,12 @@ pub fn handle(request: &Message, settings: &DhcpSettings, machines: &dyn Machine
     let Some(kind) = request.opts().msg_type() else {
         return Outcome::Ignored(Ignored::Bootp);
     };
+    let relayed = nonzero(request.giaddr());
+    if let Some(giaddr) = relayed {
+        if !settings.relays.contains(&giaddr) || !settings.relays.contains(&from) {
+            return Outcome::Ignored(Ignored::UntrustedRelay { giaddr, from });
+        }
+    }
     let Some(machine) = machines.by_mac(&mac) else {
         return Outcome::UnknownMac(mac);
     };
@@ -292,7 +351,19 @@ pub fn handle(request: &Message, settings: &DhcpSettings, machines: &dyn Machine
         return Outcome::Ignored(Ignored::OutsideSubnet(machine.ip));
     }
     let client = boot_client(request);
-    let other_server = server_id(request).filter(|id| *id != settings.server_ip);
+    let sid = server_id(request);
+    let other_server = sid.filter(|id| *id != settings.server_ip);
+    let ciaddr = nonzero(request.ciaddr());
+    // The client's own address, where it says it has one (RENEWING/REBINDING, INFORM) and
+    // the packet came from it (or from a configured relay, which sends from its own).
+    let own_address = |ciaddr: Ipv4Addr| -> Result<Ipv4Addr, Outcome> {
+        if ciaddr == machine.ip && (relayed.is_some() || from == ciaddr) {
+            Ok(ciaddr)
+        } else {
+            Err(Outcome::Ignored(Ignored::NotFromClient { ciaddr, from }))
+        }
+    };
+    let not_the_client = |reason| Outcome::Ignored(Ignored::NotTheClient { kind, reason });
     let reply = |reply, event| Outcome::Reply {
         reply: Box::new(reply),
         machine: machine.clone(),
@@ -301,10 +372,12 @@ pub fn handle(request: &Message, settings: &DhcpSettings, machines: &dyn Machine
     };
     match kind {
         MessageType::Discover => {
+            // A DISCOVER's ciaddr is meaningless (RFC 2131 Table 5): the offer is broadcast.
             let offer = configure(
                 request,
                 MessageType::Offer,
                 false,
+                None,
                 &machine,
                 client,
                 settings,
@@ -315,10 +388,7 @@ pub fn handle(request: &Message, settings: &DhcpSettings, machines: &dyn Machine
             if let Some(other) = other_server {
                 return Outcome::Ignored(Ignored::OtherServer(other));
             }
-            let named: Vec<Ipv4Addr> = requested_ip(request)
-                .into_iter()
-                .chain(nonzero(request.ciaddr()))
-                .collect();
+            let named: Vec<Ipv4Addr> = requested_ip(request).into_iter().chain(ciaddr).collect();
             if named.is_empty() {
                 return Outcome::Ignored(Ignored::NoAddress);
             }
@@ -329,24 +399,75 @@ pub fn handle(request: &Message, settings: &DhcpSettings, machines: &dyn Machine
                 );
                 return reply(nak(request, settings, &text), None);
             }
-            let ack = configure(request, MessageType::Ack, false, &machine, client, settings);
+            // RENEWING or REBINDING: ciaddr set and no server identifier (RFC 2131 §4.3.2).
+            // SELECTING and INIT-REBOOT clients have no address yet: broadcast.
+            let unicast = match ciaddr {
+                Some(ciaddr) if sid.is_none() => match own_address(ciaddr) {
+                    Ok(ip) => Some(ip),
+                    Err(ignored) => return ignored,
+                },
+                _ => None,
+            };
+            let ack = configure(
+                request,
+                MessageType::Ack,
+                false,
+                unicast,
+                &machine,
+                client,
+                settings,
+            );
             reply(ack, Some(BootEvent::DhcpAcked))
         }
-        MessageType::Inform => reply(
-            configure(request, MessageType::Ack, true, &machine, client, settings),
-            None,
-        ),
-        MessageType::Release | MessageType::Decline => match other_server {
-            Some(other) => Outcome::Ignored(Ignored::OtherServer(other)),
-            None => {
-                let event = if kind == MessageType::Release {
-                    BootEvent::DhcpReleased
-                } else {
-                    BootEvent::DhcpDeclined
-                };
-                Outcome::Report { machine, event }
+        MessageType::Inform => {
+            // The client configured its address itself; it must be the reservation, or the
+            // ACK would be unicast to whatever address the packet names.
+            let Some(ciaddr) = ciaddr else {
+                return Outcome::Ignored(Ignored::NoAddress);
+            };
+            let unicast = match own_address(ciaddr) {
+                Ok(ip) => ip,
+                Err(ignored) => return ignored,
+            };
+            reply(
+                configure(
+                    request,
+                    MessageType::Ack,
+                    true,
+                    Some(unicast),
+                    &machine,
+                    client,
+                    settings,
+                ),
+                None,
+            )
+        }
+        MessageType::Release | MessageType::Decline => {
+            if let Some(other) = other_server {
+                return Outcome::Ignored(Ignored::OtherServer(other));
             }
-        },
+            if sid.is_none() {
+                return not_the_client("no server identifier");
+            }
+            let event = if kind == MessageType::Release {
+                // Sent by a bound client from its address, which it names in ciaddr.
+                match ciaddr {
+                    Some(ciaddr) if own_address(ciaddr).is_ok() => {}
+                    Some(_) => {
+                        return not_the_client("ciaddr is not the reservation or not the sender")
+                    }
+                    None => return not_the_client("no ciaddr"),
+                }
+                BootEvent::DhcpReleased
+            } else {
+                // Sent before the client uses the address, which it names in option 50.
+                if requested_ip(request) != Some(machine.ip) {
+                    return not_the_client("requested address is not the reservation");
+                }
+                BootEvent::DhcpDeclined
+            };
+            Outcome::Report { machine, event }
+        }
         other => Outcome::Ignored(Ignored::UnexpectedType(other)),
     }
 }

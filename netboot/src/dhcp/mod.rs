@@ -8,6 +8,9 @@
 //! The socket should be bound to the provisioning interface (`SO_BINDTODEVICE`, or
 //! `BindToDevice=` in the socket unit): replies to clients without an address are broadcast to
 //! 255.255.255.255, which otherwise leaves by whatever interface the routing table picks.
+//! Relayed packets are only answered from the relays in [`DhcpSettings::relays`]; see
+//! [`handle`] for which addresses replies may be unicast to. Every line logged per packet is
+//! rate-limited ([`crate::lograte`]).
 
 mod boot;
 mod handle;
@@ -16,8 +19,8 @@ mod socket;
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
@@ -29,7 +32,18 @@ pub use boot::{
 pub use handle::{handle, Ignored, Outcome, Reply, CLIENT_PORT, SERVER_PORT};
 pub use packet::{decode_request, PacketError};
 
+use crate::lograte::{KeyedLogLimit, LogLimit};
 use crate::{BootEvent, MacAddr, MachineLookup};
+
+/// Lines about a reserved machine's packets (replies, lease events): a budget per MAC, so a
+/// flood with one machine's MAC leaves the others' lines, and one for the server.
+static MACHINE_LOG: LazyLock<KeyedLogLimit<MacAddr>> =
+    LazyLock::new(|| KeyedLogLimit::new("dhcp machine", 1, 20, 20, 200));
+/// Refused packets (untrusted relays, forged addresses, mismatched RELEASE/DECLINE) and
+/// inventory errors seen per packet.
+static REFUSED_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new("dhcp refused", 5, 50));
+/// Receive errors (ICMP feedback arrives per datagram).
+static SOCKET_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new("dhcp socket", 1, 10));
 
 /// What the DHCP server hands out besides each machine's reserved address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +64,10 @@ pub struct DhcpSettings {
     pub uefi_loader: String,
     /// Base URL of our HTTP server, e.g. `http://10.77.0.1:8080` (no trailing slash needed).
     pub http_base: String,
+    /// DHCP relay agents whose packets are answered: a relayed packet is served only when its
+    /// `giaddr` and the address it was sent from are both listed. Empty: relayed packets are
+    /// ignored.
+    pub relays: Vec<Ipv4Addr>,
 }
 
 /// Remembers which unknown MACs were logged recently, so a chatty stranger is logged once per
@@ -154,7 +172,9 @@ async fn run(
             Ok(r) => r,
             Err(e) => {
                 // UDP receive errors are per-datagram (e.g. ICMP feedback): keep serving.
-                tracing::warn!(error = %e, "DHCP receive failed");
+                if SOCKET_LOG.allow() {
+                    tracing::warn!(error = %e, "DHCP receive failed");
+                }
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
@@ -169,7 +189,14 @@ async fn run(
                 continue;
             }
         };
-        match handle(&request, &settings, machines.as_ref()) {
+        let from = match peer.ip() {
+            IpAddr::V4(ip) => ip,
+            IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+                Some(ip) => ip,
+                None => continue,
+            },
+        };
+        match handle(&request, from, &settings, machines.as_ref()) {
             Outcome::Reply {
                 reply,
                 machine,
@@ -178,23 +205,32 @@ async fn run(
             } => {
                 let kind = reply.message_type();
                 let bytes = reply.wire();
+                // One budget check per packet: its lines are written together or not at all.
+                let log = MACHINE_LOG.allow(&machine.mac);
                 if bytes.is_empty() {
-                    tracing::error!(machine = %machine.name, mac = %machine.mac, "cannot encode DHCP reply");
+                    if log {
+                        tracing::error!(machine = %machine.name, mac = %machine.mac, "cannot encode DHCP reply");
+                    }
                     continue;
                 }
                 let file = reply.message.fname_str().and_then(Result::ok).unwrap_or("");
                 if let BootClient::Unknown { arch } = client {
-                    tracing::warn!(machine = %machine.name, mac = %machine.mac, arch = ?arch, "unsupported network-boot architecture: plain DHCP, no boot file");
+                    if log {
+                        tracing::warn!(machine = %machine.name, mac = %machine.mac, arch = ?arch, "unsupported network-boot architecture: plain DHCP, no boot file");
+                    }
                 }
                 let destination = ports.map(reply.destination);
                 match socket.send(bytes, destination, ifindex).await {
-                    Ok(_) => tracing::info!(
+                    Ok(_) if log => tracing::info!(
                         machine = %machine.name, mac = %machine.mac, ip = %machine.ip,
                         reply = ?kind.unwrap_or(dhcproto::v4::MessageType::Unknown(0)),
                         client = ?client, file, to = %destination, "DHCP reply sent"
                     ),
+                    Ok(_) => {}
                     Err(e) => {
-                        tracing::warn!(machine = %machine.name, mac = %machine.mac, to = %destination, error = %e, "DHCP send failed");
+                        if log {
+                            tracing::warn!(machine = %machine.name, mac = %machine.mac, to = %destination, error = %e, "DHCP send failed");
+                        }
                         continue;
                     }
                 }
@@ -203,12 +239,14 @@ async fn run(
                 }
             }
             Outcome::Report { machine, event } => {
-                match event {
-                    BootEvent::DhcpDeclined => {
-                        tracing::warn!(machine = %machine.name, mac = %machine.mac, ip = %machine.ip, "client declined its reserved address: is it in use by another host?")
-                    }
-                    _ => {
-                        tracing::info!(machine = %machine.name, mac = %machine.mac, ip = %machine.ip, event = ?event, "DHCP lease event")
+                if MACHINE_LOG.allow(&machine.mac) {
+                    match event {
+                        BootEvent::DhcpDeclined => {
+                            tracing::warn!(machine = %machine.name, mac = %machine.mac, ip = %machine.ip, "client declined its reserved address: is it in use by another host?")
+                        }
+                        _ => {
+                            tracing::info!(machine = %machine.name, mac = %machine.mac, ip = %machine.ip, event = ?event, "DHCP lease event")
+                        }
                     }
                 }
                 machines.observe(&machine, event);
@@ -221,7 +259,15 @@ async fn run(
             }
             Outcome::Ignored(why) => {
                 if let Ignored::OutsideSubnet(ip) = why {
-                    tracing::warn!(ip = %ip, subnet = %settings.subnet, "reservation outside the served subnet: not answering");
+                    if REFUSED_LOG.allow() {
+                        tracing::warn!(ip = %ip, subnet = %settings.subnet, "reservation outside the served subnet: not answering");
+                    }
+                } else if why.is_refusal() {
+                    if REFUSED_LOG.allow() {
+                        let mac = MacAddr::from_slice(request.chaddr());
+                        let mac = mac.as_ref().map(tracing::field::display);
+                        tracing::warn!(%peer, mac, reason = ?why, "DHCP packet refused: not answered, nothing recorded");
+                    }
                 } else {
                     tracing::debug!(%peer, reason = ?why, "DHCP request ignored");
                 }

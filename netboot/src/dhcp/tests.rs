@@ -29,6 +29,27 @@ fn settings() -> DhcpSettings {
         bios_loader: "undionly.kpxe".into(),
         uefi_loader: "snponly.efi".into(),
         http_base: "http://10.77.0.1:8080".into(),
+        relays: vec![],
+    }
+}
+
+const RELAY: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 254);
+
+/// [`settings`] with [`RELAY`] as a configured relay.
+fn relay_settings() -> DhcpSettings {
+    DhcpSettings {
+        relays: vec![RELAY],
+        ..settings()
+    }
+}
+
+/// The source address a real client uses: its ciaddr when it has one, 0.0.0.0 otherwise;
+/// a configured relay's own when relayed.
+fn sender(msg: &Message) -> Ipv4Addr {
+    if !msg.giaddr().is_unspecified() {
+        msg.giaddr()
+    } else {
+        msg.ciaddr()
     }
 }
 
@@ -76,7 +97,12 @@ fn ipxe(arch: u16) -> Vec<DhcpOption> {
 }
 
 fn run(msg: &Message) -> Outcome {
-    handle(msg, &settings(), &inventory())
+    handle(msg, sender(msg), &relay_settings(), &inventory())
+}
+
+/// `msg` as sent from `from`, with no relay configured.
+fn run_from(msg: &Message, from: Ipv4Addr) -> Outcome {
+    handle(msg, from, &settings(), &inventory())
 }
 
 /// Runs `msg` through the wire in both directions and returns the decoded reply.
@@ -349,7 +375,12 @@ fn optional_settings_are_omitted() {
         dns_servers: vec![],
         ..settings()
     };
-    let outcome = handle(&request(MessageType::Discover, MAC), &s, &inventory());
+    let outcome = handle(
+        &request(MessageType::Discover, MAC),
+        Ipv4Addr::UNSPECIFIED,
+        &s,
+        &inventory(),
+    );
     let reply = outcome.reply().expect("offer");
     assert_eq!(opt(&reply.message, 3), None);
     assert_eq!(opt(&reply.message, 6), None);
@@ -361,7 +392,12 @@ fn hostname_defaults_to_machine_name() {
     let mut m = node2();
     m.hostname = None;
     let inv = HashMap::from([(MAC, m)]);
-    let outcome = handle(&request(MessageType::Discover, MAC), &settings(), &inv);
+    let outcome = handle(
+        &request(MessageType::Discover, MAC),
+        Ipv4Addr::UNSPECIFIED,
+        &settings(),
+        &inv,
+    );
     let reply = outcome.reply().expect("offer");
     assert_eq!(
         opt(&reply.message, 12),
@@ -374,7 +410,12 @@ fn reservation_outside_subnet_is_not_served() {
     let mut m = node2();
     m.ip = Ipv4Addr::new(192, 168, 1, 5);
     let inv = HashMap::from([(MAC, m)]);
-    let outcome = handle(&request(MessageType::Discover, MAC), &settings(), &inv);
+    let outcome = handle(
+        &request(MessageType::Discover, MAC),
+        Ipv4Addr::UNSPECIFIED,
+        &settings(),
+        &inv,
+    );
     assert_eq!(
         outcome,
         Outcome::Ignored(Ignored::OutsideSubnet(Ipv4Addr::new(192, 168, 1, 5)))
@@ -552,13 +593,37 @@ fn inform_is_acked_without_lease() {
     assert_eq!(event, None);
 }
 
+/// A RELEASE as a bound client sends it: our server id, its address as ciaddr, from it.
+fn release() -> Message {
+    let mut msg = with(
+        request(MessageType::Release, MAC),
+        [DhcpOption::ServerIdentifier(SERVER)],
+    );
+    msg.set_ciaddr(RESERVED);
+    msg
+}
+
+/// A DECLINE as a client sends it after finding its offered address in use.
+fn decline() -> Message {
+    with(
+        request(MessageType::Decline, MAC),
+        [
+            DhcpOption::ServerIdentifier(SERVER),
+            DhcpOption::RequestedIpAddress(RESERVED),
+        ],
+    )
+}
+
+fn not_the_client(outcome: Outcome, kind: MessageType) -> bool {
+    matches!(outcome, Outcome::Ignored(Ignored::NotTheClient { kind: k, .. }) if k == kind)
+}
+
 #[test]
 fn release_and_decline_are_reported_not_answered() {
-    for (kind, event) in [
-        (MessageType::Release, BootEvent::DhcpReleased),
-        (MessageType::Decline, BootEvent::DhcpDeclined),
+    for (msg, event) in [
+        (release(), BootEvent::DhcpReleased),
+        (decline(), BootEvent::DhcpDeclined),
     ] {
-        let msg = with(request(kind, MAC), [DhcpOption::ServerIdentifier(SERVER)]);
         assert_eq!(
             run(&msg),
             Outcome::Report {
@@ -566,10 +631,172 @@ fn release_and_decline_are_reported_not_answered() {
                 event
             }
         );
-        let other = Ipv4Addr::new(10, 77, 0, 254);
-        let msg = with(request(kind, MAC), [DhcpOption::ServerIdentifier(other)]);
+        let other = Ipv4Addr::new(10, 77, 0, 253);
+        let mut msg = msg.clone();
+        msg.opts_mut().insert(DhcpOption::ServerIdentifier(other));
         assert_eq!(run(&msg), Outcome::Ignored(Ignored::OtherServer(other)));
     }
+}
+
+#[test]
+fn release_only_from_the_client_at_its_reservation() {
+    let kind = MessageType::Release;
+    assert!(matches!(
+        run_from(&release(), RESERVED),
+        Outcome::Report { .. }
+    ));
+    // Another host on the LAN sends it (the datagram's source is not ciaddr).
+    let spoofed = Ipv4Addr::new(10, 77, 0, 50);
+    assert!(not_the_client(run_from(&release(), spoofed), kind));
+    // Names another address than the reservation.
+    let mut msg = release();
+    msg.set_ciaddr(spoofed);
+    assert!(not_the_client(run_from(&msg, spoofed), kind));
+    // No ciaddr, or no server identifier (RFC 2131 requires both).
+    let mut msg = release();
+    msg.set_ciaddr(Ipv4Addr::UNSPECIFIED);
+    assert!(not_the_client(run_from(&msg, Ipv4Addr::UNSPECIFIED), kind));
+    let mut msg = release();
+    msg.opts_mut().remove(OptionCode::ServerIdentifier);
+    assert!(not_the_client(run_from(&msg, RESERVED), kind));
+    // Another MAC's RELEASE for this address is not this machine's.
+    let mut msg = release();
+    msg.set_chaddr(&STRANGER.0);
+    assert_eq!(run_from(&msg, RESERVED), Outcome::UnknownMac(STRANGER));
+}
+
+#[test]
+fn decline_only_for_the_reservation_with_our_server_id() {
+    let kind = MessageType::Decline;
+    assert!(matches!(
+        run_from(&decline(), Ipv4Addr::UNSPECIFIED),
+        Outcome::Report { .. }
+    ));
+    let mut msg = decline();
+    msg.opts_mut()
+        .insert(DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 77, 0, 99)));
+    assert!(not_the_client(run_from(&msg, Ipv4Addr::UNSPECIFIED), kind));
+    let mut msg = decline();
+    msg.opts_mut().remove(OptionCode::RequestedIpAddress);
+    assert!(not_the_client(run_from(&msg, Ipv4Addr::UNSPECIFIED), kind));
+    let mut msg = decline();
+    msg.opts_mut().remove(OptionCode::ServerIdentifier);
+    assert!(not_the_client(run_from(&msg, Ipv4Addr::UNSPECIFIED), kind));
+}
+
+// ---- relays and ciaddr: where replies may go -------------------------------------------------
+
+#[test]
+fn relayed_packets_only_from_configured_relays() {
+    let mut msg = request(MessageType::Discover, MAC);
+    msg.set_giaddr(RELAY);
+    // No relay configured (the default): ignored, whoever sends it.
+    for from in [RELAY, Ipv4Addr::new(10, 77, 0, 50)] {
+        assert_eq!(
+            run_from(&msg, from),
+            Outcome::Ignored(Ignored::UntrustedRelay {
+                giaddr: RELAY,
+                from
+            })
+        );
+    }
+    // Configured: answered to the relay only when the relay sent it.
+    let s = relay_settings();
+    let inv = inventory();
+    let reply = handle(&msg, RELAY, &s, &inv);
+    assert_eq!(
+        reply.reply().map(|r| r.destination),
+        Some(SocketAddr::from((RELAY, 67)))
+    );
+    let forged_sender = Ipv4Addr::new(10, 77, 0, 50);
+    assert!(matches!(
+        handle(&msg, forged_sender, &s, &inv),
+        Outcome::Ignored(Ignored::UntrustedRelay { .. })
+    ));
+    // A giaddr that is not a configured relay, even from one: no reply to an arbitrary address.
+    let mut elsewhere = msg.clone();
+    elsewhere.set_giaddr(Ipv4Addr::new(192, 0, 2, 1));
+    assert!(matches!(
+        handle(&elsewhere, RELAY, &s, &inv),
+        Outcome::Ignored(Ignored::UntrustedRelay { .. })
+    ));
+    // Unknown MACs relayed by a stranger are refused before the lookup (not even counted).
+    let mut stranger = request(MessageType::Discover, STRANGER);
+    stranger.set_giaddr(RELAY);
+    assert!(matches!(
+        run_from(&stranger, RELAY),
+        Outcome::Ignored(Ignored::UntrustedRelay { .. })
+    ));
+}
+
+#[test]
+fn discover_ciaddr_is_never_a_destination() {
+    let mut msg = request(MessageType::Discover, MAC);
+    msg.set_ciaddr(Ipv4Addr::new(192, 0, 2, 7));
+    let outcome = run_from(&msg, Ipv4Addr::new(10, 77, 0, 50));
+    assert_eq!(
+        outcome.reply().map(|r| r.destination),
+        Some(broadcast()),
+        "the offer is broadcast, not sent to the named address"
+    );
+}
+
+#[test]
+fn renewing_is_unicast_only_from_the_client_at_its_reservation() {
+    let mut msg = request(MessageType::Request, MAC);
+    msg.set_ciaddr(RESERVED);
+    // From the reservation itself: unicast.
+    assert_eq!(
+        run_from(&msg, RESERVED).reply().map(|r| r.destination),
+        Some(SocketAddr::from((RESERVED, 68)))
+    );
+    // The same packet from another host: neither answered nor counted as an ACK.
+    let other = Ipv4Addr::new(10, 77, 0, 50);
+    assert_eq!(
+        run_from(&msg, other),
+        Outcome::Ignored(Ignored::NotFromClient {
+            ciaddr: RESERVED,
+            from: other
+        })
+    );
+    // SELECTING (server id present) with a ciaddr: the client has no address yet, broadcast.
+    let selecting = with(msg, [DhcpOption::ServerIdentifier(SERVER)]);
+    assert_eq!(
+        run_from(&selecting, other).reply().map(|r| r.destination),
+        Some(broadcast())
+    );
+}
+
+#[test]
+fn inform_is_answered_only_for_the_reservation_from_it() {
+    let mut msg = request(MessageType::Inform, MAC);
+    msg.set_ciaddr(RESERVED);
+    assert_eq!(
+        run_from(&msg, RESERVED).reply().map(|r| r.destination),
+        Some(SocketAddr::from((RESERVED, 68)))
+    );
+    // Another address as ciaddr: no ACK unicast to it (reflection), no NAK either (RFC 2131).
+    let victim = Ipv4Addr::new(10, 77, 0, 99);
+    let mut foreign = msg.clone();
+    foreign.set_ciaddr(victim);
+    assert_eq!(
+        run_from(&foreign, victim),
+        Outcome::Ignored(Ignored::NotFromClient {
+            ciaddr: victim,
+            from: victim
+        })
+    );
+    // The reservation named by someone else.
+    let other = Ipv4Addr::new(10, 77, 0, 50);
+    assert!(matches!(
+        run_from(&msg, other),
+        Outcome::Ignored(Ignored::NotFromClient { .. })
+    ));
+    // No ciaddr at all.
+    assert_eq!(
+        run_from(&request(MessageType::Inform, MAC), other),
+        Outcome::Ignored(Ignored::NoAddress)
+    );
 }
 
 #[test]
@@ -642,7 +869,7 @@ fn replies_fit_the_client_maximum_message_size() {
             .chain([DhcpOption::ParameterRequestList(prl)]),
     );
     // No option 57: the RFC 2131 minimum, 576 bytes with IP and UDP headers.
-    let small = handle(&base, &big, &inv);
+    let small = handle(&base, Ipv4Addr::UNSPECIFIED, &big, &inv);
     let bytes = small.reply().expect("offer").to_bytes().expect("encode");
     assert!(bytes.len() <= 548, "{} bytes", bytes.len());
     let codes = wire_codes(&bytes);
@@ -651,7 +878,7 @@ fn replies_fit_the_client_maximum_message_size() {
     }
     // With option 57 = 1500 everything fits.
     let roomy = with(base, [DhcpOption::MaxMessageSize(1500)]);
-    let outcome = handle(&roomy, &big, &inv);
+    let outcome = handle(&roomy, Ipv4Addr::UNSPECIFIED, &big, &inv);
     let bytes = outcome.reply().expect("offer").to_bytes().expect("encode");
     assert!(
         bytes.len() > 548 && bytes.len() <= 1472,
@@ -760,7 +987,7 @@ fn garbage_never_panics() {
         }
         bytes.truncate(240 + (next() as usize) % (bytes.len() - 239));
         if let Ok(msg) = decode_request(&bytes) {
-            if let Outcome::Reply { reply, .. } = handle(&msg, &s, &inv) {
+            if let Outcome::Reply { reply, .. } = handle(&msg, sender(&msg), &s, &inv) {
                 reply.to_bytes().expect("replies always encode");
             }
         }
@@ -839,7 +1066,10 @@ async fn serves_relayed_requests_on_loopback_and_stops() {
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(super::run(
         server,
-        Arc::new(settings()),
+        Arc::new(DhcpSettings {
+            relays: vec![Ipv4Addr::LOCALHOST],
+            ..settings()
+        }),
         recorder.clone(),
         shutdown.clone(),
         Ports {
@@ -851,6 +1081,9 @@ async fn serves_relayed_requests_on_loopback_and_stops() {
     let relayed = |kind, mac: MacAddr, opts: Vec<DhcpOption>| {
         let mut msg = with(request(kind, mac), opts);
         msg.set_giaddr(Ipv4Addr::LOCALHOST);
+        if kind == MessageType::Release {
+            msg.set_ciaddr(RESERVED);
+        }
         encode(&msg)
     };
     let mut buf = [0u8; 1500];
@@ -893,6 +1126,19 @@ async fn serves_relayed_requests_on_loopback_and_stops() {
     let ack = Message::decode(&mut Decoder::new(&buf[..n])).expect("decode");
     assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
 
+    // Relayed with a giaddr that is not a configured relay: no ACK, no event.
+    let mut untrusted = with(
+        request(MessageType::Request, MAC),
+        [
+            DhcpOption::ServerIdentifier(SERVER),
+            DhcpOption::RequestedIpAddress(RESERVED),
+        ],
+    );
+    untrusted.set_giaddr(Ipv4Addr::new(127, 0, 0, 2));
+    relay
+        .send_to(&encode(&untrusted), server_addr)
+        .await
+        .expect("send");
     let rel = vec![DhcpOption::ServerIdentifier(SERVER)];
     relay
         .send_to(&relayed(MessageType::Release, MAC, rel), server_addr)

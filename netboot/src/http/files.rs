@@ -174,7 +174,7 @@ pub(crate) async fn serve_file(
                 }
                 PathError::Io(..) => StatusCode::INTERNAL_SERVER_ERROR,
             };
-            outcome.note = Some(e.to_string());
+            outcome.note = Some(refusal_reason(&e));
             return plain(status, status.canonical_reason().unwrap_or("error"));
         }
         Err(e) => {
@@ -267,6 +267,17 @@ pub(crate) async fn serve_file(
     builder
         .body(body)
         .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))
+}
+
+/// Why a file was refused, without its name: the request's log line carries the path once.
+fn refusal_reason(e: &PathError) -> String {
+    match e {
+        PathError::NotAllowed(_) => "path not allowed (absolute, '..', or not UTF-8 safe)".into(),
+        PathError::NotFound(_) => "not found".into(),
+        PathError::NotAFile(_) => "not a regular file".into(),
+        PathError::Escapes(_) => "resolves outside the served directory".into(),
+        PathError::Io(_, io) => io.to_string(),
+    }
 }
 
 fn content_type(rel: &str) -> &'static str {

@@ -812,7 +812,13 @@ fn fetch_user_data(
 ) -> tokio::task::JoinHandle<Result<netboot::provisioning::CloudInitDocument, Refusal>> {
     use netboot::provisioning::{CloudInitFile, Provisioning as _};
     let (imaging, token) = (imaging.clone(), token.to_string());
-    tokio::spawn(async move { imaging.cloud_init(&token, CloudInitFile::UserData).await })
+    // From node2's reserved address, as cloud-init on the imaged node asks.
+    let peer = std::net::IpAddr::from([10, 77, 0, 2]);
+    tokio::spawn(async move {
+        imaging
+            .cloud_init(peer, &token, CloudInitFile::UserData)
+            .await
+    })
 }
 
 /// Answers a first token request: cluster-info, no Secret yet, the created Secret, its Event.
@@ -905,9 +911,12 @@ fn replay_condition(body: &Value) -> Option<Value> {
 #[tokio::test]
 async fn a_user_data_replay_is_raised_as_a_condition_and_an_event() {
     let (h, mut api, m, token) = imaged_node2_with_token();
-    h.status.take_user_data(&token).expect("first fetch served");
+    let node2_ip = std::net::IpAddr::from([10, 77, 0, 2]);
+    h.status
+        .take_user_data(&token, node2_ip)
+        .expect("first fetch served");
     assert_eq!(
-        h.status.take_user_data(&token),
+        h.status.take_user_data(&token, node2_ip),
         Err(Refusal::Replayed {
             machine: "node2".into()
         })

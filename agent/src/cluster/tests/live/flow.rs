@@ -122,6 +122,7 @@ async fn crd_machines_phases_tokens_and_events() {
     status
         .imaging_report(
             "live-a",
+            served.ip.into(),
             &token,
             ProgressReport::Imaging {
                 progress: 42,
@@ -138,7 +139,12 @@ async fn crd_machines_phases_tokens_and_events() {
     })
     .await;
     status
-        .imaging_report("live-a", &token, ProgressReport::Imaged { message: None })
+        .imaging_report(
+            "live-a",
+            served.ip.into(),
+            &token,
+            ProgressReport::Imaged { message: None },
+        )
         .expect("imaged report");
     let imaged = watch_machine(&api, "live-a", "Imaged", |m| {
         phase_is(Phase::Imaged)(m) && m.status.as_ref().and_then(|s| s.progress) == Some(100)
@@ -154,7 +160,7 @@ async fn crd_machines_phases_tokens_and_events() {
     let imaging = imaging_for(&status, &table, tokens.clone());
     let requested = k8s_openapi::jiff::Timestamp::now();
     let doc = imaging
-        .cloud_init(&token, CloudInitFile::UserData)
+        .cloud_init(served.ip.into(), &token, CloudInitFile::UserData)
         .await
         .expect("user-data served");
     let join_token = join_configuration(&doc.text)["discovery"]["bootstrapToken"]["token"]
@@ -231,7 +237,9 @@ async fn crd_machines_phases_tokens_and_events() {
     wait_for("cluster-info signed with the token", signed(true)).await;
 
     // A second fetch: refused, and raised on the Machine.
-    let replay = imaging.cloud_init(&token, CloudInitFile::UserData).await;
+    let replay = imaging
+        .cloud_init(served.ip.into(), &token, CloudInitFile::UserData)
+        .await;
     assert_eq!(
         replay.err(),
         Some(Refusal::Replayed {

@@ -114,6 +114,7 @@ async fn status_conflict_on_a_stale_resource_version() {
             .status
             .imaging_report(
                 "live-a",
+                served.ip.into(),
                 &token,
                 ProgressReport::Imaging {
                     progress: p,
@@ -277,6 +278,7 @@ async fn the_crd_reapplied_keeps_machines_and_status() {
     status
         .imaging_report(
             "live-a",
+            served.ip.into(),
             &token,
             ProgressReport::Imaging {
                 progress: 42,
@@ -361,7 +363,12 @@ async fn the_crd_reapplied_keeps_machines_and_status() {
     })
     .await;
     status
-        .imaging_report("live-a", &token, ProgressReport::Imaged { message: None })
+        .imaging_report(
+            "live-a",
+            served.ip.into(),
+            &token,
+            ProgressReport::Imaged { message: None },
+        )
         .expect("report");
     watch_machine(&api, "live-a", "Imaged", phase_is(Phase::Imaged)).await;
     println!(
