@@ -95,6 +95,7 @@ else
 fi
 
 # --- scripted client: NAK for a wrong address, ACK for the right one, INFORM, RELEASE -----------
+# (INFORM and RELEASE count only from the client's reserved address, which it names as ciaddr)
 add_client py "$MAC_PY" >/dev/null; C3=pv-cpy-$$
 # An address so the kernel can send to 255.255.255.255; the server does not look at it.
 ip netns exec "$C3" ip addr add "$SUBNET_PREFIX.222/24" dev eth0
@@ -107,12 +108,19 @@ check "REQUEST for another server gets silence" grep -qx 'type=none' "$WORK/othe
 py "$MAC_PY" request --requested "$SUBNET_PREFIX.22" --server-id "$SRV_IP" >"$WORK/ack.out"
 check "REQUEST for the reserved address gets an ACK" grep -qx 'type=ack' "$WORK/ack.out"
 check "the ACK gives the reserved address" grep -qx "yiaddr=$SUBNET_PREFIX.22" "$WORK/ack.out"
-py "$MAC_PY" inform --ciaddr "$SUBNET_PREFIX.222" >"$WORK/inform.out" || true
+py "$MAC_PY" inform --ciaddr "$SUBNET_PREFIX.222" --timeout 1 >"$WORK/inform-foreign.out" || true
+check "INFORM naming another address than the reservation gets silence" grep -qx 'type=none' "$WORK/inform-foreign.out"
+# The client now uses its lease: the reserved address is its only one.
+ip netns exec "$C3" ip addr flush dev eth0
+ip netns exec "$C3" ip addr add "$SUBNET_PREFIX.22/24" dev eth0
+py "$MAC_PY" inform --ciaddr "$SUBNET_PREFIX.22" >"$WORK/inform.out" || true
 # The INFORM ACK is unicast to ciaddr, which this namespace owns.
 check "INFORM gets an ACK without lease time" sh -c \
     "grep -qx type=ack '$WORK/inform.out' && grep -qx yiaddr=0.0.0.0 '$WORK/inform.out' && ! grep -q '^option 51=' '$WORK/inform.out'"
-py "$MAC_PY" release --server-id "$SRV_IP" --timeout 0.5 >"$WORK/release.out"
+py "$MAC_PY" release --server-id "$SRV_IP" --ciaddr "$SUBNET_PREFIX.22" --timeout 0.5 >"$WORK/release.out"
 check "RELEASE gets no reply" grep -qx 'type=none' "$WORK/release.out"
+for _ in $(seq 1 20); do grep -q 'machine=node22.*DhcpReleased' "$WORK/netboot.log" && break; sleep 0.1; done
+check "the client's own RELEASE is recorded" grep -q 'machine=node22.*DhcpReleased' "$WORK/netboot.log"
 
 # --- unknown MAC: nothing -----------------------------------------------------------------------
 add_client unk "$MAC_UNKNOWN" >/dev/null; C4=pv-cunk-$$
@@ -125,6 +133,13 @@ fi
 ip netns exec "$C4" ip addr add "$SUBNET_PREFIX.223/24" dev eth0
 ip netns exec "$C4" python3 "$CLIENT_PY" eth0 "$MAC_UNKNOWN" discover >"$WORK/unknown-py.out"
 check "DISCOVER from an unknown MAC gets no OFFER" grep -qx 'type=none' "$WORK/unknown-py.out"
+# Another host sends node22's RELEASE (its MAC and address, from .223): refused, not recorded.
+released=$(grep -c 'DhcpReleased' "$WORK/netboot.log" || true)
+ip netns exec "$C4" python3 "$CLIENT_PY" eth0 "$MAC_PY" release --server-id "$SRV_IP" \
+    --ciaddr "$SUBNET_PREFIX.22" --timeout 0.5 >/dev/null
+for _ in $(seq 1 20); do grep -q 'DHCP packet refused' "$WORK/netboot.log" && break; sleep 0.1; done
+check "a RELEASE for node22 from another host is refused" grep -q "DHCP packet refused.*NotTheClient" "$WORK/netboot.log"
+check "and not recorded" [ "$(grep -c 'DhcpReleased' "$WORK/netboot.log" || true)" = "$released" ]
 sleep 0.2
 unknown_logs=$(grep -c "no reservation for this MAC" "$WORK/netboot.log" || true)
 check "the unknown MAC is logged once, not per packet ($unknown_logs)" test "$unknown_logs" = 1

@@ -1,7 +1,9 @@
 #!/bin/bash
 # The imaging API of `provisioner netboot`, driven with curl from a client namespace the way
-# stage2 and cloud-init use it: the iPXE script of a machine carries stage2's orders and a
-# token; reports with the token move the machine PXEBooting → Imaging → Imaged (state file);
+# stage2 and cloud-init use it: the machine takes its lease with udhcpc, then the iPXE script of
+# a machine carries stage2's orders and a token (only for its reserved address, after the ACK;
+# the same token when asked again in the same DHCP cycle);
+# reports with the token move the machine PXEBooting → Imaging → Imaged (state file);
 # a wrong token is refused; user-data is served once; the next script boots the local disk;
 # a new spec.reimage value images the machine again. Also `provisioner imageserver` serving a
 # file with Range and ETag. Run as root.
@@ -22,13 +24,14 @@ manifest() {  # REIMAGE
 }
 manifest 1
 cat > "$WORK/provisioner.yaml" <<EOF
+interface: br0
 serverAddress: $SRV_IP
 subnet: $SUBNET_PREFIX.0/24
 routerAdvertisements: false
 bootFiles: {ipxeDir: $WORK/assets, assetsDir: $WORK/assets}
 boot: {kernel: vmlinuz, initrd: stage2.img, cmdline: console=ttyS0}
 image: {url: "http://$SRV_IP:8081/node.raw", sha256: $SHA, size: 4096}
-listen: {dhcp: "$SRV_IP:1067", tftp: "$SRV_IP:1069", http: "$SRV_IP:$PORT"}
+listen: {dhcp: "0.0.0.0:67", tftp: "$SRV_IP:1069", http: "$SRV_IP:$PORT"}
 inventory: {directory: $WORK/machines}
 stateFile: $WORK/state.yaml
 EOF
@@ -36,8 +39,7 @@ start_in_srv netboot "$PROVISIONER" netboot --config "$WORK/provisioner.yaml" >/
 for _ in $(seq 1 100); do grep -q "netboot ready" "$WORK/netboot.log" 2>/dev/null && break; sleep 0.1; done
 check "netboot is ready" grep -q "netboot ready" "$WORK/netboot.log"
 
-client=$(add_client img "$MAC")
-ip netns exec "$client" ip addr add "$SUBNET_PREFIX.20/24" dev eth0
+add_client img "$MAC" >/dev/null; client=pv-cimg-$$
 c() { ip netns exec "$client" curl -sS --max-time 10 "$@"; }
 phase() { sed -n '/^  node2:/,/^  [^ ]/p' "$WORK/state.yaml" 2>/dev/null | sed -n 's/^    phase: //p'; }
 wait_phase() {  # PHASE: the state file says so within 5 s
@@ -51,8 +53,18 @@ report() {  # TOKEN JSON: prints the status code
         -H 'Content-Type: application/json' --data "$2" "$BASE/report/$HMAC"
 }
 
+# The reserved address set by hand, no DHCP: no token.
+ip netns exec "$client" ip addr add "$SUBNET_PREFIX.20/24" dev eth0
+code=$(c -o "$WORK/no-ack" -w '%{http_code}' "$BASE/ipxe/$HMAC" || true)
+check "no imaging script before the machine's DHCP ACK (403, got $code)" bash -c "[ '$code' = 403 ] && grep -q 'no recent DHCP lease' '$WORK/no-ack'"
+check "udhcpc takes the reserved lease" udhcpc_bind "$client"
+check "the client has its reserved address" bash -c "ip netns exec '$client' ip -4 addr show eth0 | grep -q 'inet $SUBNET_PREFIX.20/'"
+code=$(in_srv curl -sS --max-time 10 -o /dev/null -w '%{http_code}' "$BASE/ipxe/$HMAC" || true)
+check "another address gets no imaging script after the ACK (403, got $code)" [ "$code" = 403 ]
 c -o "$WORK/script" "$BASE/ipxe/$HMAC"
 TOKEN=$(grep -o 'provisioner\.token=[^ ]*' "$WORK/script" | cut -d= -f2)
+c -o "$WORK/script-again" "$BASE/ipxe/$HMAC"
+check "a repeated request in the same DHCP cycle gets the same token" cmp -s "$WORK/script" "$WORK/script-again"
 check "the imaging script boots stage2 with its orders" grep -q "^kernel $BASE/assets/vmlinuz initrd=stage2.img console=ttyS0 provisioner.url=$BASE provisioner.token=[0-9a-f]\{64\} provisioner.image=http://$SRV_IP:8081/node.raw provisioner.sha256=$SHA provisioner.image_size=4096\$" "$WORK/script"
 check "the token is 64 hex digits" grep -qE '^[0-9a-f]{64}$' <<<"$TOKEN"
 check "phase PXEBooting after the script" wait_phase PXEBooting
@@ -106,6 +118,7 @@ check "a joining report with a wrong token gets 403" [ "$(report "$WRONG" '{"pha
 manifest 2
 check "spec.reimage change sends node2 back to Pending" wait_phase Pending
 check "the old token is refused after the reimage request" [ "$(report "$TOKEN" '{"phase":"imaged"}')" = 403 ]
+check "the machine boots from the network again: a new DHCP ACK" udhcpc_bind "$client"
 c -o "$WORK/script3" "$BASE/ipxe/$HMAC"
 TOKEN2=$(grep -o 'provisioner\.token=[^ ]*' "$WORK/script3" | cut -d= -f2)
 check "the reimage script carries a new token" bash -c "[ -n '$TOKEN2' ] && [ '$TOKEN2' != '$TOKEN' ]"

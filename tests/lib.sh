@@ -70,6 +70,21 @@ add_client() {
     echo "$ns"
 }
 
+# udhcpc_bind NS: busybox udhcpc in client namespace NS takes a lease (netboot must answer DHCP on
+# :67 in the server namespace) and puts its address on eth0, as a booting machine does; fails
+# without a lease. netboot hands a machine its imaging token only after such an ACK, and only
+# to its reserved address.
+udhcpc_bind() {
+    local script=$WORK/udhcpc-bind.sh
+    if [ ! -x "$script" ]; then
+        printf '%s\n' '#!/bin/sh' \
+            'case "$1" in bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/${mask:-24}" dev "$interface" ;; esac' \
+            >"$script"
+        chmod +x "$script"
+    fi
+    ip netns exec "$1" busybox udhcpc -i eth0 -q -n -f -t 5 -T 1 -s "$script" >/dev/null 2>&1
+}
+
 # add_tap NAME: a tap on br0 for a QEMU guest (QEMU must run in the server namespace).
 add_tap() {
     in_srv ip tuntap add dev "$1" mode tap

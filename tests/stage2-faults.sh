@@ -83,9 +83,16 @@ message() {
     sed -n "/^  $1:/,/^  [^ ]/p" "$WORK/state.yaml" 2>/dev/null \
         | sed -n '/^    message:/,/^    [a-zA-Z]/p' | sed '$d; s/^    message: //; s/^|-$//; s/^ *//' | tr '\n' ' '
 }
-# orders_cmdline MAC: the kernel command line of the machine's imaging script, fetched as iPXE does
+# orders_cmdline MAC: the kernel command line of the machine's imaging script, fetched as iPXE
+# does: netboot gives it only to the machine's reserved address after a DHCP ACK, so a client
+# namespace with the machine's MAC takes the lease and asks; it is gone before the VM with the
+# same MAC starts.
 orders_cmdline() {
-    in_srv curl -sf "http://$SRV_IP:$BOOT_HTTP_PORT/ipxe/${1//:/-}" | sed -n 's/^kernel [^ ]* initrd=[^ ]* //p'
+    local name="ord${1##*:}" ns="pv-cord${1##*:}-$$"
+    add_client "$name" "$1" >/dev/null
+    udhcpc_bind "$ns" && ip netns exec "$ns" curl -sf "http://$SRV_IP:$BOOT_HTTP_PORT/ipxe/${1//:/-}" \
+        | sed -n 's/^kernel [^ ]* initrd=[^ ]* //p'
+    ip netns del "$ns"
 }
 all_zero() { [ "$(tr -d '\0' < "$1" | head -c 1 | wc -c)" = 0 ]; }
 seconds_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
