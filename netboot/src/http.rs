@@ -910,4 +910,21 @@ mod tests {
         }
         assert_eq!(decode_path("a..b/..c"), Ok("a..b/..c".into()));
     }
+
+    #[test]
+    fn logged_paths_hide_tokens_and_are_cut() {
+        assert_eq!(
+            loggable_path("/nocloud/0123456789abcdef0123/user-data"),
+            "/nocloud/<token>/user-data"
+        );
+        assert_eq!(loggable_path("/assets/vmlinuz"), "/assets/vmlinuz");
+        let long = format!("/assets/{}", "é".repeat(3000));
+        let logged = loggable_path(&long);
+        assert!(logged.len() < LOGGED_PATH_MAX + 32, "{}", logged.len());
+        assert!(
+            logged.ends_with(&format!("… ({} bytes)", long.len())),
+            "{logged}"
+        );
+        assert!(long.starts_with(logged.trim_end_matches(|c| c != '…').trim_end_matches('…')));
+    }
 }
