@@ -5,11 +5,12 @@
 # node3's MAC (netboot ACKs it: anyone can), then asks for node3's iPXE script: no token. With
 # node3's real token (as if sniffed) it can neither report nor fetch meta-data or user-data.
 # The real node3 (a client namespace with its MAC) takes its lease with udhcpc and, from its
-# address, gets its script and token, reports Imaging → Imaged and fetches its user-data once,
-# while the attacker floods HTTP (user-data requests with node3's token), DHCP (DISCOVERs with node3's MAC,
-# relayed packets from an address that is no configured relay, forged RELEASEs) and TFTP (write
-# requests). netboot logs to a stand-in for journald's socket that drops records the way
-# journald's default rate limit does (10000 per 30 s): every phase record must still be there.
+# address, gets its script and token, reports Imaging while the attacker floods HTTP (user-data
+# requests with node3's token), DHCP (DISCOVERs with node3's MAC, relayed packets from an address
+# that is no configured relay, forged RELEASEs) and TFTP (write requests), then Imaged and fetches
+# its user-data once right after the floods. netboot logs to a stand-in for journald's socket
+# that drops records the way journald's default rate limit does (10000 per 30 s): every phase
+# record must still be there (without netboot's own limits the floods' lines exceed that).
 # Each refused HTTP request is either logged or counted in a "suppressed" line; the lines
 # logged stay within their budgets for the time the floods took. Prints a table of the attacks.
 # Run as root after `cargo build -p agent`. Packages: busybox-static, curl, python3.
@@ -17,7 +18,7 @@ TEST_NAME=attack-hijack
 . "$(dirname "$0")/lib.sh"
 
 [ -x "$PROVISIONER" ] || { echo "FAIL $TEST_NAME: $PROVISIONER not built (cargo build -p agent)"; exit 1; }
-N_HTTP=${N_HTTP:-3000}
+N_HTTP=${N_HTTP:-8000}
 N_DHCP=${N_DHCP:-5000}
 N_RELEASE=${N_RELEASE:-500}
 N_TFTP=${N_TFTP:-2000}
@@ -172,21 +173,25 @@ p_rls=$!
 atk python3 "$WORK/flood.py" wrq "$N_TFTP" "$MAC" "$SRV_IP" >"$WORK/flood-wrq.out" &
 p_wrq=$!
 
-# node3 provisions meanwhile, from its own address.
+# node3 provisions meanwhile, from its own address: Imaging during the floods, Imaged and its
+# user-data right after them, when (without rate limits) the floods' lines would have used up
+# journald's budget of the current 30 s.
 legit_ok=0
-for body in '{"phase":"imaging","progress":30}' '{"phase":"imaging","progress":60}' \
-    '{"phase":"imaging","progress":100}' '{"phase":"imaged"}'; do
+for body in '{"phase":"imaging","progress":30}' '{"phase":"imaging","progress":60}'; do
     [ "$(report "$VICTIM" "$TOKEN" "$body")" = 204 ] && legit_ok=$((legit_ok + 1))
 done
-check "node3's four reports are accepted during the floods ($legit_ok/4)" [ "$legit_ok" = 4 ]
+check "node3 is Imaging during the floods" wait_phase Imaging
+wait "$p_http" "$p_disc" "$p_rel" "$p_rls" "$p_wrq" || true
+flood_end=$(date +%s.%N)
+for body in '{"phase":"imaging","progress":100}' '{"phase":"imaged"}'; do
+    [ "$(report "$VICTIM" "$TOKEN" "$body")" = 204 ] && legit_ok=$((legit_ok + 1))
+done
+check "node3's four reports are accepted, during and after the floods ($legit_ok/4)" [ "$legit_ok" = 4 ]
 check "node3 is Imaged" wait_phase Imaged
 code=$(http_code "$VICTIM" "$BASE/nocloud/$TOKEN/user-data")
 check "node3 gets its user-data from its address (200, got $code)" bash -c "[ '$code' = 200 ] && head -1 '$WORK/body' | grep -qx '#cloud-config'"
 code=$(http_code "$VICTIM" "$BASE/nocloud/$TOKEN/user-data"); refused
 check "node3's user-data is served once (second fetch 403, got $code)" [ "$code" = 403 ]
-
-wait "$p_http" "$p_disc" "$p_rel" "$p_rls" "$p_wrq" || true
-flood_end=$(date +%s.%N)
 flood_s=$(awk -v a="$flood_start" -v b="$flood_end" 'BEGIN{printf "%.1f", b-a}')
 http_403=$(grep -cx 403 "$WORK/flood-http.codes" || true)
 http_all=$(wc -l <"$WORK/flood-http.codes")
