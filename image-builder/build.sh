@@ -254,6 +254,8 @@ stage_rootfs() {
     mkdir -p "$ROOT/etc/cloud/cloud.cfg.d"
     printf '# image-builder: NoCloud only (stage2 writes the drop-in that points at netboot)\ndatasource_list: [NoCloud, None]\n' \
         > "$ROOT/etc/cloud/cloud.cfg.d/90-provisioner-datasource.cfg"
+    # The image has no locales: cloud-init's locale module would generate nothing and fail.
+    printf 'locale: false\n' > "$ROOT/etc/cloud/cloud.cfg.d/91-provisioner-no-locale.cfg"
     # Without an SSH server cloud-init's host key generation only fails noisily.
     [ -x "$ROOT/usr/sbin/sshd" ] || printf 'ssh_genkeytypes: []\n' > "$ROOT/etc/cloud/cloud.cfg.d/91-provisioner-no-sshd.cfg"
     profile_customize "$ROOT"

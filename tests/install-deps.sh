@@ -22,6 +22,7 @@ PACKAGES=(
     python3-jsonpatch python3-netifaces python3-oauthlib python3-serial
     syslinux syslinux-common           # the same image boots under BIOS (gptmbr.bin, ldlinux via mtools)
     mmdebstrap                         # image builder (tests/image-build.sh): the rootfs from the host's apt sources
+    umoci                              # image builder, kubeadm profiles: OCI archives of the control-plane images
     openssl pkg-config libssl-dev libzstd-dev   # stage2-write bench: image data; building coreos-installer
     fio                                # stage2-write bench: the device written alone, several writes in flight
 )
