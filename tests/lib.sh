@@ -39,11 +39,17 @@ start_in_srv() {
 }
 
 stop_pid() {
-    local pid=$1
-    kill "$pid" 2>/dev/null || return 0
-    local i
-    for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.05; done
-    kill -9 "$pid" 2>/dev/null || true
+    local pid=$1 child
+    # A wrapper's children are ours too (tests/serial-ts.py runs QEMU in a session of its own):
+    # if the wrapper has to be killed before it could stop them, they would outlive the test.
+    local children
+    children=$(pgrep -P "$pid" 2>/dev/null || true)
+    if kill "$pid" 2>/dev/null; then
+        local i
+        for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+        kill -9 "$pid" 2>/dev/null || true
+    fi
+    for child in $children; do stop_pid "$child"; done
 }
 
 netns_up() {
