@@ -117,6 +117,12 @@ systemctl --root="$ROOT" disable netboot.path >/dev/null 2>&1 || true
 systemctl --root="$ROOT" enable netboot.service >/dev/null 2>&1
 # The image's cloud-init has no datasource here (the two-VM test gives it one).
 [ -d "$ROOT/etc/cloud" ] && touch "$ROOT/etc/cloud/cloud-init.disabled"
+# A kubeadm image's container runtime and Kubernetes units are for the VMs of
+# tests/cluster-flow.sh; in a container they would only slow the boot down.
+for unit in containerd.service kubelet.service provisioner-kubernetes-images.service provisioner-pod-network.path; do
+    [ -e "$ROOT/usr/lib/systemd/system/$unit" ] || [ -e "$ROOT/lib/systemd/system/$unit" ] || continue
+    systemctl --root="$ROOT" mask "$unit" >/dev/null 2>&1 || true
+done
 check "systemctl enable netboot enables netboot.path only" bash -c "
     [ -L '$ROOT/etc/systemd/system/multi-user.target.wants/netboot.path' ] &&
     ! ls '$ROOT'/etc/systemd/system/*.wants/ | grep -Eq '^netboot(\.service|-.*\.socket)$'"
