@@ -52,7 +52,7 @@ check "tmpfiles entry creates /etc/provisioner/machines" bash -c "
     systemd-tmpfiles --root='$WORK/sysroot' --create '$REPO/units/provisioner.tmpfiles.conf' &&
     [ -d '$WORK/sysroot/etc/provisioner/machines' ]"
 
-for unit in netboot.service; do
+for unit in netboot.service provisioner-pod-network.service; do
     table=$(systemd-analyze security --offline=true --no-pager "$WORK/units/$unit" 2>&1) || true
     printf '%s\n' "$table" | grep -v '^✓'
     level=$(sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p' <<<"$table")
