@@ -249,7 +249,7 @@ pub async fn run(
 /// The CRD step on start: apply it (when allowed), else check one is installed. A missing CRD
 /// is reported in `STATUS=` and checked again every 30 s; an unreachable API server is retried
 /// with back-off.
-async fn crd_step(
+pub(crate) async fn crd_step(
     client: Client,
     install: bool,
     api_state: Arc<ApiState>,
@@ -261,6 +261,16 @@ async fn crd_step(
             Ok(install::CrdState::Missing(problem)) => {
                 tracing::error!("{problem}");
                 api_state.set_problem(Some(problem));
+                Duration::from_secs(30)
+            }
+            // Asked to install it, but neither installing nor reading it was allowed: the
+            // permissions may not be in place yet. `kubeadm init` writes admin.conf (which
+            // starts netboot) minutes before it binds that user to cluster-admin, so try again
+            // instead of serving without a CRD for good.
+            Ok(install::CrdState::Unverified) if install => {
+                tracing::info!(
+                    "not allowed to install or read the Machine CRD yet: trying again in 30 s"
+                );
                 Duration::from_secs(30)
             }
             Ok(_) => {

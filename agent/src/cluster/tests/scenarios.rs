@@ -1081,6 +1081,35 @@ async fn the_crd_is_applied_on_start() {
     assert_eq!(task.await.expect("joined").expect("ok"), CrdState::Applied);
 }
 
+/// `kubeadm init` writes admin.conf (which starts netboot) minutes before it binds that user to
+/// cluster-admin: a start step refused both the apply and the read tries again, and applies the
+/// CRD once it may.
+#[tokio::test(start_paused = true)]
+async fn a_crd_step_refused_at_first_applies_the_crd_once_allowed() {
+    use kube::CustomResourceExt as _;
+    let (service, mut api) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let state = Arc::new(crate::cluster::ApiState::default());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(crate::cluster::crd_step(
+        client,
+        true,
+        state.clone(),
+        shutdown.clone(),
+    ));
+    let apply = format!("{CRD_PATH}?&force=true&fieldManager=provisioner");
+    let (_, send) = expect_request(&mut api, Method::PATCH, &apply).await;
+    respond_error(send, 403, "Forbidden");
+    let (_, send) = expect_request(&mut api, Method::GET, CRD_PATH).await;
+    respond_error(send, 403, "Forbidden");
+    // Paused time: the step's 30 s wait passes as soon as nothing else is left to do.
+    let (body, send) = expect_request(&mut api, Method::PATCH, &apply).await;
+    assert_eq!(body["kind"], "CustomResourceDefinition");
+    respond(send, &Machine::crd());
+    task.await.expect("the step ends once the CRD is applied");
+    assert_eq!(state.problem(), None);
+}
+
 #[tokio::test]
 async fn a_forbidden_crd_apply_uses_the_installed_crd() {
     use kube::CustomResourceExt as _;
