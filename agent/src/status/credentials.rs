@@ -3,20 +3,15 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use netboot::lograte::LogLimit;
 use netboot::provisioning::{canonical_peer, ProgressReport, Refusal};
 use netboot::Machine;
 use zeroize::Zeroizing;
 
+use super::journal;
 use super::phase::{MachineStatus, Phase};
 use super::store::{now_usec, Inner, Report, StatusStore};
-
-/// Budget of the per-request warnings about refused user-data fetches (the phase records are
-/// never limited).
-static REPLAY_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new("user-data replay", 1, 20));
 
 /// A machine's DHCP cycles, kept in memory only.
 #[derive(Default)]
@@ -100,7 +95,7 @@ impl StatusStore {
             status.user_data_replayed_usec = 0;
         });
         self.persist_now();
-        tracing::info!(machine = %machine.name, mac = %machine.mac, ip = %machine.ip, "provisioning token issued");
+        journal::token_issued(machine);
     }
 
     /// netboot acknowledged the DHCP lease of the machine called `name` at `at`: a new DHCP
@@ -397,8 +392,8 @@ impl StatusStore {
         });
         self.persist_now();
         if replay {
-            if let Some(status) = self.get(&name).filter(|_| REPLAY_LOG.allow()) {
-                tracing::warn!(machine = %status.name, mac = %status.mac, ip = %status.ip, phase = %status.phase, "user-data requested again with an already used token: refused");
+            if let Some(status) = self.get(&name) {
+                journal::user_data_replayed(&status);
             }
             return Err(Refusal::Replayed { machine: name });
         }

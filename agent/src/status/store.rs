@@ -11,7 +11,7 @@ use netboot::{BootEvent, MacAddr, Machine};
 use tokio::sync::{broadcast, Notify};
 
 use super::credentials::{Credentials, Lease};
-use super::journal::log_phase_change;
+use super::journal;
 use super::phase::{summary, MachineStatus, Phase};
 use super::state_file::{read_state, StoredMachine};
 
@@ -321,17 +321,17 @@ impl StatusStore {
             match &change {
                 Change::Updated { before, after } if before.phase != after.phase => {
                     urgent = true;
-                    log_phase_change(Some(before.phase), after);
+                    journal::phase_changed(Some(before.phase), after);
                 }
                 Change::Updated { .. } => {}
                 Change::Added(status) => {
                     urgent = true;
                     // A machine restored mid-provisioning says so; a new one is Pending.
-                    log_phase_change(None, status);
+                    journal::phase_changed(None, status);
                 }
                 Change::Removed(status) => {
                     urgent = true;
-                    tracing::info!(machine = %status.name, mac = %status.mac, ip = %status.ip, phase = %status.phase, "machine left the inventory");
+                    journal::left_inventory(status);
                 }
             }
             // No subscriber (yet) is fine: they read a snapshot when they start.
