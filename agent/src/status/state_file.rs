@@ -1,16 +1,18 @@
 //! The state file: the table and the credentials' hashes, written atomically after changes and
 //! read back on start, so that a restart in the middle of provisioning resumes where it was.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use netboot::{MacAddr, Machine};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::phase::Phase;
+use super::credentials::Credentials;
+use super::phase::{MachineStatus, Phase};
 use super::store::StatusStore;
 
 /// Minimum time between two state file writes caused by `last_seen` alone; a phase change is
@@ -22,30 +24,30 @@ const PERSIST_COALESCE: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(super) struct StoredMachine {
-    pub(super) mac_address: String,
-    pub(super) phase: Phase,
+    mac_address: String,
+    phase: Phase,
     #[serde(default)]
-    pub(super) progress: u8,
+    progress: u8,
     #[serde(default)]
-    pub(super) message: String,
+    message: String,
     #[serde(default)]
-    pub(super) last_seen_usec: u64,
+    last_seen_usec: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
-    pub(super) user_data_replayed_usec: u64,
+    user_data_replayed_usec: u64,
     /// sha256 of the current provisioning token (hex); the token itself is never stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) token_sha256: Option<String>,
+    token_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub(super) user_data_served: bool,
+    user_data_served: bool,
     /// The last `spec.reimage` value seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) reimage: Option<String>,
+    reimage: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub(super) struct StateFile {
-    pub(super) machines: BTreeMap<String, StoredMachine>,
+struct StateFile {
+    machines: BTreeMap<String, StoredMachine>,
 }
 
 fn is_zero(value: &u64) -> bool {
@@ -157,7 +159,52 @@ pub fn default_state_file() -> Option<PathBuf> {
     dir.is_dir().then(|| dir.join("state.yaml"))
 }
 
-pub(super) fn read_state(path: &Path) -> anyhow::Result<Option<StateFile>> {
+/// What an earlier run wrote to `path`, by machine name. A missing file is a first start; an
+/// unreadable one is logged and ignored (statuses start over at Pending rather than the daemon
+/// refusing to serve).
+pub(super) fn restore(path: &Path) -> HashMap<String, StoredMachine> {
+    match read_state(path) {
+        Ok(Some(state)) => {
+            tracing::info!(file = %path.display(), machines = state.machines.len(), "restored machine status");
+            state.machines.into_iter().collect()
+        }
+        Ok(None) => HashMap::new(),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), "ignoring the state file: {e:#}");
+            HashMap::new()
+        }
+    }
+}
+
+impl StoredMachine {
+    /// The status and credentials `machine` resumes with. A name given to other hardware starts
+    /// over at Pending with no token; only its last `spec.reimage` value is kept.
+    pub(super) fn restore(self, machine: &Machine) -> (MachineStatus, Credentials) {
+        let mut status = MachineStatus::pending(machine);
+        let same_hardware = self.mac_address.parse::<MacAddr>() == Ok(machine.mac);
+        if same_hardware {
+            status.phase = self.phase;
+            status.progress = self.progress.min(100);
+            status.message = self.message;
+            status.last_seen_usec = self.last_seen_usec;
+            status.user_data_replayed_usec = self.user_data_replayed_usec;
+        }
+        let token_sha256 = self
+            .token_sha256
+            .as_deref()
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|h| <[u8; 32]>::try_from(h).ok())
+            .filter(|_| same_hardware);
+        let credentials = Credentials {
+            token_sha256,
+            user_data_served: same_hardware && self.user_data_served,
+            reimage: self.reimage,
+        };
+        (status, credentials)
+    }
+}
+
+fn read_state(path: &Path) -> anyhow::Result<Option<StateFile>> {
     use anyhow::Context;
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,

@@ -13,7 +13,7 @@ use tokio::sync::{broadcast, Notify};
 use super::credentials::{Credentials, Lease};
 use super::journal;
 use super::phase::{summary, MachineStatus, Phase};
-use super::state_file::{read_state, StoredMachine};
+use super::state_file::{restore, StoredMachine};
 
 /// One change of the table, as sent to subscribers.
 #[derive(Debug, Clone)]
@@ -84,17 +84,10 @@ impl StatusStore {
     /// A missing file is a first start; an unreadable one is logged and ignored (statuses start
     /// over at Pending rather than the daemon refusing to serve).
     pub fn open(state_file: Option<PathBuf>) -> Arc<StatusStore> {
-        let mut inner = Inner::default();
-        if let Some(path) = &state_file {
-            match read_state(path) {
-                Ok(Some(state)) => {
-                    tracing::info!(file = %path.display(), machines = state.machines.len(), "restored machine status");
-                    inner.restored = state.machines.into_iter().collect();
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(file = %path.display(), "ignoring the state file: {e:#}"),
-            }
-        }
+        let inner = Inner {
+            restored: state_file.as_deref().map(restore).unwrap_or_default(),
+            ..Inner::default()
+        };
         let (changes, _) = broadcast::channel(CHANGE_CHANNEL);
         Arc::new(StatusStore {
             inner: Mutex::new(inner),
@@ -185,32 +178,14 @@ impl StatusStore {
                         });
                     }
                     None => {
-                        let mut status = MachineStatus::pending(machine);
-                        if let Some(stored) = inner.restored.remove(&machine.name) {
-                            let same_hardware =
-                                stored.mac_address.parse::<MacAddr>() == Ok(machine.mac);
-                            if same_hardware {
-                                status.phase = stored.phase;
-                                status.progress = stored.progress.min(100);
-                                status.message = stored.message;
-                                status.last_seen_usec = stored.last_seen_usec;
-                                status.user_data_replayed_usec = stored.user_data_replayed_usec;
+                        let status = match inner.restored.remove(&machine.name) {
+                            Some(stored) => {
+                                let (status, credentials) = stored.restore(machine);
+                                inner.credentials.insert(machine.name.clone(), credentials);
+                                status
                             }
-                            let token_sha256 = stored
-                                .token_sha256
-                                .as_deref()
-                                .and_then(|h| hex::decode(h).ok())
-                                .and_then(|h| <[u8; 32]>::try_from(h).ok())
-                                .filter(|_| same_hardware);
-                            inner.credentials.insert(
-                                machine.name.clone(),
-                                Credentials {
-                                    token_sha256,
-                                    user_data_served: same_hardware && stored.user_data_served,
-                                    reimage: stored.reimage,
-                                },
-                            );
-                        }
+                            None => MachineStatus::pending(machine),
+                        };
                         inner.machines.insert(machine.name.clone(), status.clone());
                         changes.push(Change::Added(status));
                     }
