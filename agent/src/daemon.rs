@@ -2,10 +2,12 @@
 //! sockets passed by systemd or bound from the configuration.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use ipnet::Ipv4Net;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
@@ -89,148 +91,234 @@ fn status_line(summary: &str, sockets: &[(&str, String)]) -> String {
     format!("serving {summary}; {}", listening.join(", "))
 }
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let sockets = sockets(&config)?;
-    let http_port = sockets.http.local_addr()?.port();
-    let endpoints = vec![
-        ("DHCP", sockets.dhcp.local_addr()?.to_string()),
-        ("TFTP", sockets.tftp.local_addr()?.to_string()),
-        ("HTTP", sockets.http.local_addr()?.to_string()),
-    ];
+/// Where the machines come from, chosen once from `inventory:`.
+enum InventorySource {
+    /// A folder of Machine manifests, loaded before READY=1 and watched from then on.
+    Folder {
+        dir: PathBuf,
+        watch: inventory::FolderWatch,
+    },
+    /// The cluster's Machines: the client (the API server is not contacted yet) and the
+    /// bootstrap tokens that user-data's kubeadm join parameters come from.
+    Cluster {
+        client: kube::Client,
+        tokens: Arc<cluster::join::BootstrapTokens>,
+    },
+}
 
-    let mut reserved: Vec<Ipv4Addr> = vec![config.server_address];
-    reserved.extend(config.gateway);
-    let store = StatusStore::open(
-        config
-            .state_file
-            .clone()
-            .or_else(status::default_state_file),
-    );
-    let table = Arc::new(Table::with_status(store.clone()));
-    // The folder is loaded before READY=1; the cluster's Machines arrive once the API server
-    // answers (until then nothing is served, and the controller says so in the log).
-    let folder = match &config.inventory {
-        Inventory::Directory(dir) => {
-            let watch = inventory::FolderWatch::start(dir);
-            inventory::reload(&table, dir, config.subnet, &reserved)
-                .with_context(|| format!("inventory.directory: cannot read {}", dir.display()))?;
-            Some((dir.clone(), watch))
-        }
-        Inventory::Kubernetes { .. } => None,
-    };
-    let api_state = Arc::new(cluster::ApiState::default());
-
-    let shutdown = CancellationToken::new();
-    let base_url = match http_port {
-        80 => format!("http://{}", config.server_address),
-        port => format!("http://{}:{port}", config.server_address),
-    };
-    let dhcp_settings = Arc::new(netboot::dhcp::DhcpSettings {
-        server_ip: config.server_address,
-        subnet: config.subnet,
-        gateway: config.gateway,
-        dns_servers: config.dns_servers.clone(),
-        lease_time: config.lease_time,
-        bios_loader: config.boot_files.bios_loader.clone(),
-        uefi_loader: config.boot_files.uefi_loader.file_name().to_string(),
-        http_base: base_url.clone(),
-        relays: config.dhcp_relays.clone(),
-    });
-    let tftp_settings = Arc::new(netboot::tftp::TftpSettings::new(
-        config.boot_files.ipxe_dir.clone(),
-    ));
-    let http_settings = Arc::new(netboot::http::HttpSettings {
-        boot_dir: config.boot_files.ipxe_dir.clone(),
-        assets_dir: config.boot_files.assets_dir.clone(),
-        script: netboot::ipxe::ScriptSettings {
-            kernel: config.boot.kernel.clone(),
-            initrd: config.boot.initrd.clone(),
-            cmdline: config.boot.cmdline.clone(),
-        },
-        base_url: base_url.clone(),
-    });
-
-    let machines: Arc<dyn netboot::MachineLookup> = table.clone();
-    if let Some(image) = &config.image {
-        tracing::info!(image = %image.url, local_boot = ?config.boot.local_boot, "imaging machines");
-    }
-    let kubeconfig = match &config.inventory {
-        Inventory::Kubernetes {
-            kubeconfig: Some(path),
-        } => Some(path.clone()),
-        // `kubernetes: true` under netboot.service: the kubeconfig systemd passed as the
-        // credential `kubeconfig` (LoadCredential=), which the service user may read while the
-        // file it comes from is root's; else the in-cluster or default configuration.
-        Inventory::Kubernetes { kubeconfig: None } => {
-            let credential = systemd::credential("kubeconfig");
-            if let Some(path) = &credential {
-                tracing::info!(kubeconfig = %path.display(), "using the kubeconfig credential");
+impl InventorySource {
+    /// Loads the folder into `table`, or makes the cluster's client. The cluster's Machines
+    /// arrive once the API server answers (until then nothing is served, and the controller says
+    /// so in the log).
+    async fn open(
+        config: &Config,
+        settings: &ServerSettings,
+        table: &Table,
+        store: &Arc<StatusStore>,
+    ) -> anyhow::Result<InventorySource> {
+        match &config.inventory {
+            Inventory::Directory(dir) => {
+                // Watching starts before the first load: no change in between can be missed.
+                let watch = inventory::FolderWatch::start(dir);
+                inventory::reload(table, dir, config.subnet, &settings.reserved).with_context(
+                    || format!("inventory.directory: cannot read {}", dir.display()),
+                )?;
+                Ok(InventorySource::Folder {
+                    dir: dir.clone(),
+                    watch,
+                })
             }
-            credential
+            Inventory::Kubernetes { kubeconfig } => {
+                let kubeconfig = kubeconfig.clone().or_else(kubeconfig_credential);
+                let (client, facts) = cluster::connect(kubeconfig.as_deref())
+                    .await
+                    .context("inventory")?;
+                let tokens = Arc::new(cluster::join::BootstrapTokens::new(
+                    client.clone(),
+                    store.clone(),
+                    cluster::join::JoinSettings {
+                        token_ttl: config.cluster.bootstrap_token_ttl,
+                        api_endpoint: config.cluster.api_endpoint.clone(),
+                    },
+                    facts,
+                ));
+                Ok(InventorySource::Cluster { client, tokens })
+            }
         }
-        Inventory::Directory(_) => None,
-    };
-    // The cluster's client (files only, the API server is not contacted yet) and the bootstrap
-    // tokens that user-data's kubeadm join parameters come from.
-    let cluster = match &config.inventory {
-        Inventory::Kubernetes { .. } => {
-            let (client, facts) = cluster::connect(kubeconfig.as_deref())
-                .await
-                .context("inventory")?;
-            let tokens = Arc::new(cluster::join::BootstrapTokens::new(
-                client.clone(),
-                store.clone(),
-                cluster::join::JoinSettings {
-                    token_ttl: config.cluster.bootstrap_token_ttl,
-                    api_endpoint: config.cluster.api_endpoint.clone(),
-                },
-                facts,
-            ));
-            Some((client, tokens))
+    }
+
+    /// Where user-data's kubeadm join parameters come from: none without a cluster.
+    fn join(&self) -> Arc<dyn cluster::join::JoinSource> {
+        match self {
+            InventorySource::Cluster { tokens, .. } => tokens.clone(),
+            InventorySource::Folder { .. } => Arc::new(cluster::join::NoJoin),
         }
-        Inventory::Directory(_) => None,
-    };
-    let join: Arc<dyn cluster::join::JoinSource> = match &cluster {
-        Some((_, tokens)) => tokens.clone(),
-        None => Arc::new(cluster::join::NoJoin),
-    };
-    let provisioning: Arc<dyn netboot::Provisioning> = Arc::new(
-        Imaging::new(
-            store.clone(),
-            table.clone(),
-            config.image.clone(),
-            config.boot.local_boot,
-        )
-        .with_cloud_init(NodeCloudInit {
-            hooks: config.cloud_init.clone(),
+    }
+
+    /// The folder SIGHUP re-reads (the cluster inventory is always current).
+    fn folder(&self) -> Option<PathBuf> {
+        match self {
+            InventorySource::Folder { dir, .. } => Some(dir.clone()),
+            InventorySource::Cluster { .. } => None,
+        }
+    }
+
+    /// Keeps `table` in step with the source until `shutdown`: the folder watch, or the Machine
+    /// controller.
+    fn spawn(
+        self,
+        config: &Config,
+        settings: &ServerSettings,
+        table: Arc<Table>,
+        store: Arc<StatusStore>,
+        api_state: Arc<cluster::ApiState>,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        match self {
+            InventorySource::Folder { dir, watch } => tokio::spawn(inventory::watch(
+                watch,
+                table,
+                dir,
+                config.subnet,
+                settings.reserved.clone(),
+                INVENTORY_RESCAN,
+                shutdown,
+            )),
+            InventorySource::Cluster { client, tokens } => {
+                let rules = cluster::AddressRules {
+                    subnet: config.subnet,
+                    reserved: settings.reserved.clone(),
+                };
+                let options = cluster::Options {
+                    install_crd: config.cluster.install_crd,
+                    tokens: Some(tokens),
+                };
+                tokio::spawn(cluster::run(
+                    client, table, store, rules, api_state, options, shutdown,
+                ))
+            }
+        }
+    }
+}
+
+/// `kubernetes: true` under netboot.service: the kubeconfig systemd passed as the credential
+/// `kubeconfig` (LoadCredential=), which the service user may read while the file it comes from
+/// is root's; else (`None`) the in-cluster or default configuration.
+fn kubeconfig_credential() -> Option<PathBuf> {
+    let credential = systemd::credential("kubeconfig");
+    if let Some(path) = &credential {
+        tracing::info!(kubeconfig = %path.display(), "using the kubeconfig credential");
+    }
+    credential
+}
+
+/// What the servers are told, built once from the configuration.
+struct ServerSettings {
+    /// `http://server[:port]`: where iPXE, stage2 and cloud-init reach the HTTP server.
+    base_url: String,
+    /// Addresses no machine may take: the server's own and the gateway.
+    reserved: Vec<Ipv4Addr>,
+    dhcp: Arc<netboot::dhcp::DhcpSettings>,
+    tftp: Arc<netboot::tftp::TftpSettings>,
+    http: Arc<netboot::http::HttpSettings>,
+}
+
+impl ServerSettings {
+    fn new(config: &Config, http_port: u16) -> ServerSettings {
+        let mut reserved: Vec<Ipv4Addr> = vec![config.server_address];
+        reserved.extend(config.gateway);
+        let base_url = match http_port {
+            80 => format!("http://{}", config.server_address),
+            port => format!("http://{}:{port}", config.server_address),
+        };
+        let dhcp = Arc::new(netboot::dhcp::DhcpSettings {
+            server_ip: config.server_address,
+            subnet: config.subnet,
+            gateway: config.gateway,
+            dns_servers: config.dns_servers.clone(),
+            lease_time: config.lease_time,
+            bios_loader: config.boot_files.bios_loader.clone(),
+            uefi_loader: config.boot_files.uefi_loader.file_name().to_string(),
+            http_base: base_url.clone(),
+            relays: config.dhcp_relays.clone(),
+        });
+        let tftp = Arc::new(netboot::tftp::TftpSettings::new(
+            config.boot_files.ipxe_dir.clone(),
+        ));
+        let http = Arc::new(netboot::http::HttpSettings {
+            boot_dir: config.boot_files.ipxe_dir.clone(),
+            assets_dir: config.boot_files.assets_dir.clone(),
+            script: netboot::ipxe::ScriptSettings {
+                kernel: config.boot.kernel.clone(),
+                initrd: config.boot.initrd.clone(),
+                cmdline: config.boot.cmdline.clone(),
+            },
             base_url: base_url.clone(),
-        })
-        .with_external_cni(
-            config
-                .laptop
-                .as_ref()
-                .is_some_and(|l| l.init.cni_manifest.is_some()),
-        )
-        .with_join(join)
-        .with_token_window(config.token_window),
-    );
-    let mut servers = tokio::task::JoinSet::new();
+        });
+        ServerSettings {
+            base_url,
+            reserved,
+            dhcp,
+            tftp,
+            http,
+        }
+    }
+}
+
+/// What user-data and the imaging script are made from.
+fn provisioning(
+    config: &Config,
+    settings: &ServerSettings,
+    store: Arc<StatusStore>,
+    table: Arc<Table>,
+    join: Arc<dyn cluster::join::JoinSource>,
+) -> Arc<dyn netboot::Provisioning> {
+    let external_cni = config
+        .laptop
+        .as_ref()
+        .is_some_and(|l| l.init.cni_manifest.is_some());
+    Arc::new(
+        Imaging::new(store, table, config.image.clone(), config.boot.local_boot)
+            .with_cloud_init(NodeCloudInit {
+                hooks: config.cloud_init.clone(),
+                base_url: settings.base_url.clone(),
+            })
+            .with_external_cni(external_cni)
+            .with_join(join)
+            .with_token_window(config.token_window),
+    )
+}
+
+type Servers = tokio::task::JoinSet<std::io::Result<()>>;
+
+/// DHCP, TFTP and HTTP on their sockets until `shutdown`; a server that returns early ends
+/// netboot ([`supervise`]). Router advertisements are not among them: failing to advertise must
+/// not stop netboot.
+fn spawn_servers(
+    sockets: Sockets,
+    settings: &ServerSettings,
+    config: &Config,
+    machines: Arc<dyn netboot::MachineLookup>,
+    provisioning: Arc<dyn netboot::Provisioning>,
+    shutdown: &CancellationToken,
+) -> Servers {
+    let mut servers = Servers::new();
     servers.spawn(netboot::dhcp::serve(
         sockets.dhcp,
-        dhcp_settings,
+        settings.dhcp.clone(),
         machines.clone(),
         shutdown.clone(),
     ));
     servers.spawn(netboot::tftp::serve(
         sockets.tftp,
-        tftp_settings,
+        settings.tftp.clone(),
         machines.clone(),
         shutdown.clone(),
     ));
     servers.spawn(netboot::http::serve_provisioning(
         sockets.http,
-        http_settings,
-        machines.clone(),
+        settings.http.clone(),
+        machines,
         provisioning,
         shutdown.clone(),
         netboot::http::DEFAULT_SHUTDOWN_GRACE,
@@ -239,7 +327,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         (Some(interface), true) => match netboot::ra::RaSocket::open(interface) {
             Ok(socket) => {
                 let token = shutdown.clone();
-                // Not in `servers`: failing to advertise must not stop netboot.
                 tokio::spawn(async move {
                     if let Err(e) = netboot::ra::serve(socket, token).await {
                         tracing::warn!("router advertisements stopped: {e}");
@@ -256,66 +343,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ),
         (_, false) => {}
     }
-    let dir = folder.as_ref().map(|(dir, _)| dir.clone());
-    let watcher = match folder {
-        Some((dir, watch)) => tokio::spawn(inventory::watch(
-            watch,
-            table.clone(),
-            dir,
-            config.subnet,
-            reserved.clone(),
-            INVENTORY_RESCAN,
-            shutdown.clone(),
-        )),
-        None => {
-            let rules = cluster::AddressRules {
-                subnet: config.subnet,
-                reserved: reserved.clone(),
-            };
-            let Some((client, tokens)) = cluster else {
-                anyhow::bail!("inventory: neither a folder nor a cluster");
-            };
-            let options = cluster::Options {
-                install_crd: config.cluster.install_crd,
-                tokens: Some(tokens),
-            };
-            tokio::spawn(cluster::run(
-                client,
-                table.clone(),
-                store.clone(),
-                rules,
-                api_state.clone(),
-                options,
-                shutdown.clone(),
-            ))
-        }
-    };
+    servers
+}
 
-    let persister = tokio::spawn(store.clone().persist(shutdown.clone()));
-    // Not in `servers`: netboot keeps serving without a bus.
-    tokio::spawn(dbus::serve(store.clone(), shutdown.clone()));
-    let mut status_changes = store.subscribe();
-    let current_status = || {
-        let mut line = status_line(&store.summary(), &endpoints);
-        if !api_state.reachable() {
+/// The `STATUS=` line: the store's summary, the sockets, and the API server's state.
+struct StatusLine {
+    store: Arc<StatusStore>,
+    api_state: Arc<cluster::ApiState>,
+    endpoints: Vec<(&'static str, String)>,
+}
+
+impl StatusLine {
+    fn current(&self) -> String {
+        let mut line = status_line(&self.store.summary(), &self.endpoints);
+        if !self.api_state.reachable() {
             line.push_str("; Kubernetes API unreachable, serving the last known machines");
         }
-        if let Some(problem) = api_state.problem() {
+        if let Some(problem) = self.api_state.problem() {
             line.push_str("; ");
             line.push_str(&problem);
         }
         line
-    };
-    let mut status = current_status();
-    tracing::info!(
-        activated = sockets.activated,
-        machines = table.len(),
-        base_url = %base_url,
-        interface = config.interface.as_deref().unwrap_or(""),
-        "netboot ready: {status}"
-    );
-    systemd::notify_ready(&status);
+    }
+}
 
+/// Until SIGTERM or SIGINT (`Ok`), or a server failing (`Err`): re-reads the folder on SIGHUP,
+/// keeps the watchdog fed and `STATUS=` current (`status` is the line last sent).
+async fn supervise(
+    servers: &mut Servers,
+    status_line: &StatusLine,
+    mut status: String,
+    table: &Table,
+    folder: Option<(PathBuf, Ipv4Net, Vec<Ipv4Addr>)>,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -323,16 +383,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut tick =
         tokio::time::interval(systemd::watchdog_interval().unwrap_or(Duration::from_secs(5)));
     let watchdog = systemd::watchdog_interval().is_some();
+    let mut status_changes = status_line.store.subscribe();
+    let refresh = |status: &mut String| {
+        let now = status_line.current();
+        if now != *status {
+            *status = now;
+            systemd::notify_status(status);
+        }
+    };
 
-    let outcome: anyhow::Result<()> = loop {
+    loop {
         tokio::select! {
-            _ = sigterm.recv() => break Ok(()),
-            _ = sigint.recv() => break Ok(()),
+            _ = sigterm.recv() => return Ok(()),
+            _ = sigint.recv() => return Ok(()),
             _ = sighup.recv() => {
                 // The cluster inventory is always current: only a folder is re-read.
-                if let Some(dir) = &dir {
+                if let Some((dir, subnet, reserved)) = &folder {
                     tracing::info!("SIGHUP: reloading inventory");
-                    if let Err(e) = inventory::reload(&table, dir, config.subnet, &reserved) {
+                    if let Err(e) = inventory::reload(table, dir, *subnet, reserved) {
                         tracing::error!("cannot reload inventory: {e}");
                     }
                 }
@@ -342,29 +410,91 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     systemd::notify_watchdog();
                 }
                 // Reachability of the API server is not a status store change: look each tick.
-                let now = current_status();
-                if now != status {
-                    status = now;
-                    systemd::notify_status(&status);
-                }
+                refresh(&mut status);
             }
-            _ = status_changes.recv() => {
-                let now = current_status();
-                if now != status {
-                    status = now;
-                    systemd::notify_status(&status);
-                }
-            }
+            _ = status_changes.recv() => refresh(&mut status),
             Some(finished) = servers.join_next() => {
                 // A server only returns early on a fatal socket error.
-                break match finished {
+                return match finished {
                     Ok(Ok(())) => Err(anyhow::anyhow!("a server stopped unexpectedly")),
                     Ok(Err(e)) => Err(anyhow::Error::new(e).context("server failed")),
                     Err(e) => Err(anyhow::anyhow!("server task failed: {e}")),
                 };
             }
         }
+    }
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let sockets = sockets(&config)?;
+    let settings = ServerSettings::new(&config, sockets.http.local_addr()?.port());
+    let endpoints = vec![
+        ("DHCP", sockets.dhcp.local_addr()?.to_string()),
+        ("TFTP", sockets.tftp.local_addr()?.to_string()),
+        ("HTTP", sockets.http.local_addr()?.to_string()),
+    ];
+    let activated = sockets.activated;
+
+    let store = StatusStore::open(
+        config
+            .state_file
+            .clone()
+            .or_else(status::default_state_file),
+    );
+    let table = Arc::new(Table::with_status(store.clone()));
+    let source = InventorySource::open(&config, &settings, &table, &store).await?;
+    let api_state = Arc::new(cluster::ApiState::default());
+    let shutdown = CancellationToken::new();
+
+    if let Some(image) = &config.image {
+        tracing::info!(image = %image.url, local_boot = ?config.boot.local_boot, "imaging machines");
+    }
+    let provisioning = provisioning(
+        &config,
+        &settings,
+        store.clone(),
+        table.clone(),
+        source.join(),
+    );
+    let mut servers = spawn_servers(
+        sockets,
+        &settings,
+        &config,
+        table.clone(),
+        provisioning,
+        &shutdown,
+    );
+    let folder = source
+        .folder()
+        .map(|dir| (dir, config.subnet, settings.reserved.clone()));
+    let watcher = source.spawn(
+        &config,
+        &settings,
+        table.clone(),
+        store.clone(),
+        api_state.clone(),
+        shutdown.clone(),
+    );
+
+    let persister = tokio::spawn(store.clone().persist(shutdown.clone()));
+    // Not in `servers`: netboot keeps serving without a bus.
+    tokio::spawn(dbus::serve(store.clone(), shutdown.clone()));
+    let status_line = StatusLine {
+        store: store.clone(),
+        api_state: api_state.clone(),
+        endpoints,
     };
+    let status = status_line.current();
+    tracing::info!(
+        activated,
+        machines = table.len(),
+        base_url = %settings.base_url,
+        interface = config.interface.as_deref().unwrap_or(""),
+        "netboot ready: {status}"
+    );
+    systemd::notify_ready(&status);
+
+    let outcome = supervise(&mut servers, &status_line, status, &table, folder).await;
 
     systemd::notify_stopping("stopping: finishing in-flight transfers");
     tracing::info!("shutting down");
