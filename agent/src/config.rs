@@ -259,12 +259,9 @@ pub struct Laptop {
 
 impl RawLaptop {
     fn validate(self, subnet: Ipv4Net) -> Result<Laptop, (&'static str, String)> {
-        use crate::cloudinit::{self, RenderError};
-        let field = |e: RenderError| match e {
-            RenderError::Invalid { field, reason } => (field, reason),
-            other => ("laptop", other.to_string()),
-        };
-        cloudinit::validate_hostname("laptop.hostname", &self.hostname).map_err(field)?;
+        use crate::{cloudinit, validate};
+        let field = |e: validate::Invalid| (e.field, e.reason);
+        validate::hostname("laptop.hostname", &self.hostname).map_err(field)?;
         let mac_address = match &self.mac_address {
             None => None,
             Some(mac) => Some(
@@ -272,11 +269,8 @@ impl RawLaptop {
                     .map_err(|_| ("laptop.macAddress", format!("{mac:?} is not a MAC address")))?,
             ),
         };
-        cloudinit::validate_kubernetes_version(
-            "laptop.kubernetesVersion",
-            &self.kubernetes_version,
-        )
-        .map_err(field)?;
+        validate::kubernetes_version("laptop.kubernetesVersion", &self.kubernetes_version)
+            .map_err(field)?;
         let cidr = |key: &'static str, value: &str| {
             value.parse::<ipnet::IpNet>().map_err(|_| {
                 (
@@ -308,7 +302,7 @@ impl RawLaptop {
             ));
         }
         if let Some(endpoint) = &self.control_plane_endpoint {
-            cloudinit::validate_endpoint("laptop.controlPlaneEndpoint", endpoint).map_err(field)?;
+            validate::endpoint("laptop.controlPlaneEndpoint", endpoint).map_err(field)?;
         }
         if let Some(manifest) = &self.cni_manifest {
             if !manifest.is_absolute() || manifest.to_str().is_none() {
@@ -328,7 +322,7 @@ impl RawLaptop {
             }
         }
         if let Some(url) = &self.image_upstream {
-            cloudinit::validate_http_url("laptop.imageUpstream", url).map_err(field)?;
+            validate::http_url("laptop.imageUpstream", url).map_err(field)?;
         }
         Ok(Laptop {
             hostname: self.hostname,
@@ -546,7 +540,7 @@ impl Config {
         }
         if let Err(e) = raw.cloud_init.validate() {
             return Err(match e {
-                crate::cloudinit::RenderError::Invalid { field, reason } => invalid(field, reason),
+                crate::cloudinit::RenderError::Invalid(e) => invalid(e.field, e.reason),
                 other => invalid("cloudInit", other.to_string()),
             });
         }

@@ -81,22 +81,6 @@ fn is_manifest(path: &Path) -> bool {
     )
 }
 
-/// An RFC 1123 host name: dot-separated labels of 1-63 letters, digits and hyphens, not
-/// starting or ending with a hyphen, 253 characters at most.
-pub(crate) fn valid_hostname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
-}
-
 fn parse_document(
     doc: Manifest,
     subnet: Ipv4Net,
@@ -132,7 +116,7 @@ pub fn check_machine(
     subnet: Ipv4Net,
     reserved: &[Ipv4Addr],
 ) -> Result<Machine, String> {
-    if !valid_hostname(&name) {
+    if !crate::validate::is_hostname(&name) {
         return Err(format!("metadata.name {name:?} is not a valid DNS name"));
     }
     let mac: MacAddr = mac_address
@@ -155,7 +139,7 @@ pub fn check_machine(
         ));
     }
     if let Some(hostname) = &hostname {
-        if !valid_hostname(hostname) {
+        if !crate::validate::is_hostname(hostname) {
             return Err(format!(
                 "spec.hostname {hostname:?} is not a valid host name"
             ));

@@ -13,6 +13,7 @@ mod pod_network;
 mod provisioning;
 mod status;
 mod systemd;
+mod validate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
