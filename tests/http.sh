@@ -38,7 +38,7 @@ KERNEL="$WORK/assets/vmlinuz"
 
 case $mode in
 agent)
-    api_version=$(sed -n 's/.*API_VERSION: &str = "\(.*\)";/\1/p' "$REPO/agent/src/inventory.rs")
+    api_version=$(sed -n 's/.*API_VERSION: &str = "\(.*\)";/\1/p' "$REPO/agent/src/machines/folder.rs")
     cat >"$WORK/machines/node2.yaml" <<EOF
 apiVersion: ${api_version:-provisioner.dev/v1alpha1}
 kind: Machine

@@ -74,7 +74,7 @@ fn node(path: &Path, name: &str, example_join: bool, file: NoCloudFile) -> anyho
     };
     let mut reserved: Vec<Ipv4Addr> = vec![config.server_address];
     reserved.extend(config.gateway);
-    let snapshot = crate::inventory::load_dir(dir, config.subnet, &reserved)
+    let snapshot = crate::machines::folder::load_dir(dir, config.subnet, &reserved)
         .with_context(|| format!("inventory.directory: cannot read {}", dir.display()))?;
     let Some(machine) = snapshot.machines.values().find(|m| m.name == name) else {
         let why = snapshot

@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster;
 use crate::config::{Config, Inventory};
-use crate::inventory::{self, Table};
+use crate::machines::folder as inventory;
+use crate::machines::Table;
 use crate::provisioning::{Imaging, NodeCloudInit};
 use crate::status::{self, StatusStore};
 use crate::{dbus, systemd};

@@ -35,7 +35,7 @@ use netboot::{Machine, MachineLookup};
 use crate::cloudinit::{self, Hooks, NodeUserData};
 use crate::cluster::join::{JoinSource, NoJoin};
 use crate::config::Image;
-use crate::inventory::Table;
+use crate::machines::Table;
 use crate::status::{MachineStatus, Phase, Report, StatusStore};
 
 /// What every node's user-data gets besides its own name and address.

@@ -27,7 +27,8 @@ use tokio::sync::mpsc;
 
 use super::crd::{Machine, MachineStatus};
 use super::join::{BootstrapTokens, JoinError};
-use crate::inventory::{self, Table};
+use crate::machines::folder as inventory;
+use crate::machines::Table;
 use crate::status::{self, Phase, Report, StatusStore};
 
 /// Removed only once what the machine owned is cleaned up.

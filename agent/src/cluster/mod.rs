@@ -24,7 +24,7 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::inventory::Table;
+use crate::machines::Table;
 use crate::status::{Change, StatusStore};
 pub use controller::AddressRules;
 pub use crd::Machine;

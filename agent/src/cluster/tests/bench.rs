@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::harness::*;
 use crate::cluster::controller::AddressRules;
 use crate::cluster::crd::Machine;
-use crate::inventory::Table;
+use crate::machines::Table;
 use crate::status::StatusStore;
 
 const MACHINE_COUNT: usize = 1000;

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use crate::cluster::controller::{self, AddressRules, Context};
 use crate::cluster::crd::{Machine, MachineSpec};
 use crate::cluster::join::BootstrapTokens;
-use crate::inventory::Table;
+use crate::machines::Table;
 use crate::status::StatusStore;
 
 pub(super) type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;

@@ -39,7 +39,7 @@ use crate::cluster::crd::Machine;
 use crate::cluster::install::CrdState;
 use crate::cluster::join::{self, BootstrapTokens, JoinSettings};
 use crate::cluster::ApiState;
-use crate::inventory::Table;
+use crate::machines::Table;
 use crate::status::{Phase, StatusStore};
 use control_plane::ControlPlane;
 

@@ -1,4 +1,4 @@
-//! The embedded inventory: a folder of Machine manifests, in the same YAML as the Kubernetes
+//! The folder inventory: a folder of Machine manifests, in the same YAML as the Kubernetes
 //! resource, re-read whenever the folder changes.
 //!
 //! One bad file never takes the others down: a manifest that does not parse, a MAC or IP used
@@ -9,13 +9,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
-use netboot::{BootEvent, MacAddr, Machine, MachineLookup};
+use netboot::{MacAddr, Machine};
 use serde::Deserialize;
 
-use crate::status::StatusStore;
+use super::Table;
 
 /// The API group and version of the Machine resource.
 pub const API_VERSION: &str = "provisioner.dev/v1alpha1";
@@ -258,60 +258,6 @@ pub fn load_dir(dir: &Path, subnet: Ipv4Net, reserved: &[Ipv4Addr]) -> std::io::
     Ok(snapshot)
 }
 
-/// The live table the servers read from; swapped whole on every reload.
-#[derive(Default)]
-pub struct Table {
-    machines: RwLock<Arc<HashMap<MacAddr, Machine>>>,
-    /// Follows the table (machines added and removed) and the boot events of its machines.
-    status: Option<Arc<StatusStore>>,
-}
-
-impl Table {
-    pub fn with_status(status: Arc<StatusStore>) -> Table {
-        Table {
-            machines: RwLock::default(),
-            status: Some(status),
-        }
-    }
-
-    pub fn replace(&self, machines: HashMap<MacAddr, Machine>) {
-        if let Some(status) = &self.status {
-            status.sync_inventory(&machines);
-        }
-        let mut guard = self
-            .machines
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *guard = Arc::new(machines);
-    }
-
-    pub fn all(&self) -> Arc<HashMap<MacAddr, Machine>> {
-        self.machines
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
-    }
-
-    pub fn len(&self) -> usize {
-        self.all().len()
-    }
-}
-
-impl MachineLookup for Table {
-    fn by_mac(&self, mac: &MacAddr) -> Option<Machine> {
-        self.all().get(mac).cloned()
-    }
-
-    fn observe(&self, machine: &Machine, event: BootEvent) {
-        // Debug: the server that saw the event logs it (rate-limited); this would be a second,
-        // unlimited line per packet.
-        tracing::debug!(machine = %machine.name, mac = %machine.mac, ip = %machine.ip, event = ?event, "boot event");
-        if let Some(status) = &self.status {
-            status.observe(machine, &event);
-        }
-    }
-}
-
 /// Loads the folder into `table`, logging every rejection with its file name.
 /// Returns the number of machines served.
 pub fn reload(
@@ -413,6 +359,7 @@ pub async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netboot::MachineLookup;
 
     fn subnet() -> Ipv4Net {
         "10.77.0.0/24".parse().expect("cidr")
