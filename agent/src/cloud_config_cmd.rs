@@ -1,7 +1,6 @@
 //! `provisioner cloud-config`: renders the cloud-init documents netboot serves (node) or the
 //! operator gives the first machine (laptop), for inspection and for the laptop's NoCloud seed.
 
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -72,16 +71,17 @@ fn node(path: &Path, name: &str, example_join: bool, file: NoCloudFile) -> anyho
     let Inventory::Directory(dir) = &config.inventory else {
         bail!("inventory is a cluster: only a folder inventory can be rendered offline");
     };
-    let mut reserved: Vec<Ipv4Addr> = vec![config.server_address];
-    reserved.extend(config.gateway);
-    let snapshot = crate::machines::folder::load_dir(dir, config.subnet, &reserved)
+    let snapshot = crate::machines::folder::load_dir(dir, &config.address_rules())
         .with_context(|| format!("inventory.directory: cannot read {}", dir.display()))?;
-    let Some(machine) = snapshot.machines.values().find(|m| m.name == name) else {
+    let Some(machine) = snapshot.served.values().find(|m| m.name == name) else {
         let why = snapshot
-            .rejections
+            .rejected
             .iter()
             .find(|r| r.machine.as_deref() == Some(name))
-            .map(|r| format!(": {}: {}", r.file.display(), r.reason))
+            .map(|r| match &r.file {
+                Some(file) => format!(": {}: {}", file.display(), r.problem),
+                None => format!(": {}", r.problem),
+            })
             .unwrap_or_default();
         bail!("no machine {name:?} is served from {}{why}", dir.display());
     };

@@ -383,6 +383,17 @@ pub struct Config {
 }
 
 impl Config {
+    /// What judging a Machine needs from here: the subnet, and the server's and gateway's
+    /// addresses, which no machine may take.
+    pub fn address_rules(&self) -> crate::machines::AddressRules {
+        let mut reserved = vec![self.server_address];
+        reserved.extend(self.gateway);
+        crate::machines::AddressRules {
+            subnet: self.subnet,
+            reserved,
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),

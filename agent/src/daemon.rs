@@ -1,20 +1,18 @@
 //! `provisioner netboot`: serves DHCP, TFTP and HTTP for the machines of the inventory, on
 //! sockets passed by systemd or bound from the configuration.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use ipnet::Ipv4Net;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster;
 use crate::config::{Config, Inventory};
-use crate::machines::folder as inventory;
-use crate::machines::Table;
+use crate::machines::{folder, AddressRules, Table};
 use crate::provisioning::{Imaging, NodeCloudInit};
 use crate::status::{self, StatusStore};
 use crate::{dbus, systemd};
@@ -97,7 +95,7 @@ enum InventorySource {
     /// A folder of Machine manifests, loaded before READY=1 and watched from then on.
     Folder {
         dir: PathBuf,
-        watch: inventory::FolderWatch,
+        watch: folder::FolderWatch,
     },
     /// The cluster's Machines: the client (the API server is not contacted yet) and the
     /// bootstrap tokens that user-data's kubeadm join parameters come from.
@@ -120,10 +118,10 @@ impl InventorySource {
         match &config.inventory {
             Inventory::Directory(dir) => {
                 // Watching starts before the first load: no change in between can be missed.
-                let watch = inventory::FolderWatch::start(dir);
-                inventory::reload(table, dir, config.subnet, &settings.reserved).with_context(
-                    || format!("inventory.directory: cannot read {}", dir.display()),
-                )?;
+                let watch = folder::FolderWatch::start(dir);
+                folder::reload(table, dir, &settings.rules).with_context(|| {
+                    format!("inventory.directory: cannot read {}", dir.display())
+                })?;
                 Ok(InventorySource::Folder {
                     dir: dir.clone(),
                     watch,
@@ -176,26 +174,27 @@ impl InventorySource {
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         match self {
-            InventorySource::Folder { dir, watch } => tokio::spawn(inventory::watch(
+            InventorySource::Folder { dir, watch } => tokio::spawn(folder::watch(
                 watch,
                 table,
                 dir,
-                config.subnet,
-                settings.reserved.clone(),
+                settings.rules.clone(),
                 INVENTORY_RESCAN,
                 shutdown,
             )),
             InventorySource::Cluster { client, tokens } => {
-                let rules = cluster::AddressRules {
-                    subnet: config.subnet,
-                    reserved: settings.reserved.clone(),
-                };
                 let options = cluster::Options {
                     install_crd: config.cluster.install_crd,
                     tokens: Some(tokens),
                 };
                 tokio::spawn(cluster::run(
-                    client, table, store, rules, api_state, options, shutdown,
+                    client,
+                    table,
+                    store,
+                    settings.rules.clone(),
+                    api_state,
+                    options,
+                    shutdown,
                 ))
             }
         }
@@ -217,8 +216,8 @@ fn kubeconfig_credential() -> Option<PathBuf> {
 struct ServerSettings {
     /// `http://server[:port]`: where iPXE, stage2 and cloud-init reach the HTTP server.
     base_url: String,
-    /// Addresses no machine may take: the server's own and the gateway.
-    reserved: Vec<Ipv4Addr>,
+    /// The subnet, and the addresses no machine may take (the server's own, the gateway).
+    rules: AddressRules,
     dhcp: Arc<netboot::dhcp::DhcpSettings>,
     tftp: Arc<netboot::tftp::TftpSettings>,
     http: Arc<netboot::http::HttpSettings>,
@@ -226,8 +225,6 @@ struct ServerSettings {
 
 impl ServerSettings {
     fn new(config: &Config, http_port: u16) -> ServerSettings {
-        let mut reserved: Vec<Ipv4Addr> = vec![config.server_address];
-        reserved.extend(config.gateway);
         let base_url = match http_port {
             80 => format!("http://{}", config.server_address),
             port => format!("http://{}:{port}", config.server_address),
@@ -258,7 +255,7 @@ impl ServerSettings {
         });
         ServerSettings {
             base_url,
-            reserved,
+            rules: config.address_rules(),
             dhcp,
             tftp,
             http,
@@ -375,7 +372,7 @@ async fn supervise(
     status_line: &StatusLine,
     mut status: String,
     table: &Table,
-    folder: Option<(PathBuf, Ipv4Net, Vec<Ipv4Addr>)>,
+    folder: Option<(PathBuf, AddressRules)>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -399,9 +396,9 @@ async fn supervise(
             _ = sigint.recv() => return Ok(()),
             _ = sighup.recv() => {
                 // The cluster inventory is always current: only a folder is re-read.
-                if let Some((dir, subnet, reserved)) = &folder {
+                if let Some((dir, rules)) = &folder {
                     tracing::info!("SIGHUP: reloading inventory");
-                    if let Err(e) = inventory::reload(table, dir, *subnet, reserved) {
+                    if let Err(e) = folder::reload(table, dir, rules) {
                         tracing::error!("cannot reload inventory: {e}");
                     }
                 }
@@ -465,9 +462,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         provisioning,
         &shutdown,
     );
-    let folder = source
-        .folder()
-        .map(|dir| (dir, config.subnet, settings.reserved.clone()));
+    let folder = source.folder().map(|dir| (dir, settings.rules.clone()));
     let watcher = source.spawn(
         &config,
         &settings,

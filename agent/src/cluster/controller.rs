@@ -8,11 +8,9 @@
 //! conflict gets its condition too.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -27,8 +25,7 @@ use tokio::sync::mpsc;
 
 use super::crd::{Machine, MachineStatus};
 use super::join::{BootstrapTokens, JoinError};
-use crate::machines::folder as inventory;
-use crate::machines::Table;
+use crate::machines::{self, Table};
 use crate::status::{self, Phase, Report, StatusStore};
 
 /// Removed only once what the machine owned is cleaned up.
@@ -66,32 +63,11 @@ pub enum Error {
 
 /// What the controller needs to know that the API server does not: the provisioning subnet
 /// and the addresses no machine may take.
-#[derive(Debug, Clone)]
-pub struct AddressRules {
-    pub subnet: Ipv4Net,
-    /// The server's own address and the gateway.
-    pub reserved: Vec<Ipv4Addr>,
-}
-
+pub use crate::machines::AddressRules;
 /// Why a Machine is not served.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Problem {
-    /// The spec fails a check the schema cannot make (IP outside the subnet, …).
-    Invalid(String),
-    /// Its MAC or IP is also claimed by other Machines (one sentence per clash).
-    Conflict(Vec<String>),
-}
+pub use crate::machines::Problem;
 
-impl Problem {
-    pub fn message(&self) -> String {
-        match self {
-            Problem::Invalid(reason) => reason.clone(),
-            Problem::Conflict(clashes) => clashes.join("; "),
-        }
-    }
-}
-
-/// The verdict on every Machine at one moment.
+/// The verdict on every Machine at one moment: a [`machines::Snapshot`] by Machine name.
 #[derive(Debug, Default, PartialEq)]
 pub struct Verdicts {
     /// What netboot answers, by MAC.
@@ -102,84 +78,37 @@ pub struct Verdicts {
     pub reimage: HashMap<String, String>,
 }
 
-/// Judges `machines` exactly like the YAML folder: each spec is checked on its own, then any
-/// MAC or IP claimed by several valid Machines disqualifies all of them. Machines being deleted
+impl From<machines::Snapshot> for Verdicts {
+    fn from(snapshot: machines::Snapshot) -> Verdicts {
+        Verdicts {
+            served: snapshot.served,
+            problems: snapshot
+                .rejected
+                .into_iter()
+                .filter_map(|r| Some((r.machine?, r.problem)))
+                .collect(),
+            reimage: snapshot.reimage,
+        }
+    }
+}
+
+/// Judges `machines` exactly like the YAML folder ([`machines::judge`]). Machines being deleted
 /// (and `leaving`) are not served and claim nothing.
 pub fn judge(machines: &[Arc<Machine>], rules: &AddressRules, leaving: Option<&str>) -> Verdicts {
-    let mut verdicts = Verdicts::default();
-    let mut candidates: Vec<netboot::Machine> = Vec::new();
-    let mut reimage: HashMap<String, String> = HashMap::new();
-    for object in machines {
-        let name = object.name_any();
-        if object.meta().deletion_timestamp.is_some() || leaving == Some(name.as_str()) {
-            continue;
-        }
-        let spec = &object.spec;
-        match inventory::check_machine(
-            name.clone(),
-            &spec.mac_address,
-            &spec.ip_address,
-            spec.hostname.clone(),
-            rules.subnet,
-            &rules.reserved,
-        ) {
-            Ok(machine) => {
-                if let Some(value) = &spec.reimage {
-                    reimage.insert(machine.name.clone(), value.clone());
-                }
-                candidates.push(machine)
-            }
-            Err(reason) => {
-                verdicts.problems.insert(name, Problem::Invalid(reason));
-            }
-        }
-    }
-    candidates.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut by_mac: BTreeMap<MacAddr, Vec<usize>> = BTreeMap::new();
-    let mut by_ip: BTreeMap<Ipv4Addr, Vec<usize>> = BTreeMap::new();
-    for (i, m) in candidates.iter().enumerate() {
-        by_mac.entry(m.mac).or_default().push(i);
-        by_ip.entry(m.ip).or_default().push(i);
-    }
-    let mut clashes: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-    let mut flag = |what: String, owners: &[usize]| {
-        if owners.len() < 2 {
-            return;
-        }
-        for &i in owners {
-            let others: Vec<&str> = owners
-                .iter()
-                .filter(|&&j| j != i)
-                .map(|&j| candidates[j].name.as_str())
-                .collect();
-            clashes.entry(i).or_default().push(format!(
-                "{what} is also claimed by Machine {}",
-                others.join(", ")
-            ));
-        }
-    };
-    for (mac, owners) in &by_mac {
-        flag(format!("macAddress {mac}"), owners);
-    }
-    for (ip, owners) in &by_ip {
-        flag(format!("ipAddress {ip}"), owners);
-    }
-    for (i, machine) in candidates.iter().enumerate() {
-        match clashes.remove(&i) {
-            Some(reasons) => {
-                verdicts
-                    .problems
-                    .insert(machine.name.clone(), Problem::Conflict(reasons));
-            }
-            None => {
-                if let Some(value) = reimage.remove(&machine.name) {
-                    verdicts.reimage.insert(machine.name.clone(), value);
-                }
-                verdicts.served.insert(machine.mac, machine.clone());
-            }
-        }
-    }
-    verdicts
+    let mut named: Vec<(String, &Machine)> = machines
+        .iter()
+        .filter(|m| m.meta().deletion_timestamp.is_none())
+        .map(|m| (m.name_any(), m.as_ref()))
+        .filter(|(name, _)| leaving != Some(name.as_str()))
+        .collect();
+    // By name: conflict messages list the other claimants in this order.
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let claims = named.iter().map(|(name, m)| machines::Claim {
+        name,
+        spec: &m.spec,
+        file: None,
+    });
+    machines::judge(claims, rules).into()
 }
 
 pub struct Context {
@@ -431,12 +360,12 @@ pub fn desired_status(
             generation,
             now,
         ),
-        Some(Problem::Invalid(reason)) => condition(
+        Some(p @ (Problem::Invalid(_) | Problem::Malformed(_))) => condition(
             old,
             CONDITION_SERVED,
             false,
             "InvalidSpec",
-            reason.clone(),
+            p.message(),
             generation,
             now,
         ),

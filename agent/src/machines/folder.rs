@@ -1,77 +1,49 @@
 //! The folder inventory: a folder of Machine manifests, in the same YAML as the Kubernetes
-//! resource, re-read whenever the folder changes.
+//! resource, re-read whenever the folder changes. Each document is read into the CRD's own
+//! types and judged by the rules the cluster's Machines are judged by ([`super::judge`]).
 //!
 //! One bad file never takes the others down: a manifest that does not parse, a MAC or IP used
 //! twice, or an IP outside the subnet is logged with its file name and that machine is simply not
-//! served. With duplicates, every machine involved is left out, because serving either one would
-//! hand out an address or boot file that another machine also claims.
+//! served. With duplicates, every machine involved is left out.
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ipnet::Ipv4Net;
-use netboot::{MacAddr, Machine};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
-use super::Table;
+use super::{judge, AddressRules, Claim, Problem, Rejection, Snapshot, Table};
+use crate::cluster::crd::MachineSpec;
 
 /// The API group and version of the Machine resource.
 pub const API_VERSION: &str = "provisioner.dev/v1alpha1";
 
+/// One document of a manifest: a Machine as `kubectl apply` sends it. `status` is ignored, as
+/// the API server ignores it when a Machine is created (its status subresource).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Manifest {
+struct Document {
     api_version: String,
     kind: String,
-    metadata: Metadata,
-    spec: Spec,
+    #[serde(default)]
+    metadata: ObjectMeta,
+    spec: MachineSpec,
 }
 
-#[derive(Debug, Deserialize)]
-struct Metadata {
-    name: String,
-}
-
-/// Only the fields netboot needs; the rest of the Machine spec (image, disk hints, role…) is
-/// accepted and ignored here.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Spec {
-    mac_address: String,
-    ip_address: String,
-    hostname: Option<String>,
-    /// A reimage request: any change of this value images the machine again.
-    reimage: Option<serde_yaml::Value>,
-}
-
-/// `spec.reimage` as text: a string or a number (a counter), so `reimage: 2` and
-/// `reimage: "2"` are the same request.
-fn reimage_value(value: &serde_yaml::Value) -> Option<String> {
-    match value {
-        serde_yaml::Value::String(s) => Some(s.clone()),
-        serde_yaml::Value::Number(n) => Some(n.to_string()),
-        serde_yaml::Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
-/// Why a manifest (or a machine in it) is not served.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
-    pub file: PathBuf,
-    pub machine: Option<String>,
-    pub reason: String,
-}
-
-/// The result of reading the folder once.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    pub machines: HashMap<MacAddr, Machine>,
-    pub rejections: Vec<Rejection>,
-    /// `spec.reimage` by machine name, for the machines that set it.
-    pub reimage: HashMap<String, String>,
+/// Why a file or document is not a Machine at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    #[error("cannot read: {0}")]
+    Unreadable(String),
+    /// Not YAML, or not of the Machine's types (serde_yaml's message, with the field's path).
+    #[error("{0}")]
+    Yaml(String),
+    #[error("kind is {0:?}, expected \"Machine\"")]
+    Kind(String),
+    #[error("apiVersion is {0:?}, expected {API_VERSION:?}")]
+    ApiVersion(String),
+    #[error("metadata.name is missing")]
+    NoName,
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -81,213 +53,100 @@ fn is_manifest(path: &Path) -> bool {
     )
 }
 
-fn parse_document(
-    doc: Manifest,
-    subnet: Ipv4Net,
-    reserved: &[Ipv4Addr],
-) -> Result<Machine, String> {
-    if doc.kind != "Machine" {
-        return Err(format!("kind is {:?}, expected \"Machine\"", doc.kind));
+/// The Machine a document holds: its name and spec.
+fn machine_of(document: Document) -> Result<(String, MachineSpec), Malformed> {
+    if document.kind != "Machine" {
+        return Err(Malformed::Kind(document.kind));
     }
-    if doc.api_version != API_VERSION {
-        return Err(format!(
-            "apiVersion is {:?}, expected {API_VERSION:?}",
-            doc.api_version
-        ));
+    if document.api_version != API_VERSION {
+        return Err(Malformed::ApiVersion(document.api_version));
     }
-    check_machine(
-        doc.metadata.name,
-        &doc.spec.mac_address,
-        &doc.spec.ip_address,
-        doc.spec.hostname,
-        subnet,
-        reserved,
-    )
+    let name = document.metadata.name.ok_or(Malformed::NoName)?;
+    Ok((name, document.spec))
 }
 
-/// The checks every Machine passes before it is served, whether it comes from the folder or from
-/// the cluster: a DNS name, a unicast MAC, a host address of the subnet that is not the server's
-/// or the gateway's, a valid host name.
-pub fn check_machine(
-    name: String,
-    mac_address: &str,
-    ip_address: &str,
-    hostname: Option<String>,
-    subnet: Ipv4Net,
-    reserved: &[Ipv4Addr],
-) -> Result<Machine, String> {
-    if !crate::validate::is_hostname(&name) {
-        return Err(format!("metadata.name {name:?} is not a valid DNS name"));
-    }
-    let mac: MacAddr = mac_address
-        .parse()
-        .map_err(|e| format!("spec.macAddress: {e}"))?;
-    if mac.0[0] & 1 == 1 {
-        return Err(format!("spec.macAddress: {mac} is a multicast address"));
-    }
-    let ip: Ipv4Addr = ip_address
-        .parse()
-        .map_err(|_| format!("spec.ipAddress: {:?} is not an IPv4 address", ip_address))?;
-    if !subnet.contains(&ip) || ip == subnet.network() || ip == subnet.broadcast() {
-        return Err(format!(
-            "spec.ipAddress: {ip} is not a host address of subnet {subnet}"
-        ));
-    }
-    if reserved.contains(&ip) {
-        return Err(format!(
-            "spec.ipAddress: {ip} belongs to the server or gateway"
-        ));
-    }
-    if let Some(hostname) = &hostname {
-        if !crate::validate::is_hostname(hostname) {
-            return Err(format!(
-                "spec.hostname {hostname:?} is not a valid host name"
-            ));
+/// The Machines of one file's text, or why the rest of it cannot be read.
+fn read_documents(text: &str) -> Vec<Result<(String, MachineSpec), Malformed>> {
+    let mut documents = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(text) {
+        match Document::deserialize(document) {
+            Ok(document) => documents.push(machine_of(document)),
+            Err(e) => {
+                // After a syntax error the document stream cannot resynchronise (the iterator
+                // would repeat the error forever): give up on the rest of the file.
+                documents.push(Err(Malformed::Yaml(e.to_string())));
+                break;
+            }
         }
     }
-    Ok(Machine {
-        name,
-        mac,
-        ip,
-        hostname,
-    })
+    documents
 }
 
-/// Reads every `*.yaml`/`*.yml` file of `dir` (each may hold several `---` documents).
-/// `reserved` are addresses no machine may take (the server's own, the gateway).
-pub fn load_dir(dir: &Path, subnet: Ipv4Net, reserved: &[Ipv4Addr]) -> std::io::Result<Snapshot> {
+/// Reads every `*.yaml`/`*.yml` file of `dir` (each may hold several `---` documents) and
+/// judges the Machines in them. Rejections come in file order.
+pub fn load_dir(dir: &Path, rules: &AddressRules) -> std::io::Result<Snapshot> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|p| is_manifest(p) && p.is_file())
         .collect();
     files.sort();
 
-    let mut snapshot = Snapshot::default();
-    let mut candidates: Vec<(PathBuf, Machine)> = Vec::new();
-    for file in files {
-        let reject = |machine: Option<String>, reason: String| Rejection {
-            file: file.clone(),
-            machine,
-            reason,
+    let mut malformed: Vec<Rejection> = Vec::new();
+    let mut machines: Vec<(&Path, String, MachineSpec)> = Vec::new();
+    for file in &files {
+        let reject = |problem: Malformed| Rejection {
+            machine: None,
+            file: Some(file.clone()),
+            problem: Problem::Malformed(problem),
         };
-        let text = match std::fs::read_to_string(&file) {
+        let text = match std::fs::read_to_string(file) {
             Ok(text) => text,
             Err(e) => {
-                snapshot
-                    .rejections
-                    .push(reject(None, format!("cannot read: {e}")));
+                malformed.push(reject(Malformed::Unreadable(e.to_string())));
                 continue;
             }
         };
-        for document in serde_yaml::Deserializer::from_str(&text) {
-            let manifest = match Manifest::deserialize(document) {
-                Ok(manifest) => manifest,
-                Err(e) => {
-                    // After a syntax error the document stream cannot resynchronise (the
-                    // iterator would repeat the error forever): give up on the rest of the file.
-                    snapshot.rejections.push(reject(None, e.to_string()));
-                    break;
-                }
-            };
-            let reimage = manifest.spec.reimage.as_ref().map(reimage_value);
-            match parse_document(manifest, subnet, reserved) {
-                Ok(machine) => {
-                    match reimage {
-                        Some(Some(value)) => {
-                            snapshot.reimage.insert(machine.name.clone(), value);
-                        }
-                        Some(None) => tracing::warn!(
-                            file = %file.display(),
-                            machine = %machine.name,
-                            "spec.reimage must be a string or a number; ignored"
-                        ),
-                        None => {}
-                    }
-                    candidates.push((file.clone(), machine));
-                }
-                Err(reason) => snapshot.rejections.push(reject(None, reason)),
+        for document in read_documents(&text) {
+            match document {
+                Ok((name, spec)) => machines.push((file, name, spec)),
+                Err(problem) => malformed.push(reject(problem)),
             }
         }
     }
-
-    // Any key claimed twice disqualifies every claimant.
-    let mut by_mac: BTreeMap<MacAddr, Vec<usize>> = BTreeMap::new();
-    let mut by_ip: BTreeMap<Ipv4Addr, Vec<usize>> = BTreeMap::new();
-    let mut by_name: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-    for (i, (_, m)) in candidates.iter().enumerate() {
-        by_mac.entry(m.mac).or_default().push(i);
-        by_ip.entry(m.ip).or_default().push(i);
-        by_name.entry(m.name.as_str()).or_default().push(i);
-    }
-    let mut conflicts: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-    let mut flag = |what: String, owners: &[usize]| {
-        if owners.len() > 1 {
-            let files: Vec<String> = owners
-                .iter()
-                .map(|&i| format!("{} ({})", candidates[i].1.name, candidates[i].0.display()))
-                .collect();
-            for &i in owners {
-                conflicts
-                    .entry(i)
-                    .or_default()
-                    .push(format!("{what} is also claimed by: {}", files.join(", ")));
-            }
-        }
-    };
-    for (mac, owners) in &by_mac {
-        flag(format!("duplicate macAddress {mac}"), owners);
-    }
-    for (ip, owners) in &by_ip {
-        flag(format!("duplicate ipAddress {ip}"), owners);
-    }
-    for (name, owners) in &by_name {
-        flag(format!("duplicate name {name}"), owners);
-    }
-    for (i, (file, machine)) in candidates.iter().enumerate() {
-        match conflicts.get(&i) {
-            Some(reasons) => snapshot.rejections.push(Rejection {
-                file: file.clone(),
-                machine: Some(machine.name.clone()),
-                reason: reasons.join("; "),
-            }),
-            None => {
-                snapshot.machines.insert(machine.mac, machine.clone());
-            }
-        }
-    }
+    let claims = machines.iter().map(|(file, name, spec)| Claim {
+        name,
+        spec,
+        file: Some(file),
+    });
+    let mut snapshot = judge(claims, rules);
+    snapshot.rejected.extend(malformed);
+    // Stable: a file's rejections keep their order.
+    snapshot.rejected.sort_by(|a, b| a.file.cmp(&b.file));
     Ok(snapshot)
 }
 
 /// Loads the folder into `table`, logging every rejection with its file name.
 /// Returns the number of machines served.
-pub fn reload(
-    table: &Table,
-    dir: &Path,
-    subnet: Ipv4Net,
-    reserved: &[Ipv4Addr],
-) -> std::io::Result<usize> {
-    let snapshot = load_dir(dir, subnet, reserved)?;
-    for r in &snapshot.rejections {
+pub fn reload(table: &Table, dir: &Path, rules: &AddressRules) -> std::io::Result<usize> {
+    let snapshot = load_dir(dir, rules)?;
+    for r in &snapshot.rejected {
         tracing::warn!(
-            file = %r.file.display(),
+            file = %r.file.as_deref().unwrap_or(dir).display(),
             machine = r.machine.as_deref().unwrap_or(""),
             "machine not served: {}",
-            r.reason
+            r.problem
         );
     }
-    let count = snapshot.machines.len();
+    let count = snapshot.served.len();
     let previous = table.all();
     let changed = previous.len() != count
         || snapshot
-            .machines
+            .served
             .iter()
             .any(|(mac, m)| previous.get(mac) != Some(m));
-    table.replace(snapshot.machines);
-    if let Some(status) = &table.status {
-        status.sync_reimage(&snapshot.reimage);
-    }
+    table.load(&snapshot);
     if changed {
-        tracing::info!(machines = count, rejected = snapshot.rejections.len(), dir = %dir.display(), "inventory loaded");
+        tracing::info!(machines = count, rejected = snapshot.rejected.len(), dir = %dir.display(), "inventory loaded");
     }
     Ok(count)
 }
@@ -334,8 +193,7 @@ pub async fn watch(
     mut folder: FolderWatch,
     table: Arc<Table>,
     dir: PathBuf,
-    subnet: Ipv4Net,
-    reserved: Vec<Ipv4Addr>,
+    rules: AddressRules,
     rescan: std::time::Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
@@ -350,7 +208,7 @@ pub async fn watch(
             }
             _ = ticker.tick() => {}
         }
-        if let Err(e) = reload(&table, &dir, subnet, &reserved) {
+        if let Err(e) = reload(&table, &dir, &rules) {
             tracing::error!(dir = %dir.display(), "cannot read inventory folder, keeping the last good table: {e}");
         }
     }
@@ -358,11 +216,17 @@ pub async fn watch(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use netboot::MachineLookup;
+    use std::net::Ipv4Addr;
 
-    fn subnet() -> Ipv4Net {
-        "10.77.0.0/24".parse().expect("cidr")
+    use netboot::{MacAddr, MachineLookup};
+
+    use super::*;
+
+    fn rules(reserved: &[Ipv4Addr]) -> AddressRules {
+        AddressRules {
+            subnet: "10.77.0.0/24".parse().expect("cidr"),
+            reserved: reserved.to_vec(),
+        }
     }
 
     fn manifest(name: &str, mac: &str, ip: &str) -> String {
@@ -409,25 +273,26 @@ mod tests {
             &manifest("thief", "52:54:00:00:00:06", "10.77.0.1"),
         );
         write(d, "notes.txt", "not a manifest");
-        let snap = load_dir(d, subnet(), &[Ipv4Addr::new(10, 77, 0, 1)]).expect("load");
+        let snap = load_dir(d, &rules(&[Ipv4Addr::new(10, 77, 0, 1)])).expect("load");
         let names: Vec<&str> = {
-            let mut v: Vec<&str> = snap.machines.values().map(|m| m.name.as_str()).collect();
+            let mut v: Vec<&str> = snap.served.values().map(|m| m.name.as_str()).collect();
             v.sort();
             v
         };
         assert_eq!(names, ["node2", "node3"]);
         let n3 = snap
-            .machines
+            .served
             .values()
             .find(|m| m.name == "node3")
             .expect("node3");
         assert_eq!(n3.hostname(), "n3");
         let rejected: Vec<String> = snap
-            .rejections
+            .rejected
             .iter()
             .map(|r| {
                 r.file
-                    .file_name()
+                    .as_ref()
+                    .and_then(|f| f.file_name())
                     .map(|f| f.to_string_lossy().into_owned())
                     .unwrap_or_default()
             })
@@ -436,8 +301,8 @@ mod tests {
             rejected,
             ["badmac.yaml", "broken.yaml", "outside.yaml", "server.yaml"]
         );
-        assert!(snap.rejections[0].reason.contains("macAddress"));
-        assert!(snap.rejections[2].reason.contains("10.78.0.4"));
+        assert!(snap.rejected[0].problem.message().contains("macAddress"));
+        assert!(snap.rejected[2].problem.message().contains("10.78.0.4"));
     }
 
     #[test]
@@ -468,24 +333,52 @@ mod tests {
                 manifest("e", "52:54:00:00:00:0e", "10.77.0.14")
             ),
         );
-        let snap = load_dir(d, subnet(), &[]).expect("load");
-        let mut served: Vec<&str> = snap.machines.values().map(|m| m.name.as_str()).collect();
+        let snap = load_dir(d, &rules(&[])).expect("load");
+        let mut served: Vec<&str> = snap.served.values().map(|m| m.name.as_str()).collect();
         served.sort();
         assert_eq!(served, ["d", "e"], "a/b share a MAC, b/c share an IP");
         let b = snap
-            .rejections
+            .rejected
             .iter()
             .find(|r| r.machine.as_deref() == Some("b"))
             .expect("b rejected");
-        assert!(
-            b.reason.contains("duplicate macAddress") && b.reason.contains("duplicate ipAddress"),
-            "{}",
-            b.reason
+        let reason = b.problem.message();
+        let a = d.join("a.yaml");
+        let c = d.join("c.yaml");
+        assert_eq!(
+            reason,
+            format!(
+                "macAddress 52:54:00:00:00:0a is also claimed by Machine a ({}); \
+                 ipAddress 10.77.0.11 is also claimed by Machine c ({})",
+                a.display(),
+                c.display()
+            ),
+            "one sentence per clash, naming the other files"
         );
+    }
+
+    /// Two files naming the same Machine: neither is served.
+    #[test]
+    fn a_name_claimed_twice_disqualifies_both() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        write(
+            d,
+            "a.yaml",
+            &manifest("a", "52:54:00:00:00:0a", "10.77.0.10"),
+        );
+        write(
+            d,
+            "b.yaml",
+            &manifest("a", "52:54:00:00:00:0b", "10.77.0.11"),
+        );
+        let snap = load_dir(d, &rules(&[])).expect("load");
+        assert!(snap.served.is_empty());
+        let reasons: Vec<String> = snap.rejected.iter().map(|r| r.problem.message()).collect();
+        assert_eq!(reasons.len(), 2);
         assert!(
-            b.reason.contains("a.yaml"),
-            "names the other file: {}",
-            b.reason
+            reasons[0].starts_with("name a is also claimed by Machine a ("),
+            "{reasons:?}"
         );
     }
 
@@ -499,14 +392,14 @@ mod tests {
             "a.yaml",
             &manifest("a", "52:54:00:00:00:0a", "10.77.0.10"),
         );
-        assert_eq!(reload(&table, d, subnet(), &[]).expect("reload"), 1);
+        assert_eq!(reload(&table, d, &rules(&[])).expect("reload"), 1);
         let mac: MacAddr = "52:54:00:00:00:0a".parse().expect("mac");
         assert_eq!(
             table.by_mac(&mac).map(|m| m.ip),
             Some(Ipv4Addr::new(10, 77, 0, 10))
         );
         std::fs::remove_file(d.join("a.yaml")).expect("rm");
-        assert_eq!(reload(&table, d, subnet(), &[]).expect("reload"), 0);
+        assert_eq!(reload(&table, d, &rules(&[])).expect("reload"), 0);
         assert!(table.by_mac(&mac).is_none());
     }
 }

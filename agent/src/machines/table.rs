@@ -5,6 +5,7 @@ use std::sync::{Arc, RwLock};
 
 use netboot::{BootEvent, MacAddr, Machine, MachineLookup};
 
+use super::Snapshot;
 use crate::status::StatusStore;
 
 /// The live table the servers read from; swapped whole on every reload.
@@ -12,7 +13,7 @@ use crate::status::StatusStore;
 pub struct Table {
     machines: RwLock<Arc<HashMap<MacAddr, Machine>>>,
     /// Follows the table (machines added and removed) and the boot events of its machines.
-    pub(super) status: Option<Arc<StatusStore>>,
+    status: Option<Arc<StatusStore>>,
 }
 
 impl Table {
@@ -32,6 +33,14 @@ impl Table {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         *guard = Arc::new(machines);
+    }
+
+    /// Serves `snapshot`'s machines, and follows its reimage requests.
+    pub fn load(&self, snapshot: &Snapshot) {
+        self.replace(snapshot.served.clone());
+        if let Some(status) = &self.status {
+            status.sync_reimage(&snapshot.reimage);
+        }
     }
 
     pub fn all(&self) -> Arc<HashMap<MacAddr, Machine>> {
