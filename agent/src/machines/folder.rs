@@ -35,7 +35,8 @@ struct Document {
 pub enum Malformed {
     #[error("cannot read: {0}")]
     Unreadable(String),
-    /// Not YAML, or not of the Machine's types (serde_yaml's message, with the field's path).
+    /// Not YAML, or not of the Machine's types (with the field's path:
+    /// `spec.reimage: invalid type: integer `2`, expected a string`).
     #[error("{0}")]
     Yaml(String),
     #[error("kind is {0:?}, expected \"Machine\"")]
@@ -69,15 +70,22 @@ fn machine_of(document: Document) -> Result<(String, MachineSpec), Malformed> {
 fn read_documents(text: &str) -> Vec<Result<(String, MachineSpec), Malformed>> {
     let mut documents = Vec::new();
     for document in serde_yaml::Deserializer::from_str(text) {
-        match Document::deserialize(document) {
-            Ok(document) => documents.push(machine_of(document)),
+        // As JSON first, as kubectl sends it: the YAML deserializer would read `reimage: 2` into
+        // a string, the API server refuses a number where the schema says string.
+        let json = match serde_json::Value::deserialize(document) {
+            Ok(json) => json,
             Err(e) => {
                 // After a syntax error the document stream cannot resynchronise (the iterator
                 // would repeat the error forever): give up on the rest of the file.
                 documents.push(Err(Malformed::Yaml(e.to_string())));
                 break;
             }
-        }
+        };
+        documents.push(
+            serde_path_to_error::deserialize(json)
+                .map_err(|e| Malformed::Yaml(e.to_string()))
+                .and_then(machine_of),
+        );
     }
     documents
 }
@@ -379,6 +387,27 @@ mod tests {
         assert!(
             reasons[0].starts_with("name a is also claimed by Machine a ("),
             "{reasons:?}"
+        );
+    }
+
+    /// What `kubectl apply` refuses, the folder refuses, saying where.
+    #[test]
+    fn a_number_where_the_crd_says_string_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        write(
+            d,
+            "a.yaml",
+            &format!(
+                "{}  reimage: 2\n",
+                manifest("a", "52:54:00:00:00:0a", "10.77.0.10")
+            ),
+        );
+        let snap = load_dir(d, &rules(&[])).expect("load");
+        assert!(snap.served.is_empty());
+        assert_eq!(
+            snap.rejected[0].problem.message(),
+            "spec.reimage: invalid type: integer `2`, expected a string"
         );
     }
 

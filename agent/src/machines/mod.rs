@@ -12,6 +12,8 @@
 
 mod check;
 pub mod conflicts;
+#[cfg(test)]
+mod crd_tests;
 pub mod folder;
 mod table;
 

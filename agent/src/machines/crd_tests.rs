@@ -1,0 +1,370 @@
+//! The folder takes exactly what the API server takes: each document below is read by the folder
+//! loader and validated against the CRD's schema (the openAPIV3Schema of `agent/crd/machine.yaml`,
+//! with format validation on, as the API server validates `format: ipv4`), and both must agree,
+//! and agree with the verdict written beside it.
+//!
+//! Every document is otherwise servable (an address of the subnet, one machine per folder), so
+//! only what the schema decides can reject it. The object name is not in the CRD's schema: the
+//! API server checks every object's name itself (a lower-case RFC 1123 DNS name), and the test
+//! adds that rule to the schema it validates with.
+
+use std::path::Path;
+
+use super::folder::{load_dir, API_VERSION};
+use super::AddressRules;
+
+const CRD: &str = include_str!("../../crd/machine.yaml");
+
+/// apimachinery's `IsDNS1123Subdomain`, the API server's rule for object names.
+const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// OpenAPI's `nullable: true` as JSON Schema says it: `null` is one more allowed type (the API
+/// server accepts `hostname: null`; a JSON Schema validator reading `type: string` would not).
+fn allow_null(schema: &mut serde_json::Value) {
+    match schema {
+        serde_json::Value::Object(map) => {
+            if map.get("nullable") == Some(&serde_json::Value::Bool(true)) {
+                if let Some(serde_json::Value::String(kind)) = map.get("type").cloned() {
+                    map.insert("type".into(), serde_json::json!([kind, "null"]));
+                }
+            }
+            map.values_mut().for_each(allow_null);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(allow_null),
+        _ => {}
+    }
+}
+
+/// The committed CRD's schema, as the API server applies it to a Machine being created.
+fn api_server() -> jsonschema::Validator {
+    let crd: serde_json::Value = serde_yaml::from_str(CRD).expect("the CRD is YAML");
+    let mut schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone();
+    allow_null(&mut schema);
+    schema["properties"]["metadata"] = serde_json::json!({
+        "type": "object",
+        "required": ["name"],
+        "properties": {"name": {"type": "string", "maxLength": 253, "pattern": NAME_PATTERN}},
+    });
+    schema["required"] = serde_json::json!(["spec", "metadata"]);
+    jsonschema::draft4::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .expect("the schema compiles")
+}
+
+/// Whether the folder serves the one Machine of `document`.
+fn folder_serves(document: &str) -> bool {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("machine.yaml"), document).expect("write");
+    let rules = AddressRules {
+        subnet: "10.77.0.0/24".parse().expect("cidr"),
+        reserved: vec![],
+    };
+    let snapshot = load_dir(Path::new(dir.path()), &rules).expect("load");
+    snapshot.served.len() == 1
+}
+
+/// A Machine document with `spec` lines (two-space indented) and the name `name`.
+fn document(name: &str, spec: &str) -> String {
+    format!("apiVersion: {API_VERSION}\nkind: Machine\nmetadata:\n  name: {name}\nspec:\n{spec}")
+}
+
+const MAC: &str = "  macAddress: \"52:54:00:12:34:56\"\n";
+const IP: &str = "  ipAddress: 10.77.0.20\n";
+const SHA256: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+#[test]
+fn the_folder_accepts_what_the_crd_schema_accepts() {
+    let base = format!("{MAC}{IP}");
+    let image = |url: &str, sha256: &str| {
+        format!("{base}  image: {{url: \"{url}\", sha256: \"{sha256}\"}}\n")
+    };
+    // (what, name, spec lines, accepted)
+    let cases: Vec<(&str, &str, String, bool)> = vec![
+        ("a plain Machine", "node2", base.clone(), true),
+        (
+            "an upper-case MAC",
+            "node2",
+            format!("  macAddress: AA:BB:CC:DD:EE:0F\n{IP}"),
+            true,
+        ),
+        (
+            "an unquoted MAC",
+            "node2",
+            format!("  macAddress: 52:54:00:12:34:56\n{IP}"),
+            true,
+        ),
+        (
+            "a hyphenated MAC",
+            "node2",
+            format!("  macAddress: 52-54-00-12-34-56\n{IP}"),
+            false,
+        ),
+        (
+            "a dotted MAC",
+            "node2",
+            format!("  macAddress: 5254.0012.3456\n{IP}"),
+            false,
+        ),
+        (
+            "a short MAC",
+            "node2",
+            format!("  macAddress: \"52:54:00:12:34\"\n{IP}"),
+            false,
+        ),
+        (
+            "a MAC with a g",
+            "node2",
+            format!("  macAddress: \"52:54:00:12:34:5g\"\n{IP}"),
+            false,
+        ),
+        (
+            "a MAC as a number",
+            "node2",
+            format!("  macAddress: 525400123456\n{IP}"),
+            false,
+        ),
+        (
+            "a null MAC",
+            "node2",
+            format!("  macAddress: null\n{IP}"),
+            false,
+        ),
+        ("no MAC", "node2", IP.to_string(), false),
+        ("no IP", "node2", MAC.to_string(), false),
+        (
+            "an IP octet of 256",
+            "node2",
+            format!("{MAC}  ipAddress: 10.77.0.256\n"),
+            false,
+        ),
+        (
+            "three octets",
+            "node2",
+            format!("{MAC}  ipAddress: \"10.77.0\"\n"),
+            false,
+        ),
+        (
+            "a leading zero",
+            "node2",
+            format!("{MAC}  ipAddress: 10.77.0.020\n"),
+            false,
+        ),
+        (
+            "an IPv6 address",
+            "node2",
+            format!("{MAC}  ipAddress: \"fe80::1\"\n"),
+            false,
+        ),
+        (
+            "a host name",
+            "node2",
+            format!("{base}  hostname: node2.lab.example\n"),
+            true,
+        ),
+        (
+            "an upper-case host name",
+            "node2",
+            format!("{base}  hostname: Node-2\n"),
+            true,
+        ),
+        (
+            "a null host name",
+            "node2",
+            format!("{base}  hostname: null\n"),
+            true,
+        ),
+        (
+            "a host name starting with -",
+            "node2",
+            format!("{base}  hostname: \"-node\"\n"),
+            false,
+        ),
+        (
+            "an empty host name",
+            "node2",
+            format!("{base}  hostname: \"\"\n"),
+            false,
+        ),
+        (
+            "a host name with _",
+            "node2",
+            format!("{base}  hostname: node_2\n"),
+            false,
+        ),
+        (
+            "a 254-character host name",
+            "node2",
+            format!("{base}  hostname: {}\n", ["a"; 127].join(".") + "a"),
+            false,
+        ),
+        (
+            "reimage as a string",
+            "node2",
+            format!("{base}  reimage: \"2\"\n"),
+            true,
+        ),
+        (
+            "reimage null",
+            "node2",
+            format!("{base}  reimage: null\n"),
+            true,
+        ),
+        (
+            "reimage as a number",
+            "node2",
+            format!("{base}  reimage: 2\n"),
+            false,
+        ),
+        (
+            "reimage as a boolean",
+            "node2",
+            format!("{base}  reimage: true\n"),
+            false,
+        ),
+        (
+            "reimage as a list",
+            "node2",
+            format!("{base}  reimage: [a]\n"),
+            false,
+        ),
+        (
+            "role worker",
+            "node2",
+            format!("{base}  role: worker\n"),
+            true,
+        ),
+        (
+            "role control-plane",
+            "node2",
+            format!("{base}  role: control-plane\n"),
+            true,
+        ),
+        ("role null", "node2", format!("{base}  role: null\n"), true),
+        (
+            "role master",
+            "node2",
+            format!("{base}  role: master\n"),
+            false,
+        ),
+        (
+            "an image",
+            "node2",
+            image("http://10.77.0.1:8080/node.raw.zst", SHA256),
+            true,
+        ),
+        (
+            "an image of another scheme",
+            "node2",
+            image("ftp://images.example/node.raw", SHA256),
+            true,
+        ),
+        (
+            "a relative image URL",
+            "node2",
+            image("/node.raw.zst", SHA256),
+            false,
+        ),
+        (
+            "an image URL with a space",
+            "node2",
+            image("http://host/a b", SHA256),
+            false,
+        ),
+        (
+            "an upper-case sha256",
+            "node2",
+            image("http://h/x", &SHA256.to_uppercase()),
+            false,
+        ),
+        (
+            "a short sha256",
+            "node2",
+            image("http://h/x", &SHA256[1..]),
+            false,
+        ),
+        (
+            "an image without sha256",
+            "node2",
+            format!("{base}  image: {{url: \"http://h/x\"}}\n"),
+            false,
+        ),
+        (
+            "disk hints",
+            "node2",
+            format!("{base}  rootDevice: {{path: /dev/sda, serial: S1, minSizeBytes: 1}}\n"),
+            true,
+        ),
+        (
+            "null disk hints",
+            "node2",
+            format!("{base}  rootDevice: {{model: null, minSizeBytes: null}}\n"),
+            true,
+        ),
+        (
+            "a minimum size of 0",
+            "node2",
+            format!("{base}  rootDevice: {{minSizeBytes: 0}}\n"),
+            false,
+        ),
+        (
+            "a negative minimum size",
+            "node2",
+            format!("{base}  rootDevice: {{minSizeBytes: -1}}\n"),
+            false,
+        ),
+        (
+            "a minimum size as text",
+            "node2",
+            format!("{base}  rootDevice: {{minSizeBytes: \"10\"}}\n"),
+            false,
+        ),
+        (
+            "a fractional minimum size",
+            "node2",
+            format!("{base}  rootDevice: {{minSizeBytes: 1.5}}\n"),
+            false,
+        ),
+        (
+            "an unknown spec field",
+            "node2",
+            format!("{base}  rack: r1\n"),
+            true,
+        ),
+        ("an upper-case name", "Node2", base.clone(), false),
+        ("a name with _", "node_2", base.clone(), false),
+        ("a dotted name", "node2.lab", base.clone(), true),
+    ];
+    let api_server = api_server();
+    let mut wrong = Vec::new();
+    for (what, name, spec, accepted) in &cases {
+        let text = document(name, spec);
+        let json: serde_json::Value = serde_yaml::from_str(&text).expect("the document is YAML");
+        let by_schema = api_server.is_valid(&json);
+        let by_folder = folder_serves(&text);
+        if by_schema != *accepted || by_folder != *accepted {
+            wrong.push(format!(
+                "{what}: expected {accepted}, the CRD's schema said {by_schema}, the folder {by_folder}"
+            ));
+        }
+    }
+    // No spec at all, or a null one.
+    for text in [
+        format!("apiVersion: {API_VERSION}\nkind: Machine\nmetadata: {{name: node2}}\n"),
+        format!(
+            "apiVersion: {API_VERSION}\nkind: Machine\nmetadata: {{name: node2}}\nspec: null\n"
+        ),
+    ] {
+        let json: serde_json::Value = serde_yaml::from_str(&text).expect("YAML");
+        if api_server.is_valid(&json) || folder_serves(&text) {
+            wrong.push(format!("accepted: {text}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} documents:\n{}",
+        wrong.len(),
+        cases.len(),
+        wrong.join("\n")
+    );
+}
