@@ -9,6 +9,8 @@ use std::time::Duration;
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
+use crate::validate;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -258,22 +260,20 @@ pub struct Laptop {
 }
 
 impl RawLaptop {
-    fn validate(self, subnet: Ipv4Net) -> Result<Laptop, (&'static str, String)> {
-        use crate::{cloudinit, validate};
-        let field = |e: validate::Invalid| (e.field, e.reason);
-        validate::hostname("laptop.hostname", &self.hostname).map_err(field)?;
+    fn validate(self, subnet: Ipv4Net) -> Result<Laptop, validate::Invalid> {
+        use crate::cloudinit;
+        use validate::invalid;
+        validate::hostname("laptop.hostname", &self.hostname)?;
         let mac_address = match &self.mac_address {
             None => None,
-            Some(mac) => Some(
-                mac.parse::<netboot::MacAddr>()
-                    .map_err(|_| ("laptop.macAddress", format!("{mac:?} is not a MAC address")))?,
-            ),
+            Some(mac) => Some(mac.parse::<netboot::MacAddr>().map_err(|_| {
+                invalid("laptop.macAddress", format!("{mac:?} is not a MAC address"))
+            })?),
         };
-        validate::kubernetes_version("laptop.kubernetesVersion", &self.kubernetes_version)
-            .map_err(field)?;
+        validate::kubernetes_version("laptop.kubernetesVersion", &self.kubernetes_version)?;
         let cidr = |key: &'static str, value: &str| {
             value.parse::<ipnet::IpNet>().map_err(|_| {
-                (
+                invalid(
                     key,
                     format!("{value:?} is not a CIDR such as 10.244.0.0/16"),
                 )
@@ -287,7 +287,7 @@ impl RawLaptop {
             ("laptop.serviceSubnet", service_subnet),
         ] {
             if net.contains(&provisioning.network()) || provisioning.contains(&net.network()) {
-                return Err((
+                return Err(invalid(
                     key,
                     format!("{net} overlaps the provisioning subnet {subnet}"),
                 ));
@@ -296,17 +296,17 @@ impl RawLaptop {
         if pod_subnet.contains(&service_subnet.network())
             || service_subnet.contains(&pod_subnet.network())
         {
-            return Err((
+            return Err(invalid(
                 "laptop.serviceSubnet",
                 format!("{service_subnet} overlaps podSubnet {pod_subnet}"),
             ));
         }
         if let Some(endpoint) = &self.control_plane_endpoint {
-            validate::endpoint("laptop.controlPlaneEndpoint", endpoint).map_err(field)?;
+            validate::endpoint("laptop.controlPlaneEndpoint", endpoint)?;
         }
         if let Some(manifest) = &self.cni_manifest {
             if !manifest.is_absolute() || manifest.to_str().is_none() {
-                return Err((
+                return Err(invalid(
                     "laptop.cniManifest",
                     format!("{manifest:?} must be an absolute path inside the image"),
                 ));
@@ -315,14 +315,14 @@ impl RawLaptop {
         // kubeadm's own 4 minutes at least; two hours covers any machine that works at all.
         if let Some(t) = self.control_plane_timeout {
             if !(240..=7200).contains(&t) {
-                return Err((
+                return Err(invalid(
                     "laptop.controlPlaneTimeout",
                     format!("{t} is not between 240 and 7200 seconds"),
                 ));
             }
         }
         if let Some(url) = &self.image_upstream {
-            validate::http_url("laptop.imageUpstream", url).map_err(field)?;
+            validate::http_url("laptop.imageUpstream", url)?;
         }
         Ok(Laptop {
             hostname: self.hostname,
@@ -557,10 +557,7 @@ impl Config {
         }
         let laptop = match raw.laptop {
             None => None,
-            Some(l) => Some(
-                l.validate(subnet)
-                    .map_err(|(key, message)| invalid(key, message))?,
-            ),
+            Some(l) => Some(l.validate(subnet).map_err(|e| invalid(e.field, e.reason))?),
         };
         // 10 minutes: kubeadm join must fit; 7 days: what kubeadm allows for bootstrap tokens
         // is unbounded, but a join token living longer than a week is a forgotten credential.
