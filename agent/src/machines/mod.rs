@@ -47,7 +47,7 @@ pub enum Problem {
     Malformed(folder::Malformed),
     /// The spec fails a check ([`check`]).
     Invalid(Invalid),
-    /// Its name, MAC or IP is also claimed by other Machines (one sentence per clash, [`clash`]).
+    /// Its name, MAC or IP is also claimed by other Machines (one sentence per clash, [`conflicts::clash`]).
     Conflict(Vec<String>),
 }
 
