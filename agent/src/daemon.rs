@@ -94,7 +94,7 @@ fn status_line(summary: &str, sockets: &[(&str, String)]) -> String {
 enum InventorySource {
     /// A folder of Machine manifests, loaded before READY=1 and watched from then on.
     Folder {
-        dir: PathBuf,
+        folder: Arc<folder::Folder>,
         watch: folder::FolderWatch,
     },
     /// The cluster's Machines: the client (the API server is not contacted yet) and the
@@ -119,13 +119,11 @@ impl InventorySource {
             Inventory::Directory(dir) => {
                 // Watching starts before the first load: no change in between can be missed.
                 let watch = folder::FolderWatch::start(dir);
-                folder::reload(table, dir, &settings.rules).with_context(|| {
+                let folder = Arc::new(folder::Folder::new(dir.clone(), settings.rules.clone()));
+                folder.reload(table).with_context(|| {
                     format!("inventory.directory: cannot read {}", dir.display())
                 })?;
-                Ok(InventorySource::Folder {
-                    dir: dir.clone(),
-                    watch,
-                })
+                Ok(InventorySource::Folder { folder, watch })
             }
             Inventory::Kubernetes { kubeconfig } => {
                 let kubeconfig = kubeconfig.clone().or_else(kubeconfig_credential);
@@ -155,9 +153,9 @@ impl InventorySource {
     }
 
     /// The folder SIGHUP re-reads (the cluster inventory is always current).
-    fn folder(&self) -> Option<PathBuf> {
+    fn folder(&self) -> Option<Arc<folder::Folder>> {
         match self {
-            InventorySource::Folder { dir, .. } => Some(dir.clone()),
+            InventorySource::Folder { folder, .. } => Some(folder.clone()),
             InventorySource::Cluster { .. } => None,
         }
     }
@@ -174,11 +172,10 @@ impl InventorySource {
         shutdown: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         match self {
-            InventorySource::Folder { dir, watch } => tokio::spawn(folder::watch(
+            InventorySource::Folder { folder, watch } => tokio::spawn(folder::watch(
                 watch,
                 table,
-                dir,
-                settings.rules.clone(),
+                folder,
                 INVENTORY_RESCAN,
                 shutdown,
             )),
@@ -372,7 +369,7 @@ async fn supervise(
     status_line: &StatusLine,
     mut status: String,
     table: &Table,
-    folder: Option<(PathBuf, AddressRules)>,
+    folder: Option<Arc<folder::Folder>>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -396,9 +393,9 @@ async fn supervise(
             _ = sigint.recv() => return Ok(()),
             _ = sighup.recv() => {
                 // The cluster inventory is always current: only a folder is re-read.
-                if let Some((dir, rules)) = &folder {
+                if let Some(folder) = &folder {
                     tracing::info!("SIGHUP: reloading inventory");
-                    if let Err(e) = folder::reload(table, dir, rules) {
+                    if let Err(e) = folder.reload(table) {
                         tracing::error!("cannot reload inventory: {e}");
                     }
                 }
@@ -462,7 +459,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         provisioning,
         &shutdown,
     );
-    let folder = source.folder().map(|dir| (dir, settings.rules.clone()));
+    let folder = source.folder();
     let watcher = source.spawn(
         &config,
         &settings,

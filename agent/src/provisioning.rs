@@ -12,7 +12,9 @@
 //! reports and cloud-init fetches are accepted only from that address ([`StatusStore`] keeps
 //! these rules). Anything else is refused (403) with the reason.
 //!
-//! Without `image:` in the configuration every machine gets the configured kernel as before.
+//! A Machine's own `spec.image` replaces the configured `image:` for it, and its
+//! `spec.rootDevice` becomes stage2's disk hints. Without either image a machine gets the
+//! configured kernel as before imaging existed.
 //!
 //! User-data is the node cloud-config of [`crate::cloudinit`]: host name, SSH keys and hooks
 //! from `cloudInit:`, a `joining` report back to `POST /report/{mac}` with the machine's token,
@@ -117,9 +119,22 @@ impl Imaging {
         self
     }
 
-    /// The orders for `token`; `None` (logged) if the token or the configured sha256 does not
-    /// have the shape stage2 takes, which the store's tokens and a checked config always have.
-    fn orders(image: &Image, token: &str) -> Option<ImagingOrders> {
+    /// The image `name` is imaged with: its Machine's own, else the configured one.
+    fn image_for(&self, name: &str) -> Option<Image> {
+        self.table
+            .imaging_of(name)
+            .and_then(|i| i.image)
+            .or_else(|| self.image.clone())
+    }
+
+    /// Whether any machine may be imaged (reports and cloud-init are refused otherwise).
+    fn enabled(&self) -> bool {
+        self.image.is_some() || self.table.any_own_image()
+    }
+
+    /// The orders for `token`; `None` (logged) if the token or the sha256 does not have the
+    /// shape stage2 takes, which the store's tokens and a checked config or Machine always have.
+    fn orders(image: &Image, disk: DiskHints, token: &str) -> Option<ImagingOrders> {
         let (Some(token), Some(sha256)) = (
             Token::parse(token),
             wire::orders::parse_sha256(&image.sha256),
@@ -132,8 +147,7 @@ impl Imaging {
             image_url: image.url.clone(),
             sha256,
             image_size: image.size,
-            // Disk hints come with the Machine spec's rootDevice (cluster inventory).
-            disk: DiskHints::default(),
+            disk,
         })
     }
 
@@ -255,9 +269,14 @@ impl Provisioning for Imaging {
         peer: IpAddr,
         head: bool,
     ) -> Result<BootAction, Refusal> {
-        let Some(image) = &self.image else {
+        let Some(image) = self.image_for(&machine.name) else {
             return Ok(BootAction::Configured);
         };
+        let disk = self
+            .table
+            .imaging_of(&machine.name)
+            .map(|i| i.disk)
+            .unwrap_or_default();
         let Some(status) = self.store.get(&machine.name) else {
             // Not in the store yet (the inventory is being reloaded): no token to give.
             return Ok(BootAction::Configured);
@@ -272,11 +291,12 @@ impl Provisioning for Imaging {
                     // Content-Length matches a GET's; nothing is minted and nothing changes.
                     self.store
                         .check_imaging_script(machine, peer, self.token_window)?;
-                    return Ok(Self::orders(image, &"0".repeat(64))
+                    return Ok(Self::orders(&image, disk, &"0".repeat(64))
                         .map_or(BootAction::Configured, BootAction::Image));
                 }
                 let token = self.store.imaging_token(machine, peer, self.token_window)?;
-                Ok(Self::orders(image, &token).map_or(BootAction::Configured, BootAction::Image))
+                Ok(Self::orders(&image, disk, &token)
+                    .map_or(BootAction::Configured, BootAction::Image))
             }
         }
     }
@@ -288,7 +308,7 @@ impl Provisioning for Imaging {
         token: &str,
         report: ProgressReport,
     ) -> Result<(), Refusal> {
-        if self.image.is_none() {
+        if self.image_for(&machine.name).is_none() {
             return Err(Refusal::NotEnabled);
         }
         self.store
@@ -302,7 +322,7 @@ impl Provisioning for Imaging {
         file: CloudInitFile,
     ) -> BoxFuture<'a, Result<CloudInitDocument, Refusal>> {
         Box::pin(async move {
-            if self.image.is_none() {
+            if !self.enabled() {
                 return Err(Refusal::NotEnabled);
             }
             match file {
@@ -785,5 +805,78 @@ mod tests {
             p.cloud_init(PEER, &token, CloudInitFile::UserData).await,
             Err(Refusal::Replayed { .. })
         ));
+    }
+
+    /// A Machine's own spec.image replaces the configured image for it, and its rootDevice
+    /// hints reach stage2's orders; another machine keeps the configured image.
+    #[test]
+    fn a_machines_own_image_and_disk_hints_reach_its_orders() {
+        use crate::machines::ImagingSpec;
+        let store = StatusStore::open(None);
+        let table = Arc::new(Table::with_status(store.clone()));
+        let n2 = node2();
+        let n3 = Machine {
+            name: "node3".into(),
+            mac: MacAddr([0x52, 0x54, 0, 0, 0, 3]),
+            ip: Ipv4Addr::new(10, 77, 0, 3),
+            hostname: None,
+        };
+        table.replace(HashMap::from([(n2.mac, n2.clone()), (n3.mac, n3.clone())]));
+        let own = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let hints = DiskHints {
+            serial: Some("DISK-B".into()),
+            min_size: Some(1 << 30),
+            ..DiskHints::default()
+        };
+        table.set_imaging(HashMap::from([(
+            "node3".to_string(),
+            ImagingSpec {
+                image: Some(Image {
+                    url: "http://10.77.0.1:8080/own.raw.zst".into(),
+                    sha256: own.into(),
+                    size: Some(8192),
+                }),
+                disk: hints.clone(),
+            },
+        )]));
+        let global = Image {
+            url: "http://10.77.0.1:8080/node.raw".into(),
+            sha256: HASH.into(),
+            size: Some(4096),
+        };
+        let p = Imaging::new(store.clone(), table.clone(), Some(global), LocalBoot::Auto);
+        let n3_peer = IpAddr::V4(n3.ip);
+        store.observe(&n3, &BootEvent::DhcpAcked);
+        match p.boot_action(&n3, n3_peer, false).expect("script") {
+            BootAction::Image(orders) => {
+                assert_eq!(orders.image_url, "http://10.77.0.1:8080/own.raw.zst");
+                assert_eq!(hex::encode(orders.sha256), own);
+                assert_eq!(orders.image_size, Some(8192));
+                assert_eq!(orders.disk, hints);
+                let args = orders.kernel_args("http://10.77.0.1").expect("args");
+                assert!(args.contains("provisioner.disk.serial=DISK-B"), "{args}");
+            }
+            other => panic!("expected imaging, got {other:?}"),
+        }
+        store.observe(&n2, &BootEvent::DhcpAcked);
+        match p.boot_action(&n2, PEER, false).expect("script") {
+            BootAction::Image(orders) => {
+                assert_eq!(orders.image_url, "http://10.77.0.1:8080/node.raw");
+                assert_eq!(orders.disk, DiskHints::default());
+            }
+            other => panic!("expected imaging, got {other:?}"),
+        }
+
+        // Without a configured image, only the machine with its own is imaged.
+        let p = Imaging::new(store.clone(), table, None, LocalBoot::Auto);
+        assert!(matches!(
+            p.boot_action(&n3, n3_peer, false),
+            Ok(BootAction::Image(_))
+        ));
+        assert_eq!(p.boot_action(&n2, PEER, false), Ok(BootAction::Configured));
+        assert_eq!(
+            p.report(&n2, PEER, "x", imaging(5)),
+            Err(Refusal::NotEnabled)
+        );
     }
 }

@@ -76,6 +76,8 @@ pub struct Verdicts {
     pub problems: BTreeMap<String, Problem>,
     /// `spec.reimage` of the served Machines that set it, by name.
     pub reimage: HashMap<String, String>,
+    /// The served Machines' own image and disk hints, by name.
+    pub imaging: HashMap<String, machines::ImagingSpec>,
 }
 
 impl From<machines::Snapshot> for Verdicts {
@@ -88,6 +90,7 @@ impl From<machines::Snapshot> for Verdicts {
                 .filter_map(|r| Some((r.machine?, r.problem)))
                 .collect(),
             reimage: snapshot.reimage,
+            imaging: snapshot.imaging,
         }
     }
 }
@@ -107,6 +110,7 @@ pub fn judge(machines: &[Arc<Machine>], rules: &AddressRules, leaving: Option<&s
         name,
         spec: &m.spec,
         file: None,
+        document: None,
     });
     machines::judge(claims, rules).into()
 }
@@ -219,6 +223,9 @@ impl Context {
             if problem_of(&previous, name).as_ref() != Some(problem) {
                 tracing::warn!(machine = %name, "machine not served: {}", problem.message());
             }
+        }
+        if first || previous.imaging != verdicts.imaging {
+            self.table.set_imaging(verdicts.imaging.clone());
         }
         if first || previous.served != verdicts.served {
             tracing::info!(

@@ -3,7 +3,7 @@
 //! `agent/crd/machine.yaml`; a test fails when the two differ.
 //!
 //! The schema does what the API server can check on its own (MAC and IPv4 formats, host name,
-//! sha256, role); what needs context (the IP inside the provisioning subnet, duplicates) is the
+//! image URL and sha256, disk hints); what needs context (the IP inside the provisioning subnet, duplicates) is the
 //! controller's job, because the API server knows neither the subnet nor the other Machines.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -17,6 +17,15 @@ pub const MAC_PATTERN: &str = "^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$";
 pub const HOSTNAME_PATTERN: &str =
     "^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$";
 pub const SHA256_PATTERN: &str = "^[0-9a-f]{64}$";
+/// An `http://` URL with a host, without blanks, `"` or `$`: what stage2 fetches (it has no
+/// TLS; the sha256 guards the image) and what iPXE carries on the kernel command line as is.
+pub const IMAGE_URL_PATTERN: &str = "^http://[^\\s\"$/][^\\s\"$]*$";
+/// A device path: `/dev/` and printable ASCII without blanks, `"` or `$`.
+pub const DEVICE_PATH_PATTERN: &str = "^/dev/[!#%-~]+$";
+/// A disk serial or model as the kernel command line carries it: printable ASCII words
+/// separated by single blanks, no `"` or `$`, and no word starting with `#`, `&`, `;` or `|`
+/// (iPXE reads those as a comment or a command separator).
+pub const DISK_WORDS_PATTERN: &str = "^[!%'-:<-{}~][!#%-~]*( [!%'-:<-{}~][!#%-~]*)*$";
 
 /// A machine to network-boot, image and join to the cluster.
 // clippy reads the repeated `printcolumn(type_ = …)` keys as duplicated attributes.
@@ -52,15 +61,12 @@ pub struct MachineSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253), regex(pattern = HOSTNAME_PATTERN))]
     pub hostname: Option<String>,
-    /// The disk image to write; defaults to the agent's configured image.
+    /// The disk image to write, instead of the agent's configured `image:`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageSpec>,
     /// Which disk to write when the machine has several.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_device: Option<RootDeviceHints>,
-    /// What the machine becomes in the cluster. Default worker.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub role: Option<Role>,
     /// Reimage request: set or change this token to have the machine imaged again on its next
     /// boot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -70,38 +76,39 @@ pub struct MachineSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageSpec {
-    /// HTTP(S) URL of the raw (optionally zstd/xz/gzip-compressed) disk image.
-    #[schemars(extend("format" = "uri"))]
+    /// `http://` URL of the raw (optionally zstd/xz/gzip-compressed) disk image.
+    #[schemars(extend("format" = "uri"), regex(pattern = IMAGE_URL_PATTERN))]
     pub url: String,
     /// sha256 of the decompressed image, lower-case hex.
     #[schemars(regex(pattern = SHA256_PATTERN))]
     pub sha256: String,
+    /// Decompressed size in bytes, when known (stage2 checks the disk is large enough first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub size: Option<u64>,
 }
 
-/// Hints to pick the disk; every given hint must match.
+/// Hints to pick the disk (stage2's disk choice); every given hint must match.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RootDeviceHints {
     /// Device path, e.g. `/dev/disk/by-path/pci-0000:00:1f.2-ata-1` or `/dev/nvme0n1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DEVICE_PATH_PATTERN))]
     pub path: Option<String>,
+    /// The disk's serial number as sysfs shows it (`/sys/block/NAME/serial` or
+    /// `device/serial`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DISK_WORDS_PATTERN))]
     pub serial: Option<String>,
+    /// The disk's model (`/sys/block/NAME/device/model`), compared without case.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DISK_WORDS_PATTERN))]
     pub model: Option<String>,
     /// Smallest acceptable disk size in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub min_size_bytes: Option<u64>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
-pub enum Role {
-    #[default]
-    #[serde(rename = "worker")]
-    Worker,
-    #[serde(rename = "control-plane")]
-    ControlPlane,
 }
 
 /// Written by the agent (server-side apply, field manager `provisioner`).
@@ -194,7 +201,7 @@ mod tests {
             "apiVersion": "provisioner.dev/v1alpha1",
             "kind": "Machine",
             "metadata": {"name": "node2"},
-            "spec": {"macAddress": mac, "ipAddress": ip, "hostname": "node2", "role": "worker"},
+            "spec": {"macAddress": mac, "ipAddress": ip, "hostname": "node2"},
         })
     }
 
@@ -234,9 +241,6 @@ mod tests {
                 "accepted IP {ip:?}"
             );
         }
-        let mut bad_role = machine("52:54:00:12:34:56", "10.0.0.5");
-        bad_role["spec"]["role"] = "master".into();
-        assert!(!v.is_valid(&bad_role));
         let mut bad_host = machine("52:54:00:12:34:56", "10.0.0.5");
         bad_host["spec"]["hostname"] = "-node".into();
         assert!(!v.is_valid(&bad_host));

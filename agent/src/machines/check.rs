@@ -4,6 +4,7 @@
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
+use netboot::provisioning::DiskHints;
 use netboot::{MacAddr, Machine};
 
 use super::AddressRules;
@@ -32,14 +33,54 @@ pub enum Invalid {
     /// `cluster::crd::HOSTNAME_PATTERN`, 253 characters at most.
     #[error("spec.hostname {0:?} is not a valid host name")]
     Hostname(String),
-    /// The schema's `format: uri` (RFC 3986, with a scheme).
-    #[error("spec.image.url: {0:?} is not a URI")]
+    /// The schema's `format: uri` (RFC 3986, with a scheme) and
+    /// `cluster::crd::IMAGE_URL_PATTERN`.
+    #[error("spec.image.url: {0:?} is not an http:// URL without blanks, '\"' or '$' (stage2 has no TLS; the sha256 guards the image)")]
     ImageUrl(String),
     /// `cluster::crd::SHA256_PATTERN`.
     #[error("spec.image.sha256: {0:?} is not 64 lower-case hex digits")]
     ImageSha256(String),
+    #[error("spec.image.size must be at least 1")]
+    ImageSize,
+    /// `cluster::crd::DEVICE_PATH_PATTERN`.
+    #[error("spec.rootDevice.path: {0:?} is not a path under /dev/ without blanks, '\"' or '$'")]
+    DevicePath(String),
+    /// `cluster::crd::DISK_WORDS_PATTERN`.
+    #[error("spec.rootDevice.{field}: {value:?} must be printable ASCII words separated by single blanks, without '\"' or '$', no word starting with '#', '&', ';' or '|'")]
+    DiskWords { field: &'static str, value: String },
     #[error("spec.rootDevice.minSizeBytes must be at least 1")]
     MinSizeBytes,
+}
+
+/// `cluster::crd::IMAGE_URL_PATTERN`: `http://`, then no `/` first, and nothing blank, `"` or
+/// `$` anywhere.
+fn image_url_format(url: &str) -> bool {
+    let bad = |c: char| c.is_whitespace() || c == '"' || c == '$';
+    url.strip_prefix("http://")
+        .is_some_and(|rest| rest.chars().next().is_some_and(|c| c != '/') && !rest.chars().any(bad))
+}
+
+/// `cluster::crd::DEVICE_PATH_PATTERN`: `/dev/` and `[!#%-~]+`.
+fn device_path_format(path: &str) -> bool {
+    path.strip_prefix("/dev/")
+        .is_some_and(|rest| !rest.is_empty() && rest.bytes().all(path_byte))
+}
+
+/// `[!#%-~]`: printable ASCII but blank, `"` and `$`.
+fn path_byte(b: u8) -> bool {
+    b == b'!' || b == b'#' || (b'%'..=b'~').contains(&b)
+}
+
+/// `cluster::crd::DISK_WORDS_PATTERN`: words of [`path_byte`]s separated by single blanks,
+/// none starting with `#`, `&`, `;` or `|`.
+fn disk_words_format(text: &str) -> bool {
+    text.split(' ').all(|word| {
+        word.bytes().all(path_byte)
+            && word
+                .bytes()
+                .next()
+                .is_some_and(|b| !matches!(b, b'#' | b'&' | b';' | b'|'))
+    })
 }
 
 /// `^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$`, the CRD's MAC pattern (netboot's parser also takes
@@ -53,6 +94,42 @@ fn mac_format(mac: &str) -> bool {
                 b.is_ascii_hexdigit()
             }
         })
+}
+
+/// What a valid Machine asks of its imaging beyond the configuration: its own image, and the
+/// hints stage2 picks its disk by (`spec.image`, `spec.rootDevice`; [`check`] has checked both).
+pub fn imaging(spec: &MachineSpec) -> ImagingSpec {
+    ImagingSpec {
+        image: spec.image.as_ref().map(|i| crate::config::Image {
+            url: i.url.clone(),
+            sha256: i.sha256.clone(),
+            size: i.size,
+        }),
+        disk: spec
+            .root_device
+            .as_ref()
+            .map(|h| DiskHints {
+                path: h.path.clone(),
+                serial: h.serial.clone(),
+                model: h.model.clone(),
+                min_size: h.min_size_bytes,
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// A Machine's own imaging orders: `spec.image` (instead of the configured image) and
+/// `spec.rootDevice`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImagingSpec {
+    pub image: Option<crate::config::Image>,
+    pub disk: DiskHints,
+}
+
+impl ImagingSpec {
+    pub fn is_empty(&self) -> bool {
+        self.image.is_none() && self.disk == DiskHints::default()
+    }
 }
 
 /// Checks the Machine called `name`: what the CRD's schema checks, then the name, a unicast
@@ -89,7 +166,7 @@ pub fn check(name: &str, spec: &MachineSpec, rules: &AddressRules) -> Result<Mac
         }
     }
     if let Some(image) = &spec.image {
-        if fluent_uri::Uri::parse(image.url.as_str()).is_err() {
+        if fluent_uri::Uri::parse(image.url.as_str()).is_err() || !image_url_format(&image.url) {
             return Err(Invalid::ImageUrl(image.url.clone()));
         }
         let sha256_ok = image.sha256.len() == 64
@@ -100,13 +177,25 @@ pub fn check(name: &str, spec: &MachineSpec, rules: &AddressRules) -> Result<Mac
         if !sha256_ok {
             return Err(Invalid::ImageSha256(image.sha256.clone()));
         }
+        if image.size == Some(0) {
+            return Err(Invalid::ImageSize);
+        }
     }
-    if spec
-        .root_device
-        .as_ref()
-        .is_some_and(|hints| hints.min_size_bytes == Some(0))
-    {
-        return Err(Invalid::MinSizeBytes);
+    if let Some(hints) = &spec.root_device {
+        if let Some(path) = hints.path.as_ref().filter(|p| !device_path_format(p)) {
+            return Err(Invalid::DevicePath(path.clone()));
+        }
+        for (field, value) in [("serial", &hints.serial), ("model", &hints.model)] {
+            if let Some(value) = value.as_ref().filter(|v| !disk_words_format(v)) {
+                return Err(Invalid::DiskWords {
+                    field,
+                    value: value.clone(),
+                });
+            }
+        }
+        if hints.min_size_bytes == Some(0) {
+            return Err(Invalid::MinSizeBytes);
+        }
     }
     Ok(Machine {
         name: name.to_string(),
@@ -134,7 +223,6 @@ mod tests {
             hostname: None,
             image: None,
             root_device: None,
-            role: None,
             reimage: None,
         }
     }

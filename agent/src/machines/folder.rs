@@ -3,11 +3,17 @@
 //! types and judged by the rules the cluster's Machines are judged by ([`super::judge`]).
 //!
 //! One bad file never takes the others down: a manifest that does not parse, a MAC or IP used
-//! twice, or an IP outside the subnet is logged with its file name and that machine is simply not
-//! served. With duplicates, every machine involved is left out.
+//! twice, or an IP outside the subnet is logged with its file name, document index and machine
+//! name, and that machine is simply not served. With duplicates, every machine involved is left
+//! out. A document of another kind (a ConfigMap beside the Machines) is skipped, an empty one
+//! ignored, and only a YAML syntax error ends the reading of a file (the parser cannot find the
+//! next document after one). Each rejection is logged once, and again when its file changes,
+//! not on every rescan.
 
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
@@ -19,15 +25,21 @@ use crate::cluster::crd::MachineSpec;
 pub const API_VERSION: &str = "provisioner.dev/v1alpha1";
 
 /// One document of a manifest: a Machine as `kubectl apply` sends it. `status` is ignored, as
-/// the API server ignores it when a Machine is created (its status subresource).
+/// the API server ignores it when a Machine is created (its status subresource); any other key
+/// it does not know is an error, as kubectl's (default) strict field validation makes it.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Document {
+    #[allow(dead_code)]
     api_version: String,
+    #[allow(dead_code)]
     kind: String,
     #[serde(default)]
     metadata: ObjectMeta,
     spec: MachineSpec,
+    #[allow(dead_code)]
+    #[serde(default)]
+    status: Option<serde_json::Value>,
 }
 
 /// Why a file or document is not a Machine at all.
@@ -35,16 +47,25 @@ struct Document {
 pub enum Malformed {
     #[error("cannot read: {0}")]
     Unreadable(String),
-    /// Not YAML, or not of the Machine's types (with the field's path:
+    /// Not YAML: the parser cannot go on to the next document.
+    #[error("YAML syntax error, the rest of the file is not read: {0}")]
+    Syntax(String),
+    /// YAML, but not of the Machine's types (with the field's path:
     /// `spec.reimage: invalid type: integer `2`, expected a string`).
     #[error("{0}")]
     Yaml(String),
-    #[error("kind is {0:?}, expected \"Machine\"")]
+    /// Another kind of object: skipped, not an error ([`Problem::is_error`]).
+    #[error("kind {0}, skipped (only kind Machine is read)")]
     Kind(String),
+    #[error("kind is missing (expected \"Machine\")")]
+    NoKind,
     #[error("apiVersion is {0:?}, expected {API_VERSION:?}")]
     ApiVersion(String),
     #[error("metadata.name is missing")]
     NoName,
+    /// Keys the Machine's types do not have, by path (`spec.hostnme`).
+    #[error("unknown field{} {}", if .0.len() == 1 { "" } else { "s" }, .0.join(", "))]
+    UnknownFields(Vec<String>),
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -54,109 +75,229 @@ fn is_manifest(path: &Path) -> bool {
     )
 }
 
-/// The Machine a document holds: its name and spec.
-fn machine_of(document: Document) -> Result<(String, MachineSpec), Malformed> {
-    if document.kind != "Machine" {
-        return Err(Malformed::Kind(document.kind));
-    }
-    if document.api_version != API_VERSION {
-        return Err(Malformed::ApiVersion(document.api_version));
-    }
-    let name = document.metadata.name.ok_or(Malformed::NoName)?;
-    Ok((name, document.spec))
+/// One document of a file, read.
+#[derive(Debug)]
+enum Read {
+    /// No content (`---` with nothing after it, only comments): not a Machine, not an error.
+    Empty,
+    Machine {
+        name: String,
+        spec: MachineSpec,
+    },
+    Rejected {
+        /// `metadata.name` when the document has one.
+        name: Option<String>,
+        problem: Malformed,
+    },
 }
 
-/// The Machines of one file's text, or why the rest of it cannot be read.
-fn read_documents(text: &str) -> Vec<Result<(String, MachineSpec), Malformed>> {
+/// What one document holds. `json` is the document as JSON, as kubectl sends it: the YAML
+/// deserializer would read `reimage: 2` into a string, the API server refuses a number where
+/// the schema says string.
+fn read_document(json: serde_json::Value) -> Read {
+    if json.is_null() {
+        return Read::Empty;
+    }
+    let name = json
+        .pointer("/metadata/name")
+        .and_then(|n| n.as_str())
+        .map(str::to_owned);
+    let reject = |problem| Read::Rejected {
+        name: name.clone(),
+        problem,
+    };
+    match json.get("kind").and_then(|k| k.as_str()) {
+        None => return reject(Malformed::NoKind),
+        Some("Machine") => {}
+        Some(kind) => return reject(Malformed::Kind(kind.to_owned())),
+    }
+    match json.get("apiVersion").and_then(|v| v.as_str()) {
+        Some(API_VERSION) => {}
+        Some(other) => return reject(Malformed::ApiVersion(other.to_owned())),
+        None => return reject(Malformed::ApiVersion(String::new())),
+    }
+    let mut unknown = Vec::new();
+    let mut note = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let document: Result<Document, _> =
+        serde_path_to_error::deserialize(serde_ignored::Deserializer::new(json, &mut note));
+    let document = match document {
+        Ok(document) => document,
+        Err(e) => return reject(Malformed::Yaml(e.to_string())),
+    };
+    if !unknown.is_empty() {
+        return reject(Malformed::UnknownFields(unknown));
+    }
+    match document.metadata.name {
+        Some(name) => Read::Machine {
+            name,
+            spec: document.spec,
+        },
+        None => reject(Malformed::NoName),
+    }
+}
+
+/// The documents of one file's text, in order (an empty document included, so that indices
+/// are the file's own). A syntax error is the last entry.
+fn read_documents(text: &str) -> Vec<Read> {
     let mut documents = Vec::new();
     for document in serde_yaml::Deserializer::from_str(text) {
-        // As JSON first, as kubectl sends it: the YAML deserializer would read `reimage: 2` into
-        // a string, the API server refuses a number where the schema says string.
-        let json = match serde_json::Value::deserialize(document) {
-            Ok(json) => json,
+        // Any YAML first (non-string keys, tags): only a syntax error fails here.
+        let yaml = match serde_yaml::Value::deserialize(document) {
+            Ok(yaml) => yaml,
             Err(e) => {
                 // After a syntax error the document stream cannot resynchronise (the iterator
                 // would repeat the error forever): give up on the rest of the file.
-                documents.push(Err(Malformed::Yaml(e.to_string())));
+                documents.push(Read::Rejected {
+                    name: None,
+                    problem: Malformed::Syntax(e.to_string()),
+                });
                 break;
             }
         };
-        documents.push(
-            serde_path_to_error::deserialize(json)
-                .map_err(|e| Malformed::Yaml(e.to_string()))
-                .and_then(machine_of),
-        );
+        documents.push(match serde_json::to_value(&yaml) {
+            Ok(json) => read_document(json),
+            // Valid YAML that JSON cannot hold (a number as a mapping key): not a manifest
+            // kubectl could send, but the next document may still be one.
+            Err(e) => Read::Rejected {
+                name: None,
+                problem: Malformed::Yaml(e.to_string()),
+            },
+        });
     }
     documents
 }
 
-/// Reads every `*.yaml`/`*.yml` file of `dir` (each may hold several `---` documents) and
-/// judges the Machines in them. Rejections come in file order.
-pub fn load_dir(dir: &Path, rules: &AddressRules) -> std::io::Result<Snapshot> {
+/// Every manifest of `dir`, sorted: `*.yaml` and `*.yml` regular files.
+fn manifests(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|p| is_manifest(p) && p.is_file())
         .collect();
     files.sort();
+    Ok(files)
+}
 
+/// The snapshot of the folder, and a fingerprint of each file's text (to log a rejection once
+/// per version of its file).
+fn scan(dir: &Path, rules: &AddressRules) -> std::io::Result<(Snapshot, HashMap<PathBuf, u64>)> {
+    let files = manifests(dir)?;
+    let mut fingerprints = HashMap::new();
     let mut malformed: Vec<Rejection> = Vec::new();
-    let mut machines: Vec<(&Path, String, MachineSpec)> = Vec::new();
+    let mut machines: Vec<(&Path, usize, String, MachineSpec)> = Vec::new();
     for file in &files {
-        let reject = |problem: Malformed| Rejection {
-            machine: None,
-            file: Some(file.clone()),
-            problem: Problem::Malformed(problem),
-        };
+        let reject =
+            |document: Option<usize>, machine: Option<String>, problem: Malformed| Rejection {
+                machine,
+                file: Some(file.clone()),
+                document,
+                problem: Problem::Malformed(problem),
+            };
         let text = match std::fs::read_to_string(file) {
             Ok(text) => text,
             Err(e) => {
-                malformed.push(reject(Malformed::Unreadable(e.to_string())));
+                malformed.push(reject(None, None, Malformed::Unreadable(e.to_string())));
                 continue;
             }
         };
-        for document in read_documents(&text) {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        text.hash(&mut hasher);
+        fingerprints.insert(file.clone(), hasher.finish());
+        for (i, document) in read_documents(&text).into_iter().enumerate() {
             match document {
-                Ok((name, spec)) => machines.push((file, name, spec)),
-                Err(problem) => malformed.push(reject(problem)),
+                Read::Empty => {}
+                Read::Machine { name, spec } => machines.push((file, i + 1, name, spec)),
+                Read::Rejected { name, problem } => {
+                    malformed.push(reject(Some(i + 1), name, problem))
+                }
             }
         }
     }
-    let claims = machines.iter().map(|(file, name, spec)| Claim {
+    let claims = machines.iter().map(|(file, document, name, spec)| Claim {
         name,
         spec,
         file: Some(file),
+        document: Some(*document),
     });
     let mut snapshot = judge(claims, rules);
     snapshot.rejected.extend(malformed);
-    // Stable: a file's rejections keep their order.
-    snapshot.rejected.sort_by(|a, b| a.file.cmp(&b.file));
-    Ok(snapshot)
+    // In file order, then document order.
+    snapshot
+        .rejected
+        .sort_by(|a, b| (&a.file, a.document).cmp(&(&b.file, b.document)));
+    Ok((snapshot, fingerprints))
 }
 
-/// Loads the folder into `table`, logging every rejection with its file name.
-/// Returns the number of machines served.
-pub fn reload(table: &Table, dir: &Path, rules: &AddressRules) -> std::io::Result<usize> {
-    let snapshot = load_dir(dir, rules)?;
-    for r in &snapshot.rejected {
-        tracing::warn!(
-            file = %r.file.as_deref().unwrap_or(dir).display(),
-            machine = r.machine.as_deref().unwrap_or(""),
-            "machine not served: {}",
-            r.problem
-        );
+/// Reads every `*.yaml`/`*.yml` file of `dir` (each may hold several `---` documents) and
+/// judges the Machines in them. Rejections come in file order, then document order.
+pub fn load_dir(dir: &Path, rules: &AddressRules) -> std::io::Result<Snapshot> {
+    scan(dir, rules).map(|(snapshot, _)| snapshot)
+}
+
+/// The folder inventory: where it is, the rules its Machines are judged by, and what has been
+/// logged about it.
+pub struct Folder {
+    dir: PathBuf,
+    rules: AddressRules,
+    /// The rejections last logged, each with its file's fingerprint: a rescan that finds the
+    /// same rejection in the same file says nothing.
+    logged: Mutex<HashSet<String>>,
+}
+
+impl Folder {
+    pub fn new(dir: PathBuf, rules: AddressRules) -> Folder {
+        Folder {
+            dir,
+            rules,
+            logged: Mutex::new(HashSet::new()),
+        }
     }
-    let count = snapshot.served.len();
-    let previous = table.all();
-    let changed = previous.len() != count
-        || snapshot
-            .served
-            .iter()
-            .any(|(mac, m)| previous.get(mac) != Some(m));
-    table.load(&snapshot);
-    if changed {
-        tracing::info!(machines = count, rejected = snapshot.rejected.len(), dir = %dir.display(), "inventory loaded");
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
-    Ok(count)
+
+    /// Loads the folder into `table`, logging each new rejection with its file name, document
+    /// index and machine name. Returns the number of machines served.
+    pub fn reload(&self, table: &Table) -> std::io::Result<usize> {
+        let (snapshot, fingerprints) = scan(&self.dir, &self.rules)?;
+        let mut seen = HashSet::new();
+        {
+            let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+            for r in &snapshot.rejected {
+                let fingerprint = r.file.as_ref().and_then(|f| fingerprints.get(f));
+                let key = format!("{r}\0{fingerprint:?}");
+                if !logged.contains(&key) {
+                    let file = r.file.as_deref().unwrap_or(&self.dir).display().to_string();
+                    let machine = r.machine.as_deref().unwrap_or("");
+                    let document = r.document.unwrap_or(0);
+                    if r.problem.is_error() {
+                        tracing::warn!(file, document, machine, "machine not served: {r}");
+                    } else {
+                        tracing::info!(file, document, machine, "document skipped: {r}");
+                    }
+                }
+                seen.insert(key);
+            }
+            *logged = seen;
+        }
+        let count = snapshot.served.len();
+        let previous = table.all();
+        let changed = previous.len() != count
+            || snapshot
+                .served
+                .iter()
+                .any(|(mac, m)| previous.get(mac) != Some(m));
+        table.load(&snapshot);
+        if changed {
+            let rejected = snapshot
+                .rejected
+                .iter()
+                .filter(|r| r.problem.is_error())
+                .count();
+            tracing::info!(machines = count, rejected, dir = %self.dir.display(), "inventory loaded");
+        }
+        Ok(count)
+    }
 }
 
 /// An inotify watch on the inventory folder. Set up before the first load, so that no change
@@ -200,8 +341,7 @@ impl FolderWatch {
 pub async fn watch(
     mut folder: FolderWatch,
     table: Arc<Table>,
-    dir: PathBuf,
-    rules: AddressRules,
+    inventory: Arc<Folder>,
     rescan: std::time::Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
@@ -216,8 +356,8 @@ pub async fn watch(
             }
             _ = ticker.tick() => {}
         }
-        if let Err(e) = reload(&table, &dir, &rules) {
-            tracing::error!(dir = %dir.display(), "cannot read inventory folder, keeping the last good table: {e}");
+        if let Err(e) = inventory.reload(&table) {
+            tracing::error!(dir = %inventory.dir().display(), "cannot read inventory folder, keeping the last good table: {e}");
         }
     }
 }
@@ -225,6 +365,8 @@ pub async fn watch(
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
+
+    use std::sync::{Arc, Mutex};
 
     use netboot::{MacAddr, MachineLookup};
 
@@ -308,6 +450,13 @@ mod tests {
         assert_eq!(
             rejected,
             ["badmac.yaml", "broken.yaml", "outside.yaml", "server.yaml"]
+        );
+        assert_eq!(
+            snap.rejected[0].to_string(),
+            format!(
+                "{}, document 1 (Machine badmac): spec.macAddress: \"52:54:00:00:04\" is not six colon-separated pairs of hex digits",
+                d.join("badmac.yaml").display()
+            )
         );
         assert!(snap.rejected[0].problem.message().contains("macAddress"));
         assert!(snap.rejected[2].problem.message().contains("10.78.0.4"));
@@ -416,19 +565,185 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
         let table = Table::default();
+        let folder = Folder::new(d.to_path_buf(), rules(&[]));
         write(
             d,
             "a.yaml",
             &manifest("a", "52:54:00:00:00:0a", "10.77.0.10"),
         );
-        assert_eq!(reload(&table, d, &rules(&[])).expect("reload"), 1);
+        assert_eq!(folder.reload(&table).expect("reload"), 1);
         let mac: MacAddr = "52:54:00:00:00:0a".parse().expect("mac");
         assert_eq!(
             table.by_mac(&mac).map(|m| m.ip),
             Some(Ipv4Addr::new(10, 77, 0, 10))
         );
         std::fs::remove_file(d.join("a.yaml")).expect("rm");
-        assert_eq!(reload(&table, d, &rules(&[])).expect("reload"), 0);
+        assert_eq!(folder.reload(&table).expect("reload"), 0);
         assert!(table.by_mac(&mac).is_none());
+    }
+
+    /// The verdicts of one file's documents: `(document, machine, message, is_error)`.
+    fn verdicts(
+        text: &str,
+    ) -> (
+        Vec<String>,
+        Vec<(Option<usize>, Option<String>, String, bool)>,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "m.yaml", text);
+        let snap = load_dir(dir.path(), &rules(&[])).expect("load");
+        let mut served: Vec<String> = snap.served.values().map(|m| m.name.clone()).collect();
+        served.sort();
+        let rejected = snap
+            .rejected
+            .iter()
+            .map(|r| {
+                (
+                    r.document,
+                    r.machine.clone(),
+                    r.problem.message(),
+                    r.problem.is_error(),
+                )
+            })
+            .collect();
+        (served, rejected)
+    }
+
+    /// A ConfigMap, an empty document, a document JSON cannot hold: none hides the Machines
+    /// after it in the same file; the ConfigMap is skipped (not an error), the empty document
+    /// is nothing at all.
+    #[test]
+    fn a_machine_after_another_document_is_read() {
+        let text = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: cm}}\ndata: {{a: b}}\n---\n{}---\n---\n# only a comment\n---\nkind: Machine\n1: numeric key\n---\n{}",
+            manifest("a", "52:54:00:00:00:0a", "10.77.0.10"),
+            manifest("b", "52:54:00:00:00:0b", "10.77.0.11")
+        );
+        let (served, rejected) = verdicts(&text);
+        assert_eq!(served, ["a", "b"]);
+        assert_eq!(rejected.len(), 2, "{rejected:?}");
+        assert_eq!(
+            rejected[0],
+            (
+                Some(1),
+                Some("cm".into()),
+                "kind ConfigMap, skipped (only kind Machine is read)".into(),
+                false
+            )
+        );
+        assert_eq!(rejected[1].0, Some(5), "{rejected:?}");
+        assert!(rejected[1].3, "a document JSON cannot hold is an error");
+    }
+
+    /// Only a syntax error ends the file: the Machines before it are served.
+    #[test]
+    fn a_syntax_error_ends_the_file_with_its_index() {
+        let text = format!(
+            "{}---\nkind: [unclosed\n---\n{}",
+            manifest("a", "52:54:00:00:00:0a", "10.77.0.10"),
+            manifest("b", "52:54:00:00:00:0b", "10.77.0.11")
+        );
+        let (served, rejected) = verdicts(&text);
+        assert_eq!(served, ["a"]);
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert_eq!(rejected[0].0, Some(2));
+        assert!(
+            rejected[0]
+                .2
+                .starts_with("YAML syntax error, the rest of the file is not read"),
+            "{rejected:?}"
+        );
+    }
+
+    /// A misspelt key is an error naming it, with the machine's name and document index.
+    #[test]
+    fn unknown_keys_are_errors_with_name_and_index() {
+        let text = format!(
+            "{}---\n{}  hostnme: b\n  rack: r1\nstatus: {{phase: Ready}}\n",
+            manifest("a", "52:54:00:00:00:0a", "10.77.0.10"),
+            manifest("b", "52:54:00:00:00:0b", "10.77.0.11")
+        );
+        let (served, rejected) = verdicts(&text);
+        assert_eq!(served, ["a"]);
+        assert_eq!(
+            rejected,
+            [(
+                Some(2),
+                Some("b".into()),
+                "unknown fields spec.hostnme, spec.rack".into(),
+                true
+            )]
+        );
+        let (_, rejected) = verdicts(&format!(
+            "{}metadata2: x\n",
+            manifest("c", "52:54:00:00:00:0c", "10.77.0.12")
+        ));
+        assert_eq!(rejected[0].2, "unknown field metadata2");
+        // A Machine whose spec fails: its name is known even so.
+        let (_, rejected) = verdicts(&format!(
+            "apiVersion: {API_VERSION}\nkind: Machine\nmetadata: {{name: d}}\nspec: {{ipAddress: 10.77.0.13}}\n"
+        ));
+        assert_eq!(
+            rejected,
+            [(
+                Some(1),
+                Some("d".into()),
+                "spec: missing field `macAddress`".into(),
+                true
+            )]
+        );
+    }
+
+    /// Captures what `f` logs.
+    fn logs(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = buffer.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// A rejection is logged once, not on every rescan, and again when its file changes.
+    #[test]
+    fn a_rejection_is_logged_once_per_version_of_its_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let table = Table::default();
+        let folder = Folder::new(d.to_path_buf(), rules(&[]));
+        let bad = manifest("far", "52:54:00:00:00:04", "10.78.0.4");
+        write(d, "far.yaml", &bad);
+        let first = logs(|| {
+            folder.reload(&table).expect("reload");
+        });
+        assert_eq!(first.matches("machine not served").count(), 1, "{first}");
+        assert!(first.contains("document 1 (Machine far)"), "{first}");
+        let rescan = logs(|| {
+            folder.reload(&table).expect("reload");
+            folder.reload(&table).expect("reload");
+        });
+        assert!(!rescan.contains("machine not served"), "{rescan}");
+        write(d, "far.yaml", &format!("# edited, still wrong\n{bad}"));
+        let edited = logs(|| {
+            folder.reload(&table).expect("reload");
+        });
+        assert_eq!(edited.matches("machine not served").count(), 1, "{edited}");
     }
 }

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use ipnet::Ipv4Net;
 use netboot::{MacAddr, Machine};
 
-pub use check::{check, Invalid};
+pub use check::{check, imaging, ImagingSpec, Invalid};
 pub use table::Table;
 
 use crate::cluster::crd::MachineSpec;
@@ -65,6 +65,12 @@ impl Problem {
     pub fn message(&self) -> String {
         self.to_string()
     }
+
+    /// A mistake to fix, rather than a document that is not a Machine and is skipped (a
+    /// ConfigMap beside the Machines).
+    pub fn is_error(&self) -> bool {
+        !matches!(self, Problem::Malformed(folder::Malformed::Kind(_)))
+    }
 }
 
 /// One Machine as a source read it, to be judged.
@@ -74,6 +80,8 @@ pub struct Claim<'a> {
     pub spec: &'a MachineSpec,
     /// The file it was read from (the folder), named in conflict messages.
     pub file: Option<&'a Path>,
+    /// Its document's place in the file, from 1 (the folder).
+    pub document: Option<usize>,
 }
 
 /// A Machine (or, in the folder, a document) that is not served.
@@ -81,7 +89,34 @@ pub struct Claim<'a> {
 pub struct Rejection {
     pub machine: Option<String>,
     pub file: Option<PathBuf>,
+    /// The document's place in its file, from 1 (the folder).
+    pub document: Option<usize>,
     pub problem: Problem,
+}
+
+impl fmt::Display for Rejection {
+    /// `machines/a.yaml, document 2 (Machine node2): spec.ipAddress: …`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut place = Vec::new();
+        if let Some(file) = &self.file {
+            place.push(file.display().to_string());
+        }
+        if let Some(document) = self.document {
+            place.push(format!("document {document}"));
+        }
+        let mut place = place.join(", ");
+        if let Some(machine) = &self.machine {
+            if !place.is_empty() {
+                place.push(' ');
+            }
+            place.push_str(&format!("(Machine {machine})"));
+        }
+        if place.is_empty() {
+            write!(f, "{}", self.problem)
+        } else {
+            write!(f, "{place}: {}", self.problem)
+        }
+    }
 }
 
 /// What a source says at one moment.
@@ -91,6 +126,8 @@ pub struct Snapshot {
     pub served: HashMap<MacAddr, Machine>,
     /// `spec.reimage` of the served Machines that set it, by name.
     pub reimage: HashMap<String, String>,
+    /// The own image and disk hints of the served Machines that give any, by name.
+    pub imaging: HashMap<String, ImagingSpec>,
     /// Everything left out, with why.
     pub rejected: Vec<Rejection>,
 }
@@ -107,6 +144,7 @@ pub fn judge<'a>(claims: impl IntoIterator<Item = Claim<'a>>, rules: &AddressRul
             Err(invalid) => snapshot.rejected.push(Rejection {
                 machine: Some(claim.name.to_string()),
                 file: claim.file.map(Path::to_path_buf),
+                document: claim.document,
                 problem: Problem::Invalid(invalid),
             }),
         }
@@ -121,11 +159,16 @@ pub fn judge<'a>(claims: impl IntoIterator<Item = Claim<'a>>, rules: &AddressRul
             Some(clashes) => snapshot.rejected.push(Rejection {
                 machine: Some(machine.name),
                 file: claim.file.map(Path::to_path_buf),
+                document: claim.document,
                 problem: Problem::Conflict(clashes),
             }),
             None => {
                 if let Some(value) = &claim.spec.reimage {
                     snapshot.reimage.insert(machine.name.clone(), value.clone());
+                }
+                let imaging = imaging(claim.spec);
+                if !imaging.is_empty() {
+                    snapshot.imaging.insert(machine.name.clone(), imaging);
                 }
                 snapshot.served.insert(machine.mac, machine);
             }

@@ -5,13 +5,15 @@ use std::sync::{Arc, RwLock};
 
 use netboot::{BootEvent, MacAddr, Machine, MachineLookup};
 
-use super::Snapshot;
+use super::{ImagingSpec, Snapshot};
 use crate::status::StatusStore;
 
 /// The live table the servers read from; swapped whole on every reload.
 #[derive(Default)]
 pub struct Table {
     machines: RwLock<Arc<HashMap<MacAddr, Machine>>>,
+    /// The served Machines' own image and disk hints, by name ([`Snapshot::imaging`]).
+    imaging: RwLock<Arc<HashMap<String, ImagingSpec>>>,
     /// Follows the table (machines added and removed) and the boot events of its machines.
     status: Option<Arc<StatusStore>>,
 }
@@ -20,6 +22,7 @@ impl Table {
     pub fn with_status(status: Arc<StatusStore>) -> Table {
         Table {
             machines: RwLock::default(),
+            imaging: RwLock::default(),
             status: Some(status),
         }
     }
@@ -35,8 +38,36 @@ impl Table {
         *guard = Arc::new(machines);
     }
 
+    /// Sets the served Machines' own image and disk hints.
+    pub fn set_imaging(&self, imaging: HashMap<String, ImagingSpec>) {
+        let mut guard = self
+            .imaging
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *guard = Arc::new(imaging);
+    }
+
+    /// `name`'s own image and disk hints, if its Machine gives any.
+    pub fn imaging_of(&self, name: &str) -> Option<ImagingSpec> {
+        self.imaging
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Whether any served Machine has an image of its own.
+    pub fn any_own_image(&self) -> bool {
+        self.imaging
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .values()
+            .any(|i| i.image.is_some())
+    }
+
     /// Serves `snapshot`'s machines, and follows its reimage requests.
     pub fn load(&self, snapshot: &Snapshot) {
+        self.set_imaging(snapshot.imaging.clone());
         self.replace(snapshot.served.clone());
         if let Some(status) = &self.status {
             status.sync_reimage(&snapshot.reimage);

@@ -37,7 +37,6 @@ pub(super) fn new_machine(name: &str, mac: &str, ip: &str) -> Machine {
             hostname: None,
             image: None,
             root_device: None,
-            role: None,
             reimage: None,
         },
     )
