@@ -17,11 +17,19 @@ pub enum NoCloudFile {
     NetworkConfig,
 }
 
+/// A node's NoCloud files: no network-config, nodes get their address by DHCP from netboot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NodeFile {
+    UserData,
+    MetaData,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum CloudConfig {
     /// A node's user-data (or meta-data) as netboot serves it once the node is imaged. The
     /// report token is a placeholder: the real one is minted per provisioning.
     Node {
+        /// Configuration file (see provisioner.yaml.example); its inventory must be a folder.
         #[arg(long, short, default_value = "/etc/provisioner/provisioner.yaml")]
         config: PathBuf,
         /// The Machine's name in the inventory folder.
@@ -31,14 +39,17 @@ pub enum CloudConfig {
         /// CA hash), to see what a node of the cluster inventory gets.
         #[arg(long)]
         example_join: bool,
+        /// The NoCloud file (nodes have no network-config: netboot's DHCP gives the address).
         #[arg(long, value_enum, default_value = "user-data")]
-        file: NoCloudFile,
+        file: NodeFile,
     },
     /// The first machine's NoCloud seed (`laptop:` of the configuration): user-data with
     /// `kubeadm init`, meta-data, or network-config.
     Laptop {
+        /// Configuration file (see provisioner.yaml.example) with a `laptop:` section.
         #[arg(long, short, default_value = "/etc/provisioner/provisioner.yaml")]
         config: PathBuf,
+        /// The NoCloud file.
         #[arg(long, value_enum, default_value = "user-data")]
         file: NoCloudFile,
     },
@@ -66,7 +77,7 @@ fn base_url(config: &Config) -> String {
     }
 }
 
-fn node(path: &Path, name: &str, example_join: bool, file: NoCloudFile) -> anyhow::Result<String> {
+fn node(path: &Path, name: &str, example_join: bool, file: NodeFile) -> anyhow::Result<String> {
     let config = Config::load(path)?;
     let Inventory::Directory(dir) = &config.inventory else {
         bail!("inventory is a cluster: only a folder inventory can be rendered offline");
@@ -74,26 +85,14 @@ fn node(path: &Path, name: &str, example_join: bool, file: NoCloudFile) -> anyho
     let snapshot = crate::machines::folder::load_dir(dir, &config.address_rules())
         .with_context(|| format!("inventory.directory: cannot read {}", dir.display()))?;
     let Some(machine) = snapshot.served.values().find(|m| m.name == name) else {
-        let why = snapshot
-            .rejected
-            .iter()
-            .find(|r| r.machine.as_deref() == Some(name))
-            .map(|r| match &r.file {
-                Some(file) => format!(": {}: {}", file.display(), r.problem),
-                None => format!(": {}", r.problem),
-            })
-            .unwrap_or_default();
-        bail!("no machine {name:?} is served from {}{why}", dir.display());
+        bail!("{}", not_served(name, dir, &snapshot));
     };
     match file {
-        NoCloudFile::MetaData => Ok(cloudinit::render_meta_data(
+        NodeFile::MetaData => Ok(cloudinit::render_meta_data(
             &format!("{}-example", machine.name),
             machine.hostname(),
         )?),
-        NoCloudFile::NetworkConfig => {
-            bail!("nodes get their address by DHCP from netboot: there is no network-config")
-        }
-        NoCloudFile::UserData => {
+        NodeFile::UserData => {
             let endpoint = config
                 .laptop
                 .as_ref()
@@ -120,6 +119,42 @@ fn node(path: &Path, name: &str, example_join: bool, file: NoCloudFile) -> anyho
             })?)
         }
     }
+}
+
+/// Why `name` is not served from `dir`: its rejection (file, document, reason), or that no
+/// manifest names it (with the names that are served).
+fn not_served(name: &str, dir: &Path, snapshot: &crate::machines::Snapshot) -> String {
+    let rejected: Vec<String> = snapshot
+        .rejected
+        .iter()
+        .filter(|r| r.machine.as_deref() == Some(name) && r.problem.is_error())
+        .map(|r| r.to_string())
+        .collect();
+    if !rejected.is_empty() {
+        return format!("machine {name:?} is not served: {}", rejected.join("; "));
+    }
+    let mut served: Vec<&str> = snapshot.served.values().map(|m| m.name.as_str()).collect();
+    served.sort_unstable();
+    let served = if served.is_empty() {
+        "none".to_string()
+    } else {
+        served.join(", ")
+    };
+    let unnamed = snapshot
+        .rejected
+        .iter()
+        .filter(|r| r.machine.is_none() && r.problem.is_error())
+        .count();
+    let mut message = format!(
+        "no Machine named {name:?} in the manifests of {} (served: {served})",
+        dir.display()
+    );
+    if unnamed > 0 {
+        message.push_str(&format!(
+            "; {unnamed} document(s) could not be read far enough to know their name: provisioner check-config lists them"
+        ));
+    }
+    message
 }
 
 fn laptop(path: &Path, file: NoCloudFile) -> anyhow::Result<String> {

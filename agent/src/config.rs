@@ -424,6 +424,16 @@ impl Config {
                 format!("{:?} is not an IPv4 CIDR such as 10.0.0.0/24", raw.subnet),
             )
         })?;
+        if subnet.addr() != subnet.network() {
+            return Err(invalid(
+                "subnet",
+                format!(
+                    "{subnet} has host bits set: write the network, {}/{}",
+                    subnet.network(),
+                    subnet.prefix_len()
+                ),
+            ));
+        }
         if subnet.prefix_len() > 30 {
             return Err(invalid(
                 "subnet",
@@ -792,6 +802,11 @@ inventory:
         assert!(loader.contains("grub.efi"), "{loader}");
         let kernel = error(&GOOD.replace("kernel: vmlinuz", "kernel: ../vmlinuz"));
         assert!(kernel.contains("boot.kernel"), "{kernel}");
+        let host_bits = error(&GOOD.replace("subnet: 10.77.0.0/24", "subnet: 10.77.0.5/24"));
+        assert_eq!(
+            host_bits,
+            "provisioner.yaml: subnet: 10.77.0.5/24 has host bits set: write the network, 10.77.0.0/24"
+        );
         let missing = error(&GOOD.replace("subnet: 10.77.0.0/24\n", ""));
         assert!(missing.contains("subnet"), "{missing}");
     }

@@ -209,19 +209,20 @@ fn kubeconfig_credential() -> Option<PathBuf> {
     credential
 }
 
-/// What the servers are told, built once from the configuration.
-struct ServerSettings {
+/// What the servers are told, built once from the configuration (`check-config` shows what
+/// the same settings answer).
+pub(crate) struct ServerSettings {
     /// `http://server[:port]`: where iPXE, stage2 and cloud-init reach the HTTP server.
-    base_url: String,
+    pub(crate) base_url: String,
     /// The subnet, and the addresses no machine may take (the server's own, the gateway).
-    rules: AddressRules,
-    dhcp: Arc<netboot::dhcp::DhcpSettings>,
+    pub(crate) rules: AddressRules,
+    pub(crate) dhcp: Arc<netboot::dhcp::DhcpSettings>,
     tftp: Arc<netboot::tftp::TftpSettings>,
-    http: Arc<netboot::http::HttpSettings>,
+    pub(crate) http: Arc<netboot::http::HttpSettings>,
 }
 
 impl ServerSettings {
-    fn new(config: &Config, http_port: u16) -> ServerSettings {
+    pub(crate) fn new(config: &Config, http_port: u16) -> ServerSettings {
         let base_url = match http_port {
             80 => format!("http://{}", config.server_address),
             port => format!("http://{}:{port}", config.server_address),
@@ -341,11 +342,13 @@ fn spawn_servers(
     servers
 }
 
-/// The `STATUS=` line: the store's summary, the sockets, and the API server's state.
+/// The `STATUS=` line: the store's summary, the sockets, the API server's state, and boot
+/// files gone missing.
 struct StatusLine {
     store: Arc<StatusStore>,
     api_state: Arc<cluster::ApiState>,
     endpoints: Vec<(&'static str, String)>,
+    boot_files: Arc<crate::preflight::BootFilesState>,
 }
 
 impl StatusLine {
@@ -357,6 +360,10 @@ impl StatusLine {
         if let Some(problem) = self.api_state.problem() {
             line.push_str("; ");
             line.push_str(&problem);
+        }
+        if let Some(missing) = self.boot_files.status() {
+            line.push_str("; ");
+            line.push_str(&missing);
         }
         line
     }
@@ -392,6 +399,7 @@ async fn supervise(
             _ = sigterm.recv() => return Ok(()),
             _ = sigint.recv() => return Ok(()),
             _ = sighup.recv() => {
+                status_line.boot_files.recheck();
                 // The cluster inventory is always current: only a folder is re-read.
                 if let Some(folder) = &folder {
                     tracing::info!("SIGHUP: reloading inventory");
@@ -472,10 +480,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let persister = tokio::spawn(store.clone().persist(shutdown.clone()));
     // Not in `servers`: netboot keeps serving without a bus.
     tokio::spawn(dbus::serve(store.clone(), shutdown.clone()));
+    // Checked at start (main refuses to start without them); a file that goes away later shows
+    // in STATUS= and the journal.
+    let boot_files = Arc::new(crate::preflight::BootFilesState::default());
+    tokio::spawn(crate::preflight::watch_boot_files(
+        Arc::new(config.clone()),
+        boot_files.clone(),
+        crate::preflight::BOOT_FILES_RECHECK,
+        shutdown.clone(),
+    ));
     let status_line = StatusLine {
         store: store.clone(),
         api_state: api_state.clone(),
         endpoints,
+        boot_files,
     };
     let status = status_line.current();
     tracing::info!(

@@ -257,10 +257,16 @@ pub async fn serve_at(
                 if warned {
                     tracing::debug!("D-Bus still unavailable: {e}");
                 } else {
-                    tracing::warn!(
-                        name = BUS_NAME,
-                        "machine status is not on D-Bus (netboot keeps serving; retrying): {e}"
-                    );
+                    match no_bus(&e, address.as_deref()) {
+                        Some(bus) => tracing::info!(
+                            name = BUS_NAME,
+                            "no system bus at {bus} (a run outside systemd?): machine status is not on D-Bus; harmless, netboot serves as usual and connects when a bus appears"
+                        ),
+                        None => tracing::warn!(
+                            name = BUS_NAME,
+                            "machine status is not on D-Bus (netboot keeps serving; retrying): {e}"
+                        ),
+                    }
                     warned = true;
                 }
             }
@@ -271,6 +277,25 @@ pub async fn serve_at(
         }
         retry = (retry * 2).min(RETRY_MAX);
     }
+}
+
+/// The bus's address when `e` says there is no bus there at all (its socket is missing or
+/// nobody listens), rather than a bus that refused us.
+fn no_bus(e: &zbus::Error, address: Option<&str>) -> Option<String> {
+    let zbus::Error::InputOutput(io) = e else {
+        return None;
+    };
+    if !matches!(
+        io.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+    ) {
+        return None;
+    }
+    Some(match address {
+        Some(address) => address.to_string(),
+        None => std::env::var("DBUS_SYSTEM_BUS_ADDRESS")
+            .unwrap_or_else(|_| "unix:path=/run/dbus/system_bus_socket".to_string()),
+    })
 }
 
 struct Exporter {

@@ -40,6 +40,36 @@ pub struct Options {
     pub upstream: Option<String>,
 }
 
+impl Options {
+    /// What can be checked before serving: the folders exist, the upstream is an http:// URL
+    /// with a host, the configuration has a `laptop:` section. The same messages as at start.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if !self.dir.is_dir() {
+            bail!("--dir {}: not a directory", self.dir.display());
+        }
+        match &self.seed {
+            None => {}
+            Some(Seed::Dir(dir)) if !dir.is_dir() => {
+                bail!("--bootstrap {}: not a directory", dir.display());
+            }
+            Some(Seed::Dir(_)) => {}
+            Some(Seed::Config(config)) => {
+                let parsed = crate::config::Config::load(config)?;
+                if parsed.laptop.is_none() {
+                    bail!(
+                        "--config {}: no laptop: section to render the seed from",
+                        config.display()
+                    );
+                }
+            }
+        }
+        if let Some(url) = &self.upstream {
+            crate::validate::http_url("--upstream", url)?;
+        }
+        Ok(())
+    }
+}
+
 /// Where the bootstrap seed comes from.
 #[derive(Debug, Clone)]
 pub enum Seed {

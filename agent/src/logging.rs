@@ -20,8 +20,13 @@ fn stderr_is_journal() -> bool {
     dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
 }
 
-pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Logs at `level` (an `EnvFilter` directive such as `debug` or `info,netboot=debug`), else as
+/// `RUST_LOG` says, else at info. A `level` that is not a filter is an error.
+pub fn init(level: Option<&str>) -> Result<(), String> {
+    let filter = match level {
+        Some(level) => EnvFilter::try_new(level).map_err(|e| format!("{level:?}: {e}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
     let registry = tracing_subscriber::registry().with(filter);
     if stderr_is_journal() {
         match tracing_journald::layer() {
@@ -34,7 +39,7 @@ pub fn init() {
                             .with_priority_mappings(priorities()),
                     )
                     .init();
-                return;
+                return Ok(());
             }
             Err(e) => eprintln!("journald unavailable, logging to stderr: {e}"),
         }
@@ -48,6 +53,7 @@ pub fn init() {
                 .with_writer(std::io::stderr),
         )
         .init();
+    Ok(())
 }
 
 /// tracing-journald maps INFO to "notice" and DEBUG to "info"; operators filtering with

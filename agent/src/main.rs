@@ -1,5 +1,6 @@
 //! `provisioner`: the host agent and its tools.
 
+mod check_config;
 mod cloud_config_cmd;
 mod cloudinit;
 mod cluster;
@@ -10,8 +11,10 @@ mod imageserver;
 mod logging;
 mod machines;
 mod pod_network;
+mod preflight;
 mod provisioning;
 mod status;
+mod status_cmd;
 mod systemd;
 mod validate;
 
@@ -30,6 +33,10 @@ const EXIT_CONFIG: u8 = 2;
     about = "Network-boot and provision machines into a Kubernetes cluster"
 )]
 struct Cli {
+    /// Log level or filter, as RUST_LOG takes it (`debug`, `warn`, `info,netboot=debug`);
+    /// overrides RUST_LOG. Default: info.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,10 +55,20 @@ enum Command {
     /// machine's NoCloud seed (`kubeadm init`, then netboot).
     #[command(subcommand)]
     CloudConfig(cloud_config_cmd::CloudConfig),
-    /// Check a configuration file and print what it means, then exit.
+    /// Check a configuration offline (its keys, the folders and files it names, every Machine
+    /// of the inventory folder and each machine's iPXE script) and print what it means: per
+    /// machine, what each firmware is answered. Exit 2 on any error.
     CheckConfig {
+        /// Configuration file (see provisioner.yaml.example).
         #[arg(long, short, default_value = "/etc/provisioner/provisioner.yaml")]
         config: PathBuf,
+    },
+    /// The machines netboot serves, with phase, progress, last seen and message, as netboot
+    /// publishes them on D-Bus (dev.provisioner.Netboot1).
+    Status {
+        /// Print again on every change, until interrupted.
+        #[arg(long, short)]
+        watch: bool,
     },
     /// Serve the files of a directory (disk images, kernels, initrds) over HTTP with ranges and
     /// validators (the imageserver.service daemon; socket-activated or stand-alone).
@@ -106,7 +123,10 @@ fn main() -> ExitCode {
             };
         }
     };
-    logging::init();
+    if let Err(e) = logging::init(cli.log_level.as_deref()) {
+        eprintln!("error: --log-level: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     run(cli.command)
 }
 
@@ -132,23 +152,41 @@ fn run(command: Command) -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::CheckConfig { config } => match config::Config::load(&config) {
-            Ok(c) => {
-                println!(
-                    "{} is valid: server {} on subnet {}",
-                    config.display(),
-                    c.server_address,
-                    c.subnet
-                );
-                ExitCode::SUCCESS
+        Command::CheckConfig { config } => {
+            let report = check_config::check(&config);
+            for warning in &report.warnings {
+                eprintln!("warning: {warning}");
             }
-            Err(e) => {
-                eprintln!("error: {e}");
+            for error in &report.errors {
+                eprintln!("error: {error}");
+            }
+            if report.errors.is_empty() {
+                println!("{} is valid", config.display());
+                print!("{}", report.meaning);
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("{}: {} error(s)", config.display(), report.errors.len());
                 ExitCode::from(EXIT_CONFIG)
             }
-        },
-        Command::Netboot { config } => {
-            let config = match config::Config::load(&config) {
+        }
+        Command::Status { watch } => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(status_cmd::run(watch)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Netboot { config: path } => {
+            let config = match config::Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     // Goes to stderr, or to the journal when started by systemd.
@@ -156,6 +194,18 @@ fn run(command: Command) -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            // What check-config says of the files and folders, before anything is served.
+            let findings = preflight::check(&config);
+            for finding in findings.iter().filter(|f| !f.error) {
+                tracing::warn!("{}", finding.to_config_error(&path));
+            }
+            let errors: Vec<_> = findings.iter().filter(|f| f.error).collect();
+            if !errors.is_empty() {
+                for finding in errors {
+                    tracing::error!("invalid configuration: {}", finding.to_config_error(&path));
+                }
+                return ExitCode::from(EXIT_CONFIG);
+            }
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -178,23 +228,16 @@ fn run(command: Command) -> ExitCode {
             config,
             upstream,
         } => {
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
             let seed = match (bootstrap, config) {
                 (None, None) => None,
                 (Some(Some(dir)), None) => Some(imageserver::Seed::Dir(dir)),
                 (Some(None), Some(config)) => Some(imageserver::Seed::Config(config)),
                 (Some(None), None) | (None, Some(_)) => {
-                    eprintln!("error: --bootstrap needs a seed directory or --config FILE");
+                    tracing::error!("--bootstrap needs a seed directory or --config FILE");
                     return ExitCode::from(EXIT_CONFIG);
                 }
                 (Some(Some(_)), Some(_)) => {
-                    eprintln!("error: --bootstrap takes a seed directory or --config, not both");
+                    tracing::error!("--bootstrap takes a seed directory or --config, not both");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
@@ -203,6 +246,19 @@ fn run(command: Command) -> ExitCode {
                 listen,
                 seed,
                 upstream,
+            };
+            // Bad flags are usage errors, as netboot's bad configuration is: exit 2 before
+            // anything is served.
+            if let Err(e) = options.check() {
+                tracing::error!("invalid options: {e:#}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
             };
             match runtime.block_on(imageserver::run(options)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -249,7 +305,7 @@ fn run(command: Command) -> ExitCode {
 }
 
 /// Cancels `token` on SIGTERM (systemd stopping the unit) or SIGINT.
-async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
+pub(crate) async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {

@@ -12,6 +12,10 @@ fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
     let machines = dir.join("machines");
     std::fs::create_dir_all(&machines).expect("mkdir machines");
     std::fs::create_dir_all(dir.join("assets")).expect("mkdir assets");
+    // netboot refuses to start without the boot files the configuration names.
+    for file in ["undionly.kpxe", "snponly.efi", "vmlinuz", "initrd.img"] {
+        std::fs::write(dir.join("assets").join(file), b"boot file").expect("write boot file");
+    }
     std::fs::write(
         machines.join("node2.yaml"),
         "apiVersion: provisioner.dev/v1alpha1\nkind: Machine\nmetadata:\n  name: node2\nspec:\n  macAddress: \"52:54:00:00:00:02\"\n  ipAddress: 10.77.0.2\n",
@@ -157,11 +161,24 @@ fn notifies_ready_with_status_and_stops_on_sigterm() {
         panic!("STATUS= did not report the second machine; stderr:\n{stderr}");
     }
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
+    // A boot file that disappears shows in STATUS= (looked at again on SIGHUP, and every 30 s).
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    std::fs::remove_file(dir.path().join("assets/vmlinuz")).expect("rm kernel");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    let missing = format!(
+        "boot files missing: boot.kernel: \"vmlinuz\" not found in {}",
+        dir.path().join("assets").display()
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut shown = false;
+    while Instant::now() < deadline && !shown {
+        if let Ok(n) = socket.recv(&mut buf) {
+            shown = String::from_utf8_lossy(&buf[..n]).contains(&missing);
+        }
+    }
+    assert!(shown, "STATUS= did not say: {missing}");
+
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     let stopping = recv_until(
         &socket,
         "STOPPING=1",

@@ -82,7 +82,7 @@ enum Read {
     Empty,
     Machine {
         name: String,
-        spec: MachineSpec,
+        spec: Box<MachineSpec>,
     },
     Rejected {
         /// `metadata.name` when the document has one.
@@ -130,7 +130,7 @@ fn read_document(json: serde_json::Value) -> Read {
     match document.metadata.name {
         Some(name) => Read::Machine {
             name,
-            spec: document.spec,
+            spec: Box::new(document.spec),
         },
         None => reject(Malformed::NoName),
     }
@@ -205,7 +205,7 @@ fn scan(dir: &Path, rules: &AddressRules) -> std::io::Result<(Snapshot, HashMap<
         for (i, document) in read_documents(&text).into_iter().enumerate() {
             match document {
                 Read::Empty => {}
-                Read::Machine { name, spec } => machines.push((file, i + 1, name, spec)),
+                Read::Machine { name, spec } => machines.push((file, i + 1, name, *spec)),
                 Read::Rejected { name, problem } => {
                     malformed.push(reject(Some(i + 1), name, problem))
                 }
@@ -582,13 +582,11 @@ mod tests {
         assert!(table.by_mac(&mac).is_none());
     }
 
-    /// The verdicts of one file's documents: `(document, machine, message, is_error)`.
-    fn verdicts(
-        text: &str,
-    ) -> (
-        Vec<String>,
-        Vec<(Option<usize>, Option<String>, String, bool)>,
-    ) {
+    /// A rejection as the tests compare it: `(document, machine, message, is_error)`.
+    type Verdict = (Option<usize>, Option<String>, String, bool);
+
+    /// The machines served from one file, and the verdicts on its other documents.
+    fn verdicts(text: &str) -> (Vec<String>, Vec<Verdict>) {
         let dir = tempfile::tempdir().expect("tempdir");
         write(dir.path(), "m.yaml", text);
         let snap = load_dir(dir.path(), &rules(&[])).expect("load");

@@ -109,7 +109,13 @@ impl fmt::Display for Rejection {
             if !place.is_empty() {
                 place.push(' ');
             }
-            place.push_str(&format!("(Machine {machine})"));
+            // A skipped document is not a Machine: its name alone.
+            let kind = if self.problem.is_error() {
+                "Machine "
+            } else {
+                ""
+            };
+            place.push_str(&format!("({kind}{machine})"));
         }
         if place.is_empty() {
             write!(f, "{}", self.problem)
