@@ -10,6 +10,7 @@ MAC=52:54:00:aa:00:02
 mkdir -p "$WORK"/{machines,assets,ipxe}
 head -c 100000 /dev/urandom > "$WORK/ipxe/undionly.kpxe"
 echo kernel > "$WORK/assets/vmlinuz"; echo initrd > "$WORK/assets/initrd.img"
+stub_boot_files "$WORK/ipxe" snponly.efi
 cat > "$WORK/machines/node2.yaml" <<EOF2
 apiVersion: provisioner.dev/v1alpha1
 kind: Machine

@@ -32,6 +32,7 @@ SHA=9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
 BASE="http://$SRV_IP"
 mkdir -p "$WORK"/{machines,assets}
 head -c 4096 /dev/urandom >"$WORK/assets/vmlinuz"
+stub_boot_files "$WORK/assets" undionly.kpxe snponly.efi stage2.img
 cat >"$WORK/machines/node3.yaml" <<EOF
 apiVersion: provisioner.dev/v1alpha1
 kind: Machine

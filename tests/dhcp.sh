@@ -18,6 +18,7 @@ netns_up
 # start_in_srv and add_client record in arrays what cleanup must remove: called inside $(...)
 # that record would be lost, so they are called directly and the names derived.
 mkdir -p "$WORK/machines" "$WORK/assets"
+stub_boot_files "$WORK/assets" vmlinuz initrd.img
 machine() { # NAME MAC IP
     cat >"$WORK/machines/$1.yaml" <<YAML
 apiVersion: provisioner.dev/v1alpha1

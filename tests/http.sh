@@ -33,6 +33,7 @@ mkdir -p "$WORK/assets/sub" "$WORK/ipxe" "$WORK/machines"
 head -c 3000000 /dev/urandom >"$WORK/assets/vmlinuz"
 head -c 1000001 /dev/urandom >"$WORK/assets/initrd.img"
 head -c 65536 /dev/urandom >"$WORK/ipxe/snponly.efi"
+stub_boot_files "$WORK/ipxe" undionly.kpxe
 echo "not for clients" >"$WORK/secret"
 KERNEL="$WORK/assets/vmlinuz"
 

@@ -17,6 +17,7 @@ PORT=8080
 BASE="http://$SRV_IP:$PORT"
 SHA=9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
 mkdir -p "$WORK"/{machines,assets,images}
+stub_boot_files "$WORK/assets" undionly.kpxe snponly.efi vmlinuz stage2.img
 manifest() {  # REIMAGE
     printf 'apiVersion: provisioner.dev/v1alpha1\nkind: Machine\nmetadata: {name: node2}\nspec: {macAddress: "%s", ipAddress: %s, reimage: "%s"}\n' \
         "$MAC" "$SUBNET_PREFIX.20" "$1" > "$WORK/machines/node2.yaml.tmp"

@@ -10,6 +10,7 @@ TEST_NAME=journald
 netns_up
 MAC=52:54:00:bb:00:02
 mkdir -p "$WORK"/{machines,assets}
+stub_boot_files "$WORK/assets" undionly.kpxe snponly.efi vmlinuz initrd.img
 cat > "$WORK/machines/node2.yaml" <<EOF2
 apiVersion: provisioner.dev/v1alpha1
 kind: Machine

@@ -91,6 +91,17 @@ udhcpc_bind() {
     ip netns exec "$1" busybox udhcpc -i eth0 -q -n -f -t 5 -T 1 -s "$script" >/dev/null 2>&1
 }
 
+# stub_boot_files DIR NAME...: small stand-ins for boot files a test's configuration names but
+# no client of the test boots (netboot refuses to start when one is missing); an existing file
+# is left as it is.
+stub_boot_files() {
+    local dir=$1 name; shift
+    mkdir -p "$dir"
+    for name in "$@"; do
+        [ -e "$dir/$name" ] || echo "stand-in for $name" > "$dir/$name"
+    done
+}
+
 # add_tap NAME: a tap on br0 for a QEMU guest (QEMU must run in the server namespace).
 add_tap() {
     in_srv ip tuntap add dev "$1" mode tap

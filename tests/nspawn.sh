@@ -128,6 +128,7 @@ check "systemctl enable netboot enables netboot.path only" bash -c "
     ! ls '$ROOT'/etc/systemd/system/*.wants/ | grep -Eq '^netboot(\.service|-.*\.socket)$'"
 
 mkdir -p "$ROOT/etc/provisioner/machines" "$ROOT/srv/provisioner/boot"
+stub_boot_files "$ROOT/srv/provisioner/boot" undionly.kpxe snponly.efi vmlinuz initrd.img
 cat > "$ROOT/etc/provisioner/machines/node2.yaml" <<EOF2
 apiVersion: provisioner.dev/v1alpha1
 kind: Machine

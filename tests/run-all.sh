@@ -35,7 +35,7 @@ run() { # run TEST [VAR=value…]: the test script with extra environment
     step "$t"
     if ! env "$@" bash "$t"; then failed+=("$t"); fi
 }
-for t in tests/dhcp.sh tests/tftp.sh tests/http.sh tests/activation.sh tests/journald.sh tests/dbus.sh tests/units.sh tests/imaging-api.sh tests/attack-hijack.sh tests/imageserver-cache.sh tests/cloud-init.sh tests/stage2-writer.sh; do
+for t in tests/check-config.sh tests/dhcp.sh tests/tftp.sh tests/http.sh tests/activation.sh tests/journald.sh tests/dbus.sh tests/units.sh tests/imaging-api.sh tests/attack-hijack.sh tests/imageserver-cache.sh tests/cloud-init.sh tests/stage2-writer.sh; do
     [ -f "$t" ] && run "$t"
 done
 # The controller against real etcd + kube-apiserver from the Kubernetes bundle (no QEMU).

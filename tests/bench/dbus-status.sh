@@ -12,6 +12,7 @@ COUNT=${COUNT:-200}
 netns_up
 in_srv ip addr add 10.77.0.1/21 dev br0
 mkdir -p "$WORK"/{machines,assets}
+stub_boot_files "$WORK/assets" undionly.kpxe snponly.efi vmlinuz initrd.img
 for i in $(seq 1 "$N"); do
     printf 'apiVersion: provisioner.dev/v1alpha1\nkind: Machine\nmetadata: {name: m%04d}\nspec: {macAddress: "52:54:02:00:%02x:%02x", ipAddress: 10.77.%d.%d}\n' \
         "$i" $((i / 256)) $((i % 256)) $((1 + i / 250)) $((i % 250 + 2)) > "$WORK/machines/m$i.yaml"

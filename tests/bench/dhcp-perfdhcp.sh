@@ -17,6 +17,7 @@ command -v dnsmasq >/dev/null || { echo "FAIL: dnsmasq (dnsmasq-base) missing"; 
 
 netns_up
 mkdir -p "$WORK/machines" "$WORK/assets"
+stub_boot_files "$WORK/assets" vmlinuz initrd.img
 : >"$WORK/macs.txt"
 : >"$WORK/dnsmasq-hosts.conf"
 for i in $(seq 1 "$N"); do

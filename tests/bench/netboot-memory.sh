@@ -8,6 +8,7 @@ N=${N:-100}
 
 netns_up
 mkdir -p "$WORK"/{machines,assets}
+stub_boot_files "$WORK/assets" vmlinuz initrd.img
 for i in $(seq 1 "$N"); do
     printf 'apiVersion: provisioner.dev/v1alpha1\nkind: Machine\nmetadata: {name: node%d}\nspec: {macAddress: "52:54:01:00:%02x:%02x", ipAddress: 10.77.%d.%d}\n' \
         "$i" $((i / 256)) $((i % 256)) $((1 + i / 250)) $((i % 250 + 2)) > "$WORK/machines/node$i.yaml"
