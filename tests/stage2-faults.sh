@@ -8,13 +8,17 @@
 #    partition has the image's sha256, netboot says Imaged. Prints the resume offset.
 # 2. two equal disks, no hint: stage2 refuses with the candidate list on the console, writes
 #    nothing (both disks still all zero), netboot records Failed with that reason.
-# 3. wrong sha256 in the orders (PXE, SeaBIOS + iPXE ROM): the disk held a bootable system
+# 3. a Machine's own spec.image and a rootDevice hint (the serial of the second of two equal
+#    disks): the orders name that image and disk; stage2 writes the Machine's image (its own
+#    sha256, not the configured one's) onto the second disk, the first stays all zero, netboot
+#    says Imaged.
+# 4. wrong sha256 in the orders (PXE, SeaBIOS + iPXE ROM): the disk held a bootable system
 #    before; after the failed write its first MiB and the backup GPT are zero (nothing to boot),
 #    netboot records Failed with the reason, and the machine, rebooting, PXE-boots again and
 #    netboot hands it a new imaging script (Failed → PXEBooting → Imaging).
 #
-# 1 and 2 boot stage2 directly (-kernel/-initrd) with the command line of the imaging script
-# netboot serves for the machine (fetched as iPXE would; it carries the machine's token); 3
+# 1 to 3 boot stage2 directly (-kernel/-initrd) with the command line of the imaging script
+# netboot serves for the machine (fetched as iPXE would; it carries the machine's token); 4
 # uses PXE, since the next network boot is the point.
 #
 #   TIMEOUT=180 (per VM)  KEEP_WORK=1 (keep logs, consoles and disks)
@@ -31,6 +35,7 @@ DATA_MIB=48 # random, incompressible: ~80 MiB to fetch, ~17 s at 40 Mbit/s
 MAC_RESUME=52:54:00:5e:00:40
 MAC_DISKS=52:54:00:5e:00:41
 MAC_SHA=52:54:00:5e:00:42
+MAC_HINT=52:54:00:5e:00:43
 
 image_tools_present || { fail "the image tools are installed (tests/install-deps.sh)"; finish; }
 log "building static stage2"
@@ -46,12 +51,24 @@ mk_test_image "$B" FAULTS-MARKER "$DATA_MIB"
 zstd -q -1 -f "$IMAGE" -o "$WORK/images/node.img.zst"
 ZST_BYTES=$(stat -c %s "$WORK/images/node.img.zst")
 log "image: $IMAGE_BYTES bytes, $ZST_BYTES zstd, sha256 $IMAGE_SHA256"
+# The image of case 3's Machine (spec.image): another test image, without the random partition.
+G_IMAGE=$IMAGE G_SHA256=$IMAGE_SHA256 G_BYTES=$IMAGE_BYTES
+mk_test_image "$WORK/build-own" OWN-IMAGE-MARKER
+OWN_IMAGE=$IMAGE OWN_SHA256=$IMAGE_SHA256 OWN_BYTES=$IMAGE_BYTES
+IMAGE=$G_IMAGE IMAGE_SHA256=$G_SHA256 IMAGE_BYTES=$G_BYTES
+zstd -q -1 -f "$OWN_IMAGE" -o "$WORK/images/own.img.zst"
+log "the Machine's own image: $OWN_BYTES bytes, sha256 $OWN_SHA256"
 
 netns_up
 add_tap tap0
 boot_add_machine "$WORK/boot" fault-resume "$MAC_RESUME" "$SUBNET_PREFIX.40"
 boot_add_machine "$WORK/boot" fault-disks "$MAC_DISKS" "$SUBNET_PREFIX.41"
 boot_add_machine "$WORK/boot" fault-sha "$MAC_SHA" "$SUBNET_PREFIX.42"
+boot_add_machine "$WORK/boot" fault-hint "$MAC_HINT" "$SUBNET_PREFIX.43"
+cat >> "$WORK/boot/machines/fault-hint.yaml" <<EOF
+  image: {url: "http://$SRV_IP:8081/own.img.zst", sha256: $OWN_SHA256, size: $OWN_BYTES}
+  rootDevice: {serial: PV-DISK-B}
+EOF
 
 # netboot_start SHA256 REBOOT_DELAY: (re)starts netboot with these orders (the state file stays);
 # its log is $NETBOOT_LOG (one per start)
@@ -158,7 +175,35 @@ check "disks: with the reason" bash -c "grep -q 'several disks qualify' <<< \"\$
 log "disks: netboot message: $(message fault-disks | head -c 400)"
 echo "FAULT disks refused_seconds=$(qemu_time_of disks 'several disks qualify' || echo '?')"
 
-# --- 3. wrong sha256 (PXE): disk left unbootable, Failed, the next PXE boot images again -------
+# --- 3. the Machine's own image onto the disk its rootDevice hint names ----------------------
+args=$(orders_cmdline "$MAC_HINT")
+check "hint: the orders name the Machine's own image and sha256" \
+    grep -q "provisioner.image=http://$SRV_IP:8081/own.img.zst provisioner.sha256=$OWN_SHA256 provisioner.image_size=$OWN_BYTES" <<< "$args"
+check "hint: and its disk hint" grep -q 'provisioner.disk.serial=PV-DISK-B' <<< "$args"
+truncate -s 128M "$WORK/disk-ha.raw" "$WORK/disk-hb.raw"
+qemu_start hint seabios "$MAC_HINT" tap0 -kernel "$KERNEL" -initrd "$WORK/boot/assets/stage2.img" \
+    -append "$args" \
+    -drive "file=$WORK/disk-ha.raw,if=none,id=ha,format=raw" -device virtio-blk-pci,drive=ha,serial=PV-DISK-A \
+    -drive "file=$WORK/disk-hb.raw,if=none,id=hb,format=raw" -device virtio-blk-pci,drive=hb,serial=PV-DISK-B
+if qemu_wait hint 'imaged; rebooting' "$TIMEOUT"; then
+    pass "hint: stage2 imaged a disk (${QEMU_ELAPSED}s after QEMU start)"
+else
+    fail "hint: stage2 did not finish imaging within ${TIMEOUT}s"
+    qemu_tail hint 40 >&2
+fi
+for _ in $(seq 1 50); do kill -0 "$QEMU_PID" 2>/dev/null || break; sleep 0.2; done
+qemu_stop hint
+serial=$(qemu_serial hint)
+check "hint: stage2 chose the second disk, by its serial" grep -aq 'imaging: disk /dev/vdb (134217728 bytes.*PV-DISK-B' "$serial"
+check "hint: stage2 verified the sha256" grep -aq 'sha256 verified' "$serial"
+check "hint: the first disk is untouched (all zero)" all_zero "$WORK/disk-ha.raw"
+check "hint: the second disk outside the root partition is the Machine's own image, sha256" [ \
+    "$(IMAGE_BYTES=$OWN_BYTES image_outside_root_sha256 "$WORK/disk-hb.raw")" = "$(IMAGE_BYTES=$OWN_BYTES image_outside_root_sha256 "$OWN_IMAGE")" ]
+check "hint: and not the configured image" [ "$OWN_SHA256" != "$IMAGE_SHA256" ]
+check "hint: netboot says Imaged" [ "$(phase fault-hint)" = Imaged ]
+echo "FAULT hint imaged_seconds=$(qemu_time_of hint 'imaged; rebooting' || echo '?') own_image_bytes=$OWN_BYTES"
+
+# --- 4. wrong sha256 (PXE): disk left unbootable, Failed, the next PXE boot images again -------
 WRONG_SHA=$(printf 'not the image' | sha256sum | cut -d' ' -f1)
 check "sha: netboot restarted with a wrong sha256 in the orders" netboot_start "$WRONG_SHA" 8
 cp "$IMAGE" "$WORK/disk-sha.raw" # a bootable system from before
