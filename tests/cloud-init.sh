@@ -41,6 +41,7 @@ invalid() { ! cloud_init schema --config-file "$1" >"$1.schema" 2>&1 && grep -q 
 
 # --- configuration with tricky values, written by python3-yaml from JSON --------------------
 mkdir -p "$WORK/machines"
+stub_boot_files "$WORK" undionly.kpxe snponly.efi vmlinuz initrd.img
 cat > "$WORK/tricky.json" <<'EOF'
 {
   "keys": [
