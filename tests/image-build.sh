@@ -118,8 +118,11 @@ check "root fs: root has no password (serial console login for debugging)" bash 
 check "root fs: stage2.img is the artifact initrd" bash -c \
     "debugfs -R 'cat /usr/share/provisioner/assets/stage2.img' '$WORK/root.ext4' 2>/dev/null | cmp -s - '$OUT/stage2.img'"
 mkdir -p "$WORK/cfg/machines"
-sed "s|/etc/provisioner/machines|$WORK/cfg/machines|" "$ROOTFS/etc/provisioner/provisioner.yaml" > "$WORK/cfg/provisioner.yaml"
-check "the image's provisioner.yaml passes check-config" "$ROOTFS/usr/bin/provisioner" check-config --config "$WORK/cfg/provisioner.yaml"
+# The image's paths, looked up in the root fs: check-config also checks the loaders, kernel and
+# initrd it names.
+sed -e "s|/etc/provisioner/machines|$WORK/cfg/machines|" -e "s|/usr/share/provisioner/|$ROOTFS/usr/share/provisioner/|" \
+    "$ROOTFS/etc/provisioner/provisioner.yaml" > "$WORK/cfg/provisioner.yaml"
+check "the image's provisioner.yaml passes check-config (with the image's loaders, kernel and initrd)" "$ROOTFS/usr/bin/provisioner" check-config --config "$WORK/cfg/provisioner.yaml"
 
 # --- manifest -----------------------------------------------------------------------------------
 check "manifest.json: sizes and sha256 of image, kernel and initrd match the files" python3 - "$OUT" <<'EOF'
