@@ -338,19 +338,31 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> anyhow::Resul
     }
     let node_name = match options.node_name.clone() {
         Some(name) => name,
-        None => loop {
-            match own_node_name(&client).await {
-                Ok(name) => break name,
-                Err(e) if is_unreachable(&e) => {
-                    tracing::info!("API server not reachable yet, retrying in 5 s: {e:#}");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
-                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        None => {
+            let mut last_said = None::<tokio::time::Instant>;
+            loop {
+                match own_node_name(&client).await {
+                    Ok(name) => break name,
+                    Err(e) => {
+                        let Some(why) = not_ready_yet(&e) else {
+                            return Err(e);
+                        };
+                        systemd::notify_status(&format!("waiting for the API server: {why}"));
+                        // Once a minute is enough: a first control plane takes minutes.
+                        if last_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                            tracing::info!(
+                                "API server not ready yet ({why}), retrying every 5 s: {e:#}"
+                            );
+                            last_said = Some(tokio::time::Instant::now());
+                        }
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return Ok(()),
+                            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                        }
                     }
                 }
-                Err(e) => return Err(e),
             }
-        },
+        }
     };
     let table = RouteTable::open()?;
     tracing::info!(node = %node_name, bridge = %options.bridge, cni = %cni_path(&options.cni_dir).display(), "pod network starting");
@@ -402,13 +414,22 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> anyhow::Resul
     Ok(())
 }
 
-fn is_unreachable(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        matches!(
-            c.downcast_ref::<kube::Error>(),
-            Some(kube::Error::HyperError(_) | kube::Error::Service(_))
-        )
-    })
+/// Why a failed request is worth repeating while a control plane comes up, or `None` when it
+/// is not. A starting kube-apiserver is unreachable first, then answers 403 to everyone
+/// (admin included) until its RBAC bootstrap roles are in place, then 5xx or 429 while its
+/// post-start hooks finish.
+fn not_ready_yet(e: &anyhow::Error) -> Option<&'static str> {
+    e.chain()
+        .find_map(|c| match c.downcast_ref::<kube::Error>()? {
+            kube::Error::HyperError(_) | kube::Error::Service(_) => Some("not reachable"),
+            kube::Error::Api(status) => match status.code {
+                403 => Some("403: its authorization is not in place yet"),
+                429 => Some("429: too busy"),
+                code if code >= 500 => Some("5xx: still starting"),
+                _ => None,
+            },
+            _ => None,
+        })
 }
 
 #[cfg(test)]
@@ -416,6 +437,27 @@ mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{NodeAddress, NodeSpec, NodeStatus};
     use kube::api::ObjectMeta;
+
+    /// A first control plane answers 403 to everyone until its RBAC roles exist: wait it out.
+    /// A 404 or a 401 will not go away by waiting.
+    #[test]
+    fn waits_out_a_starting_api_server_only() {
+        let api = |code| {
+            anyhow::Error::new(kube::Error::Api(
+                kube::core::Status::failure("x", "y")
+                    .with_code(code)
+                    .boxed(),
+            ))
+            .context("asking the API server who these credentials are (SelfSubjectReview)")
+        };
+        for code in [403, 429, 500, 503] {
+            assert!(not_ready_yet(&api(code)).is_some(), "{code}");
+        }
+        for code in [400, 401, 404, 422] {
+            assert_eq!(not_ready_yet(&api(code)), None, "{code}");
+        }
+        assert_eq!(not_ready_yet(&anyhow::anyhow!("bad kubeconfig")), None);
+    }
 
     fn node(name: &str, range: Option<&str>, ip: Option<&str>) -> Node {
         Node {
