@@ -160,7 +160,13 @@ stage_rootfs() {
     build_binaries
 
     step "mmdebstrap $SUITE ($VARIANT + ${#PACKAGES[@]} packages) from ${sources[*]}"
-    rm -rf "$ROOT"
+    # A build killed in the middle leaves mmdebstrap's /proc, /sys and /dev/pts mounted in the
+    # old root: let go of them first, and never let rm cross into a mounted file system.
+    if [ -d "$ROOT" ]; then
+        findmnt -rn -o TARGET | awk -v r="$ROOT/" 'index($0, r) == 1' | sort -r \
+            | while read -r m; do umount -l "$m"; done
+    fi
+    rm -rf --one-file-system "$ROOT"
     local cache_hooks=()
     if [ -n "$APT_CACHE" ]; then
         mkdir -p "$APT_CACHE"
