@@ -974,6 +974,15 @@ mod tests {
             docs[1]["controlPlaneEndpoint"].as_str(),
             Some("api.lab.example:6443")
         );
+        // v1beta3's extraArgs is a map.
+        assert_eq!(
+            docs[1]["controllerManager"]["extraArgs"]["leader-elect-renew-deadline"].as_str(),
+            Some("40s")
+        );
+        assert_eq!(
+            docs[1]["scheduler"]["extraArgs"]["leader-elect-lease-duration"].as_str(),
+            Some("60s")
+        );
         let runcmd = doc["runcmd"].as_sequence().expect("runcmd");
         let words = |i: usize| -> Vec<&str> {
             runcmd[i]
@@ -1101,6 +1110,30 @@ mod tests {
             Some("1200s")
         );
         assert!(init[1]["apiServer"].is_null(), "{:?}", init[1]);
+        // One control plane: leases that a loaded machine can keep (10 s was lost under load,
+        // and the controller-manager that signs join tokens restarted over and over).
+        for component in ["controllerManager", "scheduler"] {
+            let args: Vec<(&str, &str)> = init[1][component]["extraArgs"]
+                .as_sequence()
+                .expect("extraArgs, a list in v1beta4")
+                .iter()
+                .map(|a| {
+                    (
+                        a["name"].as_str().unwrap_or_default(),
+                        a["value"].as_str().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                args,
+                [
+                    ("leader-elect-lease-duration", "60s"),
+                    ("leader-elect-renew-deadline", "40s"),
+                    ("leader-elect-retry-period", "5s")
+                ],
+                "{component}"
+            );
+        }
         for component in [
             "etcd",
             "kube-apiserver",
