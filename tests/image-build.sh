@@ -1,6 +1,8 @@
 #!/bin/bash
-# The image builder: builds the debian-test profile (image-builder/build.sh, mmdebstrap with the
-# host's apt sources, no loop mounts) and checks the result without mounting anything:
+# The image builder: builds a profile (PROFILE, default debian-kubeadm with the Kubernetes bundle
+# of tests/lib-kube.sh; image-builder/build.sh, mmdebstrap with the host's apt sources, no loop
+# mounts) and checks the result without mounting anything:
+#   - the apt sources: only the profile's suite, also from a host that lists newer suites
 #   - GPT layout (sfdisk -J): ESP + "Linux root (x86-64)" partition, BIOS-bootable ESP
 #   - ESP (mtools): systemd-boot, loader entry with root=PARTUUID of the root partition, the
 #     kernel identical to the artifact, the initramfs, syslinux
@@ -8,6 +10,10 @@
 #     installed, netboot.path (or the sockets) and imageserver.socket enabled, empty machine-id
 #   - manifest.json: every sha256 and size matches its file (and the decompressed image)
 #   - stage2 initrd: /init and the virtio modules of the image's own kernel
+#   - debian-kubeadm: kubeadm, kubelet and kubectl are the bundle's; the kubelet unit and its
+#     kubeadm drop-in; containerd's configuration; every image `kubeadm config images list`
+#     names (CoreDNS aside) in containerd's store (listed by the image's own containerd, run
+#     on a copy of the store); the units enabled
 # Then boots the image in QEMU (-snapshot, TCG, disk first, a tap in the test's namespace where
 # provisioner netboot answers its DHCP): OVMF (systemd-boot) until netboot.path has started and
 # the image's network has its lease (OVMF_LOGIN=1: to the serial login prompt), and SeaBIOS (syslinux) to the image's systemd greeting.
@@ -15,11 +21,13 @@
 #
 #   IMAGE_APT_CACHE=/var/tmp/pv-image-apt-cache (downloaded .debs kept between runs)
 #   BOOT=ovmf|bios|0 (one firmware, or no QEMU boot; default both)  TIMEOUT=900  KEEP_WORK=1  IMAGE_OUT=DIR (check DIR, no build)
-#   IMAGE_BUILD_OUT=DIR (build into DIR and keep it: run-all.sh hands it to nspawn.sh and seed-flow.sh)
+#   IMAGE_BUILD_OUT=DIR (build into DIR and keep it: run-all.sh hands it to nspawn.sh and cluster-flow.sh)
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 . "$REPO/tests/lib-qemu.sh"
+. "$REPO/tests/lib-kube.sh"
 
+PROFILE=${PROFILE:-debian-kubeadm}
 TIMEOUT=${TIMEOUT:-900}
 BOOT=${BOOT:-1}
 APT_CACHE=${IMAGE_APT_CACHE:-/var/tmp/pv-image-apt-cache}
@@ -29,6 +37,37 @@ QEMU_MEM=1024
 for tool in mmdebstrap sfdisk mdir mtype mcopy debugfs zstd cpio python3; do
     command -v "$tool" >/dev/null || { fail "$tool is installed (tests/install-deps.sh)"; finish; }
 done
+KUBE_ARGS=()
+if [ "$PROFILE" = debian-kubeadm ]; then
+    BUNDLE=$(kube_bundle_dir) || { fail "the Kubernetes bundle is found (KUBERNETES_BUNDLE)"; finish; }
+    KUBE_ARGS=(--kubernetes "$BUNDLE")
+fi
+
+# --- apt sources --------------------------------------------------------------------------------
+# A host that also lists bookworm-backports and trixie (pinned down by its own preferences, which
+# the image would not have): only bookworm, bookworm-updates and bookworm-security reach the build.
+mkdir -p "$WORK/apt/sources.list.d"
+cat > "$WORK/apt/sources.list" <<'SOURCES'
+deb http://archive.example/debian bookworm main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://archive.example/debian bookworm-backports main
+deb http://archive.example/debian trixie main
+SOURCES
+cat > "$WORK/apt/sources.list.d/debian.sources" <<'SOURCES'
+Types: deb
+URIs: http://archive.example/debian
+Suites: bookworm-updates trixie-updates
+Components: main
+
+Types: deb
+URIs: http://archive.example/debian-security
+Suites: trixie-security bookworm-security
+Components: main
+SOURCES
+APT_ETC=$WORK/apt "$REPO/image-builder/build.sh" --profile "$PROFILE" --out "$WORK/apt-out" --print-apt-sources \
+    > "$WORK/apt.sources" 2>"$WORK/apt.err" || true
+suites=$(sed -n 's/^Suites: //p' "$WORK/apt.sources" | tr ' ' '\n' | sort | tr '\n' ' ')
+check "apt sources: only bookworm's suites of a host that also lists backports and trixie ($suites)" \
+    [ "$suites" = "bookworm bookworm-security bookworm-updates " ]
 
 # --- build --------------------------------------------------------------------------------------
 if [ -n "${IMAGE_OUT:-}" ]; then
@@ -37,16 +76,16 @@ if [ -n "${IMAGE_OUT:-}" ]; then
     build_s='?'
 else
     [ -n "${IMAGE_BUILD_OUT:-}" ] && OUT=$IMAGE_BUILD_OUT
-    args=(--profile debian-test --out "$OUT" --apt-cache "$APT_CACHE" --keep-raw)
+    args=(--profile "$PROFILE" --out "$OUT" --apt-cache "$APT_CACHE" --keep-raw "${KUBE_ARGS[@]}")
     # run-all.sh has built the workspace already; reuse its provisioner.
     [ -x "$PROVISIONER" ] && args+=(--provisioner "$PROVISIONER")
     t0=$(date +%s.%N)
     if ! "$REPO/image-builder/build.sh" "${args[@]}" 2>&1 | tee "$WORK/build.log" >&2; then
-        fail "image-builder/build.sh --profile debian-test"
+        fail "image-builder/build.sh --profile $PROFILE"
         finish
     fi
     build_s=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
-    pass "image-builder/build.sh --profile debian-test (${build_s}s)"
+    pass "image-builder/build.sh --profile $PROFILE (${build_s}s)"
 fi
 ROOTFS=$OUT/rootfs
 RAW=$OUT/image.raw
@@ -113,8 +152,15 @@ check "root fs: /etc/machine-id empty (first boot)" bash -c \
     "debugfs -R 'stat /etc/machine-id' '$WORK/root.ext4' 2>/dev/null | grep -q 'Size: 0\$'"
 check "root fs: fstab mounts / by the root PARTUUID" bash -c \
     "debugfs -R 'cat /etc/fstab' '$WORK/root.ext4' 2>/dev/null | grep -qi '^PARTUUID=$root_uuid[[:space:]]*/[[:space:]]'"
-check "root fs: root has no password (serial console login for debugging)" bash -c \
-    "debugfs -R 'cat /etc/shadow' '$WORK/root.ext4' 2>/dev/null | grep -q '^root::'"
+if [ "$PROFILE" = debian-test ]; then
+    check "root fs: root has no password (serial console login for debugging)" bash -c \
+        "debugfs -R 'cat /etc/shadow' '$WORK/root.ext4' 2>/dev/null | grep -q '^root::'"
+else
+    check "root fs: root cannot log in without a password" bash -c \
+        "! debugfs -R 'cat /etc/shadow' '$WORK/root.ext4' 2>/dev/null | grep -q '^root::'"
+fi
+check "root fs: apt lists only bookworm's suites" bash -c \
+    "! grep -rhsE '^(Suites:|deb )' '$ROOTFS/etc/apt/sources.list' '$ROOTFS/etc/apt/sources.list.d' | grep -vE 'bookworm(-updates|-security)?( |\$)' >&2"
 check "root fs: stage2.img is the artifact initrd" bash -c \
     "debugfs -R 'cat /usr/share/provisioner/assets/stage2.img' '$WORK/root.ext4' 2>/dev/null | cmp -s - '$OUT/stage2.img'"
 mkdir -p "$WORK/cfg/machines"
@@ -125,11 +171,11 @@ sed -e "s|/etc/provisioner/machines|$WORK/cfg/machines|" -e "s|/usr/share/provis
 check "the image's provisioner.yaml passes check-config (with the image's loaders, kernel and initrd)" "$ROOTFS/usr/bin/provisioner" check-config --config "$WORK/cfg/provisioner.yaml"
 
 # --- manifest -----------------------------------------------------------------------------------
-check "manifest.json: sizes and sha256 of image, kernel and initrd match the files" python3 - "$OUT" <<'EOF'
+check "manifest.json: sizes and sha256 of image, kernel and initrd match the files" python3 - "$OUT" "$PROFILE" <<'EOF'
 import hashlib, json, os, subprocess, sys
 out = sys.argv[1]
 m = json.load(open(os.path.join(out, "manifest.json")))
-ok = m["profile"] == "debian-test" and m["kernelRelease"] and m["buildTime"]
+ok = m["profile"] == sys.argv[2] and m["kernelRelease"] and m["buildTime"]
 for key in ("image", "kernel", "initrd"):
     e = m[key]
     h = hashlib.sha256()
@@ -155,8 +201,49 @@ for m in virtio_net virtio_blk virtio_pci; do
     check "initrd: $m.ko of $KVER" grep -Eq "^lib/modules/$KVER/.*/$m\.ko(\.[a-z]+)?\$" "$WORK/initrd.list"
 done
 
+# --- Kubernetes ---------------------------------------------------------------------------------
+if [ "$PROFILE" = debian-kubeadm ]; then
+    KBIN=$(kube_unpack) || { fail "the Kubernetes bundle unpacks"; finish; }
+    for b in kubeadm kubelet kubectl; do
+        check "root fs: /usr/bin/$b is the bundle's" bash -c \
+            "debugfs -R 'cat /usr/bin/$b' '$WORK/root.ext4' 2>/dev/null | cmp -s - '$KBIN/$b'"
+    done
+    for f in /usr/lib/systemd/system/kubelet.service /usr/lib/systemd/system/kubelet.service.d/10-kubeadm.conf \
+        /usr/lib/systemd/system/provisioner-pod-network.path /usr/share/provisioner/kubernetes/images.txt \
+        /usr/lib/cni/bridge /usr/lib/cni/host-local /usr/lib/cni/portmap /usr/sbin/runc /usr/sbin/conntrack; do
+        check "root fs: $f" rootfs_stat "$f"
+    done
+    check "root fs: the kubeadm drop-in runs the kubelet with KUBELET_KUBEADM_ARGS" bash -c \
+        "debugfs -R 'cat /usr/lib/systemd/system/kubelet.service.d/10-kubeadm.conf' '$WORK/root.ext4' 2>/dev/null \
+         | grep -q '^ExecStart=/usr/bin/kubelet .*KUBELET_KUBEADM_ARGS'"
+    rootfs_cat /etc/containerd/config.toml > "$WORK/containerd.toml"
+    check "root fs: containerd uses the systemd cgroup driver and the bundle's pause image" bash -c \
+        "grep -q 'SystemdCgroup = true' '$WORK/containerd.toml' && grep -q 'sandbox_image = \"registry.k8s.io/pause:' '$WORK/containerd.toml'"
+    for unit in multi-user.target.wants/kubelet.service multi-user.target.wants/containerd.service \
+        multi-user.target.wants/provisioner-kubernetes-images.service multi-user.target.wants/provisioner-pod-network.path; do
+        check "root fs: $unit enabled" rootfs_stat "/etc/systemd/system/$unit"
+    done
+    # The images kubeadm asks for, as containerd itself lists them: the image's own containerd
+    # on a copy of the store (private mount namespace; nothing of the host's is touched).
+    "$KBIN/kubeadm" config images list --kubernetes-version "$("$KBIN/kubeadm" version -o short)" 2>/dev/null \
+        | grep -v '/coredns' | sort > "$WORK/images.wanted"
+    cp -a "$ROOTFS/var/lib/containerd" "$WORK/containerd-store"
+    unshare --mount --propagation private bash -c '
+        root=$1 store=$2 out=$3
+        mount -t proc proc "$root/proc"; mount -t tmpfs tmpfs "$root/run"; mount -t tmpfs tmpfs "$root/tmp"
+        mount --bind "$store" "$root/var/lib/containerd"
+        chroot "$root" /usr/bin/containerd > "$out.log" 2>&1 & pid=$!
+        for _ in $(seq 1 300); do [ -S "$root/run/containerd/containerd.sock" ] && break; sleep 0.1; done
+        chroot "$root" ctr -n k8s.io images ls -q > "$out"
+        kill "$pid"; wait "$pid" || true
+    ' list "$ROOTFS" "$WORK/containerd-store" "$WORK/images.present" || true
+    check "containerd's store holds every image kubeadm asks for ($(wc -l < "$WORK/images.wanted"), CoreDNS aside)" \
+        bash -c "[ -s '$WORK/images.wanted' ] && [ -z \"\$(comm -23 '$WORK/images.wanted' <(grep -v '^sha256:' '$WORK/images.present' | sort))\" ]"
+    rm -rf "$WORK/containerd-store"
+fi
+
 image_zst=$(stat -c %s "$OUT/image.raw.zst"); image_raw=$(stat -c %s "$RAW"); initrd=$(stat -c %s "$OUT/stage2.img")
-echo "IMAGE profile=debian-test build_seconds=$build_s raw_bytes=$image_raw zstd_bytes=$image_zst initrd_bytes=$initrd kernel=$KVER rootfs=$(du -sh "$ROOTFS" | cut -f1)"
+echo "IMAGE profile=$PROFILE build_seconds=$build_s raw_bytes=$image_raw zstd_bytes=$image_zst initrd_bytes=$initrd kernel=$KVER rootfs=$(du -sh "$ROOTFS" | cut -f1)"
 
 # --- boot in QEMU (OVMF, TCG) -------------------------------------------------------------------
 case $BOOT in 1|all) BOOT="ovmf bios" ;; 0) BOOT= ;; esac
@@ -182,7 +269,7 @@ if [[ " $BOOT " == *" ovmf "* ]]; then
         -drive "file=$RAW,if=none,id=d0,format=raw" -device virtio-blk-pci,drive=d0,bootindex=0
     # Until the image's units are up and its network has a lease from netboot; the login prompt
     # comes minutes later under TCG (cloud-init's Python), so only OVMF_LOGIN=1 waits for it
-    # (tests/seed-flow.sh boots the image through cloud-init anyway).
+    # (tests/cluster-flow.sh boots the image through cloud-init anyway).
     if [ "${OVMF_LOGIN:-0}" = 1 ]; then target='login:'; else target='Started netboot\.path'; fi
     if qemu_wait image "$target" "$TIMEOUT"; then
         pass "the image boots under OVMF to '$target' (${QEMU_ELAPSED}s)"

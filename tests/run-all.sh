@@ -45,20 +45,21 @@ if [ "$quick" = 0 ]; then
     run tests/stage2-boot.sh
     run tests/e2e-provision.sh
     run tests/stage2-faults.sh
-    # The debian-test image is built once (mmdebstrap takes minutes) and shared: nspawn.sh boots
-    # its rootfs, seed-flow.sh (two VMs, the seed's whole flow) provisions with its artifacts.
+    # The debian-kubeadm image is built once (mmdebstrap takes minutes) and shared: nspawn.sh
+    # boots its rootfs, cluster-flow.sh (two VMs, kubeadm init and join) provisions with it.
     image_dir=$(mktemp -d /var/tmp/provisioner-ci-image.XXXXXX)
-    trap 'rm -rf "$image_dir"' EXIT
-    run tests/image-build.sh IMAGE_BUILD_OUT="$image_dir/out"
+    trap 'rm -rf --one-file-system "$image_dir"' EXIT
+    # UEFI boot here; cluster-flow.sh boots the same image with SeaBIOS.
+    run tests/image-build.sh IMAGE_BUILD_OUT="$image_dir/out" BOOT=ovmf
     if [ -x "$image_dir/out/rootfs/usr/lib/systemd/systemd" ]; then
         run tests/nspawn.sh ROOTFS_DIR="$image_dir/out/rootfs"
     else
         run tests/nspawn.sh
     fi
     if [ -f "$image_dir/out/manifest.json" ]; then
-        run tests/seed-flow.sh SEED_IMAGE_DIR="$image_dir/out"
+        run tests/cluster-flow.sh CLUSTER_IMAGE_DIR="$image_dir/out"
     else
-        run tests/seed-flow.sh
+        run tests/cluster-flow.sh
     fi
 fi
 
