@@ -38,6 +38,9 @@ check "two initrd builds are byte-identical" cmp -s "$WORK/initrd.img" "$WORK/in
 netns_up
 add_tap tap0
 mkdir -p "$WORK/boot/assets" "$WORK/boot/machines"
+# QEMU boots the kernel and initrd directly (-kernel): netboot only answers DHCP here, but it
+# refuses to start without the boot files its configuration names.
+stub_boot_files "$WORK/boot/assets" vmlinuz initrd.img
 : > "$WORK/boot/machines.list"
 boot_add_machine "$WORK/boot" stage2-vm "$MAC" "$IP"
 if ! backend_start provisioner "$WORK/boot"; then
