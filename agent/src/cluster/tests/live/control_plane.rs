@@ -417,6 +417,16 @@ pub(super) struct AuditRecord {
     pub(super) code: u16,
 }
 
+impl AuditRecord {
+    /// A request that failed. Not a watch answered 429: kube-apiserver refuses watches so
+    /// ("storage is (re)initializing", with a Retry-After) while the watch cache of a resource it
+    /// has just (re)created fills, whenever the agent happens to start watching then, and the
+    /// watcher retries it. Any other answer from 400 on is a failure.
+    pub(super) fn failed(&self) -> bool {
+        self.code >= 400 && !(self.verb == "watch" && self.code == 429)
+    }
+}
+
 /// A CA, the API server's serving certificate (127.0.0.1, localhost) signed by it, and the
 /// service-account signing key pair; P-256 keys, valid for two days.
 fn make_credentials(dir: &Path) {

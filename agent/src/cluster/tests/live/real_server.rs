@@ -137,7 +137,7 @@ async fn status_conflict_on_a_stale_resource_version() {
         .iter()
         .filter(|r| r.resource == "machines/status" && r.verb == "patch")
         .count();
-    let failed: Vec<_> = requests.iter().filter(|r| r.code >= 400).collect();
+    let failed: Vec<_> = requests.iter().filter(|r| r.failed()).collect();
     println!(
         "status writes of the agent: {status_writes}; failed requests: {}",
         failed.len()
@@ -386,7 +386,7 @@ async fn the_crd_reapplied_keeps_machines_and_status() {
         .plane
         .agent_requests()
         .into_iter()
-        .filter(|r| r.code >= 400)
+        .filter(|r| r.failed())
         .collect();
     assert!(
         failed.is_empty(),

@@ -105,7 +105,7 @@ async fn a_thousand_machines_start_up_without_failed_requests() {
     for ((verb, resource, code), n) in &by_kind {
         println!("  {n:5} {verb} {resource} {code}");
     }
-    let failed: Vec<_> = requests.iter().filter(|r| r.code >= 400).collect();
+    let failed: Vec<_> = requests.iter().filter(|r| r.failed()).collect();
     assert!(
         failed.is_empty(),
         "{} failed requests, first: {:?}",
