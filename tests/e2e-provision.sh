@@ -55,18 +55,15 @@ for fw in $FIRMWARES; do
     boot_add_machine "$WORK/boot" "e2e-$fw" "${MACS[$fw]}" "${IPS[$fw]}"
 done
 UEFI_LOADER=snponly.efi BOOT_INITRD=stage2.img BOOT_CMDLINE="console=ttyS0 stage2.reboot_delay=2" \
-    BOOT_CONFIG_EXTRA="image: {url: \"http://$SRV_IP:8081/node.img.zst\", sha256: $IMAGE_SHA256, size: $IMAGE_BYTES}
-stateFile: $WORK/state.yaml" \
-    boot_write_config "$WORK/boot"
+    boot_write_config "$WORK/boot" \
+    "image: {url: \"http://$SRV_IP:8081/node.img.zst\", sha256: $IMAGE_SHA256, size: $IMAGE_BYTES}" \
+    "stateFile: $WORK/state.yaml"
 start_in_srv netboot env RUST_LOG=info "$PROVISIONER" netboot --config "$WORK/boot/provisioner.yaml" >/dev/null
 start_in_srv imageserver "$PROVISIONER" imageserver --dir "$WORK/images" --listen "$SRV_IP:8081" >/dev/null
-for _ in $(seq 1 100); do
-    grep -q "netboot ready" "$WORK/netboot.log" 2>/dev/null \
-        && grep -q "imageserver ready" "$WORK/imageserver.log" 2>/dev/null && break
-    sleep 0.1
-done
-check "netboot and imageserver are ready" bash -c "grep -q 'netboot ready' '$WORK/netboot.log' && grep -q 'imageserver ready' '$WORK/imageserver.log'"
+check "netboot is ready" wait_for 10 grep -q 'netboot ready' "$WORK/netboot.log"
+check "imageserver is ready" wait_for 10 grep -q 'imageserver ready' "$WORK/imageserver.log"
 phase() { sed -n "/^  $1:/,/^  [^ ]/p" "$WORK/state.yaml" 2>/dev/null | sed -n 's/^    phase: //p'; }
+phase_is() { [ "$(phase "$1")" = "$2" ]; }
 
 # provision FW: both VMs of one firmware, the host checks, the figures
 provision() {
@@ -82,15 +79,14 @@ provision() {
         fail "$fw: stage2 did not finish imaging within ${TIMEOUT}s"
         qemu_tail "imaging-$fw" 40 >&2
     fi
-    for _ in $(seq 1 50); do kill -0 "$QEMU_PID" 2>/dev/null || break; sleep 0.2; done
-    check "$fw: QEMU exited on stage2's reboot" bash -c "! kill -0 $QEMU_PID 2>/dev/null"
+    check "$fw: QEMU exited on stage2's reboot" wait_for 60 not alive "$QEMU_PID"
     qemu_stop "imaging-$fw"
     serial=$(qemu_serial "imaging-$fw")
     check "$fw: progress lines on the console (bytes, rate, percent)" grep -aqE 'imaging: [0-9.]+ MiB of [0-9.]+ MiB written \([0-9]+%\), [0-9.]+ MiB/s' "$serial"
     check "$fw: stage2 verified the sha256" grep -aq 'sha256 verified' "$serial"
     check "$fw: stage2 wrote the cloud-init drop-in" grep -aq 'cloud-init drop-in written on /dev/vda2' "$serial"
     check "$fw: no kernel panic" bash -c "! grep -aq 'Kernel panic' '$serial'"
-    check "$fw: state file: Imaged" [ "$(phase "$name")" = Imaged ]
+    check "$fw: state file: Imaged" wait_for 10 phase_is "$name" Imaged
     check "$fw: phases logged in order PXEBooting → Imaging → Imaged" bash -c \
         "grep -o '$name [A-Za-z]* -> [A-Za-z]*' '$WORK/netboot.log' | tr '\n' ' ' | grep -q '$name Pending -> PXEBooting $name PXEBooting -> Imaging $name Imaging -> Imaged'"
 

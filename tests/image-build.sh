@@ -275,10 +275,7 @@ if [[ " $BOOT " == *" ovmf "* ]]; then
         pass "the image boots under OVMF to '$target' (${QEMU_ELAPSED}s)"
         # sockets.target comes after paths.target; the lease after both (systemd-networkd).
         qemu_wait image 'Listening on imageserver\.s' 300 || true
-        deadline=$(( $(date +%s) + 300 ))
-        until lease_logged || [ "$(date +%s)" -ge "$deadline" ]; do
-            sleep 2
-        done
+        wait_for 300 lease_logged || true
     else
         fail "no '$target' on the console within ${TIMEOUT}s"
         qemu_tail image 30 >&2

@@ -36,7 +36,16 @@ dbus_private_start() {
 EOF2
     chmod 755 "$WORK"   # the unprivileged reader must reach the socket
     dbus-daemon --nofork --config-file="$WORK/bus.conf" >"$WORK/dbus-daemon.log" 2>&1 &
-    echo $! > "$WORK/dbus-daemon.pid"
-    for _ in $(seq 1 100); do [ -S "$WORK/system_bus_socket" ] && break; sleep 0.05; done
+    track_pid $! dbus-daemon
+    wait_for 10 test -S "$WORK/system_bus_socket" || log "dbus-daemon: no socket after 10 s"
     export DBUS_SYSTEM_BUS_ADDRESS=unix:path=$WORK/system_bus_socket
+}
+
+# dbus_monitor NAME MATCH: `busctl monitor` of the private bus in the background, its output in
+# $WORK/NAME.log; returns once the monitor is registered with the bus (so no later signal is
+# missed).
+dbus_monitor() {
+    busctl --address="$DBUS_SYSTEM_BUS_ADDRESS" monitor --match="$2" >"$WORK/$1.log" 2>&1 &
+    track_pid $! "$1"
+    wait_for 10 grep -q "Monitoring bus message stream" "$WORK/$1.log"
 }

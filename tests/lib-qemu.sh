@@ -9,8 +9,9 @@
 #                                    disabled) | ovmf-ipxe-rom (q35, OVMF with QEMU's EFI iPXE ROM);
 #                                    both OVMF kinds run with the firmware's IPv6 stack off
 #                                    sets QEMU_PID and QEMU_T0 (epoch seconds, fractional)
-#   qemu_wait NAME REGEX TIMEOUT     waits for REGEX on the serial console; sets QEMU_ELAPSED
-#                                    (seconds from qemu_start to the first match); 1 on timeout/exit
+#   qemu_wait NAME REGEX TIMEOUT     waits up to TIMEOUT more seconds for REGEX on the serial
+#                                    console; sets QEMU_ELAPSED (seconds from qemu_start to the
+#                                    first match); 1 on timeout, or when the VM exited without it
 #   qemu_stop NAME                   stops the VM (no-op if it already exited)
 #   qemu_boot NAME FW MAC TAP REGEX TIMEOUT [QEMU ARGS...]
 #                                    start + wait + stop; sets QEMU_ELAPSED
@@ -82,24 +83,22 @@ qemu_start() {
         -serial stdio "${fwargs[@]}" -netdev "tap,id=n0,ifname=$tap,script=no,downscript=no" \
         -device "$nic" "$@")
     _QEMU_PIDS[$name]=$QEMU_PID
-    _PIDS+=("$QEMU_PID") # start_in_srv ran in a command substitution: register for cleanup here
     log "qemu $name ($fw, $mac on $tap) started, pid $QEMU_PID"
 }
 
 qemu_wait() {
-    local name=$1 regex=$2 timeout=$3 serial pid=${_QEMU_PIDS[$1]:-} now
-    serial=$(qemu_serial "$name")
+    local name=$1 regex=$2 timeout=$3 pid=${_QEMU_PIDS[$1]:-}
     QEMU_ELAPSED=""
-    while :; do
-        if QEMU_ELAPSED=$(qemu_time_of "$name" "$regex"); then return 0; fi
-        now=$(awk -v a="$QEMU_T0" -v b="$(date +%s.%N)" 'BEGIN{print int(b-a)}')
-        if [ "$now" -ge "$timeout" ]; then log "qemu $name: no /$regex/ within ${timeout}s"; return 1; fi
-        if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
-            QEMU_ELAPSED=$(qemu_time_of "$name" "$regex") && return 0
-            log "qemu $name exited without /$regex/"; return 1
-        fi
-        sleep 0.2
-    done
+    if wait_for ${pid:+-p "$pid"} "$timeout" qemu_time_of "$name" "$regex"; then
+        QEMU_ELAPSED=$(qemu_time_of "$name" "$regex")
+        return 0
+    fi
+    if [ -n "$pid" ] && ! alive "$pid"; then
+        log "qemu $name exited without /$regex/"
+    else
+        log "qemu $name: no /$regex/ within ${timeout}s"
+    fi
+    return 1
 }
 
 # qemu_time_of NAME REGEX: seconds (from QEMU start) of the first serial line matching REGEX
@@ -134,11 +133,13 @@ qemu_boot() {
 #   boot_setup DIR MARKER            DIR/assets/{vmlinuz,initrd.img} (newest /boot kernel and a
 #                                    marker initrd), empty DIR/machines/
 #   boot_add_machine DIR NAME MAC IP a Machine manifest DIR/machines/NAME.yaml
-#   boot_write_config DIR            DIR/provisioner.yaml (serverAddress $SRV_IP, HTTP port
-#                                    $BOOT_HTTP_PORT, boot cmdline $BOOT_CMDLINE, initrd
-#                                    $BOOT_INITRD, extra top-level YAML in $BOOT_CONFIG_EXTRA)
+#   boot_write_config DIR [KEY: VALUE]...
+#                                    DIR/provisioner.yaml (lib.sh's write_config: serverAddress
+#                                    $SRV_IP, HTTP port $BOOT_HTTP_PORT, boot cmdline
+#                                    $BOOT_CMDLINE, initrd $BOOT_INITRD; the arguments add keys)
 #   backend_start BACKEND DIR        starts the servers in the server namespace and waits until
-#                                    the HTTP port answers; sets BACKEND_PIDS
+#                                    the HTTP port answers and they all still run (a server left
+#                                    holding the ports fails the start); sets BACKEND_PIDS
 #   backend_stop                     stops them
 # Variables: BOOT_HTTP_PORT (8080), BOOT_CMDLINE ("console=ttyS0 quiet"), IPXE_DIR
 # (/usr/lib/ipxe), UEFI_LOADER (snponly.efi), REF_TUNED (1: the dnsmasq backend sends IPv6 router
@@ -164,45 +165,17 @@ boot_setup() {
 
 boot_add_machine() {
     local dir=$1 name=$2 mac=$3 ip=$4
-    cat > "$dir/machines/$name.yaml" <<EOF
-apiVersion: provisioner.dev/v1alpha1
-kind: Machine
-metadata:
-  name: $name
-spec:
-  macAddress: "$mac"
-  ipAddress: $ip
-  hostname: $name
-EOF
+    MACHINES=$dir/machines write_machine "$name" "$mac" "$ip" "hostname: $name"
     echo "$name $mac $ip" >> "$dir/machines.list"
 }
 
 boot_write_config() {
-    local dir=$1
-    cat > "$dir/provisioner.yaml" <<EOF
-interface: br0
-serverAddress: $SRV_IP
-subnet: $SUBNET_PREFIX.0/24
-gateway: $SRV_IP
-dnsServers: [$SRV_IP]
-leaseTime: 3600
-bootFiles:
-  ipxeDir: $IPXE_DIR
-  uefiLoader: $UEFI_LOADER
-  biosLoader: undionly.kpxe
-  assetsDir: $dir/assets
-boot:
-  kernel: vmlinuz
-  initrd: ${BOOT_INITRD:-initrd.img}
-  cmdline: "$BOOT_CMDLINE"
-listen:
-  dhcp: 0.0.0.0:67
-  tftp: 0.0.0.0:69
-  http: $SRV_IP:$BOOT_HTTP_PORT
-inventory:
-  directory: $dir/machines
-${BOOT_CONFIG_EXTRA:-}
-EOF
+    local dir=$1; shift
+    write_config "$dir/provisioner.yaml" "gateway: $SRV_IP" "dnsServers: [$SRV_IP]" "leaseTime: 3600" \
+        "bootFiles: {ipxeDir: $IPXE_DIR, uefiLoader: $UEFI_LOADER, biosLoader: undionly.kpxe, assetsDir: $dir/assets}" \
+        "boot: {kernel: vmlinuz, initrd: ${BOOT_INITRD:-initrd.img}, cmdline: \"$BOOT_CMDLINE\"}" \
+        "listen: {dhcp: \"0.0.0.0:67\", tftp: \"0.0.0.0:69\", http: \"$SRV_IP:$BOOT_HTTP_PORT\"}" \
+        "inventory: {directory: $dir/machines}" "$@"
 }
 
 # _ref_http_tree DIR: the HTTP layout of our server, as plain files for busybox httpd
@@ -258,8 +231,15 @@ _ref_dnsmasq_conf() {
     } > "$dir/dnsmasq.conf"
 }
 
+# _backend_ready: every backend process still runs and the HTTP port answers
+_backend_ready() {
+    local p
+    for p in "${BACKEND_PIDS[@]}"; do alive "$p" || return 1; done
+    in_srv bash -c "exec 3<>/dev/tcp/$SRV_IP/$BOOT_HTTP_PORT" 2>/dev/null
+}
+
 backend_start() {
-    local backend=$1 dir=$2 i
+    local backend=$1 dir=$2 p
     BACKEND_PIDS=()
     case "$backend" in
     provisioner)
@@ -277,19 +257,13 @@ backend_start() {
             -h "$dir/www")") ;;
     *) log "unknown backend $backend (provisioner|dnsmasq)"; return 1 ;;
     esac
-    _PIDS+=("${BACKEND_PIDS[@]}") # start_in_srv ran in command substitutions
-    for i in $(seq 1 100); do
-        if in_srv bash -c "exec 3<>/dev/tcp/$SRV_IP/$BOOT_HTTP_PORT" 2>/dev/null; then
-            log "backend $backend up (pids ${BACKEND_PIDS[*]})"; return 0
-        fi
-        local p
-        for p in "${BACKEND_PIDS[@]}"; do
-            kill -0 "$p" 2>/dev/null || { log "backend $backend: pid $p exited"; return 1; }
-        done
-        sleep 0.1
+    wait_for 10 _backend_ready || true
+    # One that exited fails the start even when the port answers: something else holds it.
+    for p in "${BACKEND_PIDS[@]}"; do
+        alive "$p" || { log "backend $backend: pid $p exited"; return 1; }
     done
-    log "backend $backend: HTTP port $BOOT_HTTP_PORT not listening after 10 s"
-    return 1
+    _backend_ready || { log "backend $backend: HTTP port $BOOT_HTTP_PORT not listening after 10 s"; return 1; }
+    log "backend $backend up (pids ${BACKEND_PIDS[*]})"
 }
 
 backend_stop() {
@@ -313,7 +287,6 @@ ${RA_EXTRA:-}
 EOF
     RA_PID=$(start_in_srv ra-dnsmasq dnsmasq -C "$WORK/ra-dnsmasq.conf" --keep-in-foreground \
         --user=root --group=root --log-facility=-)
-    _PIDS+=("$RA_PID")
 }
 
 # qemu_line_span NAME REGEX: "START END" seconds of the first serial line matching REGEX (START
@@ -327,5 +300,4 @@ qemu_line_span() {
 # prefix: tests/ra-responder.py); sets RA_PID.
 ra_min_start() {
     RA_PID=$(start_in_srv ra-responder python3 "$REPO/tests/ra-responder.py" br0)
-    _PIDS+=("$RA_PID")
 }

@@ -88,10 +88,9 @@ stop_container() {
     if kill -0 "$NSPAWN_PID" 2>/dev/null; then
         # SIGRTMIN+4 asks the container's systemd to power off (what machinectl poweroff does).
         [ -n "$CONTAINER_PID" ] && kill -RTMIN+4 "$CONTAINER_PID" 2>/dev/null
-        for _ in $(seq 1 150); do kill -0 "$NSPAWN_PID" 2>/dev/null || break; sleep 0.1; done
-        kill "$NSPAWN_PID" 2>/dev/null || true
+        wait_for 15 not alive "$NSPAWN_PID" || { kill "$NSPAWN_PID" 2>/dev/null; wait_for 30 not alive "$NSPAWN_PID"; } || true
     fi
-    wait "$NSPAWN_PID" 2>/dev/null || true
+    stop_pid "$NSPAWN_PID"
     NSPAWN_PID=
     CONTAINER_PID=
 }
@@ -127,22 +126,12 @@ check "systemctl enable netboot enables netboot.path only" bash -c "
     [ -L '$ROOT/etc/systemd/system/multi-user.target.wants/netboot.path' ] &&
     ! ls '$ROOT'/etc/systemd/system/*.wants/ | grep -Eq '^netboot(\.service|-.*\.socket)$'"
 
-mkdir -p "$ROOT/etc/provisioner/machines" "$ROOT/srv/provisioner/boot"
 stub_boot_files "$ROOT/srv/provisioner/boot" undionly.kpxe snponly.efi vmlinuz initrd.img
-cat > "$ROOT/etc/provisioner/machines/node2.yaml" <<EOF2
-apiVersion: provisioner.dev/v1alpha1
-kind: Machine
-metadata: {name: node2}
-spec: {macAddress: "$MAC", ipAddress: $MACHINE_IP, hostname: node2}
-EOF2
-cat > "$ROOT/etc/provisioner/provisioner.yaml" <<EOF2
-interface: br0
-serverAddress: $SRV_IP
-subnet: $SUBNET_PREFIX.0/24
-bootFiles: {ipxeDir: /srv/provisioner/boot, assetsDir: /srv/provisioner/boot}
-boot: {kernel: vmlinuz, initrd: initrd.img}
-inventory: {directory: /etc/provisioner/machines}
-EOF2
+MACHINES=$ROOT/etc/provisioner/machines write_machine node2 "$MAC" "$MACHINE_IP" "hostname: node2"
+# Paths inside the container; the listen addresses are the units' (socket activation).
+write_config "$ROOT/etc/provisioner/provisioner.yaml" "listen:" \
+    "bootFiles: {ipxeDir: /srv/provisioner/boot, assetsDir: /srv/provisioner/boot}" \
+    "inventory: {directory: /etc/provisioner/machines}"
 echo nspawn-seed > "$ROOT/etc/hostname"
 
 # --- boot -------------------------------------------------------------------------------------
@@ -157,29 +146,29 @@ boot_container() {
         --bind-ro="$PROVISIONER:/usr/bin/provisioner" \
         --console=read-only >>"$WORK/console.log" 2>&1 &
     NSPAWN_PID=$!
-    local i pid=
-    for i in $(seq 1 100); do
-        # nspawn's child becomes the container's PID 1 once it has executed systemd.
-        for pid in $(ps -o pid= --ppid "$NSPAWN_PID"); do
-            [[ "$(readlink "/proc/$pid/exe" 2>/dev/null)" == */systemd ]] && break 2
-        done
-        pid=
-        sleep 0.1
-    done
-    CONTAINER_PID=$pid
+    track_pid "$NSPAWN_PID" systemd-nspawn
+    CONTAINER_PID=
+    wait_for 10 container_pid1 || true
     [ -n "$CONTAINER_PID" ] || { fail "container PID 1 found"; return 1; }
-    for i in $(seq 1 300); do [ -S "/proc/$CONTAINER_PID/root/run/systemd/private" ] && break; sleep 0.1; done
+    wait_for 30 test -S "/proc/$CONTAINER_PID/root/run/systemd/private" || true
     local state
     state=$(in_container timeout 60 systemctl is-system-running --wait 2>&1) || true
     log "container booted at $(elapsed)s: $state"
     [ "$state" = running ] || in_container systemctl --failed --no-pager --plain >&2 || true
 }
-in_container() { nsenter --target "$CONTAINER_PID" --mount --uts --ipc --net --pid -- "$@"; }
-wait_until() {  # SECONDS CMD...: true once CMD succeeds
-    local limit=$1 i; shift
-    for i in $(seq 1 $((limit * 10))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+# container_pid1: sets CONTAINER_PID once nspawn's child has executed systemd (the container's
+# PID 1); not in $(...), since wait_for runs it in this shell.
+container_pid1() {
+    local pid
+    for pid in $(ps -o pid= --ppid "$NSPAWN_PID"); do
+        if [[ "$(readlink "/proc/$pid/exe" 2>/dev/null)" == */systemd ]]; then
+            CONTAINER_PID=$pid
+            return 0
+        fi
+    done
     return 1
 }
+in_container() { nsenter --target "$CONTAINER_PID" --mount --uts --ipc --net --pid -- "$@"; }
 is_state() { [ "$(in_container systemctl is-active "$1")" = "$2" ]; }
 dhcp_lease() {  # prints the address udhcpc got in the client namespace, nothing if none
     ip netns exec "$client" busybox udhcpc -i eth0 -q -n -f -t "${1:-5}" -T 1 -s "$WORK/udhcpc.sh" >/dev/null 2>&1 || true
@@ -214,7 +203,7 @@ log "busctl before the trigger said: $(cat "$WORK/busctl-early.log")"
 in_container mkdir -p /etc/kubernetes
 in_container sh -c 'umask 077; echo "# stands for the admin kubeconfig kubeadm init writes" > /etc/kubernetes/admin.conf'
 t_trigger=$(date +%s.%N)
-check "netboot starts once the trigger exists" wait_until 20 is_state netboot.service active
+check "netboot starts once the trigger exists" wait_for 20 is_state netboot.service active
 log "netboot active $(awk -v s="$t_trigger" -v n="$(date +%s.%N)" 'BEGIN {printf "%.2f", n - s}')s after the trigger"
 in_container systemctl status netboot.service --no-pager --lines=5 > "$WORK/status.txt" 2>&1 || true
 printf '\n--- systemctl status netboot ---\n%s\n---\n' "$(cat "$WORK/status.txt")"
@@ -231,7 +220,7 @@ check "udp/67 is held by the container's systemd and netboot" bash -c "
 # --- a DHCP client through the socket-activated service ---------------------------------------
 lease=$(dhcp_lease 5)
 check "udhcpc gets node2's reservation $MACHINE_IP (got '${lease}')" [ "$lease" = "$MACHINE_IP" ]
-check "journalctl -u netboot MACHINE=node2 has the PXEBooting record" wait_until 5 bash -c "
+check "journalctl -u netboot MACHINE=node2 has the PXEBooting record" wait_for 10 bash -c "
     nsenter --target $CONTAINER_PID --mount --pid -- journalctl -b -u netboot MACHINE=node2 -o verbose --no-pager | grep -q 'PHASE=PXEBooting'"
 in_container journalctl -b -u netboot MACHINE=node2 --no-pager -o cat > "$WORK/journal.txt" 2>&1 || true
 printf -- '--- journalctl -u netboot MACHINE=node2 ---\n%s\n---\n' "$(cat "$WORK/journal.txt")"
@@ -269,7 +258,7 @@ check "D-Bus activation is in the journal" bash -c "
 stop_container
 log "container powered off at $(elapsed)s; booting it again"
 boot_container
-check "after a reboot netboot is active again (netboot.path enabled)" wait_until 20 is_state netboot.service active
+check "after a reboot netboot is active again (netboot.path enabled)" wait_for 20 is_state netboot.service active
 lease=$(dhcp_lease 5)
 check "and serves node2 again (got '${lease}')" [ "$lease" = "$MACHINE_IP" ]
 stop_container

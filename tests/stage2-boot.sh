@@ -65,9 +65,8 @@ else
 fi
 # After DHCP stage2 has nothing to image (no orders in this test): it says so and reboots,
 # which -no-reboot turns into QEMU exiting.
-qemu_wait stage2 'stage2 stops; rebooting' 30 || true
-for _ in $(seq 1 50); do kill -0 "$QEMU_PID" 2>/dev/null || break; sleep 0.2; done
-check "QEMU exited after stage2's reboot" bash -c "! kill -0 $QEMU_PID 2>/dev/null"
+qemu_wait stage2 'stage2 stops; rebooting' 60 || true
+check "QEMU exited after stage2's reboot" wait_for 60 not alive "$QEMU_PID"
 qemu_stop stage2
 
 check "virtio_net loaded from the initrd" grep -aq -E 'module loaded module="?virtio_net([" ]|$)' "$serial"

@@ -77,24 +77,21 @@ NETBOOT_STARTS=0
 netboot_start() {
     [ -n "$NETBOOT_PID" ] && stop_pid "$NETBOOT_PID"
     UEFI_LOADER=snponly.efi BOOT_INITRD=stage2.img BOOT_CMDLINE="console=ttyS0 stage2.reboot_delay=$2" \
-        BOOT_CONFIG_EXTRA="image: {url: \"http://$SRV_IP:8081/node.img.zst\", sha256: $1, size: $IMAGE_BYTES}
-stateFile: $WORK/state.yaml" \
-        boot_write_config "$WORK/boot"
+        boot_write_config "$WORK/boot" \
+        "image: {url: \"http://$SRV_IP:8081/node.img.zst\", sha256: $1, size: $IMAGE_BYTES}" \
+        "stateFile: $WORK/state.yaml"
     NETBOOT_STARTS=$((NETBOOT_STARTS + 1))
     NETBOOT_LOG=$WORK/netboot$NETBOOT_STARTS.log
     NETBOOT_PID=$(start_in_srv "netboot$NETBOOT_STARTS" env RUST_LOG=info "$PROVISIONER" netboot --config "$WORK/boot/provisioner.yaml")
-    _PIDS+=("$NETBOOT_PID")
-    for _ in $(seq 1 100); do grep -q "netboot ready" "$NETBOOT_LOG" 2>/dev/null && break; sleep 0.1; done
-    grep -q "netboot ready" "$NETBOOT_LOG"
+    wait_for -p "$NETBOOT_PID" 10 grep -q "netboot ready" "$NETBOOT_LOG"
 }
 # imageserver_start LOGNAME: on the same address every time; sets IMAGESERVER_PID
 imageserver_start() {
     IMAGESERVER_PID=$(start_in_srv "$1" "$PROVISIONER" imageserver --dir "$WORK/images" --listen "$SRV_IP:8081")
-    _PIDS+=("$IMAGESERVER_PID")
-    for _ in $(seq 1 100); do grep -q "imageserver ready" "$WORK/$1.log" 2>/dev/null && break; sleep 0.1; done
-    grep -q "imageserver ready" "$WORK/$1.log"
+    wait_for -p "$IMAGESERVER_PID" 10 grep -q "imageserver ready" "$WORK/$1.log"
 }
 phase() { sed -n "/^  $1:/,/^  [^ ]/p" "$WORK/state.yaml" 2>/dev/null | sed -n 's/^    phase: //p'; }
+phase_is() { [ "$(phase "$1")" = "$2" ]; }
 # message NAME: the machine's message in the state file (a YAML block scalar when multi-line)
 message() {
     sed -n "/^  $1:/,/^  [^ ]/p" "$WORK/state.yaml" 2>/dev/null \
@@ -129,7 +126,8 @@ if qemu_wait resume 'imaging: [0-9.]+ MiB of [0-9.]+ MiB written \(([1-9]|[1-5][
     killed_at=$(grep -aoE 'imaging: [0-9.]+ MiB of [0-9.]+ MiB written \([0-9]+%\)' "$(qemu_serial resume)" | tail -n 1)
     kill -9 "$IMAGESERVER_PID"
     log "imageserver (pid $IMAGESERVER_PID) killed at '${killed_at}' (${QEMU_ELAPSED}s)"
-    sleep 4
+    # Restarted once stage2 has seen the break (else it might not notice before the restart).
+    qemu_wait resume 'image download interrupted' 60 || true
     check "resume: imageserver restarted on the same port" imageserver_start imageserver2
 else
     fail "resume: no progress line between 1% and 59% within ${TIMEOUT}s"
@@ -152,7 +150,7 @@ check "resume: one resume only (no restart from byte 0)" [ "$(grep -ac 'image do
 check "resume: stage2 verified the sha256" grep -aq 'sha256 verified' "$serial"
 check "resume: disk outside the root partition has the image's sha256" [ \
     "$(image_outside_root_sha256 "$WORK/disk-resume.raw")" = "$(image_outside_root_sha256 "$IMAGE")" ]
-check "resume: netboot says Imaged" [ "$(phase fault-resume)" = Imaged ]
+check "resume: netboot says Imaged" wait_for 10 phase_is fault-resume Imaged
 echo "FAULT resume killed_at=\"${killed_at:-}\" resume_offset=${offset:-?} source_bytes=$ZST_BYTES imaged_seconds=$(qemu_time_of resume 'imaged; rebooting' || echo '?')"
 
 # --- 2. two equal disks, no hint: refuse, write nothing ----------------------------------------
@@ -162,7 +160,7 @@ qemu_start disks seabios "$MAC_DISKS" tap0 -kernel "$KERNEL" -initrd "$WORK/boot
     -append "$args" -drive "file=$WORK/disk-a.raw,if=virtio,format=raw" \
     -drive "file=$WORK/disk-b.raw,if=virtio,format=raw"
 qemu_wait disks 'stage2 stops; rebooting' "$TIMEOUT" || qemu_tail disks 30 >&2
-for _ in $(seq 1 50); do kill -0 "$QEMU_PID" 2>/dev/null || break; sleep 0.2; done
+wait_for 60 not alive "$QEMU_PID" || true
 qemu_stop disks
 serial=$(qemu_serial disks)
 check "disks: stage2 refuses to guess" grep -aq 'several disks qualify, refusing to guess' "$serial"
@@ -170,7 +168,7 @@ check "disks: the console lists both candidates" bash -c \
     "grep -aq '/dev/vda (134217728 bytes.*: candidate' '$serial' && grep -aq '/dev/vdb (134217728 bytes.*: candidate' '$serial'"
 check "disks: nothing was written to the first disk (all zero)" all_zero "$WORK/disk-a.raw"
 check "disks: nothing was written to the second disk (all zero)" all_zero "$WORK/disk-b.raw"
-check "disks: netboot records Failed" [ "$(phase fault-disks)" = Failed ]
+check "disks: netboot records Failed" wait_for 10 phase_is fault-disks Failed
 check "disks: with the reason" bash -c "grep -q 'several disks qualify' <<< \"\$(sed -n '/^  fault-disks:/,/^  [^ ]/p' '$WORK/state.yaml')\""
 log "disks: netboot message: $(message fault-disks | head -c 400)"
 echo "FAULT disks refused_seconds=$(qemu_time_of disks 'several disks qualify' || echo '?')"
@@ -215,7 +213,7 @@ qemu_start sha seabios "$MAC_SHA" tap0 -drive "file=$WORK/disk-sha.raw,if=none,i
 t0=$QEMU_T0
 if qemu_wait sha 'imaging failed' "$TIMEOUT"; then
     pass "sha: stage2 reports the failure (${QEMU_ELAPSED}s)"
-    for _ in $(seq 1 50); do [ "$(phase fault-sha)" = Failed ] && break; sleep 0.1; done
+    wait_for 10 phase_is fault-sha Failed || true
     failed_s=$(seconds_since "$t0")
     # stage2 now waits stage2.reboot_delay (8 s) before rebooting: check the disk meanwhile.
     check "sha: first MiB of the disk is zero (no MBR, no GPT)" all_zero <(head -c "$MIB" "$WORK/disk-sha.raw")
@@ -229,15 +227,12 @@ else
     qemu_tail sha 40 >&2
 fi
 # The reboot: PXE again, netboot moves Failed → PXEBooting and serves imaging orders again.
+imaging_again() {
+    grep -aq 'fault-sha Failed -> PXEBooting' "$NETBOOT_LOG" &&
+        [ "$(grep -ac 'fault-sha PXEBooting -> Imaging' "$NETBOOT_LOG")" -ge 2 ]
+}
 retried=0
-for _ in $(seq 1 $((TIMEOUT * 5))); do
-    if grep -aq 'fault-sha Failed -> PXEBooting' "$NETBOOT_LOG" \
-        && [ "$(grep -ac 'fault-sha PXEBooting -> Imaging' "$NETBOOT_LOG")" -ge 2 ]; then
-        retried=1; break
-    fi
-    kill -0 "$QEMU_PID" 2>/dev/null || break
-    sleep 0.2
-done
+wait_for -p "$QEMU_PID" "$TIMEOUT" imaging_again && retried=1
 retry_s=$(seconds_since "$t0")
 qemu_stop sha
 check "sha: the machine rebooted and PXE-booted again (Failed → PXEBooting)" grep -aq 'fault-sha Failed -> PXEBooting' "$NETBOOT_LOG"

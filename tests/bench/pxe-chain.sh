@@ -34,13 +34,16 @@ boot_setup "$WORK/boot" "$MARKER"
 boot_add_machine "$WORK/boot" bench-bios "${MAC[seabios]}" "$SUBNET_PREFIX.31"
 boot_add_machine "$WORK/boot" bench-uefi "${MAC[ovmf]}" "$SUBNET_PREFIX.32"
 
+# iPXE's line for a finished download: "URL... ok", with a percentage before "ok" when the
+# download took long enough for iPXE to show its progress (erased with backspaces).
+DONE='\.\.\. ([0-9]+%[^[:alpha:]]*)?ok'
 # phases NAME: where the time went, from the serial console
 phases() {
     local n=$1 conf nbp script kern
     conf=$(qemu_line_span "$n" 'Configuring \(net0') || true
     nbp=$(qemu_time_of "$n" 'NBP file downloaded') || true
-    script=$(qemu_time_of "$n" '/ipxe/[0-9a-f-]+\.\.\. ok') || true
-    kern=$(qemu_time_of "$n" 'vmlinuz\.\.\. ok') || true
+    script=$(qemu_time_of "$n" "/ipxe/[0-9a-f-]+$DONE") || true
+    kern=$(qemu_time_of "$n" "vmlinuz$DONE") || true
     printf 'nbp=%s ipxe-dhcp=%s script=%s kernel=%s' "${nbp:--}" \
         "$( [ -n "$conf" ] && awk '{printf "%.2f..%.2f(%.1fs)", $1, $2, $2-$1}' <<<"$conf" || echo -)" \
         "${script:--}" "${kern:--}"
@@ -60,7 +63,7 @@ for run in $(seq 1 "$RUNS"); do
             case $extra_ra in 1) ra_start ;; min) ra_min_start ;; esac
             if qemu_boot "$name" "${FW[$p]}" "${MAC[$p]}" tap0 "$MARKER" "$TIMEOUT"; then
                 RESULT[$p,$v]="${RESULT[$p,$v]:-} $QEMU_ELAPSED"
-                LOADED[$p,$v]="${LOADED[$p,$v]:-} $(qemu_time_of "$name" 'vmlinuz\.\.\. ok' || true)"
+                LOADED[$p,$v]="${LOADED[$p,$v]:-} $(qemu_time_of "$name" "vmlinuz$DONE" || true)"
                 pass "$name: ${QEMU_ELAPSED}s  $(phases "$name")"
             else
                 fail "$name: no marker within ${TIMEOUT}s"
@@ -72,7 +75,7 @@ for run in $(seq 1 "$RUNS"); do
     done
 done
 
-median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END{if(NR) print a[int((NR+1)/2)]}'; }
+median() { tr ' ' '\n' | { grep . || true; } | sort -n | awk '{a[NR]=$1} END{if(NR) print a[int((NR+1)/2)]}'; }
 echo
 # table TITLE ARRAY-NAME
 table() {

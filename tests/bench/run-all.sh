@@ -8,7 +8,13 @@ tests/install-deps.sh
 cargo build --release --locked -p agent -p netboot --examples --bins
 export PROVISIONER=$PWD/target/release/provisioner
 export TFTP_SERVER=$PWD/target/release/examples/tftp_server
+# Where tests/lib.sh records what each benchmark starts, for the check at the end.
+PV_TRACK_DIR=$(mktemp -d /var/tmp/pv-track.XXXXXX)
+export PV_TRACK_DIR
+trap 'rm -rf "$PV_TRACK_DIR"' EXIT
 for b in netboot-memory dbus-status status-patch dhcp-perfdhcp tftp pxe-chain stage2-write; do
     printf '\n=== %s\n' "$b"
     bash "tests/bench/$b.sh" || echo "benchmark $b failed"
 done
+printf '\n=== processes left running by the benchmarks\n'
+if tests/leftovers.sh "$PV_TRACK_DIR"; then echo none; else exit 1; fi
