@@ -1,7 +1,8 @@
 #!/bin/bash
 # TFTP server against real clients (tftp-hpa, curl, atftp) across network namespaces:
 # downloads compared by sha256, block-number rollover, path confinement, write refusal, and a
-# server killed and restarted in the middle of a batch of transfers.
+# server killed and restarted in the middle of a batch of transfers (the link throttled so that
+# none of them can finish before the kill, however fast the machine).
 # Needs: root, iproute2, tftp-hpa, curl, atftp; the server binary from
 #   cargo build -p netboot --example tftp_server   (or TFTP_SERVER=/path/to/binary)
 TEST_NAME=tftp
@@ -33,14 +34,10 @@ ln -s /etc/passwd "$ROOT/leak"
 ln -s "$WORK/secret" "$ROOT/sub/leak2"
 
 SERVER_PID=
+listening() { in_srv ss -Hlun "sport = :69" | grep -q "$SRV_IP:69"; }
 start_server() {
     SERVER_PID=$(start_in_srv "tftpd-$1" "$SERVER" "$SRV_IP:69" "$ROOT")
-    _PIDS+=("$SERVER_PID") # start_in_srv ran in a subshell: register the PID for cleanup here
-    local i
-    for i in $(seq 1 100); do
-        in_srv ss -Hlun "sport = :69" | grep -q "$SRV_IP:69" && return 0
-        sleep 0.05
-    done
+    wait_for -p "$SERVER_PID" 10 listening && return 0
     fail "server did not start: $(cat "$WORK/tftpd-$1.log")"
     finish
 }
@@ -116,22 +113,28 @@ check "write request refused (error 2), nothing written" \
 check "server still running after all of the above" kill -0 "$SERVER_PID"
 
 # Restart in the middle of a batch: kill the server by PID while transfers run, start it again,
-# fetch again what did not complete. Every file must end up identical.
+# fetch again what did not complete. Every file must end up identical. The server's side of the
+# link is throttled to 512 kbit/s for the batch, so one 3 MiB file alone takes at least 49 s:
+# the server is killed once every transfer has its first block, within 20 s of the start, when
+# none can have finished.
 rm -f "$OUT"/batch*
+in_srv tc qdisc add dev "vc1$$" root tbf rate 512kbit burst 16kb latency 1s
 batch_pids=()
 for i in $(seq 1 8); do
-    in_cli curl -s --max-time 12 -o "$OUT/batch$i" "tftp://$SRV_IP/batch$i" --tftp-blksize 512 &
-    batch_pids+=($!)
+    batch_pids+=("$(start_in "$CLI" "batch$i" curl -s --max-time 120 -o "$OUT/batch$i" "tftp://$SRV_IP/batch$i" --tftp-blksize 512)")
 done
-sleep 1
+all_begun() { local i; for i in $(seq 1 8); do [ -s "$OUT/batch$i" ] || return 1; done; }
+check "every transfer of the batch has begun" wait_for 20 all_begun
 kill -9 "$SERVER_PID"
-log "killed server $SERVER_PID during the batch"
+log "killed server $SERVER_PID during the batch; sizes: $(cd "$OUT" && stat -c %s batch? 2>/dev/null | tr '\n' ' ')"
+in_srv tc qdisc del dev "vc1$$" root
+wait_for 10 not alive "$SERVER_PID" || true
 start_server 2
-for p in "${batch_pids[@]}"; do wait "$p" || true; done
+# Their server is gone: these transfers cannot complete any more.
+for p in "${batch_pids[@]}"; do stop_pid "$p"; done
 cut=0
 for i in $(seq 1 8); do same "$ROOT/batch$i" "$OUT/batch$i" 2>/dev/null || cut=$((cut + 1)); done
-log "$cut of 8 transfers were cut by the restart"
-check "the restart cut transfers in flight" test "$cut" -gt 0
+check "the restart cut all 8 transfers in flight ($cut cut)" test "$cut" -eq 8
 for round in 1 2; do
     for i in $(seq 1 8); do
         same "$ROOT/batch$i" "$OUT/batch$i" 2>/dev/null && continue
