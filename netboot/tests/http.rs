@@ -561,6 +561,7 @@ async fn confines_and_rejects_bad_paths() {
         ("/assets/%e9", 400),
         ("/assets/a%5c..%5csecret", 400),
         ("/boot/..", 400),
+        ("/boot/../../../etc/passwd", 400),
         ("/assets/escape", 404),
         ("/assets/missing", 404),
         ("/assets/sub", 404),
@@ -576,6 +577,7 @@ async fn confines_and_rejects_bad_paths() {
         let r = get(srv.addr, path).await;
         assert_eq!(r.status, want, "{path}");
         assert!(!r.text().contains("outside"), "{path} leaked the secret");
+        assert!(!r.text().contains("root:"), "{path} leaked /etc/passwd");
     }
 }
 
