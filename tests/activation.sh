@@ -7,30 +7,18 @@ TEST_NAME=activation
 
 netns_up
 MAC=52:54:00:aa:00:02
-mkdir -p "$WORK"/{machines,assets,ipxe}
+mkdir -p "$WORK"/{assets,ipxe}
 head -c 100000 /dev/urandom > "$WORK/ipxe/undionly.kpxe"
 echo kernel > "$WORK/assets/vmlinuz"; echo initrd > "$WORK/assets/initrd.img"
 stub_boot_files "$WORK/ipxe" snponly.efi
-cat > "$WORK/machines/node2.yaml" <<EOF2
-apiVersion: provisioner.dev/v1alpha1
-kind: Machine
-metadata: {name: node2}
-spec: {macAddress: "$MAC", ipAddress: $SUBNET_PREFIX.20}
-EOF2
-cat > "$WORK/provisioner.yaml" <<EOF2
-serverAddress: $SRV_IP
-subnet: $SUBNET_PREFIX.0/24
-gateway: $SRV_IP
-dnsServers: [$SRV_IP]
-bootFiles: {ipxeDir: $WORK/ipxe, assetsDir: $WORK/assets}
-boot: {kernel: vmlinuz, initrd: initrd.img}
-listen: {dhcp: "127.0.0.1:1067", tftp: "127.0.0.1:1069", http: "127.0.0.1:1080"}
-inventory: {directory: $WORK/machines}
-EOF2
+write_machine node2 "$MAC" "$SUBNET_PREFIX.20"
+write_config "$WORK/provisioner.yaml" "interface:" "gateway: $SRV_IP" "dnsServers: [$SRV_IP]" \
+    "bootFiles: {ipxeDir: $WORK/ipxe, assetsDir: $WORK/assets}" \
+    'listen: {dhcp: "127.0.0.1:1067", tftp: "127.0.0.1:1069", http: "127.0.0.1:1080"}'
 
 start_in_srv netboot "$REPO/tests/activate.py" dhcp=udp:0.0.0.0:67 tftp=udp:0.0.0.0:69 http=tcp:0.0.0.0:80 \
     -- "$PROVISIONER" netboot --config "$WORK/provisioner.yaml" >/dev/null
-for _ in $(seq 1 100); do grep -q "netboot ready" "$WORK/netboot.log" && break; sleep 0.1; done
+wait_for 10 grep -q "netboot ready" "$WORK/netboot.log" || true
 check "daemon reports ready on inherited sockets" grep -q "activated=true" "$WORK/netboot.log"
 check "nothing bound on the config's own ports" bash -c "! ip netns exec $NS_SRV ss -lnu | grep -q ':1067 '"
 

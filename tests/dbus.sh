@@ -12,23 +12,11 @@ TEST_NAME=dbus
 
 netns_up
 MAC=52:54:00:cc:00:02
-mkdir -p "$WORK"/{machines,assets}
+mkdir -p "$WORK/assets"
 stub_boot_files "$WORK/assets" undionly.kpxe snponly.efi vmlinuz initrd.img
-machine() {  # NAME MAC IP
-    printf 'apiVersion: provisioner.dev/v1alpha1\nkind: Machine\nmetadata: {name: %s}\nspec: {macAddress: "%s", ipAddress: %s}\n' "$1" "$2" "$3" > "$WORK/machines/$1.yaml"
-}
-machine node2 "$MAC" "$SUBNET_PREFIX.20"
-machine node-3 52:54:00:cc:00:03 "$SUBNET_PREFIX.21"
-cat > "$WORK/provisioner.yaml" <<EOF2
-interface: br0
-serverAddress: $SRV_IP
-subnet: $SUBNET_PREFIX.0/24
-bootFiles: {ipxeDir: $WORK/assets, assetsDir: $WORK/assets}
-boot: {kernel: vmlinuz, initrd: initrd.img}
-listen: {dhcp: "0.0.0.0:67", tftp: "0.0.0.0:69", http: "0.0.0.0:80"}
-inventory: {directory: $WORK/machines}
-stateFile: $WORK/state.yaml
-EOF2
+write_machine node2 "$MAC" "$SUBNET_PREFIX.20"
+write_machine node-3 52:54:00:cc:00:03 "$SUBNET_PREFIX.21"
+write_config "$WORK/provisioner.yaml" "stateFile: $WORK/state.yaml"
 
 . "$REPO/tests/lib-dbus.sh"
 dbus_private_start
@@ -40,14 +28,9 @@ check "dbus-daemon accepts our policy and activation file" "${BUS[@]}" status or
 check "the name is activatable (system-service file parsed)" bash -c "${BUS[*]} list --activatable --no-legend | grep -q '^$NAME '"
 
 start_netboot() {
-    rm -f "$WORK/netboot.log"
-    start_in_srv netboot "$PROVISIONER" netboot --config "$WORK/provisioner.yaml" >/dev/null
-    for _ in $(seq 1 150); do grep -q "publishing machine status on D-Bus" "$WORK/netboot.log" 2>/dev/null && break; sleep 0.1; done
-}
-wait_for() {  # DESCRIPTION CMD...: retries CMD for up to 10 s, then records PASS/FAIL
-    local what=$1 i; shift
-    for i in $(seq 1 100); do "$@" >/dev/null 2>&1 && { pass "$what"; return; }; sleep 0.1; done
-    fail "$what"
+    local pid
+    pid=$(start_in_srv netboot "$PROVISIONER" netboot --config "$WORK/provisioner.yaml")
+    wait_for -p "$pid" 15 grep -q "publishing machine status on D-Bus" "$WORK/netboot.log" || true
 }
 start_netboot
 check "netboot owns $NAME" grep -q "publishing machine status on D-Bus" "$WORK/netboot.log"
@@ -68,39 +51,41 @@ check "an unprivileged user may not take the name" bash -c "$(declare -f as_nobo
 check "properties are read-only" bash -c "! ${BUS[*]} set-property $NAME $ROOT/machine/node2 $M Phase s Ready 2>/dev/null"
 
 # A real PXE client's DHCP moves node2 to PXEBooting: one PropertiesChanged on its object.
-"${BUS[@]}" monitor --match="type='signal',interface='org.freedesktop.DBus.Properties',member='PropertiesChanged',path='$ROOT/machine/node2'" > "$WORK/monitor.log" 2>&1 &
-echo $! > "$WORK/monitor.pid"
-sleep 0.5
+check "busctl monitor is registered" \
+    dbus_monitor monitor "type='signal',interface='org.freedesktop.DBus.Properties',member='PropertiesChanged',path='$ROOT/machine/node2'"
 client=$(add_client dbus "$MAC")
 ip netns exec "$client" busybox udhcpc -i eth0 -q -n -f -t 5 -T 1 -s /bin/true >/dev/null 2>&1 || true
-wait_for "busctl monitor sees PropertiesChanged with Phase PXEBooting" bash -c "grep -A3 'STRING \"Phase\"' '$WORK/monitor.log' | grep -q 'STRING \"PXEBooting\"'"
+check "busctl monitor sees PropertiesChanged with Phase PXEBooting" \
+    wait_for 10 bash -c "grep -A3 'STRING \"Phase\"' '$WORK/monitor.log' | grep -q 'STRING \"PXEBooting\"'"
 check "get-property Phase is PXEBooting" [ "$("${BUS[@]}" get-property "$NAME" "$ROOT/machine/node2" "$M" Phase)" = 's "PXEBooting"' ]
 check "LastSeen is set" bash -c "[ \"\$(${BUS[*]} get-property $NAME $ROOT/machine/node2 $M LastSeen | cut -d' ' -f2)\" -gt 0 ]"
 check "node-3 is still Pending" [ "$("${BUS[@]}" get-property "$NAME" "$ROOT/machine/node_2d3" "$M" Phase)" = 's "Pending"' ]
-check "manager counts follow: PXEBooting 1, Pending 1" [ "$("${BUS[@]}" get-property "$NAME" "$ROOT" dev.provisioner.Netboot1.Manager PXEBooting Pending | tr '\n' ' ')" = "u 1 u 1 " ]
-check "the phase change is in the state file" bash -c "grep -A2 '^  node2:' '$WORK/state.yaml' | grep -q 'phase: PXEBooting'"
-check "the phase change is logged with its MESSAGE_ID field" grep -q 'message_id="\?826dbd54d3004b2b81ecf7e0233863f1.*phase="\?PXEBooting' "$WORK/netboot.log"
+# The manager's counts, the state file and the log follow the machine's change on their own.
+counts() { [ "$("${BUS[@]}" get-property "$NAME" "$ROOT" dev.provisioner.Netboot1.Manager PXEBooting Pending | tr '\n' ' ')" = "$1" ]; }
+check "manager counts follow: PXEBooting 1, Pending 1" wait_for 10 counts "u 1 u 1 "
+check "the phase change is in the state file" wait_for 10 bash -c "grep -A2 '^  node2:' '$WORK/state.yaml' | grep -q 'phase: PXEBooting'"
+check "the phase change is logged with its MESSAGE_ID field" wait_for 10 grep -q 'message_id="\?826dbd54d3004b2b81ecf7e0233863f1.*phase="\?PXEBooting' "$WORK/netboot.log"
 
 # A restart resumes from the state file.
 stop_pid "$(cat "$WORK/netboot.pid")"
 start_netboot
-wait_for "after a restart node2 is still PXEBooting" bash -c "[ \"\$(${BUS[*]} get-property $NAME $ROOT/machine/node2 $M Phase)\" = 's \"PXEBooting\"' ]"
+check "after a restart node2 is still PXEBooting" \
+    wait_for 10 bash -c "[ \"\$(${BUS[*]} get-property $NAME $ROOT/machine/node2 $M Phase)\" = 's \"PXEBooting\"' ]"
 
 # Inventory changes add and remove objects.
-"${BUS[@]}" monitor --match="type='signal',interface='org.freedesktop.DBus.ObjectManager'" > "$WORK/om.log" 2>&1 &
-echo $! > "$WORK/om.pid"
-sleep 0.5
+check "busctl monitor of the object manager is registered" \
+    dbus_monitor om "type='signal',interface='org.freedesktop.DBus.ObjectManager'"
 rm "$WORK/machines/node-3.yaml"
-wait_for "a removed machine leaves the bus (InterfacesRemoved)" grep -q "InterfacesRemoved" "$WORK/om.log"
+check "a removed machine leaves the bus (InterfacesRemoved)" wait_for 10 grep -q "InterfacesRemoved" "$WORK/om.log"
 check "busctl tree no longer lists it" bash -c "! ${BUS[*]} tree $NAME | grep -q node_2d3"
 
 # provisioner status: machines in several phases (a state file written while netboot is stopped,
 # restored on start).
 stop_pid "$(cat "$WORK/netboot.pid")"
-machine node4 52:54:00:cc:00:04 "$SUBNET_PREFIX.24"
-machine node5 52:54:00:cc:00:05 "$SUBNET_PREFIX.25"
-machine node6 52:54:00:cc:00:06 "$SUBNET_PREFIX.26"
-machine node7 52:54:00:cc:00:07 "$SUBNET_PREFIX.27"
+write_machine node4 52:54:00:cc:00:04 "$SUBNET_PREFIX.24"
+write_machine node5 52:54:00:cc:00:05 "$SUBNET_PREFIX.25"
+write_machine node6 52:54:00:cc:00:06 "$SUBNET_PREFIX.26"
+write_machine node7 52:54:00:cc:00:07 "$SUBNET_PREFIX.27"
 NOW_USEC=$(($(date +%s) * 1000000))
 cat > "$WORK/state.yaml" <<EOF2
 machines:
@@ -110,7 +95,8 @@ machines:
   node6: {macAddress: "52:54:00:cc:00:06", phase: Ready, progress: 100, message: "node node6 is Ready", lastSeenUsec: $((NOW_USEC - 86400000000 * 2))}
 EOF2
 start_netboot
-wait_for "node4 is back in Imaging on the bus" bash -c "[ \"\$(${BUS[*]} get-property $NAME $ROOT/machine/node4 $M Phase)\" = 's \"Imaging\"' ]"
+check "node4 is back in Imaging on the bus" \
+    wait_for 10 bash -c "[ \"\$(${BUS[*]} get-property $NAME $ROOT/machine/node4 $M Phase)\" = 's \"Imaging\"' ]"
 if "$PROVISIONER" status > "$WORK/status.out" 2> "$WORK/status.err"; then code=0; else code=$?; fi
 check "provisioner status exits 0 (got $code)" [ "$code" = 0 ]
 log "provisioner status:"; sed 's/^/    /' "$WORK/status.out" >&2
@@ -127,13 +113,14 @@ check "status: an unprivileged user reads the same machines" bash -c "$(declare 
 
 # --watch prints the next view when node7 does DHCP.
 "$PROVISIONER" status --watch > "$WORK/watch.out" 2>&1 &
-echo $! > "$WORK/watch.pid"
-wait_for "status --watch prints the machines" grep -q '^node7 .*Pending' "$WORK/watch.out"
+watch_pid=$!
+track_pid "$watch_pid" status-watch
+check "status --watch prints the machines" wait_for 10 grep -q '^node7 .*Pending' "$WORK/watch.out"
 client7=$(add_client dbus7 52:54:00:cc:00:07)
 ip netns exec "$client7" busybox udhcpc -i eth0 -q -n -f -t 5 -T 1 -s /bin/true >/dev/null 2>&1 || true
-wait_for "status --watch prints node7's phase change (PXEBooting)" grep -Eq '^node7 +PXEBooting' "$WORK/watch.out"
+check "status --watch prints node7's phase change (PXEBooting)" wait_for 10 grep -Eq '^node7 +PXEBooting' "$WORK/watch.out"
 check "status --watch stamps each view" [ "$(grep -c '^--- ' "$WORK/watch.out")" -ge 2 ]
-stop_pid "$(cat "$WORK/watch.pid")"
+stop_pid "$watch_pid"
 
 # Without netboot on the bus: says so, exit 1, and does not activate it.
 stop_pid "$(cat "$WORK/netboot.pid")"
@@ -144,6 +131,7 @@ check "and says netboot is not on the bus" grep -q "$NAME is not on the system b
 # Without a bus netboot still serves.
 stop_pid "$(cat "$WORK/netboot.pid")"
 DBUS_SYSTEM_BUS_ADDRESS=unix:path=$WORK/no-such-bus start_in_srv netboot "$PROVISIONER" netboot --config "$WORK/provisioner.yaml" >/dev/null
-wait_for "without a bus netboot still becomes ready" grep -q "netboot ready" "$WORK/netboot.log"
-wait_for "and says D-Bus is unavailable, in one line that says it is harmless" bash -c "[ \$(grep -c 'not on D-Bus' '$WORK/netboot.log') = 1 ] && grep 'not on D-Bus' '$WORK/netboot.log' | grep -q 'no system bus at unix:path=$WORK/no-such-bus.*harmless'"
+check "without a bus netboot still becomes ready" wait_for 10 grep -q "netboot ready" "$WORK/netboot.log"
+check "and says D-Bus is unavailable, in one line that says it is harmless" \
+    wait_for 10 bash -c "[ \$(grep -c 'not on D-Bus' '$WORK/netboot.log') = 1 ] && grep 'not on D-Bus' '$WORK/netboot.log' | grep -q 'no system bus at unix:path=$WORK/no-such-bus.*harmless'"
 finish

@@ -62,27 +62,20 @@ NODE_NS=$(add_client node)
 ip netns exec "$LAPTOP_NS" ip addr add "$LAPTOP_IP/24" dev eth0
 ip netns exec "$NODE_NS" ip addr add "$NODE_IP/24" dev eth0
 
-# start_in NS NAME CMD...: like start_in_srv, in another namespace (PID file for cleanup).
-start_in() {
-    local ns=$1 name=$2; shift 2
-    local pidfile=$WORK/$name.pid
-    ip netns exec "$ns" sh -c 'echo $$ > "$0"; exec "$@"' "$pidfile" "$@" >"$WORK/$name.log" 2>&1 &
-    for _ in $(seq 1 50); do [ -s "$pidfile" ] && break; sleep 0.02; done
-}
-wait_ready() { # wait_ready NAME
-    for _ in $(seq 1 100); do grep -q "imageserver ready" "$WORK/$1.log" 2>/dev/null && return 0; sleep 0.1; done
-    return 1
-}
+wait_ready() { wait_for 10 grep -q "imageserver ready" "$WORK/$1.log"; } # NAME
 from_node() { ip netns exec "$NODE_NS" curl -sS --max-time 30 "$@"; }
 from_laptop() { ip netns exec "$LAPTOP_NS" curl -sS --max-time 30 "$@"; }
 status_of() { from_node -o /dev/null -w '%{http_code}' "$@"; }
 # upstream_gets PATH: the bootstrap imageserver's GETs of PATH from the laptop's cache.
 upstream_gets() { grep -cE "peer=$LAPTOP_IP:[0-9]+ method=GET path=$1 status=200" "$WORK/bootstrap.log" || true; }
+# upstream_got PATH: the bootstrap imageserver has logged its GET of PATH (it logs once the
+# response is sent, which may be just after the client has it all)
+upstream_got() { [ "$(upstream_gets "$1")" -ge 1 ]; }
 cache_listing() { (cd "$CACHE" && find . -mindepth 1 | sort | tr '\n' ' '); }
 
-start_in "$NS_SRV" bootstrap "$PROVISIONER" imageserver --dir "$ART" --bootstrap "$SEED" --listen "$SRV_IP:$BOOT_PORT"
+start_in "$NS_SRV" bootstrap "$PROVISIONER" imageserver --dir "$ART" --bootstrap "$SEED" --listen "$SRV_IP:$BOOT_PORT" >/dev/null
 check "bootstrap imageserver is ready" wait_ready bootstrap
-start_in "$LAPTOP_NS" cache "$PROVISIONER" imageserver --dir "$CACHE" --upstream "$BOOT/" --listen "$LAPTOP_IP:$CACHE_PORT"
+start_in "$LAPTOP_NS" cache "$PROVISIONER" imageserver --dir "$CACHE" --upstream "$BOOT/" --listen "$LAPTOP_IP:$CACHE_PORT" >/dev/null
 check "laptop's imageserver (pull-through) is ready" wait_ready cache
 
 # --- the seed, as cloud-init 22.4's NoCloud (ds=nocloud-net;s=$BOOT/nocloud/laptop/) asks ----
@@ -100,12 +93,12 @@ check "seed: another machine's name: 404" \
     [ "$(from_laptop -o /dev/null -w '%{http_code}' "$BOOT/nocloud/node9/user-data")" = 404 ]
 check "seed: traversal out of the seed refused (400)" \
     [ "$(from_laptop --path-as-is -o /dev/null -w '%{http_code}' "$BOOT/nocloud/../seed/laptop/user-data")" = 400 ]
-check "seed fetches logged with the client's address and the file" \
+check "seed fetches logged with the client's address and the file" wait_for 10 \
     grep -qE "peer=$LAPTOP_IP:[0-9]+ method=GET path=/nocloud/laptop/user-data status=200 .*machine=laptop" "$WORK/bootstrap.log"
 
 # --bootstrap --config: the seed rendered from the laptop: section (name = its hostname).
 start_in "$NS_SRV" bootstrap-config "$PROVISIONER" imageserver --dir "$ART" --bootstrap \
-    --config "$REPO/provisioner.yaml.example" --listen "$SRV_IP:8002"
+    --config "$REPO/provisioner.yaml.example" --listen "$SRV_IP:8002" >/dev/null
 check "bootstrap imageserver with --config is ready" wait_ready bootstrap-config
 "$PROVISIONER" cloud-config laptop --config "$REPO/provisioner.yaml.example" >"$WORK/rendered-user-data"
 from_laptop -A "$UA" -o "$WORK/got-rendered" "http://$SRV_IP:8002/nocloud/seed/user-data"
@@ -121,12 +114,13 @@ t1=$(date +%s%N)
 check "miss: image served byte-exact through the cache" cmp -s "$WORK/img1" "$ART/image.raw.zst"
 check "miss: the image is now in the cache directory, nothing else" \
     [ "$(cache_listing)" = "./image.raw.zst " ]
-check "miss: the log says it was checked against the manifest's sha256" \
+check "miss: the log says it was checked against the manifest's sha256" wait_for 10 \
     grep -q 'fetched from upstream into the cache.*checked="manifest sha256"' "$WORK/cache.log"
 t2=$(date +%s%N)
 from_node -o "$WORK/img2" "$CACHE_URL/image.raw.zst"
 t3=$(date +%s%N)
 check "hit: byte-exact" cmp -s "$WORK/img2" "$ART/image.raw.zst"
+wait_for 10 upstream_got /image.raw.zst || true
 check "hit: the bootstrap imageserver was asked once" [ "$(upstream_gets /image.raw.zst)" = 1 ]
 log "12 MB image: miss $(((t1 - t0) / 1000000)) ms, hit $(((t3 - t2) / 1000000)) ms"
 
@@ -141,6 +135,7 @@ wait "${fetches[@]}" || true
 ok=1
 for i in 1 2 3 4; do cmp -s "$WORK/vmlinuz.$i" "$ART/vmlinuz" || ok=0; done
 check "4 concurrent misses: all byte-exact" [ "$ok" = 1 ]
+wait_for 10 upstream_got /vmlinuz || true
 check "4 concurrent misses: one upstream GET" [ "$(upstream_gets /vmlinuz)" = 1 ]
 
 # --- the operator's host goes away ----------------------------------------------------------
@@ -170,10 +165,10 @@ check "upstream gone: nothing half-written in the cache" \
 
 # --- a corrupt upstream: wrong sha256 ----------------------------------------------------------
 write_manifest stage2.img
-start_in "$NS_SRV" bootstrap2 "$PROVISIONER" imageserver --dir "$ART" --bootstrap "$SEED" --listen "$SRV_IP:$BOOT_PORT"
+start_in "$NS_SRV" bootstrap2 "$PROVISIONER" imageserver --dir "$ART" --bootstrap "$SEED" --listen "$SRV_IP:$BOOT_PORT" >/dev/null
 check "bootstrap imageserver is back (with a wrong sha256 for stage2.img)" wait_ready bootstrap2
 check "wrong sha256 upstream: 502" [ "$(status_of "$CACHE_URL/stage2.img")" = 502 ]
-check "wrong sha256 upstream: the reason is logged" grep -q 'stage2.img.*sha256 mismatch' "$WORK/cache.log"
+check "wrong sha256 upstream: the reason is logged" wait_for 10 grep -q 'stage2.img.*sha256 mismatch' "$WORK/cache.log"
 check "wrong sha256 upstream: no file, no temporary file left" \
     [ "$(cache_listing)" = "./image.raw.zst ./vmlinuz " ]
 write_manifest

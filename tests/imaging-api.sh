@@ -16,39 +16,23 @@ HMAC=52-54-00-ee-00-02
 PORT=8080
 BASE="http://$SRV_IP:$PORT"
 SHA=9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
-mkdir -p "$WORK"/{machines,assets,images}
+mkdir -p "$WORK"/{assets,images}
 stub_boot_files "$WORK/assets" undionly.kpxe snponly.efi vmlinuz stage2.img
-manifest() {  # REIMAGE
-    printf 'apiVersion: provisioner.dev/v1alpha1\nkind: Machine\nmetadata: {name: node2}\nspec: {macAddress: "%s", ipAddress: %s, reimage: "%s"}\n' \
-        "$MAC" "$SUBNET_PREFIX.20" "$1" > "$WORK/machines/node2.yaml.tmp"
-    mv "$WORK/machines/node2.yaml.tmp" "$WORK/machines/node2.yaml"
-}
+manifest() { write_machine node2 "$MAC" "$SUBNET_PREFIX.20" "reimage: \"$1\""; }  # REIMAGE
 manifest 1
-cat > "$WORK/provisioner.yaml" <<EOF
-interface: br0
-serverAddress: $SRV_IP
-subnet: $SUBNET_PREFIX.0/24
-routerAdvertisements: false
-bootFiles: {ipxeDir: $WORK/assets, assetsDir: $WORK/assets}
-boot: {kernel: vmlinuz, initrd: stage2.img, cmdline: console=ttyS0}
-image: {url: "http://$SRV_IP:8081/node.raw", sha256: $SHA, size: 4096}
-listen: {dhcp: "0.0.0.0:67", tftp: "$SRV_IP:1069", http: "$SRV_IP:$PORT"}
-inventory: {directory: $WORK/machines}
-stateFile: $WORK/state.yaml
-EOF
+write_config "$WORK/provisioner.yaml" "routerAdvertisements: false" \
+    "boot: {kernel: vmlinuz, initrd: stage2.img, cmdline: console=ttyS0}" \
+    "image: {url: \"http://$SRV_IP:8081/node.raw\", sha256: $SHA, size: 4096}" \
+    "listen: {dhcp: \"0.0.0.0:67\", tftp: \"$SRV_IP:1069\", http: \"$SRV_IP:$PORT\"}" \
+    "stateFile: $WORK/state.yaml"
 start_in_srv netboot "$PROVISIONER" netboot --config "$WORK/provisioner.yaml" >/dev/null
-for _ in $(seq 1 100); do grep -q "netboot ready" "$WORK/netboot.log" 2>/dev/null && break; sleep 0.1; done
-check "netboot is ready" grep -q "netboot ready" "$WORK/netboot.log"
+check "netboot is ready" wait_for 10 grep -q "netboot ready" "$WORK/netboot.log"
 
 add_client img "$MAC" >/dev/null; client=pv-cimg-$$
 c() { ip netns exec "$client" curl -sS --max-time 10 "$@"; }
 phase() { sed -n '/^  node2:/,/^  [^ ]/p' "$WORK/state.yaml" 2>/dev/null | sed -n 's/^    phase: //p'; }
-wait_phase() {  # PHASE: the state file says so within 5 s
-    local i; for i in $(seq 1 50); do [ "$(phase)" = "$1" ] && return 0; sleep 0.1; done; return 1
-}
-eventually() {  # CMD...: true within 5 s (the state file batches changes that are not phase changes)
-    local i; for i in $(seq 1 50); do "$@" && return 0; sleep 0.1; done; return 1
-}
+phase_is() { [ "$(phase)" = "$1" ]; }
+wait_phase() { wait_for 10 phase_is "$1"; }  # PHASE: the state file says so within 10 s
 report() {  # TOKEN JSON: prints the status code
     c -o /dev/null -w '%{http_code}' -X POST -H "Authorization: Bearer $1" \
         -H 'Content-Type: application/json' --data "$2" "$BASE/report/$HMAC"
@@ -75,14 +59,16 @@ WRONG=$(printf '%064d' 7)
 check "a wrong token gets 403" [ "$(report "$WRONG" '{"phase":"imaging","progress":5}')" = 403 ]
 check "no token gets 401" [ "$(c -o /dev/null -w '%{http_code}' -X POST --data '{"phase":"imaged"}' "$BASE/report/$HMAC")" = 401 ]
 check "bad JSON gets 400" [ "$(report "$TOKEN" '{"phase":')" = 400 ]
-check "the refusal is logged without the token" bash -c "grep -q 'HTTP request refused' '$WORK/netboot.log' && ! grep -q '$WRONG\|$TOKEN' '$WORK/netboot.log'"
+check "the refusal is logged" wait_for 10 grep -q 'HTTP request refused' "$WORK/netboot.log"
+check "without the token" bash -c "! grep -q '$WRONG\|$TOKEN' '$WORK/netboot.log'"
 check "report imaging 10% → 204" [ "$(report "$TOKEN" '{"phase":"imaging","progress":10,"rate":104857600}')" = 204 ]
 check "phase Imaging" wait_phase Imaging
 check "report imaging 100% → 204" [ "$(report "$TOKEN" '{"phase":"imaging","progress":100}')" = 204 ]
-check "progress 100 in the state file" eventually bash -c "sed -n '/^  node2:/,\$p' '$WORK/state.yaml' | grep -q 'progress: 100'"
+# (the state file batches changes that are not phase changes)
+check "progress 100 in the state file" wait_for 10 bash -c "sed -n '/^  node2:/,\$p' '$WORK/state.yaml' | grep -q 'progress: 100'"
 check "report imaged → 204" [ "$(report "$TOKEN" '{"phase":"imaged"}')" = 204 ]
 check "phase Imaged" wait_phase Imaged
-check "the phases were logged in order" bash -c "grep -o 'node2 [A-Za-z]* -> [A-Za-z]*' '$WORK/netboot.log' | tr '\n' ' ' | grep -q 'node2 Pending -> PXEBooting node2 PXEBooting -> Imaging node2 Imaging -> Imaged'"
+check "the phases were logged in order" wait_for 10 bash -c "grep -o 'node2 [A-Za-z]* -> [A-Za-z]*' '$WORK/netboot.log' | tr '\n' ' ' | grep -q 'node2 Pending -> PXEBooting node2 PXEBooting -> Imaging node2 Imaging -> Imaged'"
 
 c -o "$WORK/meta-data" "$BASE/nocloud/$TOKEN/meta-data"
 check "meta-data names the machine" grep -q '^local-hostname: "node2"$' "$WORK/meta-data"
@@ -90,8 +76,8 @@ code=$(c -o "$WORK/user-data" -w '%{http_code}' "$BASE/nocloud/$TOKEN/user-data"
 check "user-data: first fetch 200" [ "$code" = 200 ]
 check "user-data is a cloud-config for node2" bash -c "head -1 '$WORK/user-data' | grep -qx '#cloud-config' && grep -qx 'hostname: \"node2\"' '$WORK/user-data'"
 check "user-data: second fetch 403" [ "$(c -o /dev/null -w '%{http_code}' "$BASE/nocloud/$TOKEN/user-data")" = 403 ]
-check "the replay is recorded as the machine's message" eventually grep -Eq "message: '?user-data requested again" "$WORK/state.yaml"
-check "the replay is logged as a warning" grep -q 'already used token: refused' "$WORK/netboot.log"
+check "the replay is recorded as the machine's message" wait_for 10 grep -Eq "message: '?user-data requested again" "$WORK/state.yaml"
+check "the replay is logged as a warning" wait_for 10 grep -q 'already used token: refused' "$WORK/netboot.log"
 check "the log never shows the token" bash -c "! grep -q '$TOKEN' '$WORK/netboot.log'"
 
 c -o "$WORK/script2" "$BASE/ipxe/$HMAC"
@@ -128,13 +114,13 @@ check "phase PXEBooting again" wait_phase PXEBooting
 # A restart keeps accepting the current token (only its hash was stored).
 stop_pid "$(cat "$WORK/netboot.pid")"
 start_in_srv netboot "$PROVISIONER" netboot --config "$WORK/provisioner.yaml" >/dev/null
-for _ in $(seq 1 100); do grep -q "netboot ready" "$WORK/netboot.log" 2>/dev/null && break; sleep 0.1; done
+check "netboot is ready again" wait_for 10 grep -q "netboot ready" "$WORK/netboot.log"
 check "after a restart the current token is accepted" [ "$(report "$TOKEN2" '{"phase":"imaging","progress":3}')" = 204 ]
 
 # The imageserver: Content-Length, Range, ETag.
 head -c 3000000 /dev/urandom > "$WORK/images/node.raw"
 start_in_srv imageserver "$PROVISIONER" imageserver --dir "$WORK/images" --listen "$SRV_IP:8081" >/dev/null
-for _ in $(seq 1 100); do grep -q "imageserver ready" "$WORK/imageserver.log" 2>/dev/null && break; sleep 0.1; done
+check "imageserver is ready" wait_for 10 grep -q "imageserver ready" "$WORK/imageserver.log"
 c -o "$WORK/got" -D "$WORK/img.hdr" "http://$SRV_IP:8081/node.raw"
 check "imageserver serves the image byte-exact" cmp -s "$WORK/got" "$WORK/images/node.raw"
 check "imageserver sends Content-Length and ETag" bash -c "grep -qi '^content-length: 3000000' '$WORK/img.hdr' && grep -qi '^etag: \"' '$WORK/img.hdr'"

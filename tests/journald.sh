@@ -9,44 +9,41 @@ TEST_NAME=journald
 
 netns_up
 MAC=52:54:00:bb:00:02
-mkdir -p "$WORK"/{machines,assets}
+mkdir -p "$WORK/assets"
 stub_boot_files "$WORK/assets" undionly.kpxe snponly.efi vmlinuz initrd.img
-cat > "$WORK/machines/node2.yaml" <<EOF2
-apiVersion: provisioner.dev/v1alpha1
-kind: Machine
-metadata: {name: node2}
-spec: {macAddress: "$MAC", ipAddress: $SUBNET_PREFIX.20}
-EOF2
-cat > "$WORK/provisioner.yaml" <<EOF2
-interface: br0
-serverAddress: $SRV_IP
-subnet: $SUBNET_PREFIX.0/24
-bootFiles: {ipxeDir: $WORK/assets, assetsDir: $WORK/assets}
-boot: {kernel: vmlinuz, initrd: initrd.img}
-listen: {dhcp: "0.0.0.0:67", tftp: "0.0.0.0:69", http: "0.0.0.0:80"}
-inventory: {directory: $WORK/machines}
-EOF2
+write_machine node2 "$MAC" "$SUBNET_PREFIX.20"
+write_config "$WORK/provisioner.yaml"
 
 # Inside the server namespace and a private mount namespace: journald's socket path is ours.
+# The listener and netboot write their PIDs; both are stopped by PID.
 cat > "$WORK/inner.sh" <<EOF2
 set -e
 mount -t tmpfs tmpfs /run
 mkdir -p /run/systemd/journal
-python3 "$REPO/tests/journal-listener.py" /run/systemd/journal/socket "$WORK/journal.txt" 30 &
-for _ in \$(seq 1 50); do [ -S /run/systemd/journal/socket ] && break; sleep 0.1; done
+python3 "$REPO/tests/journal-listener.py" /run/systemd/journal/socket "$WORK/journal.txt" 60 &
+echo \$! > "$WORK/listener.pid"
+for _ in \$(seq 1 100); do [ -S /run/systemd/journal/socket ] && break; sleep 0.1; done
 exec 2>"$WORK/stderr.log"
 export JOURNAL_STREAM=\$(stat -L -c '%d:%i' /proc/self/fd/2)
 echo \$\$ > "$WORK/netboot.pid"
 exec "$PROVISIONER" netboot --config "$WORK/provisioner.yaml"
 EOF2
 ip netns exec "$NS_SRV" unshare --mount --propagation private bash "$WORK/inner.sh" &
-for _ in $(seq 1 100); do grep -q "netboot ready" "$WORK/journal.txt" 2>/dev/null && break; sleep 0.1; done
-check "records reach the journal socket" grep -q "netboot ready" "$WORK/journal.txt"
+wait_for 10 test -s "$WORK/netboot.pid" || true
+for name in listener netboot; do
+    [ -s "$WORK/$name.pid" ] && track_pid "$(cat "$WORK/$name.pid")" "$name"
+done
+check "records reach the journal socket" wait_for 10 grep -q "netboot ready" "$WORK/journal.txt"
 
 client=$(add_client jrn "$MAC")
 printf '#!/bin/sh\nexit 0\n' > "$WORK/udhcpc.script"; chmod +x "$WORK/udhcpc.script"
 ip netns exec "$client" busybox udhcpc -i eth0 -q -n -f -t 5 -T 1 -s "$WORK/udhcpc.script" >/dev/null 2>&1 || true
-for _ in $(seq 1 50); do grep -q "DHCP reply sent" "$WORK/journal.txt" && break; sleep 0.1; done
+# The records checked below: the ACK's, and the phase change the exchange caused.
+ack_and_phase() {
+    [ -n "$(awk -v RS= '/DHCP reply sent/ && /REPLY=Ack/' "$WORK/journal.txt")" ] &&
+        grep -q "^PHASE=PXEBooting$" "$WORK/journal.txt"
+}
+wait_for 10 ack_and_phase || true
 stop_pid "$(cat "$WORK/netboot.pid")"
 
 # The record of the ACK, as a block of FIELD=value lines.

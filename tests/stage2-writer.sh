@@ -2,7 +2,8 @@
 # The stage2 image writer against a loop device, fed by netboot's HTTP server in the test's own
 # network namespace: good raw/zstd/xz/gzip images land byte-exact with a readable GPT; truncated,
 # corrupt, wrong-hash and wrong-size images fail and leave no partition table (first MiB zero, no
-# "EFI PART", no 55AA); a server killed mid-download and restarted is resumed. Run as root.
+# "EFI PART", no 55AA); a server killed mid-download and restarted is resumed (the download
+# throttled so that it cannot be over before the kill, however fast the machine). Run as root.
 TEST_NAME=stage2-writer
 # shellcheck source=tests/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -48,13 +49,12 @@ LOOP=$(losetup --find --show "$WORK/disk.img")
 log "target $LOOP"
 
 netns_up
+SERVER_PID=
+probe() { in_srv curl -s -o /dev/null --max-time 1 "$BASE/probe"; }
 start_server() {
-    RUST_LOG=info start_in_srv server "$SERVER" "$SRV_IP:$PORT" "$WORK/ipxe" "$WORK/assets" \
-        "http://$SRV_IP:$PORT" vmlinuz initrd.img "console=ttyS0" >/dev/null
-    for _ in $(seq 1 100); do
-        in_srv curl -s -o /dev/null --max-time 1 "$BASE/probe" && return 0
-        sleep 0.1
-    done
+    SERVER_PID=$(RUST_LOG=info start_in_srv server "$SERVER" "$SRV_IP:$PORT" "$WORK/ipxe" "$WORK/assets" \
+        "http://$SRV_IP:$PORT" vmlinuz initrd.img "console=ttyS0")
+    wait_for -p "$SERVER_PID" 10 probe && return 0
     log "server did not start"; cat "$WORK/server.log" >&2; return 1
 }
 start_server
@@ -107,16 +107,20 @@ fails_cleanly "wrong size (too large)" "expected $((SIZE + 512))" image.raw.zst 
 fails_cleanly "missing image" "404" missing.zst
 
 # Server killed (SIGKILL) mid-download and restarted: the writer resumes and the image is exact. The
-# namespace's loopback is throttled (tbf, this namespace only) so the download takes ~2 s.
+# namespace's loopback is throttled (tbf, this namespace only) to 4 Mbit/s: the ~8 MiB download
+# takes at least 16 s. The server is killed at the writer's first progress line (2 s of data),
+# when most of the image is still to come; the throttle is lifted for the rest.
 dd if=/dev/zero of="$LOOP" bs=1M count=64 status=none
 # The bucket must hold a whole loopback packet (MTU 64 KiB), or such packets never leave.
-in_srv tc qdisc add dev lo root tbf rate 40mbit burst 256kb latency 100ms
+in_srv tc qdisc add dev lo root tbf rate 4mbit burst 256kb latency 100ms
 in_srv "$WRITER" "$BASE/image.raw.zst" "$LOOP" "$SHA" "$SIZE" >"$WORK/write.log" 2>&1 &
 writer=$!
-sleep 0.7
+check "the download is under way (a progress line)" wait_for -p "$writer" 20 grep -q '^progress: [1-9]' "$WORK/write.log"
 # SIGKILL: on SIGTERM the server would let the transfer in flight finish.
-kill -KILL "$(cat "$WORK/server.pid")"
-sleep 0.5
+kill -KILL "$SERVER_PID"
+log "server killed at: $(grep '^progress:' "$WORK/write.log" | tail -n 1)"
+in_srv tc qdisc del dev lo root
+wait_for 10 not alive "$SERVER_PID" || true
 start_server
 if wait "$writer"; then
     log "resume: $(result)"
@@ -125,6 +129,5 @@ if wait "$writer"; then
 else
     fail "writer did not survive a server restart"; cat "$WORK/write.log" >&2
 fi
-in_srv tc qdisc del dev lo root
 
 finish

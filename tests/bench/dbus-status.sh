@@ -11,32 +11,21 @@ COUNT=${COUNT:-200}
 
 netns_up
 in_srv ip addr add 10.77.0.1/21 dev br0
-mkdir -p "$WORK"/{machines,assets}
+mkdir -p "$WORK/assets"
 stub_boot_files "$WORK/assets" undionly.kpxe snponly.efi vmlinuz initrd.img
 for i in $(seq 1 "$N"); do
-    printf 'apiVersion: provisioner.dev/v1alpha1\nkind: Machine\nmetadata: {name: m%04d}\nspec: {macAddress: "52:54:02:00:%02x:%02x", ipAddress: 10.77.%d.%d}\n' \
-        "$i" $((i / 256)) $((i % 256)) $((1 + i / 250)) $((i % 250 + 2)) > "$WORK/machines/m$i.yaml"
+    write_machine "$(printf m%04d "$i")" "$(printf 52:54:02:00:%02x:%02x $((i / 256)) $((i % 256)))" \
+        "10.77.$((1 + i / 250)).$((i % 250 + 2))"
 done
-cat > "$WORK/provisioner.yaml" <<EOF2
-interface: br0
-serverAddress: 10.77.0.1
-subnet: 10.77.0.0/21
-bootFiles: {ipxeDir: $WORK/assets, assetsDir: $WORK/assets}
-boot: {kernel: vmlinuz, initrd: initrd.img}
-listen: {dhcp: "0.0.0.0:67", tftp: "0.0.0.0:69", http: "0.0.0.0:80"}
-inventory: {directory: $WORK/machines}
-stateFile: $WORK/state.yaml
-EOF2
+write_config "$WORK/provisioner.yaml" "subnet: 10.77.0.0/21" "stateFile: $WORK/state.yaml"
 dbus_private_start
 start=$(date +%s.%N)
 pid=$(start_in_srv netboot env RUST_LOG=warn "$PROVISIONER" netboot --config "$WORK/provisioner.yaml")
-_PIDS+=("$pid")
-for _ in $(seq 1 300); do
+all_published() {
     busctl --address="$DBUS_SYSTEM_BUS_ADDRESS" get-property dev.provisioner.Netboot1 /dev/provisioner/Netboot1 \
-        dev.provisioner.Netboot1.Manager Total 2>/dev/null | grep -qx "u $N" && break
-    sleep 0.1
-done
-check "all $N machines on D-Bus" bash -c "busctl --address=$DBUS_SYSTEM_BUS_ADDRESS get-property dev.provisioner.Netboot1 /dev/provisioner/Netboot1 dev.provisioner.Netboot1.Manager Total | grep -qx 'u $N'"
+        dev.provisioner.Netboot1.Manager Total | grep -qx "u $N"
+}
+check "all $N machines on D-Bus" wait_for -p "$pid" 30 all_published
 printf 'netboot with %d machines published on D-Bus after %.1f s\n' "$N" "$(echo "$(date +%s.%N) - $start" | awk '{print $1 - $3}')"
 sleep 2
 rss=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")

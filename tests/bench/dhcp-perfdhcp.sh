@@ -16,7 +16,7 @@ command -v perfdhcp >/dev/null || { echo "FAIL: perfdhcp (kea-admin) missing"; e
 command -v dnsmasq >/dev/null || { echo "FAIL: dnsmasq (dnsmasq-base) missing"; exit 1; }
 
 netns_up
-mkdir -p "$WORK/machines" "$WORK/assets"
+mkdir -p "$WORK/assets"
 stub_boot_files "$WORK/assets" vmlinuz initrd.img
 : >"$WORK/macs.txt"
 : >"$WORK/dnsmasq-hosts.conf"
@@ -24,22 +24,13 @@ for i in $(seq 1 "$N"); do
     mac=$(printf '52:54:00:bb:%02x:%02x' $((i / 256)) $((i % 256)))
     ip=$SUBNET_PREFIX.$((i + 9))
     echo "$mac" >>"$WORK/macs.txt"
-    printf 'apiVersion: provisioner.dev/v1alpha1\nkind: Machine\nmetadata: {name: m%03d}\nspec: {macAddress: "%s", ipAddress: %s}\n' \
-        "$i" "$mac" "$ip" >"$WORK/machines/m$i.yaml"
+    write_machine "$(printf m%03d "$i")" "$mac" "$ip"
     echo "dhcp-host=$mac,$ip,m$(printf %03d "$i")" >>"$WORK/dnsmasq-hosts.conf"
 done
-cat >"$WORK/config.yaml" <<YAML
-interface: br0
-serverAddress: $SRV_IP
-subnet: $SUBNET_PREFIX.0/24
-gateway: $SRV_IP
-dnsServers: [$SRV_IP]
-leaseTime: 3600
-bootFiles: {ipxeDir: /usr/lib/ipxe, uefiLoader: snponly.efi, assetsDir: $WORK/assets}
-boot: {kernel: vmlinuz, initrd: initrd.img, cmdline: "console=ttyS0"}
-listen: {dhcp: "0.0.0.0:67", tftp: "0.0.0.0:69", http: "0.0.0.0:8080"}
-inventory: {directory: $WORK/machines}
-YAML
+write_config "$WORK/config.yaml" "gateway: $SRV_IP" "dnsServers: [$SRV_IP]" "leaseTime: 3600" \
+    "bootFiles: {ipxeDir: /usr/lib/ipxe, uefiLoader: snponly.efi, assetsDir: $WORK/assets}" \
+    'boot: {kernel: vmlinuz, initrd: initrd.img, cmdline: "console=ttyS0"}' \
+    'listen: {dhcp: "0.0.0.0:67", tftp: "0.0.0.0:69", http: "0.0.0.0:8080"}'
 cat >"$WORK/dnsmasq.conf" <<CONF
 port=0
 interface=br0
@@ -58,11 +49,7 @@ add_client perf >/dev/null
 CLIENT_NS=pv-cperf-$$
 ip netns exec "$CLIENT_NS" ip addr add "$SUBNET_PREFIX.250/24" dev eth0
 
-wait_udp67() {
-    local _
-    for _ in $(seq 1 100); do in_srv ss -Hlun 'sport = :67' | grep -q . && return 0; sleep 0.05; done
-    return 1
-}
+udp67() { in_srv ss -Hlun 'sport = :67' | grep -q .; }
 
 # run_perf LABEL RATE: prints "LABEL RATE exchanges/s drops sent received"
 run_perf() {
@@ -81,16 +68,16 @@ run_perf() {
 }
 
 log "$N reservations, ${PERIOD}s per run, rates: $RATES"
-start_in_srv netboot env RUST_LOG=warn "$PROVISIONER" netboot --config "$WORK/config.yaml" >/dev/null
-wait_udp67 || { echo "FAIL: netboot did not bind udp/67"; tail "$WORK/netboot.log"; exit 1; }
+pid=$(start_in_srv netboot env RUST_LOG=warn "$PROVISIONER" netboot --config "$WORK/config.yaml")
+wait_for -p "$pid" 10 udp67 || { echo "FAIL: netboot did not bind udp/67"; tail "$WORK/netboot.log"; exit 1; }
 for r in $RATES; do run_perf ours "$r"; done
-stop_pid "$(cat "$WORK/netboot.pid")"
-for _ in $(seq 1 100); do in_srv ss -Hlun 'sport = :67' | grep -q . || break; sleep 0.05; done
+stop_pid "$pid"
+wait_for 5 not udp67 || true
 
-start_in_srv dnsmasq dnsmasq -k -C "$WORK/dnsmasq.conf" --pid-file= >/dev/null
-wait_udp67 || { echo "FAIL: dnsmasq did not bind udp/67"; tail "$WORK/dnsmasq.log"; exit 1; }
+pid=$(start_in_srv dnsmasq dnsmasq -k -C "$WORK/dnsmasq.conf" --pid-file=)
+wait_for -p "$pid" 10 udp67 || { echo "FAIL: dnsmasq did not bind udp/67"; tail "$WORK/dnsmasq.log"; exit 1; }
 for r in $RATES; do run_perf dnsmasq "$r"; done
-stop_pid "$(cat "$WORK/dnsmasq.pid")"
+stop_pid "$pid"
 
 for r in $RATES; do
     read -r ours ours_drops <"$WORK/result-ours-$r"

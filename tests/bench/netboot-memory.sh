@@ -7,24 +7,16 @@ TEST_NAME=netboot-mem
 N=${N:-100}
 
 netns_up
-mkdir -p "$WORK"/{machines,assets}
+mkdir -p "$WORK/assets"
 stub_boot_files "$WORK/assets" vmlinuz initrd.img
 for i in $(seq 1 "$N"); do
-    printf 'apiVersion: provisioner.dev/v1alpha1\nkind: Machine\nmetadata: {name: node%d}\nspec: {macAddress: "52:54:01:00:%02x:%02x", ipAddress: 10.77.%d.%d}\n' \
-        "$i" $((i / 256)) $((i % 256)) $((1 + i / 250)) $((i % 250 + 2)) > "$WORK/machines/node$i.yaml"
+    write_machine "node$i" "$(printf 52:54:01:00:%02x:%02x $((i / 256)) $((i % 256)))" "10.77.$((1 + i / 250)).$((i % 250 + 2))"
 done
-cat > "$WORK/provisioner.yaml" <<EOF2
-interface: br0
-serverAddress: $SRV_IP
-subnet: 10.77.0.0/16
-bootFiles: {ipxeDir: /usr/lib/ipxe, assetsDir: $WORK/assets}
-boot: {kernel: vmlinuz, initrd: initrd.img}
-listen: {dhcp: "0.0.0.0:67", tftp: "0.0.0.0:69", http: "0.0.0.0:80"}
-inventory: {directory: $WORK/machines}
-EOF2
+write_config "$WORK/provisioner.yaml" "subnet: 10.77.0.0/16" \
+    "bootFiles: {ipxeDir: /usr/lib/ipxe, assetsDir: $WORK/assets}"
 in_srv ip addr add 10.77.0.1/16 dev br0 2>/dev/null || true
 pid=$(start_in_srv netboot "$PROVISIONER" netboot --config "$WORK/provisioner.yaml")
-for _ in $(seq 1 100); do grep -q "netboot ready" "$WORK/netboot.log" && break; sleep 0.1; done
+wait_for -p "$pid" 10 grep -q "netboot ready" "$WORK/netboot.log" || true
 grep -q "serving $N machine" "$WORK/netboot.log" || { cat "$WORK/netboot.log" >&2; fail "netboot did not load $N machines"; finish; }
 sleep 3
 rss=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")

@@ -31,14 +31,8 @@ chmod 644 "$ROOT/payload"
 SUM=$(sha256sum <"$ROOT/payload" | cut -d' ' -f1)
 BYTES=$((SIZE_MIB * 1024 * 1024))
 
-wait_listen() {
-    local i
-    for i in $(seq 1 100); do
-        in_srv ss -Hlun "sport = :69" | grep -q "$SRV_IP:69" && return 0
-        sleep 0.05
-    done
-    echo "FAIL: server did not listen"; exit 1
-}
+listening() { in_srv ss -Hlun "sport = :69" | grep -q "$SRV_IP:69"; }
+wait_listen() { wait_for -p "$1" 10 listening || { echo "FAIL: server did not listen"; exit 1; }; }
 
 # One fetch; prints the elapsed seconds, or fails if the copy differs.
 fetch() {
@@ -67,13 +61,13 @@ measure() {
 CASES=("curl 1468" "curl 512" "hpa" "atftp 1468 1" "atftp 1468 8" "atftp 1468 64")
 declare -A OURS HPA
 
-pid=$(start_in_srv ours "$SERVER" "$SRV_IP:69" "$ROOT"); _PIDS+=("$pid")
-wait_listen
+pid=$(start_in_srv ours "$SERVER" "$SRV_IP:69" "$ROOT")
+wait_listen "$pid"
 for c in "${CASES[@]}"; do OURS[$c]=$(measure $c) || exit 1; done
 stop_pid "$pid"
 
-pid=$(start_in_srv hpa in.tftpd -L -s "$ROOT" --address "$SRV_IP:69"); _PIDS+=("$pid")
-wait_listen
+pid=$(start_in_srv hpa in.tftpd -L -s "$ROOT" --address "$SRV_IP:69")
+wait_listen "$pid"
 for c in "${CASES[@]}"; do HPA[$c]=$(measure $c) || exit 1; done
 stop_pid "$pid"
 
