@@ -683,7 +683,7 @@ async fn start_download(addr: SocketAddr) -> TcpStream {
 
 #[tokio::test]
 async fn shutdown_lets_in_flight_downloads_finish() {
-    let mut srv = start("graceful", Some(Duration::from_secs(20))).await;
+    let mut srv = start("graceful", Some(Duration::from_secs(60))).await;
     let mut s = start_download(srv.addr).await;
     // An idle keep-alive connection must not hold shutdown up.
     let mut idle = TcpStream::connect(srv.addr).await.expect("connect");
@@ -694,16 +694,19 @@ async fn shutdown_lets_in_flight_downloads_finish() {
     idle.read_exact(&mut buf).await.expect("read");
 
     srv.shutdown.cancel();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        TcpStream::connect(srv.addr).await.is_err(),
-        "new connections refused after shutdown"
-    );
+    let refused = async {
+        while TcpStream::connect(srv.addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), refused)
+        .await
+        .expect("new connections refused after shutdown");
 
-    // EOF must come well before the 20 s grace: the server closes the connection right
+    // EOF must come well before the 60 s grace: the server closes the connection right
     // after the response in flight instead of keeping it alive.
     let mut rest = Vec::new();
-    tokio::time::timeout(Duration::from_secs(8), s.read_to_end(&mut rest))
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut rest))
         .await
         .expect("download finishes and the connection closes")
         .expect("read");
@@ -717,15 +720,16 @@ async fn shutdown_lets_in_flight_downloads_finish() {
         "whole file after shutdown was requested"
     );
 
+    // Nothing in flight any more: serve returns long before the grace is over.
     let started = Instant::now();
-    let result = tokio::time::timeout(Duration::from_secs(5), &mut srv.task)
+    let result = tokio::time::timeout(Duration::from_secs(30), &mut srv.task)
         .await
         .expect("serve returns");
     assert!(matches!(result, Ok(Ok(()))), "{result:?}");
-    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(started.elapsed() < Duration::from_secs(20));
     // The idle connection was closed, not left open.
     let mut tail = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(2), idle.read_to_end(&mut tail)).await;
+    let closed = tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut tail)).await;
     assert!(closed.is_ok(), "idle connection still open");
 }
 
@@ -737,13 +741,15 @@ async fn shutdown_grace_is_bounded() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = Instant::now();
     srv.shutdown.cancel();
-    let result = tokio::time::timeout(Duration::from_secs(5), &mut srv.task)
+    let result = tokio::time::timeout(Duration::from_secs(30), &mut srv.task)
         .await
         .expect("serve returns");
     assert!(matches!(result, Ok(Ok(()))), "{result:?}");
+    // At the grace, not before; the bound leaves room for a loaded machine (the stalled
+    // download alone would never end).
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+        took >= Duration::from_millis(250) && took < Duration::from_secs(10),
         "{took:?}"
     );
 }

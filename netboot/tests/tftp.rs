@@ -381,14 +381,16 @@ async fn uefi_tsize_probe_then_abort_then_fetch() {
             .await
             .expect("abort");
 
-        // The same client port asks again right away, as firmware does.
+        // The same client port asks again right away, as firmware does; "busy" until the
+        // aborted transfer's task has ended (the bound only keeps a broken server from
+        // looping forever: a loaded machine may take seconds to get there).
         let started = Instant::now();
         let result = loop {
             sock.send_to(&rrq("f20000", &[("blksize", "1468")]), srv.addr)
                 .await
                 .expect("send");
             match recv(&sock).await {
-                (Pkt::Error(0, msg), _) if started.elapsed() < Duration::from_secs(1) => {
+                (Pkt::Error(0, msg), _) if started.elapsed() < Duration::from_secs(20) => {
                     assert!(msg.contains("busy"), "{msg}");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
@@ -634,7 +636,7 @@ async fn transfers_beyond_max_are_refused() {
     let started = Instant::now();
     let data = loop {
         match fetch(srv.addr, "f1024", &[]).await {
-            Err((0, msg)) if started.elapsed() < Duration::from_secs(2) => {
+            Err((0, msg)) if started.elapsed() < Duration::from_secs(20) => {
                 assert!(msg.contains("busy"), "{msg}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -724,5 +726,6 @@ async fn shutdown_grace_is_bounded() {
         "{:?}",
         t.elapsed()
     );
-    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // Far below the transfer's own 30 s timeout, with room for a loaded machine.
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
 }
