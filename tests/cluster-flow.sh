@@ -62,19 +62,8 @@ step_done() { # step_done WHAT: logs WHAT with its duration and the test's elaps
     log "step: $1 ($(awk -v a="$STEP_T0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')s, at $(since)s)"
     STEP_T0=$(date +%s.%N)
 }
-# wait_until WHAT TIMEOUT CMD...: runs CMD every 5 s until it succeeds; 1 after TIMEOUT seconds
-wait_until() {
-    local what=$1 timeout=$2 start
-    shift 2
-    start=$(date +%s)
-    until "$@" >/dev/null 2>&1; do
-        if [ $(( $(date +%s) - start )) -ge "$timeout" ]; then
-            log "no $what within ${timeout}s"
-            return 1
-        fi
-        sleep 5
-    done
-}
+# Conditions read on the laptop go over SSH into a VM under TCG: lib.sh's wait_for asks them
+# every 5 s (-i 5), not ten times a second.
 
 for tool in qemu-system-x86_64 dnsmasq zstd python3 mmdebstrap umoci ssh ssh-keygen; do
     command -v "$tool" >/dev/null || { fail "$tool is installed (tests/install-deps.sh)"; finish; }
@@ -184,9 +173,9 @@ dhcp-leasefile=$WORK/lan-dnsmasq.leases
 EOF
 start_in_srv lan-dhcp dnsmasq -C "$WORK/lan-dnsmasq.conf" --keep-in-foreground \
     --user=root --group=root --log-dhcp --log-facility=- >/dev/null
-start_in_srv bootstrap env RUST_LOG=info,netboot=debug "$PROVISIONER" imageserver --dir "$ART" \
-    --listen "$SRV_IP:$BOOTSTRAP_PORT" --bootstrap --config "$WORK/provisioner.yaml" >/dev/null
-wait_until "bootstrap imageserver" 30 grep -q "imageserver ready" "$WORK/bootstrap.log" || true
+BOOTSTRAP_PID=$(start_in_srv bootstrap env RUST_LOG=info,netboot=debug "$PROVISIONER" imageserver --dir "$ART" \
+    --listen "$SRV_IP:$BOOTSTRAP_PORT" --bootstrap --config "$WORK/provisioner.yaml")
+wait_for -p "$BOOTSTRAP_PID" 30 grep -q "imageserver ready" "$WORK/bootstrap.log" || log "no bootstrap imageserver within 30 s"
 check "bootstrap imageserver serves the laptop's user-data rendered by the product" bash -c \
     "ip netns exec '$NS_SRV' curl -fsS '$BOOTSTRAP_URL/nocloud/laptop/user-data' \
      | cmp -s - <('$PROVISIONER' cloud-config laptop --config '$WORK/provisioner.yaml')"
@@ -248,30 +237,22 @@ laptop sudo provisioner check-config --config /etc/provisioner/provisioner.yaml 
 sed 's/^/    /' "$WORK/check-config.txt" >&2
 check "laptop: provisioner check-config accepts the operator's configuration on the image" \
     laptop sudo provisioner check-config --config /etc/provisioner/provisioner.yaml
-if wait_until "netboot active on the laptop" 300 laptop systemctl is-active --quiet netboot.service; then
+if wait_for -i 5 300 laptop systemctl is-active --quiet netboot.service; then
     pass "laptop: netboot.path started netboot"
 else
     fail "laptop: netboot did not become active"
 fi
 mark netboot_active
 check "laptop: netboot took the kubeconfig by LoadCredential= and applied the Machine CRD" \
-    wait_until "Machine CRD" 300 kubectl get crd machines.provisioner.dev
+    wait_for -i 5 300 kubectl get crd machines.provisioner.dev
 laptop systemctl status --no-pager -n 5 netboot.service >&2 || true
 step_done "laptop: power-on to kubeadm init and netboot"
 
 # --- the operator applies node2's Machine --------------------------------------------------------
-cat > "$WORK/node2.yaml" <<EOF
-apiVersion: provisioner.dev/v1alpha1
-kind: Machine
-metadata:
-  name: node2
-spec:
-  macAddress: "$NODE_MAC"
-  ipAddress: $NODE_IP
-  hostname: node2
-EOF
+MACHINES=$WORK write_machine node2 "$NODE_MAC" "$NODE_IP" "hostname: node2"
 check "operator: kubectl apply -f node2.yaml on the laptop" bash -c "kubectl apply -f - < '$WORK/node2.yaml'"
-wait_until "node2 served" 120 bash -c "laptop sudo kubectl get machine node2 -o jsonpath={.status.phase} | grep -q Pending" || true
+wait_for -i 5 120 bash -c "laptop sudo kubectl get machine node2 -o jsonpath={.status.phase} | grep -q Pending" ||
+    log "node2 not served (Pending) within 120 s"
 kubectl get machines >&2 || true
 
 # --- node2: PXE, imaging, reboot from its disk, kubeadm join -----------------------------------
@@ -287,7 +268,7 @@ else
     finish
 fi
 mark node2_imaged "$(awk -v a="$NODE_T0" -v b="$QEMU_ELAPSED" 'BEGIN{printf "%.3f", a+b}')"
-for _ in $(seq 1 50); do kill -0 "$QEMU_PID" 2>/dev/null || break; sleep 0.2; done
+wait_for 60 not alive "$QEMU_PID" || true
 qemu_stop node2-imaging
 check "node2: stage2 verified the sha256" grep -aq 'sha256 verified' "$(qemu_serial node2-imaging)"
 check "the laptop's imageserver fetched the image from the bootstrap imageserver (pull-through)" \
@@ -306,7 +287,7 @@ fi
 NODE_SERIAL=$(qemu_serial node2)
 check "node2: kubeadm join succeeded" grep -aq 'This node has joined the cluster' "$NODE_SERIAL"
 t=$(qemu_time_of node2 'This node has joined the cluster') && mark node2_joined "$(awk -v a="$NODE2_T0" -v b="$t" 'BEGIN{printf "%.3f", a+b}')"
-if wait_until "Node node2 Ready" "$NODE_TIMEOUT" bash -c \
+if wait_for -i 5 "$NODE_TIMEOUT" bash -c \
     "laptop sudo kubectl get node node2 -o 'jsonpath={.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"; then
     pass "node2: Node Ready"
 else
@@ -319,13 +300,14 @@ step_done "node2: boot from disk, kubeadm join, Node Ready"
 kubectl get nodes -o wide >&2 || true
 check "kubectl get nodes: laptop and node2 Ready" bash -c \
     "[ \"\$(laptop sudo kubectl get nodes --no-headers | awk '\$2 == \"Ready\" {print \$1}' | sort | tr '\n' ' ')\" = 'laptop node2 ' ]"
-wait_until "Machine node2 Ready" 300 bash -c \
-    "laptop sudo kubectl get machine node2 -o jsonpath={.status.phase} | grep -qx Ready" || true
+wait_for -i 5 300 bash -c \
+    "laptop sudo kubectl get machine node2 -o jsonpath={.status.phase} | grep -qx Ready" ||
+    log "Machine node2 not Ready within 300 s"
 kubectl get machines -o wide > "$WORK/machines.txt" 2>&1 || true
 cat "$WORK/machines.txt" >&2
 check "kubectl get machines: node2 Ready with its MAC/IP columns" bash -c \
     "awk '\$1 == \"node2\"' '$WORK/machines.txt' | grep -q 'Ready' && grep -q 'PHASE' '$WORK/machines.txt'"
-check "the bootstrap token Secret of node2 is gone" wait_until "token Secret deleted" 120 bash -c \
+check "the bootstrap token Secret of node2 is gone" wait_for -i 5 120 bash -c \
     "[ -z \"\$(laptop sudo kubectl -n kube-system get secrets -l provisioner.dev/machine=node2 -o name)\" ]"
 check "netboot served node2's user-data exactly once" bash -c \
     "[ \"\$(laptop sudo journalctl -u netboot.service -o cat MACHINE=node2 | grep -c 'user-data with kubeadm join served')\" = 1 ]"
@@ -345,7 +327,7 @@ spec:
       imagePullPolicy: Never
 EOF
 laptop sudo kubectl apply -f - < "$WORK/pod.yaml" >&2 || true
-if wait_until "Pod Running" 600 bash -c \
+if wait_for -i 5 600 bash -c \
     "laptop sudo kubectl get pod pause-on-node2 -o jsonpath={.status.phase} | grep -qx Running"; then
     pass "a pause Pod pinned to node2 is Running"
 else

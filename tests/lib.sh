@@ -98,13 +98,20 @@ stop_pid() {
 # now_us: microseconds since the epoch (no fork: wait_for calls it ten times a second).
 now_us() { echo "${EPOCHREALTIME//[!0-9]/}"; }
 
-# wait_for [-p PID] SECONDS CMD...: runs CMD (output discarded) every 0.1 s until it succeeds
-# (0) or SECONDS (whole) have passed (1); with -p, also gives up as soon as process PID has
-# exited (after one last try of CMD).
+# wait_for [-p PID] [-i INTERVAL] SECONDS CMD...: runs CMD (output discarded) every INTERVAL
+# seconds (0.1 unless given) until it succeeds (0) or SECONDS (whole) have passed (1); with -p,
+# also gives up as soon as process PID has exited (after one last try of CMD). A CMD that costs
+# something (a command over SSH in a VM) takes a longer INTERVAL.
 # The one way tests wait for a condition: a deadline, never a fixed sleep.
 wait_for() {
-    local pid=
-    if [ "$1" = -p ]; then pid=$2; shift 2; fi
+    local pid= interval=0.1
+    while :; do
+        case $1 in
+            -p) pid=$2; shift 2 ;;
+            -i) interval=$2; shift 2 ;;
+            *) break ;;
+        esac
+    done
     local deadline=$(( $(now_us) + $1 * 1000000 ))
     shift
     while :; do
@@ -114,7 +121,7 @@ wait_for() {
             "$@" >/dev/null 2>&1
             return
         fi
-        sleep 0.1
+        sleep "$interval"
     done
 }
 
