@@ -30,30 +30,18 @@ IP=$SUBNET_PREFIX.23
 ATTACKER=$SUBNET_PREFIX.50
 SHA=9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
 BASE="http://$SRV_IP"
-mkdir -p "$WORK"/{machines,assets}
+mkdir -p "$WORK/assets"
 head -c 4096 /dev/urandom >"$WORK/assets/vmlinuz"
 stub_boot_files "$WORK/assets" undionly.kpxe snponly.efi stage2.img
-cat >"$WORK/machines/node3.yaml" <<EOF
-apiVersion: provisioner.dev/v1alpha1
-kind: Machine
-metadata: {name: node3}
-spec: {macAddress: "$MAC", ipAddress: $IP}
-EOF
-cat >"$WORK/provisioner.yaml" <<EOF
-interface: br0
-routerAdvertisements: false
-serverAddress: $SRV_IP
-subnet: $SUBNET_PREFIX.0/24
-bootFiles: {ipxeDir: $WORK/assets, assetsDir: $WORK/assets}
-boot: {kernel: vmlinuz, initrd: stage2.img, cmdline: console=ttyS0}
-image: {url: "http://$SRV_IP:8081/node.raw", sha256: $SHA}
-listen: {dhcp: "0.0.0.0:67", tftp: "0.0.0.0:69", http: "0.0.0.0:80"}
-inventory: {directory: $WORK/machines}
-stateFile: $WORK/state.yaml
-EOF
+write_machine node3 "$MAC" "$IP"
+write_config "$WORK/provisioner.yaml" "routerAdvertisements: false" \
+    "boot: {kernel: vmlinuz, initrd: stage2.img, cmdline: console=ttyS0}" \
+    "image: {url: \"http://$SRV_IP:8081/node.raw\", sha256: $SHA}" \
+    "stateFile: $WORK/state.yaml"
 
 # netboot with its stderr as "the journal stream", in a private mount namespace whose
-# /run/systemd/journal/socket is the listener (as tests/journald.sh does).
+# /run/systemd/journal/socket is the listener (as tests/journald.sh does). The listener and
+# netboot write their PIDs; both are stopped by PID.
 cat >"$WORK/inner.sh" <<EOF
 set -e
 mount -t tmpfs tmpfs /run
@@ -67,8 +55,11 @@ echo \$\$ > "$WORK/netboot.pid"
 exec "$PROVISIONER" netboot --config "$WORK/provisioner.yaml"
 EOF
 ip netns exec "$NS_SRV" unshare --mount --propagation private bash "$WORK/inner.sh" &
-for _ in $(seq 1 100); do grep -q "netboot ready" "$WORK/journal.txt" 2>/dev/null && break; sleep 0.1; done
-check "netboot is ready, logging to the journal socket" grep -q "netboot ready" "$WORK/journal.txt"
+wait_for 10 test -s "$WORK/netboot.pid" || true
+for name in listener netboot; do
+    [ -s "$WORK/$name.pid" ] && track_pid "$(cat "$WORK/$name.pid")" "$name"
+done
+check "netboot is ready, logging to the journal socket" wait_for 10 grep -q "netboot ready" "$WORK/journal.txt"
 
 add_client vic "$MAC" >/dev/null; VICTIM=pv-cvic-$$
 add_client atk >/dev/null; ATK=pv-catk-$$
@@ -80,7 +71,7 @@ http_code() { local ns=$1; shift; ip netns exec "$ns" curl -s --max-time 10 -o "
 REFUSED=0  # HTTP requests this test expects refused (each must be logged or counted as suppressed)
 refused() { REFUSED=$((REFUSED + 1)); }
 phase() { sed -n '/^  node3:/,/^  [^ ]/p' "$WORK/state.yaml" 2>/dev/null | sed -n 's/^    phase: //p'; }
-wait_phase() { local i; for i in $(seq 1 50); do [ "$(phase)" = "$1" ] && return 0; sleep 0.1; done; return 1; }
+phase_is() { [ "$(phase)" = "$1" ]; }
 report() {  # NS TOKEN JSON: the status code
     http_code "$1" -X POST -H "Authorization: Bearer $2" -H 'Content-Type: application/json' \
         --data "$3" "$BASE/report/$HMAC"
@@ -181,14 +172,14 @@ legit_ok=0
 for body in '{"phase":"imaging","progress":30}' '{"phase":"imaging","progress":60}'; do
     [ "$(report "$VICTIM" "$TOKEN" "$body")" = 204 ] && legit_ok=$((legit_ok + 1))
 done
-check "node3 is Imaging during the floods" wait_phase Imaging
+check "node3 is Imaging during the floods" wait_for 10 phase_is Imaging
 wait "$p_http" "$p_disc" "$p_rel" "$p_rls" "$p_wrq" || true
 flood_end=$(date +%s.%N)
 for body in '{"phase":"imaging","progress":100}' '{"phase":"imaged"}'; do
     [ "$(report "$VICTIM" "$TOKEN" "$body")" = 204 ] && legit_ok=$((legit_ok + 1))
 done
 check "node3's four reports are accepted, during and after the floods ($legit_ok/4)" [ "$legit_ok" = 4 ]
-check "node3 is Imaged" wait_phase Imaged
+check "node3 is Imaged" wait_for 10 phase_is Imaged
 code=$(http_code "$VICTIM" "$BASE/nocloud/$TOKEN/user-data")
 check "node3 gets its user-data from its address (200, got $code)" bash -c "[ '$code' = 200 ] && head -1 '$WORK/body' | grep -qx '#cloud-config'"
 code=$(http_code "$VICTIM" "$BASE/nocloud/$TOKEN/user-data"); refused
@@ -228,13 +219,13 @@ PYEOF
 val() { sed -n "s/^$1 //p" "$WORK/analysis"; }
 # Each refused request or packet is a line or counted in its site's next "suppressed" report,
 # written at most 10 s (netboot::lograte::REPORT_PERIOD) after the first line it counts.
-for _ in $(seq 1 80); do
+past_report_period() { [ "$(awk -v a="$flood_end" -v b="$(date +%s.%N)" 'BEGIN{printf "%d", b-a}')" -ge 11 ]; }
+all_accounted() {
     analyse >"$WORK/analysis"
-    since_end=$(awk -v a="$flood_end" -v b="$(date +%s.%N)" 'BEGIN{printf "%d", b-a}')
-    [ $(( $(val http_refused_lines) + $(val suppressed_http_refused) )) -ge "$REFUSED" ] \
-        && [ "$since_end" -ge 11 ] && break
-    sleep 0.5
-done
+    [ $(( $(val http_refused_lines) + $(val suppressed_http_refused) )) -ge "$REFUSED" ]
+}
+wait_for 20 past_report_period || true
+wait_for 30 all_accounted || true
 stop_pid "$(cat "$WORK/netboot.pid")"
 analyse >"$WORK/analysis"
 log "journal: $(tr '\n' ' ' <"$WORK/analysis")"

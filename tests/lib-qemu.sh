@@ -132,7 +132,9 @@ qemu_boot() {
 #
 #   boot_setup DIR MARKER            DIR/assets/{vmlinuz,initrd.img} (newest /boot kernel and a
 #                                    marker initrd), empty DIR/machines/
-#   boot_add_machine DIR NAME MAC IP a Machine manifest DIR/machines/NAME.yaml
+#   boot_add_machine DIR NAME MAC IP [FIELD: VALUE]...
+#                                    a Machine manifest DIR/machines/NAME.yaml (hostname NAME,
+#                                    the arguments add spec fields)
 #   boot_write_config DIR [KEY: VALUE]...
 #                                    DIR/provisioner.yaml (lib.sh's write_config: serverAddress
 #                                    $SRV_IP, HTTP port $BOOT_HTTP_PORT, boot cmdline
@@ -164,8 +166,8 @@ boot_setup() {
 }
 
 boot_add_machine() {
-    local dir=$1 name=$2 mac=$3 ip=$4
-    MACHINES=$dir/machines write_machine "$name" "$mac" "$ip" "hostname: $name"
+    local dir=$1 name=$2 mac=$3 ip=$4; shift 4
+    MACHINES=$dir/machines write_machine "$name" "$mac" "$ip" "hostname: $name" "$@"
     echo "$name $mac $ip" >> "$dir/machines.list"
 }
 

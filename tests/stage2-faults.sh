@@ -64,11 +64,9 @@ add_tap tap0
 boot_add_machine "$WORK/boot" fault-resume "$MAC_RESUME" "$SUBNET_PREFIX.40"
 boot_add_machine "$WORK/boot" fault-disks "$MAC_DISKS" "$SUBNET_PREFIX.41"
 boot_add_machine "$WORK/boot" fault-sha "$MAC_SHA" "$SUBNET_PREFIX.42"
-boot_add_machine "$WORK/boot" fault-hint "$MAC_HINT" "$SUBNET_PREFIX.43"
-cat >> "$WORK/boot/machines/fault-hint.yaml" <<EOF
-  image: {url: "http://$SRV_IP:8081/own.img.zst", sha256: $OWN_SHA256, size: $OWN_BYTES}
-  rootDevice: {serial: PV-DISK-B}
-EOF
+boot_add_machine "$WORK/boot" fault-hint "$MAC_HINT" "$SUBNET_PREFIX.43" \
+    "image: {url: \"http://$SRV_IP:8081/own.img.zst\", sha256: $OWN_SHA256, size: $OWN_BYTES}" \
+    "rootDevice: {serial: PV-DISK-B}"
 
 # netboot_start SHA256 REBOOT_DELAY: (re)starts netboot with these orders (the state file stays);
 # its log is $NETBOOT_LOG (one per start)
@@ -189,7 +187,7 @@ else
     fail "hint: stage2 did not finish imaging within ${TIMEOUT}s"
     qemu_tail hint 40 >&2
 fi
-for _ in $(seq 1 50); do kill -0 "$QEMU_PID" 2>/dev/null || break; sleep 0.2; done
+wait_for 60 not alive "$QEMU_PID" || true
 qemu_stop hint
 serial=$(qemu_serial hint)
 check "hint: stage2 chose the second disk, by its serial" grep -aq 'imaging: disk /dev/vdb (134217728 bytes.*PV-DISK-B' "$serial"
@@ -198,7 +196,7 @@ check "hint: the first disk is untouched (all zero)" all_zero "$WORK/disk-ha.raw
 check "hint: the second disk outside the root partition is the Machine's own image, sha256" [ \
     "$(IMAGE_BYTES=$OWN_BYTES image_outside_root_sha256 "$WORK/disk-hb.raw")" = "$(IMAGE_BYTES=$OWN_BYTES image_outside_root_sha256 "$OWN_IMAGE")" ]
 check "hint: and not the configured image" [ "$OWN_SHA256" != "$IMAGE_SHA256" ]
-check "hint: netboot says Imaged" [ "$(phase fault-hint)" = Imaged ]
+check "hint: netboot says Imaged" wait_for 10 phase_is fault-hint Imaged
 echo "FAULT hint imaged_seconds=$(qemu_time_of hint 'imaged; rebooting' || echo '?') own_image_bytes=$OWN_BYTES"
 
 # --- 4. wrong sha256 (PXE): disk left unbootable, Failed, the next PXE boot images again -------
