@@ -862,24 +862,20 @@ pub(crate) fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
 /// Percent-decodes a request path (after the route prefix) and rejects what no served file can
 /// be called: bad escapes, non-UTF-8, NUL and control bytes, backslashes and `..` segments.
 fn decode_path(raw: &str) -> Result<String, &'static str> {
+    // percent_decode_str leaves a `%` without two hex digits as it is: such a path is refused.
     let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3).ok_or("bad percent-encoding")?;
-            let hex = std::str::from_utf8(hex).map_err(|_| "bad percent-encoding")?;
-            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err("bad percent-encoding");
-            }
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| "bad percent-encoding")?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    let bad_escape = bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && !bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if bad_escape {
+        return Err("bad percent-encoding");
     }
-    let s = String::from_utf8(out).map_err(|_| "path is not UTF-8")?;
+    let s = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| "path is not UTF-8")?;
     if s.chars().any(char::is_control) {
         return Err("control character in path");
     }
@@ -889,7 +885,7 @@ fn decode_path(raw: &str) -> Result<String, &'static str> {
     if s.split('/').any(|seg| seg == "..") {
         return Err("'..' in path");
     }
-    Ok(s)
+    Ok(s.into_owned())
 }
 
 #[cfg(test)]
