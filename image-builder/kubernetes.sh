@@ -237,7 +237,11 @@ kubernetes_preload() {
         [ -S "$root/run/containerd/containerd.sock" ] || { tail -n 20 "$root/tmp/containerd.log" >&2; exit 1; }
         while read -r name archive; do
             chroot "$root" ctr -n k8s.io images import "/usr/share/provisioner/kubernetes/images/$archive" >/dev/null
-            chroot "$root" ctr -n k8s.io images ls -q | grep -qxF "$name"                 || { echo "importing $archive did not create $name" >&2; exit 1; }
+            # The list first, then grep: with ctr piped into grep -q, grep leaves at the first
+            # match, ctr dies of SIGPIPE and pipefail failed the check now and then.
+            listed=$(chroot "$root" ctr -n k8s.io images ls -q)
+            grep -qxF "$name" <<< "$listed" \
+                || { echo "importing $archive did not create $name" >&2; exit 1; }
             echo "    $name imported" >&2
         done < "$root/usr/share/provisioner/kubernetes/images.txt"
     ' preload "$root" || die "importing the Kubernetes images into the rootfs's containerd failed"
