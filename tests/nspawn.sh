@@ -36,9 +36,10 @@ elapsed() { awk -v s="$started" -v n="$(date +%s.%N)" 'BEGIN {printf "%.1f", n -
 ROOTFS=${ROOTFS:-debian-test}
 [ -x "$REPO/image-builder/build.sh" ] || ROOTFS=minimal
 if [ -n "${ROOTFS_DIR:-}" ]; then
-    # A debian-test rootfs built earlier in the same run (run-all.sh: image-build.sh's output).
+    # A rootfs built earlier in the same run (run-all.sh: image-build.sh's debian-kubeadm).
     [ -x "$ROOTFS_DIR/usr/lib/systemd/systemd" ] || { fail "ROOTFS_DIR=$ROOTFS_DIR holds a rootfs"; finish; }
     BASE=$ROOTFS_DIR
+    ROOTFS="given (ROOTFS_DIR)"
 elif [ "$ROOTFS" = debian-test ]; then
     key=$(cat "$REPO/image-builder/build.sh" "$REPO"/image-builder/profiles/debian-test.conf \
         "$REPO"/image-builder/provisioner.yaml 2>/dev/null | sha256sum | cut -c1-16)
