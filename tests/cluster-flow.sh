@@ -71,7 +71,9 @@ done
 BUNDLE=$(kube_bundle_dir) || { fail "the Kubernetes bundle is found (KUBERNETES_BUNDLE)"; finish; }
 
 # --- binaries and the image ---------------------------------------------------------------------
-[ "${SKIP_BUILD:-0}" = 1 ] || (cd "$REPO" && cargo build -q -p agent --bin provisioner)
+# The same selection as run-all.sh's build: with `-p agent` alone cargo resolves other features
+# and rebuilds the provisioner (139 s of a CI run).
+[ "${SKIP_BUILD:-0}" = 1 ] || (cd "$REPO" && cargo build -q --workspace --all-targets --locked)
 [ "${SKIP_BUILD:-0}" = 1 ] || build_static_stage2 "$STATIC_TARGET_DIR"
 step_done "cargo build provisioner and static stage2"
 
