@@ -1,7 +1,14 @@
 //! Confinement of client-supplied file names to a served directory (shared by TFTP and HTTP).
+//!
+//! A served directory may hold things that are not regular files: a FIFO blocks `open(2)`
+//! until a writer appears (forever, taking a blocking thread with it), a device node may act on
+//! open. So the type is checked before opening (`lstat` of the resolved path), the open itself
+//! never blocks nor follows a symlink swapped in meanwhile (`O_NONBLOCK|O_NOFOLLOW`), and the
+//! opened descriptor is checked again (`fstat`) before a byte is read.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -48,17 +55,55 @@ pub fn open_confined(root: &Path, requested: &str) -> Result<(File, u64, PathBuf
     if !real.starts_with(&root_real) {
         return Err(PathError::Escapes(requested.to_string()));
     }
-    let file = File::open(&real).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => PathError::NotFound(requested.to_string()),
-        _ => PathError::Io(requested.to_string(), e),
+    let file = open_regular(&real).map_err(|e| match e {
+        OpenError::NotAFile => PathError::NotAFile(requested.to_string()),
+        OpenError::Io(e) if e.kind() == io::ErrorKind::NotFound => {
+            PathError::NotFound(requested.to_string())
+        }
+        OpenError::Io(e) => PathError::Io(requested.to_string(), e),
     })?;
-    let meta = file
+    let len = file
         .metadata()
-        .map_err(|e| PathError::Io(requested.to_string(), e))?;
-    if !meta.is_file() {
-        return Err(PathError::NotAFile(requested.to_string()));
+        .map_err(|e| PathError::Io(requested.to_string(), e))?
+        .len();
+    Ok((file, len, real))
+}
+
+/// Why [`open_regular`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// A FIFO, socket, device, directory or symlink: never opened for reading.
+    #[error("not a regular file")]
+    NotAFile,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Opens `path` for reading only if it is a regular file, without blocking and without
+/// following a symlink in its last component: `lstat` first (a FIFO or device is not even
+/// opened), then `open(O_RDONLY|O_NONBLOCK|O_NOFOLLOW|O_CLOEXEC)`, then `fstat` of the
+/// descriptor (the path may have been replaced between the two). `O_NONBLOCK` has no effect on
+/// reads of a regular file, so the file is returned as opened.
+pub fn open_regular(path: &Path) -> Result<File, OpenError> {
+    if !std::fs::symlink_metadata(path)?.file_type().is_file() {
+        return Err(OpenError::NotAFile);
     }
-    Ok((file, meta.len(), real))
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| {
+            // ELOOP: the last component became a symlink after the lstat.
+            if e.raw_os_error() == Some(nix::libc::ELOOP) {
+                OpenError::NotAFile
+            } else {
+                OpenError::Io(e)
+            }
+        })?;
+    if !file.metadata()?.file_type().is_file() {
+        return Err(OpenError::NotAFile);
+    }
+    Ok(file)
 }
 
 #[cfg(test)]
@@ -114,6 +159,39 @@ mod tests {
             open_confined(&root, ""),
             Err(PathError::NotAllowed(_))
         ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A FIFO with no writer would block `open(2)` forever: refused at once instead, also
+    /// through a symlink to it and when opened directly.
+    #[test]
+    fn fifos_are_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("netboot-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        nix::unistd::mkfifo(&dir.join("fifo"), nix::sys::stat::Mode::S_IRUSR).expect("mkfifo");
+        std::os::unix::fs::symlink("fifo", dir.join("to-fifo")).expect("symlink");
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            open_confined(&dir, "fifo"),
+            Err(PathError::NotAFile(_))
+        ));
+        assert!(matches!(
+            open_confined(&dir, "to-fifo"),
+            Err(PathError::NotAFile(_))
+        ));
+        assert!(matches!(
+            open_regular(&dir.join("fifo")),
+            Err(OpenError::NotAFile)
+        ));
+        assert!(matches!(
+            open_regular(&dir.join("to-fifo")),
+            Err(OpenError::NotAFile)
+        ));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "returned, did not wait for a writer"
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }
