@@ -11,6 +11,9 @@ use serde::Deserialize;
 
 use crate::validate;
 
+mod limits;
+pub use limits::Limits;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -181,6 +184,8 @@ struct RawConfig {
     image: Option<RawImage>,
     #[serde(default)]
     cluster: RawCluster,
+    #[serde(default)]
+    limits: limits::RawLimits,
 }
 
 /// `cluster:` as written: what the agent does in the cluster (with a Kubernetes inventory).
@@ -380,6 +385,8 @@ pub struct Config {
     /// The first machine's cloud-config settings; `None`: not described here.
     pub laptop: Option<Laptop>,
     pub cluster: ClusterSettings,
+    /// HTTP connection and TFTP transfer limits (`limits:`).
+    pub limits: Limits,
 }
 
 impl Config {
@@ -611,6 +618,10 @@ impl Config {
                 ))
             }
         };
+        let limits = raw
+            .limits
+            .validate()
+            .map_err(|(key, message)| invalid(key, message))?;
         Ok(Config {
             interface: raw.interface,
             router_advertisements: raw.router_advertisements,
@@ -634,6 +645,7 @@ impl Config {
             cluster,
             cloud_init: raw.cloud_init,
             laptop,
+            limits,
         })
     }
 }
@@ -809,6 +821,39 @@ inventory:
         );
         let missing = error(&GOOD.replace("subnet: 10.77.0.0/24\n", ""));
         assert!(missing.contains("subnet"), "{missing}");
+    }
+
+    #[test]
+    fn limits_default_and_are_checked() {
+        let config = parse(GOOD).expect("valid");
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.limits.http.max_connections_per_peer, 32);
+        assert_eq!(config.limits.tftp.max_timeout, Duration::from_secs(10));
+        let some = parse(&format!(
+            "{GOOD}limits:\n  http:\n    maxConnectionsPerPeer: 4\n    writeTimeout: 5\n  tftp:\n    maxTransfersPerPeer: 2\n"
+        ))
+        .expect("valid");
+        assert_eq!(some.limits.http.max_connections_per_peer, 4);
+        assert_eq!(some.limits.http.write_timeout, Duration::from_secs(5));
+        assert_eq!(some.limits.http.max_connections, 512, "the rest default");
+        assert_eq!(some.limits.tftp.max_transfers_per_peer, 2);
+        for (yaml, key) in [
+            ("http:\n    headerTimeout: 0", "limits.http.headerTimeout"),
+            (
+                "http:\n    maxConnectionsPerPeer: 600",
+                "limits.http.maxConnectionsPerPeer",
+            ),
+            ("tftp:\n    maxTimeout: 256", "limits.tftp.maxTimeout"),
+            ("tftp:\n    memoryBudget: 1000", "limits.tftp.memoryBudget"),
+            (
+                "tftp:\n    maxTransfersPerPeer: 65",
+                "limits.tftp.maxTransfersPerPeer",
+            ),
+            ("tftp:\n    windowSize: 1", "windowSize"),
+        ] {
+            let e = error(&format!("{GOOD}limits:\n  {yaml}\n"));
+            assert!(e.contains(key), "{yaml}: {e}");
+        }
     }
 
     #[test]

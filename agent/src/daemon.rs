@@ -238,9 +238,9 @@ impl ServerSettings {
             http_base: base_url.clone(),
             relays: config.dhcp_relays.clone(),
         });
-        let tftp = Arc::new(netboot::tftp::TftpSettings::new(
-            config.boot_files.ipxe_dir.clone(),
-        ));
+        let mut tftp = netboot::tftp::TftpSettings::new(config.boot_files.ipxe_dir.clone());
+        config.limits.tftp.apply(&mut tftp);
+        let tftp = Arc::new(tftp);
         let http = Arc::new(netboot::http::HttpSettings {
             boot_dir: config.boot_files.ipxe_dir.clone(),
             assets_dir: config.boot_files.assets_dir.clone(),
@@ -318,6 +318,7 @@ fn spawn_servers(
         provisioning,
         shutdown.clone(),
         netboot::http::DEFAULT_SHUTDOWN_GRACE,
+        config.limits.http.clone(),
     ));
     match (&config.interface, config.router_advertisements) {
         (Some(interface), true) => match netboot::ra::RaSocket::open(interface) {

@@ -38,6 +38,47 @@ pub struct Options {
     pub seed: Option<Seed>,
     /// The imageserver to fetch missing files from.
     pub upstream: Option<String>,
+    /// Connection limits and deadlines.
+    pub limits: netboot::http::HttpLimits,
+}
+
+/// The HTTP limits as flags (defaults as netboot's, see [`netboot::http::limits`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitArgs {
+    /// Connections at once (lowered to fit the file descriptor limit).
+    #[arg(long, default_value_t = netboot::http::limits::DEFAULT_MAX_CONNECTIONS as u32,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Connections at once from one client address.
+    #[arg(long, default_value_t = netboot::http::limits::DEFAULT_MAX_CONNECTIONS_PER_PEER as u32,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections_per_peer: u32,
+    /// Seconds a client has to send its request headers (also closes idle connections).
+    #[arg(long, value_name = "SECS", default_value_t = netboot::http::limits::DEFAULT_HEADER_TIMEOUT.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout: u64,
+    /// Seconds a response may go without writing a byte before it is cut.
+    #[arg(long, value_name = "SECS", default_value_t = netboot::http::limits::DEFAULT_WRITE_TIMEOUT.as_secs(),
+        value_parser = clap::value_parser!(u64).range(1..))]
+    pub write_timeout: u64,
+    /// Slowest average rate (bytes/s) a response may be sent at: each must be done within
+    /// 60 s + its length / this rate.
+    #[arg(long, value_name = "BYTES", default_value_t = netboot::http::limits::DEFAULT_MIN_RATE,
+        value_parser = clap::value_parser!(u64).range(1..))]
+    pub min_rate: u64,
+}
+
+impl From<LimitArgs> for netboot::http::HttpLimits {
+    fn from(a: LimitArgs) -> Self {
+        netboot::http::HttpLimits {
+            max_connections: a.max_connections as usize,
+            max_connections_per_peer: a.max_connections_per_peer.min(a.max_connections) as usize,
+            header_timeout: Duration::from_secs(a.header_timeout),
+            write_timeout: Duration::from_secs(a.write_timeout),
+            min_rate: a.min_rate,
+            ..netboot::http::HttpLimits::default()
+        }
+    }
 }
 
 impl Options {
@@ -204,6 +245,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         server,
         shutdown.clone(),
         SHUTDOWN_GRACE,
+        options.limits.clone(),
     ));
     let mut status = format!("serving {} on {local}", dir.display());
     if let Some(Seed::Dir(path) | Seed::Config(path)) = &options.seed {

@@ -92,6 +92,8 @@ enum Command {
         /// (`http://HOST:PORT/`), check it and keep it in --dir.
         #[arg(long, value_name = "URL")]
         upstream: Option<String>,
+        #[command(flatten)]
+        limits: imageserver::LimitArgs,
     },
     /// On a kubeadm node: the CNI configuration (bridge + host-local) for this node's pod range
     /// and a route to every other node's range (the provisioner-pod-network.service daemon).
@@ -227,6 +229,7 @@ fn run(command: Command) -> ExitCode {
             bootstrap,
             config,
             upstream,
+            limits,
         } => {
             let seed = match (bootstrap, config) {
                 (None, None) => None,
@@ -246,6 +249,7 @@ fn run(command: Command) -> ExitCode {
                 listen,
                 seed,
                 upstream,
+                limits: limits.into(),
             };
             // Bad flags are usage errors, as netboot's bad configuration is: exit 2 before
             // anything is served.

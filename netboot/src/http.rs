@@ -27,12 +27,18 @@
 //! Directories are never listed (404). Request paths are percent-decoded once; a bad escape,
 //! a NUL or control byte, a backslash or a `..` segment is a 400.
 //!
+//! Connections are bounded by [`HttpLimits`] (see [`limits`]): header, write and total
+//! response deadlines, a per-peer and a global connection cap below the file descriptor limit,
+//! and small write buffers (hyper's `max_buf_size` of [`MAX_BUF`]), so a slow reader holds
+//! about 130 KiB of memory and never more.
+//!
 //! Completed asset downloads are not reported as [`BootEvent::FileServed`]: a request for
 //! `/assets/vmlinuz` carries nothing that names the machine (the lookup is by MAC only, and the
 //! peer's address is not a reliable key), so only the script request is attributed.
 
 mod body;
 mod files;
+pub mod limits;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -51,7 +57,6 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -65,6 +70,8 @@ use crate::provisioning::{
 };
 
 use body::Body;
+pub use limits::HttpLimits;
+use limits::{Admitted, GuardedIo, Registry, Tracked};
 
 /// What the HTTP server serves.
 #[derive(Debug, Clone)]
@@ -81,13 +88,18 @@ pub struct HttpSettings {
 
 /// How long in-flight requests may run after shutdown is requested before they are cut.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// A client must send its request headers within this time.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections served at once; further clients wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 512;
+/// hyper's read and write buffer limit per connection: request headers fit easily, and a
+/// response keeps at most this much queued besides one file chunk.
+pub const MAX_BUF: usize = 64 * 1024;
+/// How often the counters of refused, shed and timed-out connections are logged (when they
+/// changed): one line instead of one per connection under a flood.
+const LIMITS_REPORT_EVERY: Duration = Duration::from_secs(10);
+/// What a refused connection is told before it is closed.
+const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 5\r\nConnection: close\r\n\r\n";
 
 /// Serves HTTP on `listener` until `shutdown` is cancelled, then stops accepting, lets in-flight
-/// requests finish for up to [`DEFAULT_SHUTDOWN_GRACE`], and returns `Ok`.
+/// requests finish for up to [`DEFAULT_SHUTDOWN_GRACE`], and returns `Ok`. Default
+/// [`HttpLimits`].
 pub async fn serve(
     listener: TcpListener,
     settings: Arc<HttpSettings>,
@@ -119,12 +131,13 @@ pub async fn serve_with_grace(
         Arc::new(NoProvisioning),
         shutdown,
         grace,
+        HttpLimits::default(),
     )
     .await
 }
 
 /// [`serve_with_grace`] with imaging: scripts, reports and cloud-init files as `provisioning`
-/// decides.
+/// decides, and the given limits.
 pub async fn serve_provisioning(
     listener: TcpListener,
     settings: Arc<HttpSettings>,
@@ -132,18 +145,50 @@ pub async fn serve_provisioning(
     provisioning: Arc<dyn Provisioning>,
     shutdown: CancellationToken,
     grace: Duration,
+    limits: HttpLimits,
 ) -> io::Result<()> {
     info!(base_url = %settings.base_url, "HTTP server starting");
+    log_largest_file(&settings.assets_dir, &limits).await;
     let site = Site::Netboot {
         settings,
         machines,
         provisioning,
     };
-    run(listener, Arc::new(Ctx { site }), shutdown, grace).await
+    run(listener, Arc::new(Ctx { site }), shutdown, grace, limits).await
+}
+
+/// Logs the total deadline of the largest file under `dir` (not recursive): what the limits
+/// mean for the biggest download served.
+async fn log_largest_file(dir: &std::path::Path, limits: &HttpLimits) {
+    let dir = dir.to_path_buf();
+    let largest = tokio::task::spawn_blocking(move || {
+        std::fs::read_dir(&dir).ok().and_then(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let meta = e.metadata().ok()?;
+                    meta.is_file()
+                        .then(|| (meta.len(), e.file_name().to_string_lossy().into_owned()))
+                })
+                .max()
+        })
+    })
+    .await
+    .ok()
+    .flatten();
+    if let Some((len, name)) = largest {
+        info!(
+            file = %name,
+            bytes = len,
+            deadline_s = limits.response_deadline(len).as_secs(),
+            min_rate = limits.min_rate,
+            "largest file: its download must finish within the deadline"
+        );
+    }
 }
 
 /// Serves the regular files under `dir` (`GET`/`HEAD /{path}`) until `shutdown`, with the same
-/// headers, ranges, confinement and shutdown behaviour as `/assets/`.
+/// headers, ranges, confinement and shutdown behaviour as `/assets/`, and default limits.
 pub async fn serve_files(
     listener: TcpListener,
     dir: PathBuf,
@@ -159,6 +204,7 @@ pub async fn serve_files(
         },
         shutdown,
         grace,
+        HttpLimits::default(),
     )
     .await
 }
@@ -205,12 +251,13 @@ pub trait MissingFiles: Send + Sync {
     fn fill<'a>(&'a self, rel: &'a str) -> FillFuture<'a>;
 }
 
-/// [`serve_files`] with a NoCloud seed and a hook for missing files.
+/// [`serve_files`] with a NoCloud seed, a hook for missing files and the given limits.
 pub async fn serve_file_server(
     listener: TcpListener,
     server: FileServer,
     shutdown: CancellationToken,
     grace: Duration,
+    limits: HttpLimits,
 ) -> io::Result<()> {
     info!(
         dir = %server.dir.display(),
@@ -218,8 +265,9 @@ pub async fn serve_file_server(
         fills_missing = server.missing.is_some(),
         "file server starting"
     );
+    log_largest_file(&server.dir, &limits).await;
     let site = Site::Files(server);
-    run(listener, Arc::new(Ctx { site }), shutdown, grace).await
+    run(listener, Arc::new(Ctx { site }), shutdown, grace, limits).await
 }
 
 async fn run(
@@ -227,22 +275,33 @@ async fn run(
     ctx: Arc<Ctx>,
     shutdown: CancellationToken,
     grace: Duration,
+    limits: HttpLimits,
 ) -> io::Result<()> {
     let local = listener.local_addr()?;
-    info!(%local, "HTTP server listening");
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let nofile = limits::nofile_limit();
+    let cap = limits.connection_cap(nofile);
+    if cap < limits.max_connections {
+        warn!(
+            max_connections = limits.max_connections,
+            nofile, cap, "HTTP connection cap lowered to fit the file descriptor limit"
+        );
+    }
+    info!(
+        %local,
+        max_connections = cap,
+        max_connections_per_peer = limits.max_connections_per_peer,
+        header_timeout_s = limits.header_timeout.as_secs_f64(),
+        write_timeout_s = limits.write_timeout.as_secs_f64(),
+        min_rate = limits.min_rate,
+        response_slack_s = limits.response_slack.as_secs_f64(),
+        "HTTP server listening"
+    );
+    let registry = Registry::new(limits, cap);
     let mut conns = JoinSet::new();
 
     loop {
         while conns.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
+        report_limits(&registry);
         let accepted = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -259,12 +318,21 @@ async fn run(
                 }
             }
         };
+        let admitted = match registry.admit(peer.ip()) {
+            Ok(admitted) => admitted,
+            Err(why) => {
+                debug!(%peer, reason = ?why, "HTTP connection refused");
+                // Best effort, never waits: the socket's send buffer is empty.
+                let _ = stream.try_write(BUSY_RESPONSE);
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
+        let registry = registry.clone();
         conns.spawn(async move {
-            connection(stream, peer, ctx, shutdown).await;
-            drop(permit);
+            connection(stream, peer, ctx, shutdown, registry, admitted).await;
         });
     }
     drop(listener);
@@ -291,6 +359,20 @@ async fn run(
     Ok(())
 }
 
+/// Logs what the limits did since the last report (refused, shed and timed-out connections),
+/// at most every [`LIMITS_REPORT_EVERY`].
+fn report_limits(registry: &Registry) {
+    if let Some([per_peer, full, shed, timed_out]) = registry.report_due(LIMITS_REPORT_EVERY) {
+        warn!(
+            refused_per_peer_cap = per_peer,
+            refused_server_full = full,
+            shed_idle_or_stalled = shed,
+            timed_out,
+            "HTTP connection limits applied"
+        );
+    }
+}
+
 struct Ctx {
     site: Site,
 }
@@ -309,26 +391,57 @@ async fn connection(
     peer: SocketAddr,
     ctx: Arc<Ctx>,
     shutdown: CancellationToken,
+    registry: Arc<Registry>,
+    admitted: Admitted,
 ) {
-    let svc = service_fn(move |req| {
-        let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(&ctx, peer, req).await) }
-    });
+    let state = admitted.state.clone();
+    let svc = {
+        let registry = registry.clone();
+        let state = state.clone();
+        service_fn(move |req| {
+            let ctx = ctx.clone();
+            let registry = registry.clone();
+            let state = state.clone();
+            async move {
+                registry.request_started(&state);
+                let response = handle(&ctx, peer, req).await;
+                let len = hyper::body::Body::size_hint(response.body())
+                    .upper()
+                    .unwrap_or(0);
+                registry.response_started(&state, len);
+                Ok::<_, Infallible>(response.map(|body| Tracked::new(body, state)))
+            }
+        })
+    };
+    let limits = registry.limits();
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_BUF);
+    let io = GuardedIo::new(stream, registry.clone(), state.clone());
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
+        _ = admitted.shed.cancelled() => {
+            debug!(%peer, "HTTP connection closed to make room");
+            return;
+        }
         _ = shutdown.cancelled() => {
             // Finish the request in flight (if any), then close; idle connections close now.
             conn.as_mut().graceful_shutdown();
-            conn.await
+            tokio::select! {
+                r = conn => r,
+                _ = admitted.shed.cancelled() => return,
+            }
         }
     };
     if let Err(e) = result {
+        if e.is_timeout() {
+            state.mark_timed_out();
+        }
+        registry.count_timeout(&state);
         debug!(%peer, error = %e, "HTTP connection ended with an error");
     }
 }

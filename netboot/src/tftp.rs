@@ -21,22 +21,32 @@
 //!   to 0, so files of any size can be sent.
 //! * An ERROR from the client ends its transfer at once. UEFI firmware does this right after
 //!   the OACK when it only wanted `tsize`, then asks again.
+//! * Limits that keep one client from holding the server ([`TftpSettings`]): a client's
+//!   `timeout` option above [`TftpSettings::max_timeout`] is not acknowledged (RFC 2349 lets
+//!   the server only accept the value or leave the option out; the server's own timeout then
+//!   applies); every transfer ends by its total deadline, `transfer_slack + size / min_rate`;
+//!   one client address holds at most [`TftpSettings::max_transfers_per_peer`] of the
+//!   [`TftpSettings::max_transfers`] permits; the blocks one transfer keeps in flight
+//!   (window × blksize) stay within [`TftpSettings::window_budget`], and those of all transfers
+//!   within [`TftpSettings::memory_budget`]: the window is made smaller to fit, and a transfer
+//!   that cannot have even one block is refused as busy. What the limits did is logged as
+//!   counters every 10 s, not once per packet.
 //!
 //! TFTP carries no MAC address, so a transfer cannot be tied to a [`crate::Machine`]; logs carry
 //! `ip` and `file` fields and no [`crate::BootEvent`] is reported.
 
-mod packet;
+pub mod packet;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 use tokio::net::UdpSocket;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -56,6 +66,14 @@ pub const MAX_BLKSIZE: u16 = 65464;
 /// Largest window RFC 7440 transfers are allowed here (the RFC itself allows 65535).
 pub const MAX_WINDOWSIZE: u16 = 64;
 const DEFAULT_BLKSIZE: usize = 512;
+/// The file is read through a buffer of this size (blocks larger than it are read directly).
+const READ_BUFFER: usize = 64 * 1024;
+/// A transfer socket only receives ACKs and ERRORs: anything longer is cut, which is harmless.
+const RECV_BUFFER: usize = 2048;
+/// The memory budget is counted in units of this many bytes.
+const BUDGET_UNIT: usize = 1024;
+/// How often the counters of what the limits did are logged (when they changed).
+const LIMITS_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// How the TFTP server behaves.
 #[derive(Debug, Clone)]
@@ -72,11 +90,25 @@ pub struct TftpSettings {
     pub max_blksize: u16,
     /// On shutdown, how long in-flight transfers may go on before they are cut.
     pub shutdown_grace: Duration,
+    /// Transfers at once from one client address (its share of `max_transfers`).
+    pub max_transfers_per_peer: usize,
+    /// Largest client `timeout` option acknowledged; a larger one is left out of the OACK.
+    pub max_timeout: Duration,
+    /// Slowest average rate a transfer may run at, in bytes per second (with the slack).
+    pub min_rate: u64,
+    /// Added to every transfer's total deadline.
+    pub transfer_slack: Duration,
+    /// Bytes of blocks one transfer may keep in flight (window × blksize).
+    pub window_budget: usize,
+    /// Bytes of blocks all transfers together may keep in flight.
+    pub memory_budget: usize,
 }
 
 impl TftpSettings {
-    /// Settings with the defaults: 1 s timeout, 5 retries, 64 transfers, blksize up to 65464,
-    /// 10 s shutdown grace.
+    /// Settings with the defaults: 1 s timeout, 5 retries, 64 transfers (8 per client
+    /// address), blksize up to 65464, client timeouts up to 10 s, a total deadline of
+    /// 30 s + size / 64 KiB/s, 1 MiB in flight per transfer and 16 MiB in all, 10 s shutdown
+    /// grace.
     pub fn new(root: impl Into<PathBuf>) -> Self {
         TftpSettings {
             root: root.into(),
@@ -85,8 +117,99 @@ impl TftpSettings {
             max_transfers: 64,
             max_blksize: MAX_BLKSIZE,
             shutdown_grace: Duration::from_secs(10),
+            max_transfers_per_peer: 8,
+            max_timeout: Duration::from_secs(10),
+            min_rate: 64 * 1024,
+            transfer_slack: Duration::from_secs(30),
+            window_budget: 1 << 20,
+            memory_budget: 16 << 20,
         }
     }
+
+    /// How long a transfer of `size` bytes may take in all.
+    pub fn transfer_deadline(&self, size: u64) -> Duration {
+        self.transfer_slack + Duration::from_secs_f64(size as f64 / self.min_rate.max(1) as f64)
+    }
+}
+
+/// Transfers in progress per client address.
+#[derive(Default)]
+struct PeerShares {
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One transfer's place in [`PeerShares`]; freed when dropped.
+struct PeerShare {
+    shares: Arc<PeerShares>,
+    ip: IpAddr,
+}
+
+impl PeerShares {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        match self.counts.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PeerShare> {
+        let mut counts = self.lock();
+        let n = counts.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerShare {
+            shares: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerShare {
+    fn drop(&mut self) {
+        let mut counts = self.shares.lock();
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// What the limits did, logged as one line every [`LIMITS_REPORT_EVERY`] when it changed.
+#[derive(Default)]
+struct Counters {
+    refused_per_peer: std::sync::atomic::AtomicU64,
+    refused_memory: std::sync::atomic::AtomicU64,
+    window_reduced: std::sync::atomic::AtomicU64,
+    timeout_refused: std::sync::atomic::AtomicU64,
+    deadline_exceeded: std::sync::atomic::AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &std::sync::atomic::AtomicU64) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> [u64; 5] {
+        use std::sync::atomic::Ordering::Relaxed;
+        [
+            self.refused_per_peer.load(Relaxed),
+            self.refused_memory.load(Relaxed),
+            self.window_reduced.load(Relaxed),
+            self.timeout_refused.load(Relaxed),
+            self.deadline_exceeded.load(Relaxed),
+        ]
+    }
+}
+
+/// What every transfer shares with the server loop.
+struct Shared {
+    settings: Arc<TftpSettings>,
+    memory: Arc<Semaphore>,
+    counters: Counters,
 }
 
 /// Serves TFTP read requests arriving on `socket` until `shutdown` is cancelled, then waits for
@@ -104,8 +227,27 @@ pub async fn serve(
     let tracker = TaskTracker::new();
     let abort = CancellationToken::new();
     let permits = Arc::new(Semaphore::new(settings.max_transfers));
+    let shares = Arc::new(PeerShares::default());
+    let shared = Arc::new(Shared {
+        settings: settings.clone(),
+        memory: Arc::new(Semaphore::new(
+            (settings.memory_budget / BUDGET_UNIT).min(Semaphore::MAX_PERMITS),
+        )),
+        counters: Counters::default(),
+    });
+    let mut reported = ([0u64; 5], Instant::now());
     let mut buf = vec![0u8; 65536];
-    info!(addr = %local, root = %settings.root.display(), "TFTP server listening");
+    info!(
+        addr = %local,
+        root = %settings.root.display(),
+        max_transfers = settings.max_transfers,
+        max_transfers_per_peer = settings.max_transfers_per_peer,
+        max_timeout_s = settings.max_timeout.as_secs(),
+        min_rate = settings.min_rate,
+        window_budget = settings.window_budget,
+        memory_budget = settings.memory_budget,
+        "TFTP server listening"
+    );
 
     let result = loop {
         let (len, peer) = tokio::select! {
@@ -123,28 +265,40 @@ pub async fn serve(
         if peer.port() == 0 {
             continue;
         }
+        report_limits(&shared.counters, &mut reported);
         let ip = peer.ip();
         let reply = match Packet::parse(&buf[..len]) {
-            Ok(Packet::Rrq(req)) => match permits.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    let settings = settings.clone();
-                    let abort = abort.clone();
-                    tracker.spawn(async move {
-                        let _permit = permit;
-                        transfer(peer, local.ip(), req, &settings, &abort).await;
-                    });
-                    None
-                }
-                Err(_) => {
-                    if REFUSED_LOG.allow() {
-                        warn!(%ip, file = %req.filename, max_transfers = settings.max_transfers,
-                            "TFTP request refused: too many transfers in progress");
-                    }
+            Ok(Packet::Rrq(req)) => match shares.take(ip, settings.max_transfers_per_peer) {
+                None => {
+                    Counters::add(&shared.counters.refused_per_peer);
+                    debug!(%ip, file = %req.filename, "TFTP request refused: this client's share of transfers is in use");
                     Some(packet::error(
                         ErrorCode::NotDefined,
-                        "server busy: too many transfers in progress, try again later",
+                        "server busy: too many transfers from this address, try again later",
                     ))
                 }
+                Some(share) => match permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let shared = shared.clone();
+                        let abort = abort.clone();
+                        tracker.spawn(async move {
+                            let _permit = permit;
+                            let _share = share;
+                            transfer(peer, local.ip(), req, &shared, &abort).await;
+                        });
+                        None
+                    }
+                    Err(_) => {
+                        if REFUSED_LOG.allow() {
+                            warn!(%ip, file = %req.filename, max_transfers = settings.max_transfers,
+                                "TFTP request refused: too many transfers in progress");
+                        }
+                        Some(packet::error(
+                            ErrorCode::NotDefined,
+                            "server busy: too many transfers in progress, try again later",
+                        ))
+                    }
+                },
             },
             Ok(Packet::Wrq(req)) => {
                 if REFUSED_LOG.allow() {
@@ -200,6 +354,26 @@ pub async fn serve(
     result
 }
 
+/// Logs the counters' changes since the last report, at most every [`LIMITS_REPORT_EVERY`].
+fn report_limits(counters: &Counters, reported: &mut ([u64; 5], Instant)) {
+    if reported.1.elapsed() < LIMITS_REPORT_EVERY {
+        return;
+    }
+    let now = counters.snapshot();
+    if now != reported.0 {
+        let d: Vec<u64> = now.iter().zip(reported.0).map(|(a, b)| a - b).collect();
+        warn!(
+            refused_per_peer_share = d[0],
+            refused_memory_budget = d[1],
+            window_reduced = d[2],
+            timeout_option_refused = d[3],
+            deadline_exceeded = d[4],
+            "TFTP limits applied"
+        );
+    }
+    *reported = (now, Instant::now());
+}
+
 fn is_transient(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -222,6 +396,8 @@ enum TransferError {
     ClientError { code: u16, message: String },
     #[error("client stopped answering after {0} retransmissions")]
     TimedOut(u32),
+    #[error("transfer not done within its total deadline of {0:?}")]
+    DeadlineExceeded(Duration),
     #[error("client went away (ICMP unreachable)")]
     ClientGone,
     #[error("cut by server shutdown")]
@@ -231,20 +407,45 @@ enum TransferError {
 }
 
 /// Options accepted for one transfer.
-struct Negotiated {
-    blksize: usize,
-    windowsize: usize,
-    timeout: Duration,
-    oack: Vec<(&'static str, String)>,
+#[derive(Debug)]
+pub struct Negotiated {
+    pub blksize: usize,
+    pub windowsize: usize,
+    pub timeout: Duration,
+    /// The OACK's options, in the order the client sent them.
+    pub oack: Vec<(&'static str, String)>,
+    /// The client asked for a `timeout` above [`TftpSettings::max_timeout`].
+    pub timeout_refused: bool,
 }
 
-fn negotiate(req: &Request, size: u64, settings: &TftpSettings) -> Negotiated {
+impl Negotiated {
+    /// Lowers the window to `windowsize` blocks (and the OACK's value with it).
+    fn set_window(&mut self, windowsize: usize) {
+        self.windowsize = windowsize;
+        for (name, value) in &mut self.oack {
+            if *name == "windowsize" {
+                *value = windowsize.to_string();
+            }
+        }
+    }
+
+    /// Bytes of blocks in flight.
+    pub fn in_flight(&self) -> usize {
+        self.windowsize * self.blksize
+    }
+}
+
+/// The options of `req` for a file of `size` bytes as the server accepts them: what the
+/// transfer uses and the OACK that says so. The window fits [`TftpSettings::window_budget`].
+pub fn negotiate(req: &Request, size: u64, settings: &TftpSettings) -> Negotiated {
     let mut n = Negotiated {
         blksize: DEFAULT_BLKSIZE,
         windowsize: 1,
         timeout: settings.timeout,
         oack: Vec::new(),
+        timeout_refused: false,
     };
+    let max_timeout = settings.max_timeout.as_secs().clamp(1, 255);
     for (name, value) in &req.options {
         let name = name.as_str();
         if n.oack.iter().any(|(seen, _)| *seen == name) {
@@ -259,10 +460,11 @@ fn negotiate(req: &Request, size: u64, settings: &TftpSettings) -> Negotiated {
                 n.oack.push(("blksize", v.to_string()));
             }
             ("tsize", Some(_)) => n.oack.push(("tsize", size.to_string())),
-            ("timeout", Some(v)) if (1..=255).contains(&v) => {
+            ("timeout", Some(v)) if (1..=max_timeout).contains(&v) => {
                 n.timeout = Duration::from_secs(v);
                 n.oack.push(("timeout", v.to_string()));
             }
+            ("timeout", Some(v)) if v > max_timeout => n.timeout_refused = true,
             ("windowsize", Some(v)) if v >= 1 => {
                 let v = v.min(u64::from(MAX_WINDOWSIZE));
                 n.windowsize = v as usize;
@@ -271,7 +473,42 @@ fn negotiate(req: &Request, size: u64, settings: &TftpSettings) -> Negotiated {
             _ => {} // unknown or out-of-range options are left out of the OACK
         }
     }
+    let fits = (settings.window_budget / n.blksize).max(1);
+    if n.windowsize > fits {
+        n.set_window(fits);
+    }
     n
+}
+
+/// A transfer's share of [`TftpSettings::memory_budget`].
+struct MemoryShare {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Reserves memory for `n`'s blocks in flight, with a smaller window when the whole one does
+/// not fit, and none (busy) when even one block does not.
+fn reserve_memory(shared: &Shared, n: &mut Negotiated) -> Option<MemoryShare> {
+    let units = |bytes: usize| u32::try_from(bytes.div_ceil(BUDGET_UNIT)).unwrap_or(u32::MAX);
+    if let Ok(permit) = shared
+        .memory
+        .clone()
+        .try_acquire_many_owned(units(n.in_flight()))
+    {
+        return Some(MemoryShare { _permit: permit });
+    }
+    // Half the window at a time: a transfer still gets what is left.
+    let mut window = n.windowsize / 2;
+    while window >= 1 {
+        let bytes = window * n.blksize;
+        if let Ok(permit) = shared.memory.clone().try_acquire_many_owned(units(bytes)) {
+            n.set_window(window);
+            Counters::add(&shared.counters.window_reduced);
+            return Some(MemoryShare { _permit: permit });
+        }
+        window /= 2;
+    }
+    Counters::add(&shared.counters.refused_memory);
+    None
 }
 
 fn refusal(e: PathError) -> TransferError {
@@ -292,14 +529,14 @@ async fn transfer(
     peer: SocketAddr,
     local_ip: IpAddr,
     req: Request,
-    settings: &TftpSettings,
+    shared: &Shared,
     abort: &CancellationToken,
 ) {
     let ip = peer.ip();
     let file = req.filename.clone();
     let started = Instant::now();
     debug!(%ip, %file, mode = %req.mode, options = ?req.options, "TFTP read request");
-    let result = run(peer, local_ip, req, settings, abort).await;
+    let result = run(peer, local_ip, req, shared, abort).await;
     if !TRANSFER_LOG.allow() {
         return;
     }
@@ -316,6 +553,10 @@ async fn transfer(
         Err(e @ TransferError::ClientError { .. }) => {
             info!(%ip, %file, "TFTP transfer ended by the client: {e}")
         }
+        Err(e @ TransferError::DeadlineExceeded(_)) => {
+            Counters::add(&shared.counters.deadline_exceeded);
+            warn!(%ip, %file, "TFTP transfer failed: {e}")
+        }
         Err(e) => warn!(%ip, %file, "TFTP transfer failed: {e}"),
     }
 }
@@ -324,9 +565,11 @@ async fn run(
     peer: SocketAddr,
     local_ip: IpAddr,
     req: Request,
-    settings: &TftpSettings,
+    shared: &Shared,
     abort: &CancellationToken,
 ) -> Result<(u64, Negotiated), TransferError> {
+    let settings = shared.settings.as_ref();
+    let started = tokio::time::Instant::now();
     let bind_ip = match (local_ip, peer) {
         (ip, _) if !ip.is_unspecified() && ip.is_ipv4() == peer.is_ipv4() => ip,
         (_, SocketAddr::V4(_)) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -351,29 +594,54 @@ async fn run(
         }
     };
 
-    let n = negotiate(&req, size, settings);
+    let mut n = negotiate(&req, size, settings);
+    if n.timeout_refused {
+        Counters::add(&shared.counters.timeout_refused);
+    }
+    let Some(_memory) = reserve_memory(shared, &mut n) else {
+        let _ = sock
+            .send(&packet::error(
+                ErrorCode::NotDefined,
+                "server busy: out of transfer memory, try again later",
+            ))
+            .await;
+        return Err(TransferError::Refused(
+            ErrorCode::NotDefined,
+            "memory budget exhausted".into(),
+        ));
+    };
+    let total = settings.transfer_deadline(size);
     let mut sender = Sender {
         sock,
-        reader: BufReader::with_capacity(
-            (n.blksize * n.windowsize).clamp(64 * 1024, 1024 * 1024),
-            tokio::fs::File::from_std(file),
-        ),
+        reader: BufReader::with_capacity(READ_BUFFER, tokio::fs::File::from_std(file)),
         blksize: n.blksize,
         windowsize: n.windowsize,
         timeout: n.timeout,
         max_retries: settings.max_retries,
         abort,
+        deadline: started + total,
+        total,
         base: 1,
         pending: VecDeque::new(),
         last_block: None,
         bytes: 0,
-        buf: vec![0u8; 65536],
+        buf: vec![0u8; RECV_BUFFER],
     };
-    if !n.oack.is_empty() {
-        sender.send_oack(&packet::oack(&n.oack)).await?;
+    let sent = async {
+        if !n.oack.is_empty() {
+            sender.send_oack(&packet::oack(&n.oack)).await?;
+        }
+        sender.send_file().await
     }
-    let bytes = sender.send_file().await?;
-    Ok((bytes, n))
+    .await;
+    if let Err(e @ TransferError::DeadlineExceeded(_)) = &sent {
+        // Best effort: the client learns why instead of timing out.
+        let _ = sender
+            .sock
+            .send(&packet::error(ErrorCode::NotDefined, &e.to_string()))
+            .await;
+    }
+    Ok((sent?, n))
 }
 
 /// Sends one file over a connected socket in lock-step windows.
@@ -385,6 +653,9 @@ struct Sender<'a, R> {
     timeout: Duration,
     max_retries: u32,
     abort: &'a CancellationToken,
+    /// When the whole transfer must be done, and how long that was.
+    deadline: tokio::time::Instant,
+    total: Duration,
     /// Absolute number of the first unacknowledged block (block 1 is the first of the file).
     base: u64,
     /// DATA packets for blocks `base..`, ready to (re)send.
@@ -407,9 +678,11 @@ enum Received {
 
 impl<R: AsyncRead + Unpin> Sender<'_, R> {
     async fn recv(&mut self, deadline: tokio::time::Instant) -> Result<Received, TransferError> {
+        let end = deadline.min(self.deadline);
         tokio::select! {
             _ = self.abort.cancelled() => Err(TransferError::Aborted),
-            r = tokio::time::timeout_at(deadline, self.sock.recv(&mut self.buf)) => match r {
+            r = tokio::time::timeout_at(end, self.sock.recv(&mut self.buf)) => match r {
+                Err(_) if end == self.deadline => Err(TransferError::DeadlineExceeded(self.total)),
                 Err(_) => Ok(Received::Timeout),
                 Ok(Ok(n)) => Ok(Received::Packet(n)),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
@@ -563,7 +836,8 @@ mod tests {
             &s,
         );
         assert_eq!(n.blksize, 65464);
-        assert_eq!(n.windowsize, 64);
+        // 64 blocks of 65464 bytes would be 4 MiB in flight: the 1 MiB budget allows 16.
+        assert_eq!(n.windowsize, 16);
         assert_eq!(n.timeout, Duration::from_secs(3));
         assert_eq!(
             n.oack,
@@ -571,9 +845,11 @@ mod tests {
                 ("blksize", "65464".to_string()),
                 ("tsize", "1234".to_string()),
                 ("timeout", "3".to_string()),
-                ("windowsize", "64".to_string())
+                ("windowsize", "16".to_string())
             ]
         );
+        let n = negotiate(&req(&[("blksize", "1468"), ("windowsize", "100")]), 1, &s);
+        assert_eq!((n.blksize, n.windowsize), (1468, 64));
         let n = negotiate(
             &req(&[
                 ("blksize", "7"),
@@ -589,6 +865,21 @@ mod tests {
         assert!(n.oack.is_empty(), "{:?}", n.oack);
         let n = negotiate(&req(&[("blksize", "1468"), ("blksize", "8")]), 1, &s);
         assert_eq!(n.blksize, 1468, "the first of repeated options counts");
+        // A timeout above max_timeout (10 s) is left out: the server's own applies.
+        for (asked, kept) in [("10", true), ("11", false), ("255", false)] {
+            let n = negotiate(&req(&[("timeout", asked), ("tsize", "0")]), 5, &s);
+            assert_eq!(n.timeout_refused, !kept, "{asked}");
+            assert_eq!(
+                n.timeout,
+                if kept {
+                    Duration::from_secs(10)
+                } else {
+                    s.timeout
+                },
+                "{asked}"
+            );
+            assert_eq!(n.oack.iter().any(|(k, _)| *k == "timeout"), kept, "{asked}");
+        }
         let small = TftpSettings {
             max_blksize: 1024,
             ..TftpSettings::new("/x")
@@ -596,6 +887,54 @@ mod tests {
         assert_eq!(
             negotiate(&req(&[("blksize", "1468")]), 1, &small).blksize,
             1024
+        );
+    }
+
+    #[test]
+    fn memory_budget_shrinks_windows_then_refuses() {
+        let settings = Arc::new(TftpSettings {
+            memory_budget: 100 * 1024,
+            ..TftpSettings::new("/x")
+        });
+        let shared = Shared {
+            settings: settings.clone(),
+            memory: Arc::new(Semaphore::new(100)),
+            counters: Counters::default(),
+        };
+        let ask = |window: &str| {
+            negotiate(
+                &req(&[("blksize", "8192"), ("windowsize", window)]),
+                1,
+                &settings,
+            )
+        };
+        // 8 × 8 KiB fits the 100 KiB budget.
+        let mut a = ask("8");
+        let held_a = reserve_memory(&shared, &mut a).expect("fits");
+        assert_eq!(a.windowsize, 8);
+        // 36 KiB left: 8 blocks do not fit, 4 do (the OACK says so).
+        let mut b = ask("8");
+        let held_b = reserve_memory(&shared, &mut b).expect("smaller window");
+        assert_eq!(b.windowsize, 4);
+        assert_eq!(b.oack[1], ("windowsize", "4".to_string()));
+        // 4 KiB left: not even one 8 KiB block.
+        let mut c = ask("1");
+        assert!(reserve_memory(&shared, &mut c).is_none());
+        drop((held_a, held_b));
+        assert!(reserve_memory(&shared, &mut c).is_some(), "freed");
+        let counts = shared.counters.snapshot();
+        assert_eq!((counts[1], counts[2]), (1, 1));
+    }
+
+    #[test]
+    fn total_deadline_grows_with_the_file() {
+        let s = TftpSettings::new("/x");
+        assert_eq!(s.transfer_deadline(0), Duration::from_secs(30));
+        // ipxe.efi is about 1 MiB: 16 s at 64 KiB/s, plus the slack.
+        assert_eq!(s.transfer_deadline(1 << 20), Duration::from_secs(46));
+        assert_eq!(
+            s.transfer_deadline(96 * 1024),
+            Duration::from_millis(31_500)
         );
     }
 

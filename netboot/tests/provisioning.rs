@@ -207,6 +207,7 @@ async fn start_on(bind: &str, action: BootAction) -> Server {
         fake.clone(),
         shutdown.clone(),
         Duration::from_secs(1),
+        netboot::http::HttpLimits::default(),
     ));
     Server {
         addr,

@@ -648,7 +648,8 @@ async fn transfers_beyond_max_are_refused() {
 
 #[tokio::test]
 async fn many_transfers_at_once() {
-    let srv = start("many", |_| {}).await;
+    // All from 127.0.0.1: one address may have them all here.
+    let srv = start("many", |s| s.max_transfers_per_peer = 64).await;
     let names = ["f100", "f5000", "f20000", "f100000"];
     let tasks: Vec<_> = (0..24)
         .map(|i| {
@@ -728,4 +729,128 @@ async fn shutdown_grace_is_bounded() {
     );
     // Far below the transfer's own 30 s timeout, with room for a loaded machine.
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+async fn client_from(ip: &str) -> UdpSocket {
+    UdpSocket::bind((ip, 0)).await.expect("bind client")
+}
+
+#[tokio::test]
+async fn one_address_gets_only_its_share_of_transfers() {
+    let srv = start("share", |s| {
+        s.max_transfers = 16;
+        s.max_transfers_per_peer = 3;
+        s.timeout = Duration::from_secs(5);
+    })
+    .await;
+    // Ten requests from one address, never acknowledged.
+    let mut attackers = Vec::new();
+    for _ in 0..10 {
+        let sock = client_from("127.0.0.5").await;
+        sock.send_to(&rrq("f100000", &[]), srv.addr)
+            .await
+            .expect("send");
+        attackers.push(sock);
+    }
+    let (mut served, mut busy) = (0, 0);
+    for sock in &attackers {
+        match recv(sock).await.0 {
+            Pkt::Data(1, _) => served += 1,
+            Pkt::Error(0, m) if m.contains("this address") => busy += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((served, busy), (3, 7));
+    // Another address is served at once.
+    let (data, _) = fetch(srv.addr, "f5000", &[]).await.expect("fetch");
+    assert_eq!(data, file(&srv, "f5000"));
+}
+
+#[tokio::test]
+async fn timeout_255_is_not_honoured_and_never_acked_transfers_end() {
+    let srv = start("timeout255", |s| {
+        s.max_transfers_per_peer = 2;
+        s.timeout = Duration::from_millis(200);
+        s.max_retries = 2;
+    })
+    .await;
+    let mut socks = Vec::new();
+    for _ in 0..2 {
+        let sock = client_from("127.0.0.6").await;
+        sock.send_to(
+            &rrq("f5000", &[("timeout", "255"), ("tsize", "0")]),
+            srv.addr,
+        )
+        .await
+        .expect("send");
+        match recv(&sock).await.0 {
+            Pkt::Oack(options) => assert_eq!(options, vec![("tsize".into(), "5000".into())]),
+            other => panic!("{other:?}"),
+        }
+        socks.push(sock);
+    }
+    // The address's share is in use; with the server's own 200 ms timeout and 2 retries the
+    // silent transfers are given up within about 0.6 s, not 255 s × 6.
+    let started = Instant::now();
+    let sock = client_from("127.0.0.6").await;
+    sock.send_to(&rrq("f100", &[]), srv.addr)
+        .await
+        .expect("send");
+    assert!(matches!(recv(&sock).await.0, Pkt::Error(0, _)));
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let sock = client_from("127.0.0.6").await;
+        sock.send_to(&rrq("f100", &[]), srv.addr)
+            .await
+            .expect("send");
+        match recv(&sock).await.0 {
+            Pkt::Data(1, d) => {
+                assert_eq!(d, file(&srv, "f100"));
+                break;
+            }
+            Pkt::Error(0, _) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "share freed once the silent transfers gave up"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_slow_client_is_stopped_by_the_total_deadline() {
+    // The deadline is the slack alone here (the rate is out of reach of any file).
+    let srv = start("deadline", |s| {
+        s.transfer_slack = Duration::from_millis(700);
+        s.min_rate = u64::MAX;
+        s.timeout = Duration::from_secs(2);
+    })
+    .await;
+    let sock = client().await;
+    sock.send_to(&rrq("f100000", &[]), srv.addr)
+        .await
+        .expect("send");
+    let started = Instant::now();
+    let mut got = 0;
+    let error = loop {
+        let (pkt, tid) = recv(&sock).await;
+        match pkt {
+            // One block every 100 ms: far from stalled, far too slow for the deadline.
+            Pkt::Data(block, d) => {
+                got += d.len();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                sock.send_to(&ack(block), tid).await.expect("ack");
+            }
+            Pkt::Error(code, msg) => break (code, msg),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert!(error.1.contains("deadline"), "{error:?}");
+    assert!(got < 100_000, "{got}");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
 }

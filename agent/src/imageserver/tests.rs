@@ -97,6 +97,7 @@ async fn start(options: Options) -> Server {
             server,
             shutdown_token,
             Duration::from_secs(1),
+            netboot::http::HttpLimits::default(),
         )
         .await;
         drop(rendered);
@@ -115,6 +116,7 @@ fn options(dir: &Path) -> Options {
         listen: "127.0.0.1:0".parse().expect("addr"),
         seed: None,
         upstream: None,
+        limits: netboot::http::HttpLimits::default(),
     }
 }
 
