@@ -11,12 +11,22 @@
 //! carries on when the client that started it goes away. Cached files are never revalidated:
 //! artifacts are immutable by name (delete a file to fetch it again).
 //!
+//! Nothing is created for a name the upstream does not have: the name is checked (no hidden
+//! or `..` segment, every existing directory on its way a real directory inside the cache
+//! after symlinks) before the upstream is asked, and missing directories are only made once
+//! the upstream answered 200 (and removed again, if empty, when the download fails). An
+//! upstream 404 is remembered for [`NEGATIVE_TTL`], so a name asked for over and over costs
+//! one upstream request per [`NEGATIVE_TTL`]; concurrent requests for one name share one
+//! upstream request, and at most [`MAX_FETCHES`] fetches run at once (each holds a blocking
+//! thread), the others wait their turn.
+//!
 //! The download is fetch-then-serve (the client waits for the whole file): streaming a file
 //! that is still being written and checked would need a body that follows the temporary file
 //! and holds its last bytes back until the check passed. stage2 retries a request that gets no
 //! answer within its read timeout, and the retry joins the download in flight.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -36,6 +46,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// No byte from the upstream for this long fails the fetch.
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 const COPY_CHUNK: usize = 256 * 1024;
+/// How long an upstream 404 is remembered.
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(10);
+/// Names remembered as missing upstream at most (the oldest are forgotten first).
+const NEGATIVE_CAPACITY: usize = 4096;
+/// Upstream fetches at once.
+pub const MAX_FETCHES: usize = 4;
 
 /// What a path segment must escape in a URL (RFC 3986 `pchar` keeps the rest).
 const SEGMENT: &AsciiSet = &CONTROLS
@@ -67,6 +83,48 @@ struct Inner {
     upstream: String,
     agent: ureq::Agent,
     in_flight: Mutex<HashMap<String, SharedFill>>,
+    /// Names the upstream answered 404 for, recently.
+    misses: Mutex<Misses>,
+    /// Fetches running at once.
+    fetches: Arc<tokio::sync::Semaphore>,
+}
+
+/// Recent upstream misses: a name and when it was missed, oldest first.
+#[derive(Default)]
+struct Misses {
+    at: HashMap<String, Instant>,
+    order: VecDeque<(String, Instant)>,
+}
+
+impl Misses {
+    fn is_fresh(&self, rel: &str) -> bool {
+        self.at
+            .get(rel)
+            .is_some_and(|at| at.elapsed() < NEGATIVE_TTL)
+    }
+
+    fn insert(&mut self, rel: &str) {
+        let now = Instant::now();
+        // Expired entries leave from the front; a full table forgets its oldest name.
+        while let Some((name, at)) = self.order.front() {
+            if at.elapsed() < NEGATIVE_TTL && self.order.len() < NEGATIVE_CAPACITY {
+                break;
+            }
+            if self.at.get(name) == Some(at) {
+                self.at.remove(name);
+            }
+            self.order.pop_front();
+        }
+        self.at.insert(rel.to_string(), now);
+        self.order.push_back((rel.to_string(), now));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
 }
 
 /// What the upstream promised about a file, checked after the download.
@@ -97,6 +155,8 @@ impl PullThrough {
                 upstream,
                 agent,
                 in_flight: Mutex::new(HashMap::new()),
+                misses: Mutex::new(Misses::default()),
+                fetches: Arc::new(tokio::sync::Semaphore::new(MAX_FETCHES)),
             }),
         })
     }
@@ -104,11 +164,11 @@ impl PullThrough {
 
 impl MissingFiles for PullThrough {
     fn fill<'a>(&'a self, rel: &'a str) -> FillFuture<'a> {
+        if lock(&self.inner.misses).is_fresh(rel) {
+            return Box::pin(async { Err(FillError::NotFound) });
+        }
         let shared = {
-            let mut in_flight = match self.inner.in_flight.lock() {
-                Ok(guard) => guard,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut in_flight = lock(&self.inner.in_flight);
             if let Some(download) = in_flight.get(rel) {
                 download.clone()
             } else {
@@ -123,16 +183,18 @@ impl MissingFiles for PullThrough {
                 let task = tokio::spawn(async move {
                     let fetch_inner = inner.clone();
                     let fetch_rel = rel_owned.clone();
-                    let result = tokio::task::spawn_blocking(move || fetch_inner.fetch(&fetch_rel))
+                    let result = match inner.fetches.clone().acquire_owned().await {
+                        Ok(turn) => tokio::task::spawn_blocking(move || {
+                            let _turn = turn;
+                            fetch_inner.fetch(&fetch_rel)
+                        })
                         .await
                         .unwrap_or_else(|e| {
                             Err(FillError::Failed(format!("fetch task failed: {e}")))
-                        });
-                    let mut in_flight = match inner.in_flight.lock() {
-                        Ok(guard) => guard,
-                        Err(poisoned) => poisoned.into_inner(),
+                        }),
+                        Err(_) => Err(FillError::Failed("fetches closed".into())),
                     };
-                    in_flight.remove(&rel_owned);
+                    lock(&inner.in_flight).remove(&rel_owned);
                     result
                 });
                 let download: SharedFill = task
@@ -186,24 +248,45 @@ impl Inner {
     }
 
     fn fetch_into_place(&self, rel: &str, url: &str) -> Result<Fetched, FillError> {
-        let target = confined_target(&self.dir, rel)?;
-        let parent = target
-            .parent()
-            .ok_or_else(|| FillError::Refused(format!("{rel}: no parent directory")))?;
-        let expected = if rel == MANIFEST {
-            None
-        } else {
-            self.expected_from_manifest(rel)?
-        };
-
+        // Nothing on disk changes before the upstream has the file.
+        let plan = confined_target(&self.dir, rel)?;
         let response = match self.agent.get(url).call() {
             Ok(response) => response,
-            Err(ureq::Error::Status(404 | 410, _)) => return Err(FillError::NotFound),
+            Err(ureq::Error::Status(404 | 410, _)) => {
+                lock(&self.misses).insert(rel);
+                return Err(FillError::NotFound);
+            }
             Err(ureq::Error::Status(code, _)) => {
                 return Err(FillError::Failed(format!("upstream answered {code}")))
             }
             Err(e) => return Err(FillError::Failed(format!("upstream unreachable: {e}"))),
         };
+        let expected = if rel == MANIFEST {
+            None
+        } else {
+            self.expected_from_manifest(rel)?
+        };
+        let (parent, created) = plan.create_parents()?;
+        let result = self.download(response, &parent, &plan.target(&parent), url, expected);
+        if result.is_err() {
+            // Leave no empty directory behind for a download that failed.
+            for dir in created.iter().rev() {
+                if std::fs::remove_dir(dir).is_err() {
+                    break;
+                }
+            }
+        }
+        result
+    }
+
+    fn download(
+        &self,
+        response: ureq::Response,
+        parent: &Path,
+        target: &Path,
+        url: &str,
+        expected: Option<Expected>,
+    ) -> Result<Fetched, FillError> {
         let length: Option<u64> = response
             .header("content-length")
             .and_then(|v| v.trim().parse().ok());
@@ -293,7 +376,7 @@ impl Inner {
             .sync_all()
             .map_err(|e| FillError::Failed(format!("fsync of the cached copy: {e}")))?;
         set_readable(tmp.as_file());
-        match tmp.persist_noclobber(&target) {
+        match tmp.persist_noclobber(target) {
             Ok(_) => {}
             // Someone put it there meanwhile (the operator, by hand): keep theirs.
             Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {}
@@ -367,38 +450,120 @@ pub fn manifest_entry(manifest: &serde_json::Value, rel: &str) -> Option<Expecte
     }
 }
 
-/// Where `rel` goes under `dir`, with its parent directories created and checked to be inside
-/// `dir` after symlinks (the same rule as netboot's `open_confined` for reading).
-fn confined_target(dir: &Path, rel: &str) -> Result<PathBuf, FillError> {
+/// Where a fetched file goes: checked before anything is created.
+#[derive(Debug)]
+struct Plan {
+    /// The cache's real path.
+    root: PathBuf,
+    /// The deepest directory on the way that exists (real path, inside `root`).
+    existing: PathBuf,
+    /// The directories below `existing` still to be made.
+    missing: Vec<OsString>,
+    name: OsString,
+}
+
+/// Checks that `rel` can be a file of the cache `dir` without creating anything: plain,
+/// non-hidden segments, and every directory on its way that exists is a directory inside
+/// `dir` after symlinks (the rule netboot's `open_confined` applies for reading). A symlink
+/// leading out, or a dangling one, is refused before the upstream is asked.
+fn confined_target(dir: &Path, rel: &str) -> Result<Plan, FillError> {
+    let refused = || FillError::Refused(format!("{rel:?} cannot be cached"));
     let rel_path = Path::new(rel);
     let plain = rel_path.components().all(|c| match c {
         Component::Normal(name) => !name.to_string_lossy().starts_with('.'),
         _ => false,
     });
     if rel.is_empty() || !plain {
-        return Err(FillError::Refused(format!("{rel:?} cannot be cached")));
+        return Err(refused());
     }
     let root = dir
         .canonicalize()
         .map_err(|e| FillError::Failed(format!("{}: {e}", dir.display())))?;
-    let target = root.join(rel_path);
-    let parent = target
-        .parent()
-        .ok_or_else(|| FillError::Refused(format!("{rel:?} cannot be cached")))?;
-    std::fs::create_dir_all(parent)
-        .map_err(|e| FillError::Failed(format!("creating {}: {e}", parent.display())))?;
-    let parent_real = parent
-        .canonicalize()
-        .map_err(|e| FillError::Failed(format!("{}: {e}", parent.display())))?;
-    if !parent_real.starts_with(&root) {
-        return Err(FillError::Refused(format!(
-            "{rel:?} resolves outside the served directory"
-        )));
+    let mut segments: Vec<OsString> = rel_path
+        .components()
+        .map(|c| c.as_os_str().to_os_string())
+        .collect();
+    let name = segments.pop().ok_or_else(refused)?;
+    let mut existing = root.clone();
+    let mut missing = Vec::new();
+    for (i, segment) in segments.iter().enumerate() {
+        let next = existing.join(segment);
+        match next.canonicalize() {
+            Ok(real) if !real.starts_with(&root) => {
+                return Err(FillError::Refused(format!(
+                    "{rel:?} resolves outside the served directory"
+                )))
+            }
+            Ok(real) if !real.is_dir() => {
+                return Err(FillError::Refused(format!(
+                    "{rel:?}: {} is not a directory",
+                    next.display()
+                )))
+            }
+            Ok(real) => existing = real,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if std::fs::symlink_metadata(&next).is_ok() {
+                    // A dangling symlink: where it points is not ours to create.
+                    return Err(FillError::Refused(format!(
+                        "{rel:?}: {} is a dangling symlink",
+                        next.display()
+                    )));
+                }
+                missing = segments[i..].to_vec();
+                break;
+            }
+            Err(e) => return Err(FillError::Failed(format!("{}: {e}", next.display()))),
+        }
     }
-    let name = target
-        .file_name()
-        .ok_or_else(|| FillError::Refused(format!("{rel:?} cannot be cached")))?;
-    Ok(parent_real.join(name))
+    Ok(Plan {
+        root,
+        existing,
+        missing,
+        name,
+    })
+}
+
+impl Plan {
+    /// Makes the missing directories, one at a time, each checked to be a real directory (not
+    /// a symlink put there meanwhile); returns the parent directory and what was created.
+    fn create_parents(&self) -> Result<(PathBuf, Vec<PathBuf>), FillError> {
+        let mut dir = self.existing.clone();
+        let mut created = Vec::new();
+        for segment in &self.missing {
+            dir.push(segment);
+            match std::fs::create_dir(&dir) {
+                Ok(()) => created.push(dir.clone()),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(FillError::Failed(format!(
+                        "creating {}: {e}",
+                        dir.display()
+                    )))
+                }
+            }
+            let is_dir = std::fs::symlink_metadata(&dir).is_ok_and(|m| m.file_type().is_dir());
+            if !is_dir {
+                return Err(FillError::Refused(format!(
+                    "{} is not a directory",
+                    dir.display()
+                )));
+            }
+        }
+        let real = dir
+            .canonicalize()
+            .map_err(|e| FillError::Failed(format!("{}: {e}", dir.display())))?;
+        if !real.starts_with(&self.root) {
+            return Err(FillError::Refused(format!(
+                "{} resolves outside the served directory",
+                dir.display()
+            )));
+        }
+        Ok((real, created))
+    }
+
+    fn target(&self, parent: &Path) -> PathBuf {
+        parent.join(&self.name)
+    }
 }
 
 /// Cached files are artifacts anyone on the host may read (the service's UMask is 0077).

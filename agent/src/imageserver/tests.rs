@@ -52,6 +52,27 @@ fn manifest(files: &[(&str, &[u8])]) -> String {
     serde_json::Value::Object(m).to_string()
 }
 
+/// Every directory under `dir` (relative names, sorted; symlinks not followed).
+fn directories(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() && !path.is_symlink() {
+                    if let Ok(rel) = path.strip_prefix(base) {
+                        out.push(rel.display().to_string());
+                    }
+                    walk(base, &path, out);
+                }
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
 /// Every file under `dir`, hidden ones included (relative names, sorted).
 fn listing(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
@@ -179,10 +200,12 @@ struct Scripted {
     delay: Duration,
 }
 
-/// An upstream that answers from a table and counts GETs per path.
+/// An upstream that answers from a table and counts GETs per path (of files it has), and
+/// every request per path (misses and HEADs included).
 struct FakeUpstream {
     addr: SocketAddr,
     gets: Arc<Mutex<HashMap<String, usize>>>,
+    requests: Arc<Mutex<HashMap<String, usize>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -191,8 +214,10 @@ impl FakeUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let gets: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let requests: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let files = Arc::new(files);
         let counter = gets.clone();
+        let all = requests.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut stream, _)) = listener.accept().await else {
@@ -200,6 +225,7 @@ impl FakeUpstream {
                 };
                 let files = files.clone();
                 let counter = counter.clone();
+                let all = all.clone();
                 tokio::spawn(async move {
                     let mut head = Vec::new();
                     let mut byte = [0u8; 1];
@@ -213,6 +239,9 @@ impl FakeUpstream {
                     let mut words = text.split_whitespace();
                     let method = words.next().unwrap_or_default().to_string();
                     let path = words.next().unwrap_or_default().to_string();
+                    if let Ok(mut all) = all.lock() {
+                        *all.entry(path.clone()).or_default() += 1;
+                    }
                     let Some(file) = files.get(&path) else {
                         let _ = stream
                             .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -238,7 +267,19 @@ impl FakeUpstream {
                 });
             }
         });
-        FakeUpstream { addr, gets, task }
+        FakeUpstream {
+            addr,
+            gets,
+            requests,
+            task,
+        }
+    }
+
+    fn requests(&self, path: &str) -> usize {
+        self.requests
+            .lock()
+            .map(|g| g.get(path).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     fn gets(&self, path: &str) -> usize {
@@ -469,7 +510,24 @@ async fn traversal_and_hidden_names_are_refused_without_asking_upstream() {
         404,
         "a symlinked directory leading outside is not written through"
     );
-    assert_eq!(listing(outside.path()), Vec::<String>::new());
+    assert_eq!(
+        raw_status(cache.addr, "/out/new/deeper/secret").await,
+        404,
+        "nor are directories made through it"
+    );
+    std::os::unix::fs::symlink(
+        outside.path().join("gone"),
+        cache_dir.path().join("dangling"),
+    )
+    .expect("symlink");
+    assert_eq!(raw_status(cache.addr, "/dangling/a/secret").await, 404);
+    assert_eq!(
+        std::fs::read_dir(outside.path()).expect("outside").count(),
+        0,
+        "nothing at all was created outside"
+    );
+    assert_eq!(upstream.requests("/out/new/deeper/secret"), 0);
+    assert_eq!(upstream.requests("/dangling/a/secret"), 0);
     assert_eq!(upstream.gets("/out/secret"), 0);
     assert_eq!(upstream.gets("/.fetch-abc"), 0);
     assert_eq!(upstream.gets("/etc/passwd"), 0);
@@ -553,4 +611,61 @@ async fn bootstrap_renders_the_seed_from_the_configuration() {
         .err()
         .expect("no laptop: section is an error");
     assert!(format!("{error:#}").contains("laptop"), "{error:#}");
+}
+
+/// Anonymous requests for names the upstream lacks: no directory is made, and each name
+/// costs one upstream request per negative-cache period, however often and however
+/// concurrently it is asked for.
+#[tokio::test]
+async fn misses_create_nothing_and_ask_upstream_once() {
+    let kernel = payload(50_000, 4);
+    let mut files = HashMap::new();
+    files.insert("/deep/dir/vmlinuz".to_string(), scripted(&kernel));
+    files.insert("/bad/dir/image.raw.zst".to_string(), scripted(&kernel));
+    let listed = manifest(&[("bad/dir/image.raw.zst", &kernel[..10])]);
+    files.insert("/manifest.json".to_string(), scripted(listed.as_bytes()));
+    let upstream = FakeUpstream::start(files).await;
+    let cache_dir = temp_dir("cache");
+    let mut cache_options = options(cache_dir.path());
+    cache_options.upstream = Some(upstream.url());
+    let cache = start(cache_options).await;
+    let base = format!("http://{}", cache.addr);
+
+    for i in 0..50 {
+        let path = format!("/a{}/b/c/missing.img", i % 5);
+        assert_eq!(raw_status(cache.addr, &path).await, 404);
+    }
+    let clients: Vec<_> = (0..16)
+        .map(|_| tokio::spawn(get(format!("{base}/x/y/z.img"), None)))
+        .collect();
+    for client in clients {
+        assert_eq!(client.await.expect("client").status, 404);
+    }
+    assert_eq!(directories(cache_dir.path()), Vec::<String>::new());
+    assert_eq!(listing(cache_dir.path()), Vec::<String>::new());
+    for i in 0..5 {
+        assert_eq!(
+            upstream.requests(&format!("/a{i}/b/c/missing.img")),
+            1,
+            "one upstream request for ten misses of a{i}"
+        );
+    }
+    assert_eq!(upstream.requests("/x/y/z.img"), 1);
+    assert_eq!(
+        upstream.requests("/manifest.json"),
+        0,
+        "a miss asks for nothing else"
+    );
+
+    // A file the upstream has gets its directories.
+    let got = get(format!("{base}/deep/dir/vmlinuz"), None).await;
+    assert_eq!(got.status, 200);
+    assert!(got.body == kernel);
+    assert_eq!(directories(cache_dir.path()), vec!["deep", "deep/dir"]);
+    // A failed download (wrong size per the manifest) takes its new directories with it.
+    let got = get(format!("{base}/bad/dir/image.raw.zst"), None).await;
+    assert_eq!(got.status, 502);
+    assert_eq!(directories(cache_dir.path()), vec!["deep", "deep/dir"]);
+    assert_eq!(listing(cache_dir.path()), vec!["deep/dir/vmlinuz"]);
+    cache.stop().await;
 }
