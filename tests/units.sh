@@ -2,9 +2,12 @@
 # The systemd units as systemd reads them: `systemd-analyze verify` is clean for every unit in
 # units/ (ExecStart pointed at the binary we built, since it is not installed on this host), also
 # with the example trigger drop-ins of units/examples/trigger/ applied; `systemd-analyze security
-# --offline` rates netboot.service at exposure 2.0 or lower (the full table is printed, so the
-# remaining exposures are visible in the CI log); the sysusers and tmpfiles entries apply to an
-# empty root; netboot.path is the only netboot unit with an [Install] target.
+# --offline` rates netboot.service, imageserver.service and provisioner-pod-network.service (the
+# full tables are printed, so the remaining exposures are visible in the CI log); the sysusers
+# and tmpfiles entries apply to an empty root; netboot.path is the only netboot unit with an
+# [Install] target; netboot.service and imageserver.service set LimitNOFILE=, MemoryMax= and
+# TasksMax= consistent with the HTTP connection cap and the runtime's threads, and rate exposure
+# 1.5 or lower (provisioner-pod-network.service: 2.0 or lower).
 TEST_NAME=units
 . "$(dirname "$0")/lib.sh"
 
@@ -52,10 +55,35 @@ check "tmpfiles entry creates /etc/provisioner/machines" bash -c "
     systemd-tmpfiles --root='$WORK/sysroot' --create '$REPO/units/provisioner.tmpfiles.conf' &&
     [ -d '$WORK/sysroot/etc/provisioner/machines' ]"
 
-for unit in netboot.service provisioner-pod-network.service; do
+# Resource limits, consistent with what the code allows itself: HTTP lowers its connection
+# cap to (LimitNOFILE - 256) / 2, so the default cap must fit; the runtime's threads
+# (agent/src/main.rs) must fit TasksMax=; MemoryMax= must be set (tests/attack.sh measures
+# the RSS under attack against a bound below it).
+unit_value() { sed -n "s/^$2=//p" "$REPO/units/$1" | tail -1; }
+const() { sed -n "s/.*const $2: usize = \([0-9]*\);.*/\1/p" "$REPO/$1"; }
+http_cap=$(sed -n 's/^    maxConnections: \([0-9]*\)$/\1/p' "$REPO/provisioner.yaml.example")
+imageserver_cap=$("$PROVISIONER" imageserver --help 2>/dev/null | sed -n '/--max-connections <MAX_CONNECTIONS>/,/default:/s/.*\[default: \([0-9]*\)\].*/\1/p' | head -1)
+threads=$(( $(const agent/src/main.rs MAX_WORKER_THREADS) + $(const agent/src/main.rs MAX_BLOCKING_THREADS) ))
+log "HTTP cap netboot ${http_cap:-?}, imageserver ${imageserver_cap:-?}; runtime threads at most $threads"
+for pair in "netboot.service:${http_cap:-0}" "imageserver.service:${imageserver_cap:-0}"; do
+    unit=${pair%%:*} cap=${pair#*:}
+    nofile=$(unit_value "$unit" LimitNOFILE) memmax=$(unit_value "$unit" MemoryMax) tasks=$(unit_value "$unit" TasksMax)
+    log "$unit: LimitNOFILE=$nofile MemoryMax=$memmax TasksMax=$tasks"
+    check "$unit LimitNOFILE=${nofile:-unset} holds $cap connections of two descriptors plus 256" \
+        bash -c '[[ $1 =~ ^[0-9]+$ ]] && [ "$2" -gt 0 ] && [ $(( ($1 - 256) / 2 )) -ge "$2" ]' _ "$nofile" "$cap"
+    check "$unit TasksMax=${tasks:-unset} above the runtime's $threads threads (+16 for the rest)" \
+        bash -c '[[ $1 =~ ^[0-9]+$ ]] && [ "$1" -ge $(( $2 + 16 )) ]' _ "$tasks" "$threads"
+    check "$unit MemoryMax=${memmax:-unset} set, at least 128M" \
+        bash -c '[[ $1 =~ ^([0-9]+)([MG])$ ]] && { [ "${BASH_REMATCH[2]}" = G ] || [ "${BASH_REMATCH[1]}" -ge 128 ]; }' _ "$memmax"
+done
+
+# netboot and the imageserver face the provisioning LAN: 1.5 at most; the pod-network
+# daemon runs on the nodes, as root for its routes: 2.0.
+for pair in netboot.service:1.5 imageserver.service:1.5 provisioner-pod-network.service:2.0; do
+    unit=${pair%%:*} max=${pair#*:}
     table=$(systemd-analyze security --offline=true --no-pager "$WORK/units/$unit" 2>&1) || true
     printf '%s\n' "$table" | grep -v '^✓'
     level=$(sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p' <<<"$table")
-    check "$unit exposure ${level:-unknown} <= 2.0" awk -v l="${level:-99}" 'BEGIN {exit !(l <= 2.0)}'
+    check "$unit exposure ${level:-unknown} <= $max" awk -v l="${level:-99}" -v m="$max" 'BEGIN {exit !(l <= m)}'
 done
 finish

@@ -25,6 +25,23 @@ use clap::{Parser, Subcommand};
 
 /// Exit code for bad configuration or usage, distinct from runtime failures (1).
 const EXIT_CONFIG: u8 = 2;
+/// Worker threads at most: the daemons are I/O-bound.
+const MAX_WORKER_THREADS: usize = 4;
+/// Blocking threads at most (file opens and reads, state-file writes, cache fetches). With
+/// the workers this stays well under the units' `TasksMax=` (units/netboot.service).
+const MAX_BLOCKING_THREADS: usize = 64;
+
+/// The daemons' runtime, with a bounded number of threads.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .min(MAX_WORKER_THREADS);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .enable_all()
+        .build()
+}
 
 #[derive(Parser)]
 #[command(
@@ -208,7 +225,7 @@ fn run(command: Command) -> ExitCode {
                 }
                 return ExitCode::from(EXIT_CONFIG);
             }
-            let runtime = match tokio::runtime::Runtime::new() {
+            let runtime = match runtime() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the async runtime: {e}");
@@ -257,7 +274,7 @@ fn run(command: Command) -> ExitCode {
                 tracing::error!("invalid options: {e:#}");
                 return ExitCode::from(EXIT_CONFIG);
             }
-            let runtime = match tokio::runtime::Runtime::new() {
+            let runtime = match runtime() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the async runtime: {e}");
