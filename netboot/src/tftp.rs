@@ -26,7 +26,10 @@
 //!   the server only accept the value or leave the option out; the server's own timeout then
 //!   applies); every transfer ends by its total deadline, `transfer_slack + size / min_rate`;
 //!   one client address holds at most [`TftpSettings::max_transfers_per_peer`] of the
-//!   [`TftpSettings::max_transfers`] permits; the blocks one transfer keeps in flight
+//!   [`TftpSettings::max_transfers`] places; when all are taken, the transfer left waiting
+//!   for an ACK the longest (for at least [`TftpSettings::timeout`]) is stopped to make room,
+//!   so never-acknowledged requests from many addresses churn through their own places; the
+//!   blocks one transfer keeps in flight
 //!   (window × blksize) stay within [`TftpSettings::window_budget`], and those of all transfers
 //!   within [`TftpSettings::memory_budget`]: the window is made smaller to fit, and a transfer
 //!   that cannot have even one block is refused as busy. What the limits did is logged as
@@ -35,18 +38,21 @@
 //! TFTP carries no MAC address, so a transfer cannot be tied to a [`crate::Machine`]; logs carry
 //! `ip` and `file` fields and no [`crate::BootEvent`] is reported.
 
+mod admission;
 pub mod packet;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 use tokio::net::UdpSocket;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use admission::{Busy, Place, Progress, Transfers};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -84,7 +90,8 @@ pub struct TftpSettings {
     pub timeout: Duration,
     /// Retransmissions of the same packet or window before a transfer is given up.
     pub max_retries: u32,
-    /// Transfers at once; requests beyond this get an error reply.
+    /// Transfers at once; beyond this a transfer left waiting for an ACK for `timeout` is
+    /// stopped to make room, else the request gets an error reply.
     pub max_transfers: usize,
     /// Upper bound for a negotiated `blksize` (at most [`MAX_BLKSIZE`]).
     pub max_blksize: u16,
@@ -132,56 +139,11 @@ impl TftpSettings {
     }
 }
 
-/// Transfers in progress per client address.
-#[derive(Default)]
-struct PeerShares {
-    counts: Mutex<HashMap<IpAddr, usize>>,
-}
-
-/// One transfer's place in [`PeerShares`]; freed when dropped.
-struct PeerShare {
-    shares: Arc<PeerShares>,
-    ip: IpAddr,
-}
-
-impl PeerShares {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
-        match self.counts.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
-    }
-
-    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<PeerShare> {
-        let mut counts = self.lock();
-        let n = counts.entry(ip).or_default();
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(PeerShare {
-            shares: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for PeerShare {
-    fn drop(&mut self) {
-        let mut counts = self.shares.lock();
-        if let Some(n) = counts.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// What the limits did, logged as one line every [`LIMITS_REPORT_EVERY`] when it changed.
 #[derive(Default)]
 struct Counters {
     refused_per_peer: std::sync::atomic::AtomicU64,
+    stopped_for_room: std::sync::atomic::AtomicU64,
     refused_memory: std::sync::atomic::AtomicU64,
     window_reduced: std::sync::atomic::AtomicU64,
     timeout_refused: std::sync::atomic::AtomicU64,
@@ -193,10 +155,11 @@ impl Counters {
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn snapshot(&self) -> [u64; 5] {
+    fn snapshot(&self) -> [u64; 6] {
         use std::sync::atomic::Ordering::Relaxed;
         [
             self.refused_per_peer.load(Relaxed),
+            self.stopped_for_room.load(Relaxed),
             self.refused_memory.load(Relaxed),
             self.window_reduced.load(Relaxed),
             self.timeout_refused.load(Relaxed),
@@ -226,8 +189,11 @@ pub async fn serve(
     let local = socket.local_addr()?;
     let tracker = TaskTracker::new();
     let abort = CancellationToken::new();
-    let permits = Arc::new(Semaphore::new(settings.max_transfers));
-    let shares = Arc::new(PeerShares::default());
+    let transfers = Transfers::new(
+        settings.max_transfers,
+        settings.max_transfers_per_peer,
+        settings.timeout,
+    );
     let shared = Arc::new(Shared {
         settings: settings.clone(),
         memory: Arc::new(Semaphore::new(
@@ -235,7 +201,7 @@ pub async fn serve(
         )),
         counters: Counters::default(),
     });
-    let mut reported = ([0u64; 5], Instant::now());
+    let mut reported = ([0u64; 6], Instant::now());
     let mut buf = vec![0u8; 65536];
     info!(
         addr = %local,
@@ -268,8 +234,8 @@ pub async fn serve(
         report_limits(&shared.counters, &mut reported);
         let ip = peer.ip();
         let reply = match Packet::parse(&buf[..len]) {
-            Ok(Packet::Rrq(req)) => match shares.take(ip, settings.max_transfers_per_peer) {
-                None => {
+            Ok(Packet::Rrq(req)) => match transfers.admit(ip) {
+                Err(Busy::PerPeer) => {
                     Counters::add(&shared.counters.refused_per_peer);
                     debug!(%ip, file = %req.filename, "TFTP request refused: this client's share of transfers is in use");
                     Some(packet::error(
@@ -277,28 +243,27 @@ pub async fn serve(
                         "server busy: too many transfers from this address, try again later",
                     ))
                 }
-                Some(share) => match permits.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        let shared = shared.clone();
-                        let abort = abort.clone();
-                        tracker.spawn(async move {
-                            let _permit = permit;
-                            let _share = share;
-                            transfer(peer, local.ip(), req, &shared, &abort).await;
-                        });
-                        None
+                Ok((place, stopped)) => {
+                    if stopped {
+                        Counters::add(&shared.counters.stopped_for_room);
                     }
-                    Err(_) => {
-                        if REFUSED_LOG.allow() {
-                            warn!(%ip, file = %req.filename, max_transfers = settings.max_transfers,
-                                "TFTP request refused: too many transfers in progress");
-                        }
-                        Some(packet::error(
-                            ErrorCode::NotDefined,
-                            "server busy: too many transfers in progress, try again later",
-                        ))
+                    let shared = shared.clone();
+                    let abort = abort.clone();
+                    tracker.spawn(async move {
+                        transfer(peer, local.ip(), req, &shared, &abort, place).await;
+                    });
+                    None
+                }
+                Err(Busy::Full) => {
+                    if REFUSED_LOG.allow() {
+                        warn!(%ip, file = %req.filename, max_transfers = settings.max_transfers,
+                            "TFTP request refused: too many transfers in progress");
                     }
-                },
+                    Some(packet::error(
+                        ErrorCode::NotDefined,
+                        "server busy: too many transfers in progress, try again later",
+                    ))
+                }
             },
             Ok(Packet::Wrq(req)) => {
                 if REFUSED_LOG.allow() {
@@ -355,7 +320,7 @@ pub async fn serve(
 }
 
 /// Logs the counters' changes since the last report, at most every [`LIMITS_REPORT_EVERY`].
-fn report_limits(counters: &Counters, reported: &mut ([u64; 5], Instant)) {
+fn report_limits(counters: &Counters, reported: &mut ([u64; 6], Instant)) {
     if reported.1.elapsed() < LIMITS_REPORT_EVERY {
         return;
     }
@@ -364,10 +329,11 @@ fn report_limits(counters: &Counters, reported: &mut ([u64; 5], Instant)) {
         let d: Vec<u64> = now.iter().zip(reported.0).map(|(a, b)| a - b).collect();
         warn!(
             refused_per_peer_share = d[0],
-            refused_memory_budget = d[1],
-            window_reduced = d[2],
-            timeout_option_refused = d[3],
-            deadline_exceeded = d[4],
+            stopped_for_room = d[1],
+            refused_memory_budget = d[2],
+            window_reduced = d[3],
+            timeout_option_refused = d[4],
+            deadline_exceeded = d[5],
             "TFTP limits applied"
         );
     }
@@ -398,6 +364,8 @@ enum TransferError {
     TimedOut(u32),
     #[error("transfer not done within its total deadline of {0:?}")]
     DeadlineExceeded(Duration),
+    #[error("stopped to make room: the client left it waiting for an ACK")]
+    Stopped,
     #[error("client went away (ICMP unreachable)")]
     ClientGone,
     #[error("cut by server shutdown")]
@@ -531,12 +499,13 @@ async fn transfer(
     req: Request,
     shared: &Shared,
     abort: &CancellationToken,
+    place: Place,
 ) {
     let ip = peer.ip();
     let file = req.filename.clone();
     let started = Instant::now();
     debug!(%ip, %file, mode = %req.mode, options = ?req.options, "TFTP read request");
-    let result = run(peer, local_ip, req, shared, abort).await;
+    let result = run(peer, local_ip, req, shared, abort, &place).await;
     if !TRANSFER_LOG.allow() {
         return;
     }
@@ -553,6 +522,8 @@ async fn transfer(
         Err(e @ TransferError::ClientError { .. }) => {
             info!(%ip, %file, "TFTP transfer ended by the client: {e}")
         }
+        // Counted; one line per stopped transfer would flood the log under attack.
+        Err(e @ TransferError::Stopped) => debug!(%ip, %file, "TFTP transfer ended: {e}"),
         Err(e @ TransferError::DeadlineExceeded(_)) => {
             Counters::add(&shared.counters.deadline_exceeded);
             warn!(%ip, %file, "TFTP transfer failed: {e}")
@@ -567,6 +538,7 @@ async fn run(
     req: Request,
     shared: &Shared,
     abort: &CancellationToken,
+    place: &Place,
 ) -> Result<(u64, Negotiated), TransferError> {
     let settings = shared.settings.as_ref();
     let started = tokio::time::Instant::now();
@@ -619,6 +591,8 @@ async fn run(
         timeout: n.timeout,
         max_retries: settings.max_retries,
         abort,
+        stop: &place.stop,
+        progress: &place.progress,
         deadline: started + total,
         total,
         base: 1,
@@ -634,7 +608,7 @@ async fn run(
         sender.send_file().await
     }
     .await;
-    if let Err(e @ TransferError::DeadlineExceeded(_)) = &sent {
+    if let Err(e @ (TransferError::DeadlineExceeded(_) | TransferError::Stopped)) = &sent {
         // Best effort: the client learns why instead of timing out.
         let _ = sender
             .sock
@@ -653,6 +627,10 @@ struct Sender<'a, R> {
     timeout: Duration,
     max_retries: u32,
     abort: &'a CancellationToken,
+    /// Cancelled when the transfer is stopped to make room for another.
+    stop: &'a CancellationToken,
+    /// Told of every ACK that moves the transfer on.
+    progress: &'a Progress,
     /// When the whole transfer must be done, and how long that was.
     deadline: tokio::time::Instant,
     total: Duration,
@@ -681,6 +659,7 @@ impl<R: AsyncRead + Unpin> Sender<'_, R> {
         let end = deadline.min(self.deadline);
         tokio::select! {
             _ = self.abort.cancelled() => Err(TransferError::Aborted),
+            _ = self.stop.cancelled() => Err(TransferError::Stopped),
             r = tokio::time::timeout_at(end, self.sock.recv(&mut self.buf)) => match r {
                 Err(_) if end == self.deadline => Err(TransferError::DeadlineExceeded(self.total)),
                 Err(_) => Ok(Received::Timeout),
@@ -713,7 +692,10 @@ impl<R: AsyncRead + Unpin> Sender<'_, R> {
                 match self.recv(deadline).await? {
                     Received::Timeout => break,
                     Received::Packet(len) => match Packet::parse(&self.buf[..len]) {
-                        Ok(Packet::Ack { block: 0 }) => return Ok(()),
+                        Ok(Packet::Ack { block: 0 }) => {
+                            self.progress.acked();
+                            return Ok(());
+                        }
                         Ok(Packet::Error { code, message }) => {
                             return Err(TransferError::ClientError { code, message })
                         }
@@ -776,6 +758,7 @@ impl<R: AsyncRead + Unpin> Sender<'_, R> {
                         let acked =
                             (0..self.pending.len() as u64).find(|i| wire(self.base + i) == block);
                         if let Some(i) = acked {
+                            self.progress.acked();
                             self.pending.drain(..=i as usize);
                             self.base += i + 1;
                             retries = 0;
@@ -923,7 +906,11 @@ mod tests {
         drop((held_a, held_b));
         assert!(reserve_memory(&shared, &mut c).is_some(), "freed");
         let counts = shared.counters.snapshot();
-        assert_eq!((counts[1], counts[2]), (1, 1));
+        assert_eq!(
+            (counts[2], counts[3]),
+            (1, 1),
+            "one refused, one window reduced"
+        );
     }
 
     #[test]

@@ -278,6 +278,50 @@ async fn reader_that_stops_is_cut_by_the_write_deadline() {
 }
 
 #[tokio::test]
+async fn readers_that_stop_from_many_addresses_make_room() {
+    // A full table of responses nobody reads, from eight addresses; the write deadline (30 s)
+    // is far: only making room lets the next client in.
+    let srv = start(
+        "stalled-many",
+        HttpLimits {
+            max_connections: 8,
+            max_connections_per_peer: 1,
+            write_timeout: Duration::from_secs(30),
+            ..HttpLimits::default()
+        },
+    )
+    .await;
+    let addr = srv.addr;
+    let mut stalled = Vec::new();
+    for i in 10..18 {
+        let mut s = connect_from(&format!("127.0.0.{i}"), addr, Some(4096)).await;
+        s.write_all(b"GET /assets/big.img HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("request");
+        stalled.push(s);
+    }
+    // Once their writes have been blocked for a second (how soon depends on how fast the
+    // server fills the socket buffers), a newcomer takes the place of one of them, long before
+    // the write deadline would have freed any.
+    let started = Instant::now();
+    for source in ["127.0.0.2", "127.0.0.3"] {
+        loop {
+            let (status, _) = legitimate(source, addr).await;
+            if status == 200 {
+                break;
+            }
+            assert_eq!(status, 0, "refused (503) until then");
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "{source} served while the table is full"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    drop(stalled);
+}
+
+#[tokio::test]
 async fn trickling_reader_is_cut_by_the_total_deadline() {
     // 32 MiB at 16 MiB/s with 1 s of slack: 3 s in all.
     let srv = start(

@@ -618,7 +618,12 @@ async fn transfers_beyond_max_are_refused() {
     a.send_to(&rrq("f1024", &[]), srv.addr).await.expect("send");
     b.send_to(&rrq("f1024", &[]), srv.addr).await.expect("send");
     let (_, tid_a) = recv(&a).await;
-    let (_, _tid_b) = recv(&b).await;
+    let (_, tid_b) = recv(&b).await;
+    // Both clients answer (a transfer never acknowledged would be stopped for a newcomer).
+    a.send_to(&ack(1), tid_a).await.expect("ack");
+    b.send_to(&ack(1), tid_b).await.expect("ack");
+    assert!(matches!(recv(&a).await.0, Pkt::Data(2, _)));
+    assert!(matches!(recv(&b).await.0, Pkt::Data(2, _)));
     c.send_to(&rrq("f1024", &[]), srv.addr).await.expect("send");
     let (pkt, from) = recv(&c).await;
     assert!(
@@ -627,8 +632,6 @@ async fn transfers_beyond_max_are_refused() {
     );
     assert_eq!(from, srv.addr, "refusal comes from the listening port");
     // Finishing one transfer frees a slot.
-    a.send_to(&ack(1), tid_a).await.expect("ack");
-    recv(&a).await;
     a.send_to(&ack(2), tid_a).await.expect("ack");
     recv(&a).await;
     a.send_to(&ack(3), tid_a).await.expect("ack");
@@ -853,4 +856,80 @@ async fn a_slow_client_is_stopped_by_the_total_deadline() {
         took >= Duration::from_millis(600) && took < Duration::from_secs(3),
         "{took:?}"
     );
+}
+
+#[tokio::test]
+async fn never_acknowledged_transfers_from_many_addresses_make_room() {
+    let srv = start("makeroom", |s| {
+        s.max_transfers = 4;
+        s.max_transfers_per_peer = 2;
+        s.timeout = Duration::from_secs(5);
+    })
+    .await;
+    // Forty requests from eight addresses, never acknowledged, into four places: each one
+    // displaces the oldest silent transfer (whose client is told), none is refused.
+    let mut silent = Vec::new();
+    for i in 0..40 {
+        let sock = client_from(&format!("127.0.0.{}", 10 + i % 8)).await;
+        sock.send_to(&rrq("f100000", &[]), srv.addr)
+            .await
+            .expect("send");
+        silent.push(sock);
+    }
+    for sock in &silent {
+        assert!(
+            matches!(recv(sock).await.0, Pkt::Data(1, _)),
+            "a transfer for each"
+        );
+    }
+    // The first 36 were stopped for newer ones (their clients are told); the last 4 hold.
+    for sock in &silent[..36] {
+        match recv(sock).await.0 {
+            Pkt::Error(0, m) => assert!(m.contains("stopped"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    // A newcomer that acknowledges keeps its transfer while silent requests keep coming.
+    let legit = client().await;
+    legit
+        .send_to(&rrq("f5000", &[]), srv.addr)
+        .await
+        .expect("send");
+    let (pkt, tid) = recv(&legit).await;
+    let mut data = match pkt {
+        Pkt::Data(1, d) => d,
+        other => panic!("{other:?}"),
+    };
+    legit.send_to(&ack(1), tid).await.expect("ack");
+    // DATA 2 comes after the server took the ACK in: from here on the client has answered.
+    let mut block = 2;
+    match recv(&legit).await.0 {
+        Pkt::Data(2, d) => data.extend(d),
+        other => panic!("{other:?}"),
+    }
+    for i in 0..40 {
+        silent[i % silent.len()]
+            .send_to(&rrq("f100000", &[]), srv.addr)
+            .await
+            .expect("send");
+    }
+    for sock in &silent {
+        assert!(recv_within(sock, Duration::from_secs(2)).await.is_some());
+    }
+    loop {
+        legit.send_to(&ack(block), tid).await.expect("ack");
+        match recv(&legit).await.0 {
+            Pkt::Data(b, d) if b == block + 1 => {
+                let last = d.len() < 512;
+                data.extend(d);
+                block = b;
+                if last {
+                    legit.send_to(&ack(block), tid).await.expect("ack");
+                    break;
+                }
+            }
+            other => panic!("the transfer of a client that answers was stopped: {other:?}"),
+        }
+    }
+    assert_eq!(data, file(&srv, "f5000"));
 }

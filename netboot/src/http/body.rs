@@ -111,10 +111,16 @@ impl FileStream {
             return Poll::Ready(None);
         }
         let want = usize::try_from(self.remaining).map_or(CHUNK, |r| r.min(CHUNK));
-        self.buf.resize(want, 0);
-        let mut read = ReadBuf::new(&mut self.buf[..want]);
+        // The chunk's buffer is handed to hyper as it is (no copy), so none is kept here
+        // between chunks: a connection whose client does not read holds one chunk less.
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(want, 0);
+        let mut read = ReadBuf::new(&mut buf[..want]);
         match Pin::new(&mut self.file).poll_read(cx, &mut read) {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                self.buf = buf;
+                Poll::Pending
+            }
             Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
             Poll::Ready(Ok(())) => {
                 let n = read.filled().len();
@@ -127,7 +133,8 @@ impl FileStream {
                     ))));
                 }
                 self.remaining -= n as u64;
-                let chunk = Bytes::copy_from_slice(read.filled());
+                buf.truncate(n);
+                let chunk = Bytes::from(buf);
                 if self.remaining == 0 {
                     if let Some(done) = self.on_complete.take() {
                         done();

@@ -12,11 +12,12 @@
 //!   the write deadline still lets go in bounded time.
 //! * **Caps**: at most [`HttpLimits::max_connections_per_peer`] connections per client
 //!   address, and [`HttpLimits::max_connections`] in all, clamped below the file descriptor
-//!   limit (each connection may hold a socket and a file). When the table is full, the
-//!   connection that made no progress for the longest is closed to make room, provided it is
-//!   idle (no request in flight: reading headers or kept alive) or stalled for
-//!   [`STALLED`]; only when every connection is busy and moving is a newcomer refused (503).
-//!   A flood from many addresses thus churns through its own idle connections instead of
+//!   limit (each connection may hold a socket and a file). When the table is full, a
+//!   connection is closed to make room: of those that are idle (no request in flight: reading
+//!   headers or kept alive) or whose response has been unable to write for [`STALLED`] (the
+//!   client does not read), the one that waited longest. Only when every connection is busy
+//!   and moving (or waiting on the server itself, e.g. a cache fetch) is a newcomer refused
+//!   (503). A flood from many addresses thus churns through its own connections instead of
 //!   holding out the next legitimate client.
 
 use std::collections::HashMap;
@@ -71,9 +72,9 @@ pub const DEFAULT_RESPONSE_SLACK: Duration = Duration::from_secs(60);
 /// Default [`HttpLimits::reserved_fds`]: TFTP's 64 transfers take up to 128.
 pub const DEFAULT_RESERVED_FDS: u64 = 256;
 
-/// A busy connection without progress for this long (or the write timeout, if shorter) may be
+/// A response that could not write for this long (or the write timeout, if shorter) may be
 /// closed to make room when the table is full.
-pub const STALLED: Duration = Duration::from_secs(5);
+pub const STALLED: Duration = Duration::from_secs(1);
 
 impl Default for HttpLimits {
     fn default() -> Self {
@@ -114,6 +115,10 @@ pub(crate) fn nofile_limit() -> Option<u64> {
     }
 }
 
+/// Stored times count from here, so that 0 ("none") is never a time and a time minus a few
+/// seconds stays one.
+const TIME_BASE: u64 = 1 << 32;
+
 /// What one connection shares with the table, its I/O wrapper and its service.
 #[derive(Default)]
 pub(crate) struct ConnState {
@@ -121,6 +126,9 @@ pub(crate) struct ConnState {
     busy: AtomicBool,
     /// Milliseconds since the registry's epoch of the last byte read or written.
     last_progress: AtomicU64,
+    /// Milliseconds since the epoch from which a write has been waiting for the client to
+    /// read; 0: no write is waiting.
+    write_blocked: AtomicU64,
     /// Milliseconds since the epoch by which the current response must be written; 0: none.
     deadline: AtomicU64,
     /// The connection was closed by a deadline (for the counters).
@@ -237,8 +245,10 @@ impl Registry {
         }
     }
 
+    /// Milliseconds since the epoch, counted from [`TIME_BASE`].
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+        TIME_BASE
+            .saturating_add(u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX))
     }
 
     /// Connections in the table.
@@ -265,9 +275,13 @@ impl Registry {
                 .conns
                 .iter()
                 .filter_map(|(id, e)| {
-                    let last = e.state.last_progress.load(Ordering::Relaxed);
-                    let idle = !e.state.busy.load(Ordering::Relaxed);
-                    (idle || now.saturating_sub(last) >= stalled).then_some((last, *id))
+                    if !e.state.busy.load(Ordering::Relaxed) {
+                        return Some((e.state.last_progress.load(Ordering::Relaxed), *id));
+                    }
+                    match e.state.write_blocked.load(Ordering::Relaxed) {
+                        0 => None,
+                        since => (now.saturating_sub(since) >= stalled).then_some((since, *id)),
+                    }
                 })
                 .min()
                 .map(|(_, id)| id);
@@ -414,6 +428,12 @@ impl<T> GuardedIo<T> {
             .store(self.registry.now_ms(), Ordering::Relaxed);
     }
 
+    fn wrote(&mut self) {
+        self.progress();
+        self.stall = None;
+        self.state.write_blocked.store(0, Ordering::Relaxed);
+    }
+
     fn timed_out(&self, what: &'static str) -> io::Error {
         self.state.timed_out.store(true, Ordering::Relaxed);
         io::Error::new(io::ErrorKind::TimedOut, what)
@@ -436,14 +456,16 @@ impl<T> GuardedIo<T> {
         match result {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
-                    self.progress();
-                    self.stall = None;
+                    self.wrote();
                 }
                 Poll::Ready(Ok(n))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
                 if self.stall.is_none() {
+                    self.state
+                        .write_blocked
+                        .store(self.registry.now_ms(), Ordering::Relaxed);
                     let mut wait = self.registry.limits.write_timeout;
                     if let Some(left) = self.until_deadline() {
                         wait = wait.min(Duration::from_millis(left));
@@ -554,7 +576,7 @@ mod tests {
         let a1 = registry.admit(a).expect("first");
         let a2 = registry.admit(a).expect("second");
         assert_eq!(registry.admit(a).err(), Some(Refused::PerPeer));
-        // b's connection is busy and moving: never shed.
+        // b's connection is busy and moving (or waiting on the server): never shed.
         let b1 = registry.admit(b).expect("b");
         registry.request_started(&b1.state);
         // Full: the idle connection that made no progress for the longest goes (a1, the oldest).
@@ -572,10 +594,16 @@ mod tests {
         registry.request_started(&a2.state);
         registry.request_started(&c1.state);
         assert_eq!(registry.admit(c).err(), Some(Refused::Full));
+        // A response that has not been able to write for a second goes first.
+        c1.state
+            .write_blocked
+            .store(registry.now_ms() - 1000, Ordering::Relaxed);
+        let c2 = registry.admit(c).expect("c2 takes c1's place");
+        assert!(c1.shed.is_cancelled());
         // A place freed: admitted.
-        drop(c1);
-        let _c2 = registry.admit(c).expect("room again");
-        assert_eq!(registry.counters.shed.load(Ordering::Relaxed), 1);
+        drop(c2);
+        let _c3 = registry.admit(c).expect("room again");
+        assert_eq!(registry.counters.shed.load(Ordering::Relaxed), 2);
         assert_eq!(registry.counters.refused_full.load(Ordering::Relaxed), 1);
         assert_eq!(
             registry.counters.refused_per_peer.load(Ordering::Relaxed),
