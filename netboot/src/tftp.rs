@@ -52,7 +52,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
 use tokio::net::UdpSocket;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use admission::{Busy, Place, Progress, Transfers};
+use admission::{Busy, Place, Transfers};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -591,8 +591,7 @@ async fn run(
         timeout: n.timeout,
         max_retries: settings.max_retries,
         abort,
-        stop: &place.stop,
-        progress: &place.progress,
+        place,
         deadline: started + total,
         total,
         base: 1,
@@ -627,10 +626,9 @@ struct Sender<'a, R> {
     timeout: Duration,
     max_retries: u32,
     abort: &'a CancellationToken,
-    /// Cancelled when the transfer is stopped to make room for another.
-    stop: &'a CancellationToken,
-    /// Told of every ACK that moves the transfer on.
-    progress: &'a Progress,
+    /// Its place in the transfer table: told of every ACK that moves the transfer on, and
+    /// cancelled when the transfer is stopped to make room for another.
+    place: &'a Place,
     /// When the whole transfer must be done, and how long that was.
     deadline: tokio::time::Instant,
     total: Duration,
@@ -659,7 +657,7 @@ impl<R: AsyncRead + Unpin> Sender<'_, R> {
         let end = deadline.min(self.deadline);
         tokio::select! {
             _ = self.abort.cancelled() => Err(TransferError::Aborted),
-            _ = self.stop.cancelled() => Err(TransferError::Stopped),
+            _ = self.place.stop.cancelled() => Err(TransferError::Stopped),
             r = tokio::time::timeout_at(end, self.sock.recv(&mut self.buf)) => match r {
                 Err(_) if end == self.deadline => Err(TransferError::DeadlineExceeded(self.total)),
                 Err(_) => Ok(Received::Timeout),
@@ -693,11 +691,13 @@ impl<R: AsyncRead + Unpin> Sender<'_, R> {
                     Received::Timeout => break,
                     Received::Packet(len) => match Packet::parse(&self.buf[..len]) {
                         Ok(Packet::Ack { block: 0 }) => {
-                            self.progress.acked();
+                            self.place.acked();
                             return Ok(());
                         }
                         Ok(Packet::Error { code, message }) => {
-                            return Err(TransferError::ClientError { code, message })
+                            // UEFI's tsize probe ends so: the client is there and answers.
+                            self.place.acked();
+                            return Err(TransferError::ClientError { code, message });
                         }
                         _ => {}
                     },
@@ -758,7 +758,7 @@ impl<R: AsyncRead + Unpin> Sender<'_, R> {
                         let acked =
                             (0..self.pending.len() as u64).find(|i| wire(self.base + i) == block);
                         if let Some(i) = acked {
-                            self.progress.acked();
+                            self.place.acked();
                             self.pending.drain(..=i as usize);
                             self.base += i + 1;
                             retries = 0;

@@ -300,9 +300,9 @@ async fn readers_that_stop_from_many_addresses_make_room() {
             .expect("request");
         stalled.push(s);
     }
-    // Once their writes have been blocked for a second (how soon depends on how fast the
-    // server fills the socket buffers), a newcomer takes the place of one of them, long before
-    // the write deadline would have freed any.
+    // Once their writes block (how soon depends on how fast the server fills the socket
+    // buffers), a newcomer takes the place of one of them, long before the write deadline
+    // would have freed any.
     let started = Instant::now();
     for source in ["127.0.0.2", "127.0.0.3"] {
         loop {

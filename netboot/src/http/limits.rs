@@ -14,11 +14,13 @@
 //!   address, and [`HttpLimits::max_connections`] in all, clamped below the file descriptor
 //!   limit (each connection may hold a socket and a file). When the table is full, a
 //!   connection is closed to make room: of those that are idle (no request in flight: reading
-//!   headers or kept alive) or whose response has been unable to write for [`STALLED`] (the
-//!   client does not read), the one that waited longest. Only when every connection is busy
-//!   and moving (or waiting on the server itself, e.g. a cache fetch) is a newcomer refused
-//!   (503). A flood from many addresses thus churns through its own connections instead of
-//!   holding out the next legitimate client.
+//!   headers or kept alive) or whose response is waiting for the client to read, the one
+//!   that has waited longest. Only when every connection is busy and moving (or waiting on the
+//!   server itself, e.g. a cache fetch) is a newcomer refused (503). A flood from many
+//!   addresses, however fast, thus churns through its own connections instead of holding out
+//!   the next legitimate client, whose own waits are short (a download that is reading
+//!   resets its wait with every write). A grace period before a connection may be closed
+//!   would let a fast enough flood refill every place as soon as it became free.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -71,10 +73,6 @@ pub const DEFAULT_MIN_RATE: u64 = 256 * 1024;
 pub const DEFAULT_RESPONSE_SLACK: Duration = Duration::from_secs(60);
 /// Default [`HttpLimits::reserved_fds`]: TFTP's 64 transfers take up to 128.
 pub const DEFAULT_RESERVED_FDS: u64 = 256;
-
-/// A response that could not write for this long (or the write timeout, if shorter) may be
-/// closed to make room when the table is full.
-pub const STALLED: Duration = Duration::from_secs(1);
 
 impl Default for HttpLimits {
     fn default() -> Self {
@@ -257,8 +255,8 @@ impl Registry {
         self.lock().conns.len()
     }
 
-    /// Takes a place for a connection from `peer`, closing the least active idle or stalled
-    /// connection when the table is full.
+    /// Takes a place for a connection from `peer`, closing the idle or write-blocked connection
+    /// that has waited longest when the table is full.
     pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Admitted, Refused> {
         let now = self.now_ms();
         let mut table = self.lock();
@@ -269,8 +267,6 @@ impl Registry {
             return Err(Refused::PerPeer);
         }
         if table.conns.len() >= self.cap {
-            let stalled = u64::try_from(STALLED.min(self.limits.write_timeout).as_millis())
-                .unwrap_or(u64::MAX);
             let victim = table
                 .conns
                 .iter()
@@ -280,7 +276,7 @@ impl Registry {
                     }
                     match e.state.write_blocked.load(Ordering::Relaxed) {
                         0 => None,
-                        since => (now.saturating_sub(since) >= stalled).then_some((since, *id)),
+                        since => Some((since, *id)),
                     }
                 })
                 .min()
@@ -594,10 +590,10 @@ mod tests {
         registry.request_started(&a2.state);
         registry.request_started(&c1.state);
         assert_eq!(registry.admit(c).err(), Some(Refused::Full));
-        // A response that has not been able to write for a second goes first.
+        // A response waiting for its client to read goes.
         c1.state
             .write_blocked
-            .store(registry.now_ms() - 1000, Ordering::Relaxed);
+            .store(registry.now_ms() - 10, Ordering::Relaxed);
         let c2 = registry.admit(c).expect("c2 takes c1's place");
         assert!(c1.shed.is_cancelled());
         // A place freed: admitted.

@@ -6,7 +6,10 @@
 //! ever displaces its own transfers: a newcomer always gets a place, and a client that has
 //! acknowledged once keeps its transfer while it keeps acknowledging. (Any fixed grace before a
 //! silent transfer may be displaced would let a fast enough flood refill every place as soon as
-//! it became free.)
+//! it became free.) A client's very first transfer is exposed for as long as its first ACK
+//! takes, against `max_transfers` newer silent requests (64 at 300 requests/s: 210 ms); an
+//! address that answered a transfer in the last [`KNOWN_FOR`] (a PXE client's tsize probe, an
+//! earlier file) starts its transfers as answered.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -18,10 +21,13 @@ use tokio_util::sync::CancellationToken;
 
 /// Stored times count from here, so that a time minus a few seconds stays one.
 const TIME_BASE: u64 = 1 << 32;
+/// How long an address that answered a transfer counts as known.
+pub const KNOWN_FOR: Duration = Duration::from_secs(600);
+/// Known addresses kept at most (expired ones are dropped first; beyond, no more are added).
+const KNOWN_CAPACITY: usize = 4096;
 
 /// What a transfer shares with the table.
-pub(super) struct Progress {
-    epoch: Instant,
+struct Progress {
     /// Milliseconds (from [`TIME_BASE`]) of the last ACK that moved the transfer on, or of its
     /// start.
     last_ack: AtomicU64,
@@ -32,13 +38,6 @@ pub(super) struct Progress {
 impl Progress {
     fn now(epoch: Instant) -> u64 {
         TIME_BASE.saturating_add(u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX))
-    }
-
-    /// The client acknowledged something new.
-    pub fn acked(&self) {
-        self.last_ack
-            .store(Self::now(self.epoch), Ordering::Relaxed);
-        self.answered.store(true, Ordering::Relaxed);
     }
 }
 
@@ -53,6 +52,8 @@ struct Table {
     next_id: u64,
     entries: HashMap<u64, Entry>,
     per_peer: HashMap<IpAddr, usize>,
+    /// Addresses that answered a transfer, and when they last did.
+    known: HashMap<IpAddr, u64>,
 }
 
 impl Table {
@@ -92,9 +93,21 @@ pub(super) struct Transfers {
 pub(super) struct Place {
     transfers: Arc<Transfers>,
     id: u64,
-    pub progress: Arc<Progress>,
+    peer: IpAddr,
+    progress: Arc<Progress>,
     /// Cancelled when the transfer is stopped to make room.
     pub stop: CancellationToken,
+}
+
+impl Place {
+    /// The client acknowledged something new (or answered at all: an ERROR counts).
+    pub fn acked(&self) {
+        let now = Progress::now(self.transfers.epoch);
+        self.progress.last_ack.store(now, Ordering::Relaxed);
+        if !self.progress.answered.swap(true, Ordering::Relaxed) {
+            self.transfers.remember(self.peer, now);
+        }
+    }
 }
 
 impl Drop for Place {
@@ -119,6 +132,18 @@ impl Transfers {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         }
+    }
+
+    fn remember(&self, peer: IpAddr, now: u64) {
+        let ttl = u64::try_from(KNOWN_FOR.as_millis()).unwrap_or(u64::MAX);
+        let mut table = self.lock();
+        if table.known.len() >= KNOWN_CAPACITY && !table.known.contains_key(&peer) {
+            table.known.retain(|_, at| now.saturating_sub(*at) < ttl);
+            if table.known.len() >= KNOWN_CAPACITY {
+                return;
+            }
+        }
+        table.known.insert(peer, now);
     }
 
     /// A place for a transfer to `peer`; `Ok((place, stopped))` tells whether another transfer
@@ -156,10 +181,14 @@ impl Transfers {
         }
         let id = table.next_id;
         table.next_id += 1;
+        let ttl = u64::try_from(KNOWN_FOR.as_millis()).unwrap_or(u64::MAX);
+        let known = table
+            .known
+            .get(&peer)
+            .is_some_and(|at| now.saturating_sub(*at) < ttl);
         let progress = Arc::new(Progress {
-            epoch: self.epoch,
             last_ack: AtomicU64::new(now),
-            answered: AtomicBool::new(false),
+            answered: AtomicBool::new(known),
         });
         let stop = CancellationToken::new();
         table.entries.insert(
@@ -175,6 +204,7 @@ impl Transfers {
             Place {
                 transfers: self.clone(),
                 id,
+                peer,
                 progress,
                 stop,
             },
@@ -205,7 +235,7 @@ mod tests {
         assert_eq!(transfers.lock().entries.len(), 3);
         // Every client answers and keeps answering: busy.
         for p in [&a2, &b1, &b2] {
-            p.progress.acked();
+            p.acked();
         }
         assert_eq!(transfers.admit(c).err(), Some(Busy::Full));
         // b1 went quiet 2 s ago, a2 1.5 s ago: b1 goes first.
@@ -214,17 +244,37 @@ mod tests {
         a2.progress.last_ack.store(now - 1500, Ordering::Relaxed);
         let (c1, stopped) = transfers.admit(c).expect("c1 takes b1's place");
         assert!(stopped && b1.stop.is_cancelled() && !a2.stop.is_cancelled());
-        c1.progress.acked();
+        c1.acked();
         let (c2, _) = transfers.admit(c).expect("c2 takes a2's place");
         assert!(a2.stop.is_cancelled());
-        // A silent newcomer goes before the others, even those quiet for a while.
+        // c answered before: c2 counts as answered. b2 went quiet 5 s ago and goes for d1.
         b2.progress.last_ack.store(now - 5000, Ordering::Relaxed);
-        let (a3, _) = transfers
-            .admit(a)
-            .expect("a3 takes c2's place, the silent one");
-        assert!(c2.stop.is_cancelled() && !c1.stop.is_cancelled());
-        drop((a2, a3, b1, b2, c1, c2));
+        let d: IpAddr = "10.0.0.4".parse().expect("ip");
+        let (d1, _) = transfers.admit(d).expect("d1 takes b2's place");
+        assert!(b2.stop.is_cancelled());
+        // d has never answered: its silent transfer goes first.
+        let (a3, _) = transfers.admit(a).expect("a3 takes d1's place");
+        assert!(d1.stop.is_cancelled() && !c1.stop.is_cancelled() && !c2.stop.is_cancelled());
+        drop((a2, a3, b1, b2, c1, c2, d1));
         assert_eq!(transfers.lock().entries.len(), 0);
         assert!(transfers.lock().per_peer.is_empty());
+    }
+
+    #[test]
+    fn an_address_that_answered_starts_as_answered() {
+        let transfers = Transfers::new(2, 2, Duration::from_secs(1));
+        let known: IpAddr = "10.0.0.20".parse().expect("ip");
+        let other: IpAddr = "10.0.0.99".parse().expect("ip");
+        let (first, _) = transfers.admit(known).expect("first");
+        first.acked();
+        drop(first);
+        // Its next transfer, silent so far, outlasts a stranger's silent one.
+        let (again, _) = transfers.admit(known).expect("again");
+        let (stranger, _) = transfers.admit(other).expect("stranger");
+        let (_newcomer, stopped) = transfers.admit(other).expect("newcomer");
+        assert!(stopped && stranger.stop.is_cancelled() && !again.stop.is_cancelled());
+        // Still full of an answered, moving transfer and the silent newcomer: the newcomer goes.
+        let (_next, _) = transfers.admit(other).expect("next");
+        assert!(!again.stop.is_cancelled());
     }
 }
