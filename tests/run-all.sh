@@ -29,6 +29,7 @@ NETWORK_TESTS=(
     tests/imageserver-cache.sh
     tests/cloud-init.sh
     tests/stage2-writer.sh
+    tests/attack.sh
     # The controller against real etcd + kube-apiserver from the Kubernetes bundle (no QEMU).
     tests/kube-live.sh
 )
