@@ -2,7 +2,8 @@
 # Runs every test, in three tiers, each timed:
 #   unit     cargo fmt --check, cargo clippy -D warnings, cargo test: no root, no network
 #            namespace, minutes; runs first
-#   network  as root: real clients and servers in network namespaces, the Kubernetes live tests
+#   network  as root: real clients and servers in network namespaces, the Kubernetes live tests,
+#            the fuzz targets for 20 s each
 #   qemu     as root: QEMU boots (TCG) and the image build
 # Usage: tests/run-all.sh [--unit | --quick | --network | --qemu]
 #   (none)     all three tiers (what CI runs: .ci/run)
@@ -86,6 +87,8 @@ tier_network() {
     step "cargo build"
     cargo build --workspace --all-targets --locked
     for t in "${NETWORK_TESTS[@]}"; do run "$t"; done
+    # The fuzz targets, 20 s each (nightly toolchain and cargo-fuzz, installed when missing).
+    run tests/fuzz.sh FUZZ_SECONDS="${FUZZ_SECONDS:-20}"
 }
 
 tier_qemu() {

@@ -1,22 +1,9 @@
-//! `provisioner`: the host agent and its tools.
+//! `provisioner`: the host agent and its tools (the command line over the `agent` library).
 
-mod check_config;
-mod cloud_config_cmd;
-mod cloudinit;
-mod cluster;
-mod config;
-mod daemon;
-mod dbus;
-mod imageserver;
-mod logging;
-mod machines;
-mod pod_network;
-mod preflight;
-mod provisioning;
-mod status;
-mod status_cmd;
-mod systemd;
-mod validate;
+use agent::{
+    check_config, cloud_config_cmd, cluster, config, daemon, imageserver, logging, pod_network,
+    preflight, status_cmd,
+};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -311,7 +298,7 @@ fn run(command: Command) -> ExitCode {
             };
             let result = runtime.block_on(async {
                 let shutdown = tokio_util::sync::CancellationToken::new();
-                tokio::spawn(cancel_on_signal(shutdown.clone()));
+                tokio::spawn(agent::cancel_on_signal(shutdown.clone()));
                 pod_network::run(options, shutdown).await
             });
             match result {
@@ -323,22 +310,4 @@ fn run(command: Command) -> ExitCode {
             }
         }
     }
-}
-
-/// Cancels `token` on SIGTERM (systemd stopping the unit) or SIGINT.
-pub(crate) async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            tracing::warn!("cannot watch SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    token.cancel();
 }

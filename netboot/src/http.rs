@@ -30,7 +30,7 @@
 //! Connections are bounded by [`HttpLimits`] (see [`limits`]): header, write and total
 //! response deadlines, a per-peer and a global connection cap below the file descriptor limit,
 //! and small write buffers (hyper's `max_buf_size` of [`MAX_BUF`]), so a slow reader holds
-//! about 130 KiB of memory and never more.
+//! about 200 KiB of memory (hyper's queue, a file chunk, the file's read buffer) and never more.
 //!
 //! Completed asset downloads are not reported as [`BootEvent::FileServed`]: a request for
 //! `/assets/vmlinuz` carries nothing that names the machine (the lookup is by MAC only, and the
@@ -70,6 +70,7 @@ use crate::provisioning::{
 };
 
 use body::Body;
+pub use files::{parse_range, RangeRequest};
 pub use limits::HttpLimits;
 use limits::{Admitted, GuardedIo, Registry, Tracked};
 
@@ -974,7 +975,7 @@ pub(crate) fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
 
 /// Percent-decodes a request path (after the route prefix) and rejects what no served file can
 /// be called: bad escapes, non-UTF-8, NUL and control bytes, backslashes and `..` segments.
-fn decode_path(raw: &str) -> Result<String, &'static str> {
+pub fn decode_path(raw: &str) -> Result<String, &'static str> {
     // percent_decode_str leaves a `%` without two hex digits as it is: such a path is refused.
     let bytes = raw.as_bytes();
     let bad_escape = bytes.iter().enumerate().any(|(i, &b)| {

@@ -167,6 +167,44 @@ fn read_documents(text: &str) -> Vec<Read> {
     documents
 }
 
+/// A Machine of a file: its document index (from 1), name and spec.
+type Found = (usize, String, MachineSpec);
+
+/// The Machines of one file's text, and the rejections of its other documents (with `file`).
+fn read_file(text: &str, file: Option<&Path>) -> (Vec<Found>, Vec<Rejection>) {
+    let mut machines = Vec::new();
+    let mut rejected = Vec::new();
+    for (i, document) in read_documents(text).into_iter().enumerate() {
+        match document {
+            Read::Empty => {}
+            Read::Machine { name, spec } => machines.push((i + 1, name, *spec)),
+            Read::Rejected { name, problem } => rejected.push(Rejection {
+                machine: name,
+                file: file.map(Path::to_path_buf),
+                document: Some(i + 1),
+                problem: Problem::Malformed(problem),
+            }),
+        }
+    }
+    (machines, rejected)
+}
+
+/// One manifest file's text judged as [`load_dir`] judges a folder holding only that file
+/// (without a file name in the rejections). The fuzz target `machine_yaml` runs it.
+pub fn judge_text(text: &str, rules: &AddressRules) -> Snapshot {
+    let (machines, malformed) = read_file(text, None);
+    let claims = machines.iter().map(|(document, name, spec)| Claim {
+        name,
+        spec,
+        file: None,
+        document: Some(*document),
+    });
+    let mut snapshot = judge(claims, rules);
+    snapshot.rejected.extend(malformed);
+    snapshot.rejected.sort_by_key(|r| r.document);
+    snapshot
+}
+
 /// Every manifest of `dir`, sorted: `*.yaml` and `*.yml` regular files.
 fn manifests(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
@@ -185,32 +223,28 @@ fn scan(dir: &Path, rules: &AddressRules) -> std::io::Result<(Snapshot, HashMap<
     let mut malformed: Vec<Rejection> = Vec::new();
     let mut machines: Vec<(&Path, usize, String, MachineSpec)> = Vec::new();
     for file in &files {
-        let reject =
-            |document: Option<usize>, machine: Option<String>, problem: Malformed| Rejection {
-                machine,
-                file: Some(file.clone()),
-                document,
-                problem: Problem::Malformed(problem),
-            };
         let text = match std::fs::read_to_string(file) {
             Ok(text) => text,
             Err(e) => {
-                malformed.push(reject(None, None, Malformed::Unreadable(e.to_string())));
+                malformed.push(Rejection {
+                    machine: None,
+                    file: Some(file.clone()),
+                    document: None,
+                    problem: Problem::Malformed(Malformed::Unreadable(e.to_string())),
+                });
                 continue;
             }
         };
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         text.hash(&mut hasher);
         fingerprints.insert(file.clone(), hasher.finish());
-        for (i, document) in read_documents(&text).into_iter().enumerate() {
-            match document {
-                Read::Empty => {}
-                Read::Machine { name, spec } => machines.push((file, i + 1, name, *spec)),
-                Read::Rejected { name, problem } => {
-                    malformed.push(reject(Some(i + 1), name, problem))
-                }
-            }
-        }
+        let (found, rejected) = read_file(&text, Some(file));
+        machines.extend(
+            found
+                .into_iter()
+                .map(|(document, name, spec)| (file.as_path(), document, name, spec)),
+        );
+        malformed.extend(rejected);
     }
     let claims = machines.iter().map(|(file, document, name, spec)| Claim {
         name,
@@ -585,11 +619,23 @@ mod tests {
     /// A rejection as the tests compare it: `(document, machine, message, is_error)`.
     type Verdict = (Option<usize>, Option<String>, String, bool);
 
-    /// The machines served from one file, and the verdicts on its other documents.
+    /// The machines served from one file, and the verdicts on its other documents. The text
+    /// alone ([`judge_text`], the fuzz target's entry) is judged the same.
     fn verdicts(text: &str) -> (Vec<String>, Vec<Verdict>) {
         let dir = tempfile::tempdir().expect("tempdir");
         write(dir.path(), "m.yaml", text);
         let snap = load_dir(dir.path(), &rules(&[])).expect("load");
+        let alone = judge_text(text, &rules(&[]));
+        assert_eq!(alone.served, snap.served);
+        assert_eq!(alone.reimage, snap.reimage);
+        assert_eq!(alone.imaging, snap.imaging);
+        let outline = |s: &Snapshot| -> Vec<(Option<usize>, Option<String>, bool)> {
+            s.rejected
+                .iter()
+                .map(|r| (r.document, r.machine.clone(), r.problem.is_error()))
+                .collect()
+        };
+        assert_eq!(outline(&alone), outline(&snap));
         let mut served: Vec<String> = snap.served.values().map(|m| m.name.clone()).collect();
         served.sort();
         let rejected = snap

@@ -84,6 +84,10 @@ impl Table {
     pub fn len(&self) -> usize {
         self.all().len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.all().is_empty()
+    }
 }
 
 impl MachineLookup for Table {

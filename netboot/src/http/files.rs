@@ -15,7 +15,7 @@ use crate::path::{open_confined, PathError};
 
 /// What the client asked for, by `Range`.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum RangeRequest {
+pub enum RangeRequest {
     /// No usable `Range` header: the whole file. This includes several ranges in one header,
     /// which we answer with the whole file (allowed by RFC 9110 §14.2) instead of multipart.
     Whole,
@@ -27,7 +27,7 @@ pub(crate) enum RangeRequest {
 
 /// Parses one `Range` header value against a file of `len` bytes (RFC 9110 §14.1.2).
 /// Syntax we do not understand is ignored, as the RFC asks.
-pub(crate) fn parse_range(value: &str, len: u64) -> RangeRequest {
+pub fn parse_range(value: &str, len: u64) -> RangeRequest {
     let Some(spec) = value.trim().strip_prefix("bytes=") else {
         return RangeRequest::Whole;
     };
