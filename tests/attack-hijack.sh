@@ -12,7 +12,10 @@
 # that drops records the way journald's default rate limit does (10000 per 30 s): every phase
 # record must still be there (without netboot's own limits the floods' lines exceed that).
 # Each refused HTTP request is either logged or counted in a "suppressed" line; the lines
-# logged stay within their budgets for the time the floods took. Prints a table of the attacks.
+# logged stay within their budgets for the time the floods took. Prints a table of the attacks;
+# with ATTACK_ROWS=FILE it also writes them there in tests/attack.sh's columns (attack, load,
+# figures, legitimate client, result; tab-separated), each row passing when its checks did:
+# tests/attack.sh runs this test at its end and prints every attack of issue 11 in one table.
 # Run as root after `cargo build -p agent`. Packages: busybox-static, curl, python3.
 TEST_NAME=attack-hijack
 . "$(dirname "$0")/lib.sh"
@@ -22,6 +25,16 @@ N_HTTP=${N_HTTP:-8000}
 N_DHCP=${N_DHCP:-5000}
 N_RELEASE=${N_RELEASE:-500}
 N_TFTP=${N_TFTP:-2000}
+
+# checkr ROW DESCRIPTION CMD...: check, counted for a row of the table (verdict ROW...).
+declare -A ROW_FAILED=()
+checkr() {
+    local row=$1 before=$FAILURES
+    shift
+    check "$@"
+    [ "$FAILURES" = "$before" ] || ROW_FAILED[$row]=1
+}
+verdict() { local r; for r in "$@"; do [ -z "${ROW_FAILED[$r]:-}" ] || { echo FAIL; return; }; done; echo PASS; }
 
 netns_up
 MAC=52:54:00:cc:00:23
@@ -59,7 +72,7 @@ wait_for 10 test -s "$WORK/netboot.pid" || true
 for name in listener netboot; do
     [ -s "$WORK/$name.pid" ] && track_pid "$(cat "$WORK/$name.pid")" "$name"
 done
-check "netboot is ready, logging to the journal socket" wait_for 10 grep -q "netboot ready" "$WORK/journal.txt"
+checkr node3 "netboot is ready, logging to the journal socket" wait_for 10 grep -q "netboot ready" "$WORK/journal.txt"
 
 add_client vic "$MAC" >/dev/null; VICTIM=pv-cvic-$$
 add_client atk >/dev/null; ATK=pv-catk-$$
@@ -68,6 +81,7 @@ atk() { ip netns exec "$ATK" "$@"; }
 vic() { ip netns exec "$VICTIM" "$@"; }
 # http_code NS CURL-ARGS...: the status code of one request
 http_code() { local ns=$1; shift; ip netns exec "$ns" curl -s --max-time 10 -o "$WORK/body" -w '%{http_code}' "$@" || true; }
+hijack_codes=() stolen_codes=() node3_codes=()  # the status codes of each step, for the table
 REFUSED=0  # HTTP requests this test expects refused (each must be logged or counted as suppressed)
 refused() { REFUSED=$((REFUSED + 1)); }
 phase() { sed -n '/^  node3:/,/^  [^ ]/p' "$WORK/state.yaml" 2>/dev/null | sed -n 's/^    phase: //p'; }
@@ -80,35 +94,35 @@ report() {  # NS TOKEN JSON: the status code
 # --- 1. the hijack of the issue: curl /ipxe/<node3's mac> from .50 ------------------------------
 atk python3 "$REPO/tests/dhcp-client.py" eth0 "$MAC" request --requested "$IP" --server-id "$SRV_IP" \
     >"$WORK/forged-ack.out"
-check "the attacker's forged REQUEST with node3's MAC is ACKed (DHCP cannot tell)" grep -qx type=ack "$WORK/forged-ack.out"
-code=$(http_code "$ATK" "$BASE/ipxe/$HMAC"); refused
-check "hijack: GET /ipxe/$HMAC from $ATTACKER after the ACK is refused (403, got $code)" [ "$code" = 403 ]
-check "hijack: the answer gives the reason and no token" bash -c \
+checkr hijack "the attacker's forged REQUEST with node3's MAC is ACKed (DHCP cannot tell)" grep -qx type=ack "$WORK/forged-ack.out"
+code=$(http_code "$ATK" "$BASE/ipxe/$HMAC"); refused; hijack_codes+=("$code")
+checkr hijack "hijack: GET /ipxe/$HMAC from $ATTACKER after the ACK is refused (403, got $code)" [ "$code" = 403 ]
+checkr hijack "hijack: the answer gives the reason and no token" bash -c \
     "grep -q 'not come from the machine.s reserved address' '$WORK/body' && ! grep -q 'provisioner.token' '$WORK/body'"
-check "hijack: nothing was minted (no token hash in the state file)" bash -c \
+checkr hijack "hijack: nothing was minted (no token hash in the state file)" bash -c \
     "sed -n '/^  node3:/,\$p' '$WORK/state.yaml' | grep -q 'phase:' && ! grep -q tokenSha256 '$WORK/state.yaml'"
 FAKE=$(printf '%064d' 5)
-code=$(report "$ATK" "$FAKE" '{"phase":"imaged"}'); refused
-check "hijack: a report from $ATTACKER is refused (403, got $code)" [ "$code" = 403 ]
-code=$(http_code "$ATK" "$BASE/nocloud/$FAKE/user-data"); refused
-check "hijack: user-data for a guessed token is refused (403, got $code)" [ "$code" = 403 ]
+code=$(report "$ATK" "$FAKE" '{"phase":"imaged"}'); refused; hijack_codes+=("$code")
+checkr hijack "hijack: a report from $ATTACKER is refused (403, got $code)" [ "$code" = 403 ]
+code=$(http_code "$ATK" "$BASE/nocloud/$FAKE/user-data"); refused; hijack_codes+=("$code")
+checkr hijack "hijack: user-data for a guessed token is refused (403, got $code)" [ "$code" = 403 ]
 
 # --- 2. the real node3: its lease, then its script from its own address -----------------------
-check "node3 takes its lease with udhcpc" udhcpc_bind "$VICTIM"
-check "node3 has its reserved address" bash -c "ip netns exec '$VICTIM' ip -4 addr show eth0 | grep -q 'inet $IP/'"
-code=$(http_code "$VICTIM" "$BASE/ipxe/$HMAC")
+checkr node3 "node3 takes its lease with udhcpc" udhcpc_bind "$VICTIM"
+checkr node3 "node3 has its reserved address" bash -c "ip netns exec '$VICTIM' ip -4 addr show eth0 | grep -q 'inet $IP/'"
+code=$(http_code "$VICTIM" "$BASE/ipxe/$HMAC"); node3_codes+=("$code")
 cp "$WORK/body" "$WORK/script"
 TOKEN=$(grep -o 'provisioner\.token=[^ ]*' "$WORK/script" | cut -d= -f2 || true)
-check "node3 gets its imaging script with a token (200, got $code)" bash -c "[ '$code' = 200 ] && grep -qE '^[0-9a-f]{64}\$' <<<'$TOKEN'"
+checkr node3 "node3 gets its imaging script with a token (200, got $code)" bash -c "[ '$code' = 200 ] && grep -qE '^[0-9a-f]{64}\$' <<<'$TOKEN'"
 
 # --- 3. node3's token in the attacker's hands (sniffed): useless from .50 ----------------------
-code=$(report "$ATK" "$TOKEN" '{"phase":"imaged"}'); refused
-check "stolen token: report imaged from $ATTACKER refused (403, got $code)" [ "$code" = 403 ]
-code=$(http_code "$ATK" "$BASE/nocloud/$TOKEN/meta-data"); refused
-check "stolen token: meta-data from $ATTACKER refused (403, got $code)" [ "$code" = 403 ]
-code=$(http_code "$ATK" "$BASE/nocloud/$TOKEN/user-data"); refused
-check "stolen token: user-data from $ATTACKER refused (403, got $code)" [ "$code" = 403 ]
-check "stolen token: node3 is still PXEBooting, no replay recorded" bash -c \
+code=$(report "$ATK" "$TOKEN" '{"phase":"imaged"}'); refused; stolen_codes+=("$code")
+checkr token "stolen token: report imaged from $ATTACKER refused (403, got $code)" [ "$code" = 403 ]
+code=$(http_code "$ATK" "$BASE/nocloud/$TOKEN/meta-data"); refused; stolen_codes+=("$code")
+checkr token "stolen token: meta-data from $ATTACKER refused (403, got $code)" [ "$code" = 403 ]
+code=$(http_code "$ATK" "$BASE/nocloud/$TOKEN/user-data"); refused; stolen_codes+=("$code")
+checkr token "stolen token: user-data from $ATTACKER refused (403, got $code)" [ "$code" = 403 ]
+checkr token "stolen token: node3 is still PXEBooting, no replay recorded" bash -c \
     "[ '$(phase)' = PXEBooting ] && ! grep -q userDataReplayed '$WORK/state.yaml'"
 
 # --- 4. floods from the attacker while node3 provisions ----------------------------------------
@@ -172,25 +186,25 @@ legit_ok=0
 for body in '{"phase":"imaging","progress":30}' '{"phase":"imaging","progress":60}'; do
     [ "$(report "$VICTIM" "$TOKEN" "$body")" = 204 ] && legit_ok=$((legit_ok + 1))
 done
-check "node3 is Imaging during the floods" wait_for 10 phase_is Imaging
+checkr node3 "node3 is Imaging during the floods" wait_for 10 phase_is Imaging
 wait "$p_http" "$p_disc" "$p_rel" "$p_rls" "$p_wrq" || true
 flood_end=$(date +%s.%N)
 for body in '{"phase":"imaging","progress":100}' '{"phase":"imaged"}'; do
     [ "$(report "$VICTIM" "$TOKEN" "$body")" = 204 ] && legit_ok=$((legit_ok + 1))
 done
-check "node3's four reports are accepted, during and after the floods ($legit_ok/4)" [ "$legit_ok" = 4 ]
-check "node3 is Imaged" wait_for 10 phase_is Imaged
-code=$(http_code "$VICTIM" "$BASE/nocloud/$TOKEN/user-data")
-check "node3 gets its user-data from its address (200, got $code)" bash -c "[ '$code' = 200 ] && head -1 '$WORK/body' | grep -qx '#cloud-config'"
-code=$(http_code "$VICTIM" "$BASE/nocloud/$TOKEN/user-data"); refused
-check "node3's user-data is served once (second fetch 403, got $code)" [ "$code" = 403 ]
+checkr node3 "node3's four reports are accepted, during and after the floods ($legit_ok/4)" [ "$legit_ok" = 4 ]
+checkr node3 "node3 is Imaged" wait_for 10 phase_is Imaged
+code=$(http_code "$VICTIM" "$BASE/nocloud/$TOKEN/user-data"); node3_codes+=("$code")
+checkr node3 "node3 gets its user-data from its address (200, got $code)" bash -c "[ '$code' = 200 ] && head -1 '$WORK/body' | grep -qx '#cloud-config'"
+code=$(http_code "$VICTIM" "$BASE/nocloud/$TOKEN/user-data"); refused; node3_codes+=("$code")
+checkr node3 "node3's user-data is served once (second fetch 403, got $code)" [ "$code" = 403 ]
 flood_s=$(awk -v a="$flood_start" -v b="$flood_end" 'BEGIN{printf "%.1f", b-a}')
 http_403=$(grep -cx 403 "$WORK/flood-http.codes" || true)
 http_all=$(wc -l <"$WORK/flood-http.codes")
 REFUSED=$((REFUSED + http_403))
-check "HTTP flood: all $N_HTTP user-data requests with node3's token from $ATTACKER refused ($http_403 × 403 of $http_all answers)" \
+checkr http "HTTP flood: all $N_HTTP user-data requests with node3's token from $ATTACKER refused ($http_403 × 403 of $http_all answers)" \
     [ "$http_403" = "$N_HTTP" ]
-check "node3 still Imaged after the floods" [ "$(phase)" = Imaged ]
+checkr node3 "node3 still Imaged after the floods" [ "$(phase)" = Imaged ]
 
 # --- 5. the journal -----------------------------------------------------------------------------
 # analyse: counts per kind of line and suppressed counts per site, from the captured records.
@@ -230,26 +244,26 @@ stop_pid "$(cat "$WORK/netboot.pid")"
 analyse >"$WORK/analysis"
 log "journal: $(tr '\n' ' ' <"$WORK/analysis")"
 dropped=$(cat "$WORK/journal.txt.dropped" 2>/dev/null || echo missing)
-check "no record dropped by journald's default rate limit (dropped: $dropped)" [ "$dropped" = 0 ]
+checkr journal "no record dropped by journald's default rate limit (dropped: $dropped)" [ "$dropped" = 0 ]
 # The phase records, with the MESSAGE_IDs the README documents.
 id() { grep "^| $1 |" "$REPO/README.md" | grep -o '[0-9a-f]\{32\}' | head -n 1; }
 expected="new>Pending:$(id Pending) Pending>PXEBooting:$(id PXEBooting) PXEBooting>Imaging:$(id Imaging) Imaging>Imaged:$(id Imaged)"
-check "every phase record of node3 is in the journal, in order: $(val phases | sed 's/:[0-9a-f]*//g')" \
+checkr journal "every phase record of node3 is in the journal, in order: $(val phases | sed 's/:[0-9a-f]*//g')" \
     [ "$(val phases)" = "$expected" ]
-check "the log never shows the token" bash -c "! grep -q '$TOKEN' '$WORK/journal.txt' '$WORK/stderr.log'"
+checkr journal "the log never shows the token" bash -c "! grep -q '$TOKEN' '$WORK/journal.txt' '$WORK/stderr.log'"
 lines=$(val http_refused_lines); supp=$(val suppressed_http_refused)
-check "each refused HTTP request is logged or counted as suppressed ($lines + $supp = $REFUSED)" \
+checkr http "each refused HTTP request is logged or counted as suppressed ($lines + $supp = $REFUSED)" \
     [ $((lines + supp)) = "$REFUSED" ]
-check "refused HTTP requests are logged with peer, machine and mac" bash -c \
+checkr http "refused HTTP requests are logged with peer, machine and mac" bash -c \
     "awk -v RS= '/MESSAGE=HTTP request refused/ && /PEER=$ATTACKER:/ && /MACHINE=node3/ && /MAC=$MAC/' '$WORK/journal.txt' | grep -q ."
 # Budgets (netboot::lograte, set in the servers): burst + rate × seconds the floods and the wait took.
 secs=$(awk -v a="$flood_start" -v b="$(date +%s.%N)" 'BEGIN{printf "%d", b-a+2}')
 within() { [ "$1" -le $(( $2 + $3 * secs )) ]; }
-check "refused-request lines within their budget (≤ 50 + 5/s over ${secs}s: $lines)" within "$lines" 50 5
-check "node3's DHCP lines within its budget (≤ 20 + 1/s: $(val dhcp_node3_lines))" within "$(val dhcp_node3_lines)" 20 1
-check "refused DHCP packet lines within their budget (≤ 50 + 5/s: $(val dhcp_refused_lines))" within "$(val dhcp_refused_lines)" 50 5
-check "TFTP refusal lines within their budget (≤ 50 + 5/s: $(val tftp_refused_lines))" within "$(val tftp_refused_lines)" 50 5
-check "the DHCP packets forged by the attacker were all refused, none recorded (no DhcpReleased)" bash -c \
+checkr http "refused-request lines within their budget (≤ 50 + 5/s over ${secs}s: $lines)" within "$lines" 50 5
+checkr dhcp "node3's DHCP lines within its budget (≤ 20 + 1/s: $(val dhcp_node3_lines))" within "$(val dhcp_node3_lines)" 20 1
+checkr dhcp "refused DHCP packet lines within their budget (≤ 50 + 5/s: $(val dhcp_refused_lines))" within "$(val dhcp_refused_lines)" 50 5
+checkr tftp "TFTP refusal lines within their budget (≤ 50 + 5/s: $(val tftp_refused_lines))" within "$(val tftp_refused_lines)" 50 5
+checkr dhcp "the DHCP packets forged by the attacker were all refused, none recorded (no DhcpReleased)" bash -c \
     "! grep -q 'EVENT=DhcpReleased' '$WORK/journal.txt'"
 
 printf '\n%-52s %8s %8s %8s %9s %10s\n' "attack (from $ATTACKER unless said)" sent refused served "log lines" suppressed
@@ -266,8 +280,31 @@ row "DHCP flood: relayed, giaddr not a relay" "$N_DHCP" - 0 - -
 row "DHCP flood: RELEASE for node3 (ciaddr .23)" "$N_RELEASE" - 0 - -
 row "  the two above, as netboot counted them (*)" $((N_DHCP + N_RELEASE)) "$dhcp_refused" 0 "$(val dhcp_refused_lines)" "$(val suppressed_dhcp_refused)"
 row "TFTP flood: WRQ (error answers seen)" "$N_TFTP" "$(cat "$WORK/flood-wrq.out")" 0 "$(val tftp_refused_lines)" "$(val suppressed_tftp_refused)"
-row "node3 itself, from $IP: script, 4 reports, user-data x2" 7 1 6 - -
+# node3's script, its four reports (204 each) and its two user-data fetches (200, then 403).
+node3_served=$(( legit_ok + $(printf '%s\n' "${node3_codes[@]:0:2}" | grep -cx 200 || true) ))
+node3_refused=$(printf '%s\n' "${node3_codes[@]:2}" | grep -cx 403 || true)
+row "node3 itself, from $IP: script, 4 reports, user-data x2" 7 "$node3_refused" "$node3_served" - -
 printf 'floods took %ss; journal records: %s, dropped by the journald rate limit: %s\n' "$flood_s" "$(val records)" "$dropped"
 printf '(*) refused = logged + suppressed; fewer than sent when the kernel dropped datagrams of the burst\n\n'
+
+# The same attacks in tests/attack.sh's columns: attack, load, figures, legitimate client, result.
+if [ -n "${ATTACK_ROWS:-}" ]; then
+    legit="node3: $node3_served/6 served, $(phase)"
+    codes() { local IFS=/; echo "$*"; }
+    {
+        printf '%s\t%s\t%s\t%s\t%s\n' hijack "forged ACK + /ipxe/node3 from .50" \
+            "script, report, user-data: $(codes "${hijack_codes[@]}"); no token minted" "$legit" "$(verdict hijack node3)"
+        printf '%s\t%s\t%s\t%s\t%s\n' "stolen token" "node3's token, from .50" \
+            "report, meta-data, user-data: $(codes "${stolen_codes[@]}"); no replay" "$legit" "$(verdict token node3)"
+        printf '%s\t%s\t%s\t%s\t%s\n' "HTTP refusals" "$N_HTTP user-data GETs from .50" \
+            "$http_403 x 403; all $REFUSED refused: $lines logged + $supp suppressed" "$legit" "$(verdict http node3)"
+        printf '%s\t%s\t%s\t%s\t%s\n' "DHCP floods" "$N_DHCP+$N_DHCP+$N_RELEASE DHCP from .50" \
+            "DISCOVER: $(cat "$WORK/flood-discover.out") offers; relayed+RELEASE: $dhcp_refused refused, 0 recorded" "$legit" "$(verdict dhcp node3)"
+        printf '%s\t%s\t%s\t%s\t%s\n' "TFTP WRQs" "$N_TFTP write requests from .50" \
+            "$(cat "$WORK/flood-wrq.out") errors seen; $(val tftp_refused_lines) logged + $(val suppressed_tftp_refused) suppressed" "$legit" "$(verdict tftp node3)"
+        printf '%s\t%s\t%s\t%s\t%s\n' "log flood" "all of the above, ${flood_s}s" \
+            "journald limit 10000/30s: $(val records) records, $dropped dropped; $(val phases | wc -w)/4 phases" "$legit" "$(verdict journal node3)"
+    } >>"$ATTACK_ROWS"
+fi
 
 finish

@@ -26,10 +26,10 @@ NETWORK_TESTS=(
     tests/dbus.sh
     tests/units.sh
     tests/imaging-api.sh
-    tests/attack-hijack.sh
     tests/imageserver-cache.sh
     tests/cloud-init.sh
     tests/stage2-writer.sh
+    # The denial-of-service attacks, then tests/attack-hijack.sh (run only through attack.sh).
     tests/attack.sh
     # The controller against real etcd + kube-apiserver from the Kubernetes bundle (no QEMU).
     tests/kube-live.sh
