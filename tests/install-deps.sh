@@ -1,7 +1,9 @@
 #!/bin/bash
-# Installs what the tests and the demo need on a fresh Debian 12 (bookworm) or Ubuntu 24.04 host,
-# from the distribution's own archive only. Services shipped by these packages (tftpd-hpa) are
-# kept from starting on the host: the tests run their servers inside network namespaces.
+# Installs what the tests and the demo need on a fresh Debian 12 (bookworm) or Ubuntu 24.04 host:
+# packages from the distribution's own archive only, and for tests/fuzz.sh rustup's nightly
+# toolchain (minimal profile) and cargo-fuzz (crates.io). Services shipped by these packages
+# (tftpd-hpa) are kept from starting on the host: the tests run their servers inside network
+# namespaces.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
@@ -25,6 +27,7 @@ PACKAGES=(
     umoci                              # image builder, kubeadm profiles: OCI archives of the control-plane images
     openssl pkg-config libssl-dev libzstd-dev   # stage2-write bench: image data; building coreos-installer
     fio                                # stage2-write bench: the device written alone, several writes in flight
+    gcc g++                            # the linker cargo calls; g++: libFuzzer's C++ sources (tests/fuzz.sh)
 )
 
 missing=()
@@ -56,4 +59,17 @@ fi
 if ! command -v cargo >/dev/null; then
     echo "cargo not found: install a Rust toolchain (1.80 or newer, e.g. with rustup); Debian 12's own rustc is too old" >&2
     exit 1
+fi
+
+# tests/fuzz.sh: cargo-fuzz on the nightly toolchain (libFuzzer needs nightly's sanitizer
+# coverage flags); the main workspace stays on stable.
+if ! command -v rustup >/dev/null; then
+    echo "rustup not found: tests/fuzz.sh needs rustup's nightly toolchain and cargo-fuzz, and will fail" >&2
+else
+    if ! rustup toolchain list | grep -q '^nightly'; then
+        rustup toolchain install nightly --profile minimal
+    fi
+    if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+        cargo install cargo-fuzz --locked
+    fi
 fi
