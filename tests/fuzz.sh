@@ -1,16 +1,16 @@
 #!/bin/bash
-# The fuzz targets (fuzz/fuzz_targets/: DHCP decode + handle, TFTP packets and option
-# negotiation, HTTP path decoding and Range parsing, the kernel command-line orders (wire), the
-# Machine manifests and provisioner.yaml), with cargo-fuzz and libFuzzer on the nightly
-# toolchain: each runs for FUZZ_SECONDS (30 by default), or for FUZZ_RUNS executions when that
-# is set (the long runs: FUZZ_RUNS=10000000), one after the other, niced, in one process
-# (-jobs=1), from the seeds in fuzz/seeds/ and the DHCP packets captured from real firmware
-# (netboot/tests/fixtures/dhcp/). Built without a sanitizer (the crates forbid unsafe code)
-# and with debug assertions (integer overflow panics). A crash, a panic or a slow input (10 s)
-# fails its target; the input is printed and kept in the work directory (KEEP_WORK=1). Prints
-# a table: executions, wall time, rate, and libFuzzer's coverage (cov: edges, ft: features).
-# Installs the nightly toolchain (rustup, minimal profile) and cargo-fuzz (crates.io) when
-# they are missing. Long runs and the figures measured: README, "Fuzzing".
+# The fuzz targets (fuzz/fuzz_targets/: DHCP decode + handle, TFTP packets and option negotiation,
+# HTTP path decoding and Range parsing, the kernel command-line orders (wire), the Machine
+# manifests and provisioner.yaml), with cargo-fuzz and libFuzzer on the nightly toolchain: each
+# runs for FUZZ_SECONDS (30 by default), or for FUZZ_RUNS executions when that is set (the long
+# runs: FUZZ_RUNS=10000000), one after the other (FUZZ_TARGETS="a b": only those), niced, in one
+# process (-jobs=1), from the seeds in fuzz/seeds/ and the DHCP packets captured from real
+# firmware (netboot/tests/fixtures/dhcp/). Built without a sanitizer (the crates forbid unsafe
+# code) and with debug assertions (integer overflow panics). A crash, a panic or a slow input
+# (10 s) fails its target; the input is printed and kept in the work directory (KEEP_WORK=1).
+# Prints a table: executions, wall time, rate, and libFuzzer's coverage (cov: edges, ft: features).
+# Installs the nightly toolchain (rustup, minimal profile) and cargo-fuzz (crates.io) when they
+# are missing. Long runs and the figures measured: README, "Fuzzing".
 TEST_NAME=fuzz
 # shellcheck source=tests/lib.sh
 source "$(dirname "$0")/lib.sh"
