@@ -1025,6 +1025,8 @@ mod tests {
         assert!(e.to_string().starts_with("laptop.cniManifest"), "{e}");
     }
 
+    const POD_NETWORK_RBAC_PATH: &str = "/etc/kubernetes/provisioner-pod-network.yaml";
+
     #[test]
     fn laptop_with_the_bridge_pod_network_a_static_address_and_an_upstream() {
         let h = hooks();
@@ -1156,12 +1158,36 @@ mod tests {
                 Some(120)
             );
         }
-        // No manifest: nothing applied, the pod network service is left to its path unit.
-        assert!(
-            commands
-                .iter()
-                .all(|c| !c.contains("kubectl") && !c.contains("mask")),
+        // No manifest: the pod network service is left to its path unit, not masked; the one
+        // thing applied is its RBAC (Kubernetes 1.32's Node authorizer lets a node read its own
+        // Node only, and the pod network needs every Node's range).
+        assert!(commands.iter().all(|c| !c.contains("mask")), "{commands:?}");
+        let applied: Vec<&String> = commands.iter().filter(|c| c.contains("kubectl")).collect();
+        assert_eq!(
+            applied,
+            [&format!(
+                "kubectl --kubeconfig /etc/kubernetes/admin.conf apply -f {POD_NETWORK_RBAC_PATH}"
+            )],
             "{commands:?}"
+        );
+        let rbac: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(
+            file(&doc, POD_NETWORK_RBAC_PATH)["content"]
+                .as_str()
+                .expect("content"),
+        )
+        .map(|d| serde_yaml::Value::deserialize(d).expect("YAML"))
+        .collect();
+        assert_eq!(rbac[0]["kind"].as_str(), Some("ClusterRole"));
+        assert_eq!(
+            rbac[0]["rules"][0]["verbs"],
+            serde_yaml::from_str::<serde_yaml::Value>("[get, list, watch]").expect("YAML")
+        );
+        assert_eq!(rbac[0]["rules"][0]["resources"][0].as_str(), Some("nodes"));
+        assert_eq!(rbac[1]["kind"].as_str(), Some("ClusterRoleBinding"));
+        assert_eq!(rbac[1]["subjects"][0]["kind"].as_str(), Some("Group"));
+        assert_eq!(
+            rbac[1]["subjects"][0]["name"].as_str(),
+            Some("system:nodes")
         );
         let position = |needle: &str| {
             commands
@@ -1169,6 +1195,7 @@ mod tests {
                 .position(|c| c.contains(needle))
                 .unwrap_or_else(|| panic!("no {needle:?} in {commands:?}"))
         };
+        assert!(position("kubeadm init") < position("provisioner-pod-network.yaml"));
         assert!(position("networkctl reload") < position("kubeadm init"));
         assert!(position("try-restart imageserver.service") < position("kubeadm init"));
         assert!(position("kubeadm init") < position("netboot.path"));
