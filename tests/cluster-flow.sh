@@ -185,6 +185,7 @@ step_done "configuration, namespace, LAN DHCP and bootstrap imageserver"
 
 # --- the laptop ---------------------------------------------------------------------------------
 # laptop CMD...: CMD on the laptop over SSH, as the operator (exported: checks run it in bash -c).
+# ssh hands the words to the laptop's shell, which parses them again: keep ( ) ? " out of them.
 laptop() {
     ip netns exec "$NS_SRV" ssh -i "$WORK/id_operator" -o StrictHostKeyChecking=no \
         -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=10 -o BatchMode=yes \
@@ -290,7 +291,7 @@ NODE_SERIAL=$(qemu_serial node2)
 check "node2: kubeadm join succeeded" grep -aq 'This node has joined the cluster' "$NODE_SERIAL"
 t=$(qemu_time_of node2 'This node has joined the cluster') && mark node2_joined "$(awk -v a="$NODE2_T0" -v b="$t" 'BEGIN{printf "%.3f", a+b}')"
 if wait_for -i 5 "$NODE_TIMEOUT" bash -c \
-    "laptop sudo kubectl get node node2 -o 'jsonpath={.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx True"; then
+    "laptop sudo kubectl get node node2 --no-headers | awk '{print \$2}' | grep -qx Ready"; then
     pass "node2: Node Ready"
 else
     fail "node2: Node not Ready within ${NODE_TIMEOUT}s"
