@@ -20,7 +20,7 @@ mkdir -p "$WORK/tmp"
 log=$WORK/cargo-test.log
 tests_started=$(date +%s)
 status=0
-(cd "$REPO" && TMPDIR=$WORK/tmp KUBERNETES_BIN=$bin cargo test -p agent --bins --locked -- \
+(cd "$REPO" && TMPDIR=$WORK/tmp KUBERNETES_BIN=$bin cargo test -p agent --lib --locked -- \
     --ignored cluster::tests::live --test-threads=1 --show-output) >"$log" 2>&1 || status=$?
 log "cargo test: exit $status after $(($(date +%s) - tests_started)) s"
 

@@ -5,6 +5,6 @@
 # no root needed. The benchmark is an ignored test of the agent (cluster::tests::bench).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-cargo test --release --locked -p agent --bins -- --ignored --exact \
+cargo test --release --locked -p agent --lib -- --ignored --exact \
     cluster::tests::bench::status_patch_latency_1000_machines --nocapture 2>&1 |
     grep -E '^(machines|first status|phase change|resident memory|test result)'

@@ -1,6 +1,6 @@
 //! `tests/bench/status-patch.sh`: 1000 Machines against an in-process mock API server; the time
 //! from a phase change in the status store to that Machine's status patch reaching the server.
-//! `cargo test -p agent --bins -- --ignored --exact cluster::tests::bench::status_patch_latency_1000_machines --nocapture`
+//! `cargo test -p agent --lib -- --ignored --exact cluster::tests::bench::status_patch_latency_1000_machines --nocapture`
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;

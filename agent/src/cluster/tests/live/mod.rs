@@ -6,7 +6,7 @@
 //!
 //! ```sh
 //! tests/kube-live.sh     # unpacks the binaries (tests/lib-kube.sh), then runs these tests
-//! KUBERNETES_BIN=DIR cargo test -p agent --bins --locked -- --ignored cluster::tests::live --test-threads=1 --nocapture
+//! KUBERNETES_BIN=DIR cargo test -p agent --lib --locked -- --ignored cluster::tests::live --test-threads=1 --nocapture
 //! ```
 //!
 //! - `flow`: the CRD by the agent's start step, Machines, Conflict, the phases, the bootstrap
