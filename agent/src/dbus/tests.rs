@@ -84,11 +84,13 @@ fn private_bus_with_activation(activation_exec: Option<&str>) -> Option<Bus> {
             return None;
         }
     };
+    // The socket file appears at bind(), before listen(): a connection between the two is
+    // refused, so wait until one is accepted.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         assert!(
             Instant::now() < deadline,
-            "dbus-daemon did not create its socket"
+            "dbus-daemon did not accept connections on its socket"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
