@@ -253,6 +253,9 @@ if [ -n "$BOOT" ]; then
     # provisioner netboot holds the VM's DHCP reservation: the image's systemd-networkd gets its
     # address and network-online.target (which cloud-init waits for) is reached at once.
     mkdir -p "$WORK/boot/assets" "$WORK/boot/machines"
+    # The VM boots its own disk: netboot only answers DHCP, but it refuses to start without the
+    # boot files its configuration names.
+    stub_boot_files "$WORK/boot/assets" vmlinuz initrd.img
     : > "$WORK/boot/machines.list"
     boot_add_machine "$WORK/boot" image-vm "$MAC" "$SUBNET_PREFIX.40"
     if ! backend_start provisioner "$WORK/boot"; then
