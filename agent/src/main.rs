@@ -30,6 +30,28 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// Runs `work` to its end on the daemons' runtime. An error, or a runtime that cannot start,
+/// exits 1; `report` says what failed.
+fn run_to_end(
+    work: impl std::future::Future<Output = anyhow::Result<()>>,
+    report: impl FnOnce(&anyhow::Error),
+) -> ExitCode {
+    let runtime = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            report(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "provisioner",
@@ -176,20 +198,7 @@ fn run(command: Command) -> ExitCode {
             }
         }
         Command::Status { watch } => {
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(status_cmd::run(watch)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            run_to_end(status_cmd::run(watch), |e| eprintln!("error: {e:#}"))
         }
         Command::Netboot { config: path } => {
             let config = match config::Config::load(&path) {
@@ -212,20 +221,9 @@ fn run(command: Command) -> ExitCode {
                 }
                 return ExitCode::from(EXIT_CONFIG);
             }
-            let runtime = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(daemon::run(config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("netboot failed: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            run_to_end(daemon::run(config), |e| {
+                tracing::error!("netboot failed: {e:#}");
+            })
         }
         Command::Imageserver {
             dir,
@@ -261,20 +259,9 @@ fn run(command: Command) -> ExitCode {
                 tracing::error!("invalid options: {e:#}");
                 return ExitCode::from(EXIT_CONFIG);
             }
-            let runtime = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(imageserver::run(options)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("imageserver failed: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            run_to_end(imageserver::run(options), |e| {
+                tracing::error!("imageserver failed: {e:#}");
+            })
         }
         Command::PodNetwork {
             kubeconfig,
@@ -282,13 +269,6 @@ fn run(command: Command) -> ExitCode {
             cni_dir,
             bridge,
         } => {
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
             let options = pod_network::Options {
                 kubeconfig,
                 node_name,
@@ -296,18 +276,12 @@ fn run(command: Command) -> ExitCode {
                 bridge,
                 resync: std::time::Duration::from_secs(60),
             };
-            let result = runtime.block_on(async {
+            let work = async {
                 let shutdown = tokio_util::sync::CancellationToken::new();
                 tokio::spawn(agent::cancel_on_signal(shutdown.clone()));
                 pod_network::run(options, shutdown).await
-            });
-            match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!("pod network failed: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            };
+            run_to_end(work, |e| tracing::error!("pod network failed: {e:#}"))
         }
     }
 }
