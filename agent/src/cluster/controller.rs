@@ -135,6 +135,28 @@ pub struct Context {
     /// patch was made against: until the reflector has the patched version, that version is
     /// known to carry the finalizer.
     finalizer_added: Mutex<HashMap<String, String>>,
+    /// The last status this controller wrote, by Machine name, until the reflector has it.
+    status_written: Mutex<HashMap<String, WrittenStatus>>,
+}
+
+/// A status write, remembered until its watch event arrives.
+struct WrittenStatus {
+    /// The resourceVersion of the copy the status was computed from, and the one the write
+    /// produced.
+    from: Option<String>,
+    to: Option<String>,
+    status: MachineStatus,
+}
+
+/// Whether `version` is older than `written`. kube-apiserver's resourceVersions are etcd
+/// revisions, increasing along a watch; were they not numbers, only the version the write was
+/// computed from counts as older.
+fn older(version: Option<&String>, written: &WrittenStatus) -> bool {
+    let number = |v: Option<&String>| v.and_then(|v| v.parse::<u64>().ok());
+    match (number(version), number(written.to.as_ref())) {
+        (Some(version), Some(to)) => version < to,
+        _ => version == written.from.as_ref(),
+    }
 }
 
 impl Context {
@@ -171,6 +193,41 @@ impl Context {
         Arc::new(known)
     }
 
+    /// The Machine with the status this controller last wrote, while the reflector still
+    /// holds an older version: a reconcile from that copy (a status store change, the write's
+    /// own watch event still on its way) would find the status different and write it again.
+    fn with_known_status(&self, machine: Arc<Machine>) -> Arc<Machine> {
+        let mut written = self
+            .status_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let name = machine.name_any();
+        let Some(last) = written.get(&name) else {
+            return machine;
+        };
+        if older(machine.resource_version().as_ref(), last) {
+            let mut known = (*machine).clone();
+            known.status = Some(last.status.clone());
+            return Arc::new(known);
+        }
+        // The reflector has the write, or a newer version: it knows the truth.
+        written.remove(&name);
+        machine
+    }
+
+    fn wrote_status(
+        &self,
+        name: &str,
+        from: Option<String>,
+        to: Option<String>,
+        status: MachineStatus,
+    ) {
+        self.status_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), WrittenStatus { from, to, status });
+    }
+
     pub fn new(
         client: Client,
         machines: Store<Machine>,
@@ -199,6 +256,7 @@ impl Context {
             reconcile_all,
             tokens: None,
             finalizer_added: Mutex::new(HashMap::new()),
+            status_written: Mutex::new(HashMap::new()),
         }
     }
 
@@ -276,13 +334,20 @@ fn node_ready(node: &Node) -> bool {
         })
 }
 
-/// 0 is the status store's "never seen".
+/// 0 is the status store's "never seen". Whole seconds: a `Time` goes over the wire without
+/// its fraction, so a finer one would never equal the stored status and every change would be
+/// written twice (and every resync write again).
 fn usec_to_time(usec: u64) -> Option<Time> {
     if usec == 0 {
         return None;
     }
-    let usec = i64::try_from(usec).ok()?;
-    Timestamp::from_microsecond(usec).ok().map(Time)
+    let seconds = i64::try_from(usec / 1_000_000).ok()?;
+    Timestamp::from_second(seconds).ok().map(Time)
+}
+
+/// Now, in whole seconds (see [`usec_to_time`]).
+fn now() -> Time {
+    Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH))
 }
 
 /// A condition, keeping the previous transition time when its status did not change.
@@ -552,6 +617,7 @@ async fn apply(machine: Arc<Machine>, ctx: &Context) -> Result<Action, Error> {
         .await
         .map_err(|_| Error::StoreGone)?;
     ctx.refresh(None);
+    let machine = ctx.with_known_status(machine);
     let name = machine.name_any();
     let problem = ctx.problem(&name);
     let node = ctx.node_of(&machine);
@@ -566,7 +632,7 @@ async fn apply(machine: Arc<Machine>, ctx: &Context) -> Result<Action, Error> {
         }
     }
     let stored = ctx.status.get(&name);
-    let now = Time(Timestamp::now());
+    let now = now();
     let desired = desired_status(
         &machine,
         problem.as_ref(),
@@ -582,12 +648,19 @@ async fn apply(machine: Arc<Machine>, ctx: &Context) -> Result<Action, Error> {
             "kind": "Machine",
             "status": desired,
         });
-        api.patch_status(
+        let written = api
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        ctx.wrote_status(
             &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+            machine.resource_version(),
+            written.resource_version(),
+            desired.clone(),
+        );
         let reference = machine.object_ref(&());
         for event in events_for(&current, &desired) {
             if let Err(e) = ctx.recorder.publish(&event, &reference).await {

@@ -926,9 +926,11 @@ async fn a_user_data_replay_is_raised_as_a_condition_and_an_event() {
         .get("node2")
         .expect("node2")
         .user_data_replayed_usec;
-    let replayed =
-        k8s_openapi::jiff::Timestamp::from_microsecond(i64::try_from(replayed_usec).expect("usec"))
-            .expect("time");
+    // In whole seconds, as every time in the status (a `Time` has no fraction on the wire).
+    let replayed = k8s_openapi::jiff::Timestamp::from_second(
+        i64::try_from(replayed_usec / 1_000_000).expect("seconds"),
+    )
+    .expect("time");
 
     let reconcile = tokio::spawn(controller::reconcile(Arc::new(m.clone()), h.ctx.clone()));
     let stored = within("status patch with the condition, then its Event", async {
