@@ -2,12 +2,12 @@
 //! and writes each Machine's `.status` from the status store.
 //!
 //! Validity is a property of the whole set (a MAC or IP claimed twice disqualifies every
-//! claimant, as in the YAML folder), so every reconcile judges all Machines of the reflector's
-//! store, updates the table when the verdicts change, and then writes the one Machine's status.
-//! When the verdicts change, every Machine is reconciled again, so the other party of a
-//! conflict gets its condition too.
+//! claimant, as in the YAML folder). The verdicts follow the Machine watch, one event at a
+//! time ([`Context::observe`], [`super::verdicts::Judge`]), and update the table when they
+//! change; a reconcile reads its Machine's verdict and writes that Machine's status. When a
+//! conflict appears or goes away, the other party is reconciled too, so it gets its condition.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,13 +19,14 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use netboot::MacAddr;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::crd::{Machine, MachineStatus};
 use super::join::{BootstrapTokens, JoinError};
-use crate::machines::{self, Table};
+use super::verdicts::{Judge, Outcome};
+use crate::machines::Table;
 use crate::status::{self, Phase, Report, StatusStore};
 
 /// Removed only once what the machine owned is cleaned up.
@@ -67,68 +68,21 @@ pub use crate::machines::AddressRules;
 /// Why a Machine is not served.
 pub use crate::machines::Problem;
 
-/// The verdict on every Machine at one moment: a [`machines::Snapshot`] by Machine name.
-#[derive(Debug, Default, PartialEq)]
-pub struct Verdicts {
-    /// What netboot answers, by MAC.
-    pub served: HashMap<MacAddr, netboot::Machine>,
-    /// Every Machine not served, by name.
-    pub problems: BTreeMap<String, Problem>,
-    /// `spec.reimage` of the served Machines that set it, by name.
-    pub reimage: HashMap<String, String>,
-    /// The served Machines' own image and disk hints, by name.
-    pub imaging: HashMap<String, machines::ImagingSpec>,
-}
-
-impl From<machines::Snapshot> for Verdicts {
-    fn from(snapshot: machines::Snapshot) -> Verdicts {
-        Verdicts {
-            served: snapshot.served,
-            problems: snapshot
-                .rejected
-                .into_iter()
-                .filter_map(|r| Some((r.machine?, r.problem)))
-                .collect(),
-            reimage: snapshot.reimage,
-            imaging: snapshot.imaging,
-        }
-    }
-}
-
-/// Judges `machines` exactly like the YAML folder ([`machines::judge`]). Machines being deleted
-/// (and `leaving`) are not served and claim nothing.
-pub fn judge(machines: &[Arc<Machine>], rules: &AddressRules, leaving: Option<&str>) -> Verdicts {
-    let mut named: Vec<(String, &Machine)> = machines
-        .iter()
-        .filter(|m| m.meta().deletion_timestamp.is_none())
-        .map(|m| (m.name_any(), m.as_ref()))
-        .filter(|(name, _)| leaving != Some(name.as_str()))
-        .collect();
-    // By name: conflict messages list the other claimants in this order.
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    let claims = named.iter().map(|(name, m)| machines::Claim {
-        name,
-        spec: &m.spec,
-        file: None,
-        document: None,
-    });
-    machines::judge(claims, rules).into()
-}
-
 pub struct Context {
     pub client: Client,
-    /// Every Machine, as the controller's reflector sees it.
-    pub machines: Store<Machine>,
     /// Every Node (for NodeReady and the Ready phase).
     pub nodes: Store<Node>,
     pub table: Arc<Table>,
     pub status: Arc<StatusStore>,
     pub rules: AddressRules,
     pub recorder: Recorder,
-    /// The last verdicts applied to the table.
-    last: Mutex<Option<Verdicts>>,
-    /// Asks the controller to reconcile every Machine (the verdicts changed).
-    reconcile_all: mpsc::UnboundedSender<()>,
+    /// The verdicts, kept up to date by [`Context::observe`] from the Machine watch.
+    judge: Mutex<JudgeState>,
+    /// True once the first full list of Machines is judged and in the table.
+    loaded: watch::Sender<bool>,
+    /// Asks the controller to reconcile a Machine (the other party of a conflict that
+    /// appeared or went away).
+    reconcile: mpsc::UnboundedSender<ObjectRef<Machine>>,
     /// Bootstrap token Secrets, deleted when a machine joins or its Machine is deleted.
     pub tokens: Option<Arc<BootstrapTokens>>,
     /// Machines this controller added the finalizer to, by name, with the resourceVersion the
@@ -157,6 +111,14 @@ fn older(version: Option<&String>, written: &WrittenStatus) -> bool {
         (Some(version), Some(to)) => version < to,
         _ => version == written.from.as_ref(),
     }
+}
+
+#[derive(Default)]
+struct JudgeState {
+    /// The verdicts the table was made from; `None` until the first full list.
+    current: Option<Judge>,
+    /// A (re)list in progress: its Machines so far.
+    listing: Option<Vec<Arc<Machine>>>,
 }
 
 impl Context {
@@ -230,12 +192,11 @@ impl Context {
 
     pub fn new(
         client: Client,
-        machines: Store<Machine>,
         nodes: Store<Node>,
         table: Arc<Table>,
         status: Arc<StatusStore>,
         rules: AddressRules,
-        reconcile_all: mpsc::UnboundedSender<()>,
+        reconcile: mpsc::UnboundedSender<ObjectRef<Machine>>,
     ) -> Context {
         let recorder = Recorder::new(
             client.clone(),
@@ -246,14 +207,14 @@ impl Context {
         );
         Context {
             client,
-            machines,
             nodes,
             table,
             status,
             rules,
             recorder,
-            last: Mutex::new(None),
-            reconcile_all,
+            judge: Mutex::new(JudgeState::default()),
+            loaded: watch::Sender::new(false),
+            reconcile,
             tokens: None,
             finalizer_added: Mutex::new(HashMap::new()),
             status_written: Mutex::new(HashMap::new()),
@@ -265,27 +226,90 @@ impl Context {
         self
     }
 
-    /// Judges every Machine and, when the verdicts changed, updates the table (which adds and
-    /// removes status store entries) and has every Machine reconciled again.
-    fn refresh(&self, leaving: Option<&str>) {
-        let verdicts = judge(&self.machines.state(), &self.rules, leaving);
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let problem_of = |v: &Verdicts, name: &str| v.problems.get(name).cloned();
-        if last.as_ref() == Some(&verdicts) {
+    /// Becomes true once the first full list of Machines is judged and in the table.
+    pub fn loaded(&self) -> watch::Receiver<bool> {
+        self.loaded.subscribe()
+    }
+
+    /// Follows the Machine watch (called for every event, right after the reflector's store
+    /// took it, before the controller sees it): keeps the verdicts current, and updates the
+    /// table and the reimage requests when they change. A status write (most events) costs a
+    /// lookup. A list (at start, after a lost watch) is judged in full once it is complete.
+    pub fn observe(&self, event: &watcher::Event<Machine>) {
+        let mut state = self.judge.lock().unwrap_or_else(|p| p.into_inner());
+        let (outcome, first) = match event {
+            watcher::Event::Init => {
+                state.listing = Some(Vec::new());
+                return;
+            }
+            watcher::Event::InitApply(machine) => {
+                if let Some(listing) = state.listing.as_mut() {
+                    listing.push(Arc::new(machine.clone()));
+                }
+                return;
+            }
+            watcher::Event::InitDone => {
+                let listed = state.listing.take().unwrap_or_default();
+                let judged = Judge::of(self.rules.clone(), listed);
+                let first = state.current.is_none();
+                let outcome = match &state.current {
+                    Some(before) => Judge::compare(before, &judged),
+                    None => Outcome {
+                        served_changed: true,
+                        reimage_changed: true,
+                        imaging_changed: true,
+                        problems_changed: judged.verdicts().problems.keys().cloned().collect(),
+                    },
+                };
+                state.current = Some(judged);
+                (outcome, first)
+            }
+            watcher::Event::Apply(machine) => match state.current.as_mut() {
+                Some(judge) => (judge.update(machine), false),
+                None => return,
+            },
+            watcher::Event::Delete(machine) => match state.current.as_mut() {
+                Some(judge) => (judge.remove(&machine.name_any()), false),
+                None => return,
+            },
+        };
+        if let Some(judge) = &state.current {
+            self.act_on(judge, &outcome, first);
+        }
+        drop(state);
+        if first {
+            self.loaded.send_replace(true);
+        }
+    }
+
+    /// The Machine is being deleted: stop serving it now, whatever the watch has shown yet.
+    fn leave(&self, name: &str) {
+        let mut state = self.judge.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(judge) = state.current.as_mut() {
+            let outcome = judge.leave(name);
+            if let Some(judge) = &state.current {
+                self.act_on(judge, &outcome, false);
+            }
+        }
+    }
+
+    /// Applies what changed: the table (which adds and removes status store entries), the
+    /// reimage requests, and a reconcile of every Machine whose problem changed other than
+    /// by its own event (the other party of a conflict).
+    fn act_on(&self, judge: &Judge, outcome: &Outcome, first: bool) {
+        if outcome.is_empty() {
             return;
         }
-        // The first verdicts always replace the table: it may hold anything until then.
-        let first = last.is_none();
-        let previous = last.take().unwrap_or_default();
-        for (name, problem) in &verdicts.problems {
-            if problem_of(&previous, name).as_ref() != Some(problem) {
+        let verdicts = judge.verdicts();
+        for name in &outcome.problems_changed {
+            if let Some(problem) = verdicts.problems.get(name) {
                 tracing::warn!(machine = %name, "machine not served: {}", problem.message());
             }
         }
-        if first || previous.imaging != verdicts.imaging {
+        if outcome.imaging_changed {
             self.table.set_imaging(verdicts.imaging.clone());
         }
-        if first || previous.served != verdicts.served {
+        if outcome.served_changed {
             tracing::info!(
                 machines = verdicts.served.len(),
                 rejected = verdicts.problems.len(),
@@ -293,19 +317,23 @@ impl Context {
             );
             self.table.replace(verdicts.served.clone());
         }
-        if first || previous.reimage != verdicts.reimage {
+        if outcome.reimage_changed {
             self.status.sync_reimage(&verdicts.reimage);
         }
-        if previous.problems != verdicts.problems {
-            // Nobody listening means the controller is stopping.
-            let _ = self.reconcile_all.send(());
+        if !first {
+            for name in &outcome.problems_changed {
+                // Nobody listening means the controller is stopping.
+                let _ = self.reconcile.send(ObjectRef::new(name));
+            }
         }
-        *last = Some(verdicts);
     }
 
     fn problem(&self, name: &str) -> Option<Problem> {
-        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        last.as_ref().and_then(|v| v.problems.get(name).cloned())
+        let state = self.judge.lock().unwrap_or_else(|p| p.into_inner());
+        state
+            .current
+            .as_ref()
+            .and_then(|j| j.problem(name).cloned())
     }
 
     fn node_of(&self, machine: &Machine) -> Option<Arc<Node>> {
@@ -611,12 +639,11 @@ pub async fn reconcile(machine: Arc<Machine>, ctx: Arc<Context>) -> Result<Actio
 }
 
 async fn apply(machine: Arc<Machine>, ctx: &Context) -> Result<Action, Error> {
-    // Judging a partial list would drop machines from the table: wait for the first full list.
-    ctx.machines
-        .wait_until_ready()
+    // Before the first full list is judged, the verdict and the table mean nothing yet.
+    ctx.loaded()
+        .wait_for(|loaded| *loaded)
         .await
         .map_err(|_| Error::StoreGone)?;
-    ctx.refresh(None);
     let machine = ctx.with_known_status(machine);
     let name = machine.name_any();
     let problem = ctx.problem(&name);
@@ -690,7 +717,7 @@ async fn cleanup(machine: Arc<Machine>, ctx: &Context) -> Result<Action, Error> 
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&name);
-    ctx.refresh(Some(&name));
+    ctx.leave(&name);
     tracing::info!(machine = %name, mac = %machine.spec.mac_address, ip = %machine.spec.ip_address, "Machine deleted: no longer served");
     if let Some(tokens) = &ctx.tokens {
         match tokens.release(&name, "the Machine is deleted").await {
