@@ -71,9 +71,18 @@ pub struct ApiState {
     reachable: AtomicBool,
     /// What stops the agent from working with the cluster (a missing CRD), for `STATUS=`.
     problem: std::sync::Mutex<Option<String>>,
+    /// True once the first list of Machines is in the table.
+    loaded: tokio::sync::watch::Sender<bool>,
 }
 
 impl ApiState {
+    /// Returns once the first list of Machines from the API server is in the table (what
+    /// READY=1 waits for: until then netboot serves no machine).
+    pub async fn inventory_loaded(&self) {
+        // The sender lives in `self`: the wait can only end with the value.
+        let _ = self.loaded.subscribe().wait_for(|loaded| *loaded).await;
+    }
+
     pub fn reachable(&self) -> bool {
         self.reachable.load(Ordering::Relaxed)
     }
@@ -107,6 +116,7 @@ impl Default for ApiState {
         ApiState {
             reachable: AtomicBool::new(true),
             problem: std::sync::Mutex::new(None),
+            loaded: tokio::sync::watch::Sender::new(false),
         }
     }
 }
@@ -153,6 +163,14 @@ pub async fn run(
         )
         .with_tokens(options.tokens),
     );
+    let mut loaded = context.loaded();
+    let loaded_state = api_state.clone();
+    tokio::spawn(async move {
+        if loaded.wait_for(|loaded| *loaded).await.is_ok() {
+            loaded_state.loaded.send_replace(true);
+        }
+    });
+
     // A status store change (boot event, stage2 report) → write that Machine's status.
     let mut changes = store.subscribe();
     let status_one = one_tx.clone();
