@@ -334,12 +334,9 @@ fn spawn_servers(
     shutdown: &CancellationToken,
 ) -> Servers {
     let mut servers = Servers::new();
-    let dhcp = netboot::dhcp::serve(
-        sockets.dhcp,
-        settings.dhcp.clone(),
-        machines.clone(),
-        shutdown.clone(),
-    );
+    // DHCP on a thread of its own: status writes never delay an answer.
+    let dhcp_socket = sockets.dhcp.into_std();
+    let (dhcp_settings, dhcp_machines) = (settings.dhcp.clone(), machines.clone());
     let dhcp_shutdown = shutdown.clone();
     servers.spawn(async move {
         if let Some(api_state) = dhcp_gate {
@@ -348,7 +345,13 @@ fn spawn_servers(
                 () = dhcp_shutdown.cancelled() => return Ok(()),
             }
         }
-        dhcp.await
+        netboot::dhcp::serve_on_own_thread(
+            dhcp_socket?,
+            dhcp_settings,
+            dhcp_machines,
+            dhcp_shutdown,
+        )
+        .await
     });
     servers.spawn(netboot::tftp::serve(
         sockets.tftp,
