@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -42,6 +42,16 @@ const RESYNC: Duration = Duration::from_secs(300);
 pub const CONCURRENCY: u16 = 16;
 /// After a failed reconcile (API error): try again after this long.
 const RETRY: Duration = Duration::from_secs(15);
+/// `.status.lastSeen` moving by less than this, with nothing else changed, is not written: a
+/// machine doing DHCP every second would cost a write per second (D-Bus and the state file
+/// keep it to the second). It goes out with the next other change.
+pub const LAST_SEEN_WRITE: Duration = Duration::from_secs(60);
+/// Events are posted on lanes of their own, after the status writes: with the API server as
+/// the bottleneck, a status write does not wait behind the Events of the Machines before it.
+/// A Machine's Events always take the same lane, so they are posted in order.
+const EVENT_LANES: usize = 4;
+/// Events waiting per lane, at most; beyond that a reconcile waits for room.
+const EVENT_BACKLOG: usize = 1024;
 
 pub const CONDITION_SERVED: &str = "Served";
 pub const CONDITION_CONFLICT: &str = "Conflict";
@@ -76,6 +86,8 @@ pub struct Context {
     pub status: Arc<StatusStore>,
     pub rules: AddressRules,
     pub recorder: Recorder,
+    /// Where Events go (posted in the background); `None`: posted by the reconcile itself.
+    event_lanes: Option<EventLanes>,
     /// The verdicts, kept up to date by [`Context::observe`] from the Machine watch.
     judge: Mutex<JudgeState>,
     /// True once the first full list of Machines is judged and in the table.
@@ -212,6 +224,7 @@ impl Context {
             status,
             rules,
             recorder,
+            event_lanes: None,
             judge: Mutex::new(JudgeState::default()),
             loaded: watch::Sender::new(false),
             reconcile,
@@ -223,6 +236,12 @@ impl Context {
 
     pub fn with_tokens(mut self, tokens: Option<Arc<BootstrapTokens>>) -> Context {
         self.tokens = tokens;
+        self
+    }
+
+    /// Events posted in the background ([`EventLanes`]) instead of by the reconcile.
+    pub fn with_event_lanes(mut self) -> Context {
+        self.event_lanes = Some(EventLanes::start(self.recorder.clone()));
         self
     }
 
@@ -557,6 +576,65 @@ fn condition_reason<'a>(status: &'a MachineStatus, type_: &str) -> Option<&'a st
         .map(|c| c.reason.as_str())
 }
 
+/// `desired`, with the current `lastSeen` kept when nothing else changed and it moved by less
+/// than [`LAST_SEEN_WRITE`].
+pub fn hold_last_seen(mut desired: MachineStatus, current: &MachineStatus) -> MachineStatus {
+    let (Some(new), Some(old)) = (&desired.last_seen, &current.last_seen) else {
+        return desired;
+    };
+    let moved = new.0.as_second() - old.0.as_second();
+    let window = i64::try_from(LAST_SEEN_WRITE.as_secs()).unwrap_or(i64::MAX);
+    if (0..window).contains(&moved) {
+        let previous = std::mem::replace(&mut desired.last_seen, current.last_seen.clone());
+        if &desired != current {
+            desired.last_seen = previous;
+        }
+    }
+    desired
+}
+
+async fn post_event(recorder: &Recorder, name: &str, event: &Event, reference: &ObjectReference) {
+    if let Err(e) = recorder.publish(event, reference).await {
+        // The status already says it; a lost Event is not worth a retry loop.
+        tracing::warn!(machine = %name, reason = %event.reason, "cannot post Event: {e}");
+    }
+}
+
+/// Posts Events in the background, [`EVENT_LANES`] at once, each Machine's in order.
+pub struct EventLanes {
+    lanes: Vec<mpsc::Sender<(String, Event, ObjectReference)>>,
+}
+
+impl EventLanes {
+    /// The lanes' tasks end when the lanes are dropped, after posting what they hold.
+    pub fn start(recorder: Recorder) -> EventLanes {
+        let lanes = (0..EVENT_LANES)
+            .map(|_| {
+                let (tx, mut rx) = mpsc::channel::<(String, Event, ObjectReference)>(EVENT_BACKLOG);
+                let recorder = recorder.clone();
+                tokio::spawn(async move {
+                    while let Some((name, event, reference)) = rx.recv().await {
+                        post_event(&recorder, &name, &event, &reference).await;
+                    }
+                });
+                tx
+            })
+            .collect();
+        EventLanes { lanes }
+    }
+
+    async fn post(&self, name: &str, event: Event, reference: ObjectReference) {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut hasher);
+        let lane = (hasher.finish() % self.lanes.len() as u64) as usize;
+        // Closed only when the controller stops.
+        let _ = self.lanes[lane]
+            .send((name.to_string(), event, reference))
+            .await;
+    }
+}
+
 /// The Events a status change deserves: a phase change, a conflict or an invalid spec appearing,
 /// a refused user-data replay (each one).
 fn events_for(before: &MachineStatus, after: &MachineStatus) -> Vec<Event> {
@@ -660,14 +738,17 @@ async fn apply(machine: Arc<Machine>, ctx: &Context) -> Result<Action, Error> {
     }
     let stored = ctx.status.get(&name);
     let now = now();
-    let desired = desired_status(
-        &machine,
-        problem.as_ref(),
-        stored.as_ref(),
-        node.as_deref(),
-        &now,
-    );
     let current = machine.status.clone().unwrap_or_default();
+    let desired = hold_last_seen(
+        desired_status(
+            &machine,
+            problem.as_ref(),
+            stored.as_ref(),
+            node.as_deref(),
+            &now,
+        ),
+        &current,
+    );
     if machine.status.as_ref() != Some(&desired) {
         let api: Api<Machine> = Api::all(ctx.client.clone());
         let patch = serde_json::json!({
@@ -690,9 +771,9 @@ async fn apply(machine: Arc<Machine>, ctx: &Context) -> Result<Action, Error> {
         );
         let reference = machine.object_ref(&());
         for event in events_for(&current, &desired) {
-            if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-                // The status already says it; a lost Event is not worth a retry loop.
-                tracing::warn!(machine = %name, reason = %event.reason, "cannot post Event: {e}");
+            match &ctx.event_lanes {
+                Some(lanes) => lanes.post(&name, event, reference.clone()).await,
+                None => post_event(&ctx.recorder, &name, &event, &reference).await,
             }
         }
         let ready = Some(Phase::Ready.as_str());

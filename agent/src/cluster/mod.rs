@@ -161,7 +161,8 @@ pub async fn run(
             rules,
             one_tx.clone(),
         )
-        .with_tokens(options.tokens),
+        .with_tokens(options.tokens)
+        .with_event_lanes(),
     );
     let mut loaded = context.loaded();
     let loaded_state = api_state.clone();

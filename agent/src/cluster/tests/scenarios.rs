@@ -1174,3 +1174,50 @@ async fn a_forbidden_crd_apply_uses_the_installed_crd() {
         other => panic!("expected Missing, got {other:?}"),
     }
 }
+
+/// `lastSeen` alone moving by less than a minute is not written (a machine doing DHCP every
+/// second would cost a write per second); with any other change, or a minute later, it is.
+#[test]
+fn last_seen_alone_is_written_at_most_once_a_minute() {
+    use crate::cluster::crd::MachineStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    let at = |second: i64| {
+        Some(Time(
+            k8s_openapi::jiff::Timestamp::from_second(second).expect("time"),
+        ))
+    };
+    let current = MachineStatus {
+        phase: Some("PXEBooting".into()),
+        last_seen: at(1_000),
+        ..MachineStatus::default()
+    };
+    let seen = |second: i64, phase: &str| MachineStatus {
+        phase: Some(phase.into()),
+        last_seen: at(second),
+        ..MachineStatus::default()
+    };
+    assert_eq!(
+        controller::hold_last_seen(seen(1_059, "PXEBooting"), &current),
+        current,
+        "59 s later, nothing else changed: nothing to write"
+    );
+    assert_eq!(
+        controller::hold_last_seen(seen(1_060, "PXEBooting"), &current),
+        seen(1_060, "PXEBooting"),
+        "a minute later: written"
+    );
+    assert_eq!(
+        controller::hold_last_seen(seen(1_005, "Imaging"), &current),
+        seen(1_005, "Imaging"),
+        "with a phase change: the new lastSeen goes along"
+    );
+    let never = MachineStatus {
+        phase: Some("Pending".into()),
+        ..MachineStatus::default()
+    };
+    assert_eq!(
+        controller::hold_last_seen(seen(1_005, "Pending"), &never),
+        seen(1_005, "Pending"),
+        "the first lastSeen: written"
+    );
+}
