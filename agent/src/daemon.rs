@@ -21,6 +21,8 @@ use crate::{dbus, systemd};
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Safety-net rescan of the inventory folder besides inotify.
 const INVENTORY_RESCAN: Duration = Duration::from_secs(30);
+/// How long READY=1 waits for the cluster's Machines (systemd's start timeout is 90 s).
+const INVENTORY_WAIT: Duration = Duration::from_secs(60);
 
 struct Sockets {
     dhcp: UdpSocket,
@@ -90,6 +92,37 @@ fn status_line(summary: &str, sockets: &[(&str, String)]) -> String {
     format!("serving {summary}; {}", listening.join(", "))
 }
 
+/// READY=1 with the cluster inventory means its Machines are served: waits for the first list
+/// of Machines in the table, at most [`INVENTORY_WAIT`] (then READY=1 all the same, with the
+/// API server's state in `STATUS=`, rather than systemd failing the start).
+async fn wait_for_inventory(api_state: &cluster::ApiState, endpoints: &[(&str, String)]) {
+    systemd::notify_status(&status_line(
+        "no machine yet: waiting for the cluster's Machines",
+        endpoints,
+    ));
+    let watchdog = systemd::watchdog_interval();
+    let mut tick = tokio::time::interval(watchdog.unwrap_or(INVENTORY_WAIT));
+    let deadline = tokio::time::sleep(INVENTORY_WAIT);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            () = api_state.inventory_loaded() => return,
+            () = &mut deadline => {
+                tracing::warn!(
+                    "the cluster's Machines are not loaded after {} s: serving none until the API server answers",
+                    INVENTORY_WAIT.as_secs()
+                );
+                return;
+            }
+            _ = tick.tick() => {
+                if watchdog.is_some() {
+                    systemd::notify_watchdog();
+                }
+            }
+        }
+    }
+}
+
 /// Where the machines come from, chosen once from `inventory:`.
 enum InventorySource {
     /// A folder of Machine manifests, loaded before READY=1 and watched from then on.
@@ -107,8 +140,7 @@ enum InventorySource {
 
 impl InventorySource {
     /// Loads the folder into `table`, or makes the cluster's client. The cluster's Machines
-    /// arrive once the API server answers (until then nothing is served, and the controller says
-    /// so in the log).
+    /// arrive once the API server answers, and READY=1 waits for them ([`wait_for_inventory`]).
     async fn open(
         config: &Config,
         settings: &ServerSettings,
@@ -289,22 +321,38 @@ type Servers = tokio::task::JoinSet<std::io::Result<()>>;
 
 /// DHCP, TFTP and HTTP on their sockets until `shutdown`; a server that returns early ends
 /// netboot ([`supervise`]). Router advertisements are not among them: failing to advertise must
-/// not stop netboot.
+/// not stop netboot. With `dhcp_gate` (the cluster inventory), DHCP reads nothing until the
+/// Machines are in the table: requests meanwhile wait in the socket and are answered then,
+/// instead of being dropped as unknown MACs.
 fn spawn_servers(
     sockets: Sockets,
     settings: &ServerSettings,
     config: &Config,
     machines: Arc<dyn netboot::MachineLookup>,
     provisioning: Arc<dyn netboot::Provisioning>,
+    dhcp_gate: Option<Arc<cluster::ApiState>>,
     shutdown: &CancellationToken,
 ) -> Servers {
     let mut servers = Servers::new();
-    servers.spawn(netboot::dhcp::serve(
-        sockets.dhcp,
-        settings.dhcp.clone(),
-        machines.clone(),
-        shutdown.clone(),
-    ));
+    // DHCP on a thread of its own: status writes never delay an answer.
+    let dhcp_socket = sockets.dhcp.into_std();
+    let (dhcp_settings, dhcp_machines) = (settings.dhcp.clone(), machines.clone());
+    let dhcp_shutdown = shutdown.clone();
+    servers.spawn(async move {
+        if let Some(api_state) = dhcp_gate {
+            tokio::select! {
+                () = api_state.inventory_loaded() => {}
+                () = dhcp_shutdown.cancelled() => return Ok(()),
+            }
+        }
+        netboot::dhcp::serve_on_own_thread(
+            dhcp_socket?,
+            dhcp_settings,
+            dhcp_machines,
+            dhcp_shutdown,
+        )
+        .await
+    });
     servers.spawn(netboot::tftp::serve(
         sockets.tftp,
         settings.tftp.clone(),
@@ -466,6 +514,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &config,
         table.clone(),
         provisioning,
+        source.folder().is_none().then(|| api_state.clone()),
         &shutdown,
     );
     let folder = source.folder();
@@ -496,6 +545,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         endpoints,
         boot_files,
     };
+    if folder.is_none() {
+        wait_for_inventory(&api_state, &status_line.endpoints).await;
+    }
     let status = status_line.current();
     tracing::info!(
         activated,

@@ -351,3 +351,176 @@ fn feeds_the_watchdog() {
     let seen = keep_alives(&socket, Duration::from_millis(1500));
     assert!(seen.is_empty(), "{} WATCHDOG=1 for another PID", seen.len());
 }
+
+/// A stand-in for kube-apiserver over plain HTTP: answers the Machine list (two Machines) only
+/// once `release` is set, holds every watch open, and answers everything else with an empty
+/// 200 (the agent logs and retries what it cannot use). Sets `listed` when the Machine list is
+/// asked for.
+fn fake_api_server(
+    listener: std::net::TcpListener,
+    listed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    release: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::atomic::Ordering;
+
+    const MACHINES: &str = r#"{"apiVersion":"provisioner.dev/v1alpha1","kind":"MachineList","metadata":{"resourceVersion":"7"},"items":[
+{"apiVersion":"provisioner.dev/v1alpha1","kind":"Machine","metadata":{"name":"node2","uid":"u2","resourceVersion":"5","generation":1,"finalizers":["provisioner.dev/cleanup"]},"spec":{"macAddress":"52:54:00:00:00:02","ipAddress":"10.77.0.2"}},
+{"apiVersion":"provisioner.dev/v1alpha1","kind":"Machine","metadata":{"name":"node3","uid":"u3","resourceVersion":"6","generation":1,"finalizers":["provisioner.dev/cleanup"]},"spec":{"macAddress":"52:54:00:00:00:03","ipAddress":"10.77.0.3"}}]}"#;
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { return };
+        let (listed, release) = (listed.clone(), release.clone());
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stream.try_clone().expect("clone stream"));
+            let mut writer = stream;
+            loop {
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                    return;
+                }
+                let mut length = 0usize;
+                loop {
+                    let mut header = String::new();
+                    if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if header == "\r\n" {
+                        break;
+                    }
+                    if let Some((name, value)) = header.split_once(':') {
+                        if name.eq_ignore_ascii_case("content-length") {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                    }
+                }
+                let mut body = vec![0u8; length];
+                if reader.read_exact(&mut body).is_err() {
+                    return;
+                }
+                let target = request_line.split(' ').nth(1).unwrap_or("").to_string();
+                if target.contains("watch=true") {
+                    // Held open until the test ends (the process is killed).
+                    std::thread::sleep(Duration::from_secs(120));
+                    return;
+                }
+                let answer = if request_line
+                    .starts_with("GET /apis/provisioner.dev/v1alpha1/machines?")
+                {
+                    listed.store(true, Ordering::SeqCst);
+                    while !release.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    MACHINES.to_string()
+                } else if request_line.starts_with("GET /api/v1/nodes?") {
+                    r#"{"apiVersion":"v1","kind":"NodeList","metadata":{"resourceVersion":"1"},"items":[]}"#.to_string()
+                } else {
+                    "{}".to_string()
+                };
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+                    answer.len()
+                );
+                if writer.write_all(response.as_bytes()).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// With the cluster inventory, READY=1 waits for the cluster's Machines: while the API server
+/// holds back the Machine list, netboot says it is waiting and is not ready; once the list is
+/// answered, READY=1 comes with both Machines served.
+#[test]
+fn ready_waits_for_the_cluster_inventory() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "cluster:\n  installCrd: false\n");
+    let api = std::net::TcpListener::bind("127.0.0.1:0").expect("bind API listener");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://{}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user:\n    token: test-token\n",
+            api.local_addr().expect("addr")
+        ),
+    )
+    .expect("write kubeconfig");
+    let text = std::fs::read_to_string(&config).expect("read config");
+    let machines_line = format!("  directory: {}\n", dir.path().join("machines").display());
+    std::fs::write(
+        &config,
+        text.replace(
+            &machines_line,
+            &format!("  kubeconfig: {}\n", kubeconfig.display()),
+        ),
+    )
+    .expect("write config");
+    let (listed, release) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    {
+        let (listed, release) = (listed.clone(), release.clone());
+        std::thread::spawn(move || fake_api_server(api, listed, release));
+    }
+    let notify_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let _daemon = KillOnDrop(
+        Command::new(BIN)
+            .args(["netboot", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env_remove("KUBECONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+
+    // Everything netboot says until it has asked for the Machines, and a little after.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !listed.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "netboot never listed the Machines"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut before = Vec::new();
+    let mut buf = [0u8; 4096];
+    let quiet_until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < quiet_until {
+        if let Ok(n) = socket.recv(&mut buf) {
+            before.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+    assert!(
+        !before
+            .iter()
+            .flat_map(|m| m.lines())
+            .any(|l| l == "READY=1"),
+        "READY=1 before the Machines were listed: {before:?}"
+    );
+    assert!(
+        before
+            .iter()
+            .any(|m| m.contains("waiting for the cluster's Machines")),
+        "STATUS= says what netboot waits for: {before:?}"
+    );
+
+    release.store(true, Ordering::SeqCst);
+    let ready = recv_until(&socket, "READY=1", Instant::now() + Duration::from_secs(20));
+    let status = ready
+        .iter()
+        .flat_map(|m| m.lines())
+        .rfind(|l| l.starts_with("STATUS="))
+        .map(str::to_string)
+        .expect("READY comes with a STATUS line");
+    assert!(status.contains("serving 2 machines"), "{status}");
+}

@@ -2,16 +2,16 @@
 //! and writes each Machine's `.status` from the status store.
 //!
 //! Validity is a property of the whole set (a MAC or IP claimed twice disqualifies every
-//! claimant, as in the YAML folder), so every reconcile judges all Machines of the reflector's
-//! store, updates the table when the verdicts change, and then writes the one Machine's status.
-//! When the verdicts change, every Machine is reconciled again, so the other party of a
-//! conflict gets its condition too.
+//! claimant, as in the YAML folder). The verdicts follow the Machine watch, one event at a
+//! time ([`Context::observe`], [`super::verdicts::Judge`]), and update the table when they
+//! change; a reconcile reads its Machine's verdict and writes that Machine's status. When a
+//! conflict appears or goes away, the other party is reconciled too, so it gets its condition.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -19,13 +19,14 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use netboot::MacAddr;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::crd::{Machine, MachineStatus};
 use super::join::{BootstrapTokens, JoinError};
-use crate::machines::{self, Table};
+use super::verdicts::{Judge, Outcome};
+use crate::machines::Table;
 use crate::status::{self, Phase, Report, StatusStore};
 
 /// Removed only once what the machine owned is cleaned up.
@@ -41,6 +42,16 @@ const RESYNC: Duration = Duration::from_secs(300);
 pub const CONCURRENCY: u16 = 16;
 /// After a failed reconcile (API error): try again after this long.
 const RETRY: Duration = Duration::from_secs(15);
+/// `.status.lastSeen` moving by less than this, with nothing else changed, is not written: a
+/// machine doing DHCP every second would cost a write per second (D-Bus and the state file
+/// keep it to the second). It goes out with the next other change.
+pub const LAST_SEEN_WRITE: Duration = Duration::from_secs(60);
+/// Events are posted on lanes of their own, after the status writes: with the API server as
+/// the bottleneck, a status write does not wait behind the Events of the Machines before it.
+/// A Machine's Events always take the same lane, so they are posted in order.
+const EVENT_LANES: usize = 4;
+/// Events waiting per lane, at most; beyond that a reconcile waits for room.
+const EVENT_BACKLOG: usize = 1024;
 
 pub const CONDITION_SERVED: &str = "Served";
 pub const CONDITION_CONFLICT: &str = "Conflict";
@@ -67,74 +78,59 @@ pub use crate::machines::AddressRules;
 /// Why a Machine is not served.
 pub use crate::machines::Problem;
 
-/// The verdict on every Machine at one moment: a [`machines::Snapshot`] by Machine name.
-#[derive(Debug, Default, PartialEq)]
-pub struct Verdicts {
-    /// What netboot answers, by MAC.
-    pub served: HashMap<MacAddr, netboot::Machine>,
-    /// Every Machine not served, by name.
-    pub problems: BTreeMap<String, Problem>,
-    /// `spec.reimage` of the served Machines that set it, by name.
-    pub reimage: HashMap<String, String>,
-    /// The served Machines' own image and disk hints, by name.
-    pub imaging: HashMap<String, machines::ImagingSpec>,
-}
-
-impl From<machines::Snapshot> for Verdicts {
-    fn from(snapshot: machines::Snapshot) -> Verdicts {
-        Verdicts {
-            served: snapshot.served,
-            problems: snapshot
-                .rejected
-                .into_iter()
-                .filter_map(|r| Some((r.machine?, r.problem)))
-                .collect(),
-            reimage: snapshot.reimage,
-            imaging: snapshot.imaging,
-        }
-    }
-}
-
-/// Judges `machines` exactly like the YAML folder ([`machines::judge`]). Machines being deleted
-/// (and `leaving`) are not served and claim nothing.
-pub fn judge(machines: &[Arc<Machine>], rules: &AddressRules, leaving: Option<&str>) -> Verdicts {
-    let mut named: Vec<(String, &Machine)> = machines
-        .iter()
-        .filter(|m| m.meta().deletion_timestamp.is_none())
-        .map(|m| (m.name_any(), m.as_ref()))
-        .filter(|(name, _)| leaving != Some(name.as_str()))
-        .collect();
-    // By name: conflict messages list the other claimants in this order.
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    let claims = named.iter().map(|(name, m)| machines::Claim {
-        name,
-        spec: &m.spec,
-        file: None,
-        document: None,
-    });
-    machines::judge(claims, rules).into()
-}
-
 pub struct Context {
     pub client: Client,
-    /// Every Machine, as the controller's reflector sees it.
-    pub machines: Store<Machine>,
     /// Every Node (for NodeReady and the Ready phase).
     pub nodes: Store<Node>,
     pub table: Arc<Table>,
     pub status: Arc<StatusStore>,
     pub rules: AddressRules,
     pub recorder: Recorder,
-    /// The last verdicts applied to the table.
-    last: Mutex<Option<Verdicts>>,
-    /// Asks the controller to reconcile every Machine (the verdicts changed).
-    reconcile_all: mpsc::UnboundedSender<()>,
+    /// Where Events go (posted in the background); `None`: posted by the reconcile itself.
+    event_lanes: Option<EventLanes>,
+    /// The verdicts, kept up to date by [`Context::observe`] from the Machine watch.
+    judge: Mutex<JudgeState>,
+    /// True once the first full list of Machines is judged and in the table.
+    loaded: watch::Sender<bool>,
+    /// Asks the controller to reconcile a Machine (the other party of a conflict that
+    /// appeared or went away).
+    reconcile: mpsc::UnboundedSender<ObjectRef<Machine>>,
     /// Bootstrap token Secrets, deleted when a machine joins or its Machine is deleted.
     pub tokens: Option<Arc<BootstrapTokens>>,
     /// Machines this controller added the finalizer to, by name, with the resourceVersion the
     /// patch was made against: until the reflector has the patched version, that version is
     /// known to carry the finalizer.
     finalizer_added: Mutex<HashMap<String, String>>,
+    /// The last status this controller wrote, by Machine name, until the reflector has it.
+    status_written: Mutex<HashMap<String, WrittenStatus>>,
+}
+
+/// A status write, remembered until its watch event arrives.
+struct WrittenStatus {
+    /// The resourceVersion of the copy the status was computed from, and the one the write
+    /// produced.
+    from: Option<String>,
+    to: Option<String>,
+    status: MachineStatus,
+}
+
+/// Whether `version` is older than `written`. kube-apiserver's resourceVersions are etcd
+/// revisions, increasing along a watch; were they not numbers, only the version the write was
+/// computed from counts as older.
+fn older(version: Option<&String>, written: &WrittenStatus) -> bool {
+    let number = |v: Option<&String>| v.and_then(|v| v.parse::<u64>().ok());
+    match (number(version), number(written.to.as_ref())) {
+        (Some(version), Some(to)) => version < to,
+        _ => version == written.from.as_ref(),
+    }
+}
+
+#[derive(Default)]
+struct JudgeState {
+    /// The verdicts the table was made from; `None` until the first full list.
+    current: Option<Judge>,
+    /// A (re)list in progress: its Machines so far.
+    listing: Option<Vec<Arc<Machine>>>,
 }
 
 impl Context {
@@ -171,14 +167,48 @@ impl Context {
         Arc::new(known)
     }
 
+    /// The Machine with the status this controller last wrote, while the reflector still
+    /// holds an older version: a reconcile from that copy (a status store change, the write's
+    /// own watch event still on its way) would find the status different and write it again.
+    fn with_known_status(&self, machine: Arc<Machine>) -> Arc<Machine> {
+        let mut written = self
+            .status_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let name = machine.name_any();
+        let Some(last) = written.get(&name) else {
+            return machine;
+        };
+        if older(machine.resource_version().as_ref(), last) {
+            let mut known = (*machine).clone();
+            known.status = Some(last.status.clone());
+            return Arc::new(known);
+        }
+        // The reflector has the write, or a newer version: it knows the truth.
+        written.remove(&name);
+        machine
+    }
+
+    fn wrote_status(
+        &self,
+        name: &str,
+        from: Option<String>,
+        to: Option<String>,
+        status: MachineStatus,
+    ) {
+        self.status_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), WrittenStatus { from, to, status });
+    }
+
     pub fn new(
         client: Client,
-        machines: Store<Machine>,
         nodes: Store<Node>,
         table: Arc<Table>,
         status: Arc<StatusStore>,
         rules: AddressRules,
-        reconcile_all: mpsc::UnboundedSender<()>,
+        reconcile: mpsc::UnboundedSender<ObjectRef<Machine>>,
     ) -> Context {
         let recorder = Recorder::new(
             client.clone(),
@@ -189,16 +219,18 @@ impl Context {
         );
         Context {
             client,
-            machines,
             nodes,
             table,
             status,
             rules,
             recorder,
-            last: Mutex::new(None),
-            reconcile_all,
+            event_lanes: None,
+            judge: Mutex::new(JudgeState::default()),
+            loaded: watch::Sender::new(false),
+            reconcile,
             tokens: None,
             finalizer_added: Mutex::new(HashMap::new()),
+            status_written: Mutex::new(HashMap::new()),
         }
     }
 
@@ -207,27 +239,96 @@ impl Context {
         self
     }
 
-    /// Judges every Machine and, when the verdicts changed, updates the table (which adds and
-    /// removes status store entries) and has every Machine reconciled again.
-    fn refresh(&self, leaving: Option<&str>) {
-        let verdicts = judge(&self.machines.state(), &self.rules, leaving);
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let problem_of = |v: &Verdicts, name: &str| v.problems.get(name).cloned();
-        if last.as_ref() == Some(&verdicts) {
+    /// Events posted in the background ([`EventLanes`]) instead of by the reconcile.
+    pub fn with_event_lanes(mut self) -> Context {
+        self.event_lanes = Some(EventLanes::start(self.recorder.clone()));
+        self
+    }
+
+    /// Becomes true once the first full list of Machines is judged and in the table.
+    pub fn loaded(&self) -> watch::Receiver<bool> {
+        self.loaded.subscribe()
+    }
+
+    /// Follows the Machine watch (called for every event, right after the reflector's store
+    /// took it, before the controller sees it): keeps the verdicts current, and updates the
+    /// table and the reimage requests when they change. A status write (most events) costs a
+    /// lookup. A list (at start, after a lost watch) is judged in full once it is complete.
+    pub fn observe(&self, event: &watcher::Event<Machine>) {
+        let mut state = self.judge.lock().unwrap_or_else(|p| p.into_inner());
+        let (outcome, first) = match event {
+            watcher::Event::Init => {
+                state.listing = Some(Vec::new());
+                return;
+            }
+            watcher::Event::InitApply(machine) => {
+                if let Some(listing) = state.listing.as_mut() {
+                    listing.push(Arc::new(machine.clone()));
+                }
+                return;
+            }
+            watcher::Event::InitDone => {
+                let listed = state.listing.take().unwrap_or_default();
+                let judged = Judge::of(self.rules.clone(), listed);
+                let first = state.current.is_none();
+                let outcome = match &state.current {
+                    Some(before) => Judge::compare(before, &judged),
+                    None => Outcome {
+                        served_changed: true,
+                        reimage_changed: true,
+                        imaging_changed: true,
+                        problems_changed: judged.verdicts().problems.keys().cloned().collect(),
+                    },
+                };
+                state.current = Some(judged);
+                (outcome, first)
+            }
+            watcher::Event::Apply(machine) => match state.current.as_mut() {
+                Some(judge) => (judge.update(machine), false),
+                None => return,
+            },
+            watcher::Event::Delete(machine) => match state.current.as_mut() {
+                Some(judge) => (judge.remove(&machine.name_any()), false),
+                None => return,
+            },
+        };
+        if let Some(judge) = &state.current {
+            self.act_on(judge, &outcome, first);
+        }
+        drop(state);
+        if first {
+            self.loaded.send_replace(true);
+        }
+    }
+
+    /// The Machine is being deleted: stop serving it now, whatever the watch has shown yet.
+    fn leave(&self, name: &str) {
+        let mut state = self.judge.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(judge) = state.current.as_mut() {
+            let outcome = judge.leave(name);
+            if let Some(judge) = &state.current {
+                self.act_on(judge, &outcome, false);
+            }
+        }
+    }
+
+    /// Applies what changed: the table (which adds and removes status store entries), the
+    /// reimage requests, and a reconcile of every Machine whose problem changed other than
+    /// by its own event (the other party of a conflict).
+    fn act_on(&self, judge: &Judge, outcome: &Outcome, first: bool) {
+        if outcome.is_empty() {
             return;
         }
-        // The first verdicts always replace the table: it may hold anything until then.
-        let first = last.is_none();
-        let previous = last.take().unwrap_or_default();
-        for (name, problem) in &verdicts.problems {
-            if problem_of(&previous, name).as_ref() != Some(problem) {
+        let verdicts = judge.verdicts();
+        for name in &outcome.problems_changed {
+            if let Some(problem) = verdicts.problems.get(name) {
                 tracing::warn!(machine = %name, "machine not served: {}", problem.message());
             }
         }
-        if first || previous.imaging != verdicts.imaging {
+        if outcome.imaging_changed {
             self.table.set_imaging(verdicts.imaging.clone());
         }
-        if first || previous.served != verdicts.served {
+        if outcome.served_changed {
             tracing::info!(
                 machines = verdicts.served.len(),
                 rejected = verdicts.problems.len(),
@@ -235,19 +336,23 @@ impl Context {
             );
             self.table.replace(verdicts.served.clone());
         }
-        if first || previous.reimage != verdicts.reimage {
+        if outcome.reimage_changed {
             self.status.sync_reimage(&verdicts.reimage);
         }
-        if previous.problems != verdicts.problems {
-            // Nobody listening means the controller is stopping.
-            let _ = self.reconcile_all.send(());
+        if !first {
+            for name in &outcome.problems_changed {
+                // Nobody listening means the controller is stopping.
+                let _ = self.reconcile.send(ObjectRef::new(name));
+            }
         }
-        *last = Some(verdicts);
     }
 
     fn problem(&self, name: &str) -> Option<Problem> {
-        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        last.as_ref().and_then(|v| v.problems.get(name).cloned())
+        let state = self.judge.lock().unwrap_or_else(|p| p.into_inner());
+        state
+            .current
+            .as_ref()
+            .and_then(|j| j.problem(name).cloned())
     }
 
     fn node_of(&self, machine: &Machine) -> Option<Arc<Node>> {
@@ -276,13 +381,20 @@ fn node_ready(node: &Node) -> bool {
         })
 }
 
-/// 0 is the status store's "never seen".
+/// 0 is the status store's "never seen". Whole seconds: a `Time` goes over the wire without
+/// its fraction, so a finer one would never equal the stored status and every change would be
+/// written twice (and every resync write again).
 fn usec_to_time(usec: u64) -> Option<Time> {
     if usec == 0 {
         return None;
     }
-    let usec = i64::try_from(usec).ok()?;
-    Timestamp::from_microsecond(usec).ok().map(Time)
+    let seconds = i64::try_from(usec / 1_000_000).ok()?;
+    Timestamp::from_second(seconds).ok().map(Time)
+}
+
+/// Now, in whole seconds (see [`usec_to_time`]).
+fn now() -> Time {
+    Time(Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH))
 }
 
 /// A condition, keeping the previous transition time when its status did not change.
@@ -464,6 +576,65 @@ fn condition_reason<'a>(status: &'a MachineStatus, type_: &str) -> Option<&'a st
         .map(|c| c.reason.as_str())
 }
 
+/// `desired`, with the current `lastSeen` kept when nothing else changed and it moved by less
+/// than [`LAST_SEEN_WRITE`].
+pub fn hold_last_seen(mut desired: MachineStatus, current: &MachineStatus) -> MachineStatus {
+    let (Some(new), Some(old)) = (&desired.last_seen, &current.last_seen) else {
+        return desired;
+    };
+    let moved = new.0.as_second() - old.0.as_second();
+    let window = i64::try_from(LAST_SEEN_WRITE.as_secs()).unwrap_or(i64::MAX);
+    if (0..window).contains(&moved) {
+        let previous = std::mem::replace(&mut desired.last_seen, current.last_seen.clone());
+        if &desired != current {
+            desired.last_seen = previous;
+        }
+    }
+    desired
+}
+
+async fn post_event(recorder: &Recorder, name: &str, event: &Event, reference: &ObjectReference) {
+    if let Err(e) = recorder.publish(event, reference).await {
+        // The status already says it; a lost Event is not worth a retry loop.
+        tracing::warn!(machine = %name, reason = %event.reason, "cannot post Event: {e}");
+    }
+}
+
+/// Posts Events in the background, [`EVENT_LANES`] at once, each Machine's in order.
+pub struct EventLanes {
+    lanes: Vec<mpsc::Sender<(String, Event, ObjectReference)>>,
+}
+
+impl EventLanes {
+    /// The lanes' tasks end when the lanes are dropped, after posting what they hold.
+    pub fn start(recorder: Recorder) -> EventLanes {
+        let lanes = (0..EVENT_LANES)
+            .map(|_| {
+                let (tx, mut rx) = mpsc::channel::<(String, Event, ObjectReference)>(EVENT_BACKLOG);
+                let recorder = recorder.clone();
+                tokio::spawn(async move {
+                    while let Some((name, event, reference)) = rx.recv().await {
+                        post_event(&recorder, &name, &event, &reference).await;
+                    }
+                });
+                tx
+            })
+            .collect();
+        EventLanes { lanes }
+    }
+
+    async fn post(&self, name: &str, event: Event, reference: ObjectReference) {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut hasher);
+        let lane = (hasher.finish() % self.lanes.len() as u64) as usize;
+        // Closed only when the controller stops.
+        let _ = self.lanes[lane]
+            .send((name.to_string(), event, reference))
+            .await;
+    }
+}
+
 /// The Events a status change deserves: a phase change, a conflict or an invalid spec appearing,
 /// a refused user-data replay (each one).
 fn events_for(before: &MachineStatus, after: &MachineStatus) -> Vec<Event> {
@@ -546,12 +717,12 @@ pub async fn reconcile(machine: Arc<Machine>, ctx: Arc<Context>) -> Result<Actio
 }
 
 async fn apply(machine: Arc<Machine>, ctx: &Context) -> Result<Action, Error> {
-    // Judging a partial list would drop machines from the table: wait for the first full list.
-    ctx.machines
-        .wait_until_ready()
+    // Before the first full list is judged, the verdict and the table mean nothing yet.
+    ctx.loaded()
+        .wait_for(|loaded| *loaded)
         .await
         .map_err(|_| Error::StoreGone)?;
-    ctx.refresh(None);
+    let machine = ctx.with_known_status(machine);
     let name = machine.name_any();
     let problem = ctx.problem(&name);
     let node = ctx.node_of(&machine);
@@ -566,15 +737,18 @@ async fn apply(machine: Arc<Machine>, ctx: &Context) -> Result<Action, Error> {
         }
     }
     let stored = ctx.status.get(&name);
-    let now = Time(Timestamp::now());
-    let desired = desired_status(
-        &machine,
-        problem.as_ref(),
-        stored.as_ref(),
-        node.as_deref(),
-        &now,
-    );
+    let now = now();
     let current = machine.status.clone().unwrap_or_default();
+    let desired = hold_last_seen(
+        desired_status(
+            &machine,
+            problem.as_ref(),
+            stored.as_ref(),
+            node.as_deref(),
+            &now,
+        ),
+        &current,
+    );
     if machine.status.as_ref() != Some(&desired) {
         let api: Api<Machine> = Api::all(ctx.client.clone());
         let patch = serde_json::json!({
@@ -582,17 +756,24 @@ async fn apply(machine: Arc<Machine>, ctx: &Context) -> Result<Action, Error> {
             "kind": "Machine",
             "status": desired,
         });
-        api.patch_status(
+        let written = api
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        ctx.wrote_status(
             &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
+            machine.resource_version(),
+            written.resource_version(),
+            desired.clone(),
+        );
         let reference = machine.object_ref(&());
         for event in events_for(&current, &desired) {
-            if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-                // The status already says it; a lost Event is not worth a retry loop.
-                tracing::warn!(machine = %name, reason = %event.reason, "cannot post Event: {e}");
+            match &ctx.event_lanes {
+                Some(lanes) => lanes.post(&name, event, reference.clone()).await,
+                None => post_event(&ctx.recorder, &name, &event, &reference).await,
             }
         }
         let ready = Some(Phase::Ready.as_str());
@@ -617,7 +798,7 @@ async fn cleanup(machine: Arc<Machine>, ctx: &Context) -> Result<Action, Error> 
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&name);
-    ctx.refresh(Some(&name));
+    ctx.leave(&name);
     tracing::info!(machine = %name, mac = %machine.spec.mac_address, ip = %machine.spec.ip_address, "Machine deleted: no longer served");
     if let Some(tokens) = &ctx.tokens {
         match tokens.release(&name, "the Machine is deleted").await {

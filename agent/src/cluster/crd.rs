@@ -41,11 +41,21 @@ pub const DISK_WORDS_PATTERN: &str = "^[!%'-:<-{}~][!#%-~]*( [!%'-:<-{}~][!#%-~]
     doc = "A machine that provisioner netboot PXE-boots, images and joins to the cluster.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "IP", type_ = "string", json_path = ".spec.ipAddress"),
+    printcolumn(name = "MAC", type_ = "string", json_path = ".spec.macAddress"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
     printcolumn(name = "Progress", type_ = "integer", json_path = ".status.progress"),
     printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
+    ),
+    // Priority 1: shown by `kubectl get machines -o wide` only (a sentence would stretch
+    // every line of the plain listing).
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.message",
+        priority = 1
     )
 )]
 #[serde(rename_all = "camelCase")]
@@ -182,7 +192,18 @@ mod tests {
             .flatten()
             .map(|c| c.name.as_str())
             .collect();
-        assert_eq!(columns, ["Phase", "IP", "Progress", "Age"]);
+        assert_eq!(
+            columns,
+            ["Phase", "IP", "MAC", "Node", "Progress", "Age", "Message"]
+        );
+        let wide_only: Vec<&str> = version
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .filter(|c| c.priority.unwrap_or(0) > 0)
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(wide_only, ["Message"], "only Message waits for -o wide");
     }
 
     /// The openAPIV3Schema of the generated CRD, checked by a JSON Schema validator with format

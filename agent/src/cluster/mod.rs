@@ -9,6 +9,7 @@ pub mod join;
 mod rbac;
 #[cfg(test)]
 mod tests;
+pub mod verdicts;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures_util::{stream, StreamExt};
+use futures_util::{stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{watcher, Controller, WatchStreamExt};
@@ -70,9 +71,18 @@ pub struct ApiState {
     reachable: AtomicBool,
     /// What stops the agent from working with the cluster (a missing CRD), for `STATUS=`.
     problem: std::sync::Mutex<Option<String>>,
+    /// True once the first list of Machines is in the table.
+    loaded: tokio::sync::watch::Sender<bool>,
 }
 
 impl ApiState {
+    /// Returns once the first list of Machines from the API server is in the table (what
+    /// READY=1 waits for: until then netboot serves no machine).
+    pub async fn inventory_loaded(&self) {
+        // The sender lives in `self`: the wait can only end with the value.
+        let _ = self.loaded.subscribe().wait_for(|loaded| *loaded).await;
+    }
+
     pub fn reachable(&self) -> bool {
         self.reachable.load(Ordering::Relaxed)
     }
@@ -106,6 +116,7 @@ impl Default for ApiState {
         ApiState {
             reachable: AtomicBool::new(true),
             problem: std::sync::Mutex::new(None),
+            loaded: tokio::sync::watch::Sender::new(false),
         }
     }
 }
@@ -129,11 +140,7 @@ pub async fn run(
     ));
     let machines_api: Api<Machine> = Api::all(client.clone());
     let nodes_api: Api<Node> = Api::all(client.clone());
-    let controller = Controller::new(machines_api, watcher::Config::default().any_semantic())
-        .with_config(
-            kube::runtime::controller::Config::default().concurrency(controller::CONCURRENCY),
-        );
-    let machines = controller.store();
+    let (machines, machine_writer) = reflector::store::<Machine>();
     if let Some(tokens) = &options.tokens {
         tokens.attach(machines.clone());
         tokio::spawn(
@@ -145,10 +152,29 @@ pub async fn run(
     let (nodes, node_writer) = reflector::store::<Node>();
     let (one_tx, one_rx) = mpsc::unbounded_channel::<ObjectRef<Machine>>();
     let (all_tx, all_rx) = mpsc::unbounded_channel::<()>();
+    let context = Arc::new(
+        controller::Context::new(
+            client,
+            nodes,
+            table.clone(),
+            store.clone(),
+            rules,
+            one_tx.clone(),
+        )
+        .with_tokens(options.tokens)
+        .with_event_lanes(),
+    );
+    let mut loaded = context.loaded();
+    let loaded_state = api_state.clone();
+    tokio::spawn(async move {
+        if loaded.wait_for(|loaded| *loaded).await.is_ok() {
+            loaded_state.loaded.send_replace(true);
+        }
+    });
 
     // A status store change (boot event, stage2 report) → write that Machine's status.
     let mut changes = store.subscribe();
-    let (status_one, status_all) = (one_tx.clone(), all_tx.clone());
+    let status_one = one_tx.clone();
     let token = shutdown.clone();
     tokio::spawn(async move {
         loop {
@@ -160,7 +186,7 @@ pub async fn run(
                 Ok(Change::Added(s) | Change::Removed(s)) => s.name,
                 Ok(Change::Updated { after, .. }) => after.name,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    let _ = status_all.send(());
+                    let _ = all_tx.send(());
                     continue;
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
@@ -176,7 +202,9 @@ pub async fn run(
     let token = shutdown.clone();
     let node_events = reflector::reflector(
         node_writer,
-        watcher(nodes_api, watcher::Config::default().any_semantic()).default_backoff(),
+        watcher(nodes_api, watcher::Config::default().any_semantic())
+            .modify(keep_node_readiness)
+            .default_backoff(),
     )
     .touched_objects();
     tokio::spawn(async move {
@@ -203,9 +231,20 @@ pub async fn run(
         }
     });
 
-    let context = Arc::new(
-        controller::Context::new(client, machines, nodes, table.clone(), store, rules, all_tx)
-            .with_tokens(options.tokens),
+    // The Machine watch: the reflector's store takes each event, then the verdicts follow it
+    // (before the controller runs a reconcile for it, so a reconcile never reads a verdict
+    // older than its Machine).
+    let judge = context.clone();
+    let machine_events = watcher(machines_api, watcher::Config::default().any_semantic())
+        .modify(drop_bookkeeping)
+        .reflect(machine_writer)
+        .map_ok(move |event| {
+            judge.observe(&event);
+            event
+        })
+        .applied_objects();
+    let controller = Controller::for_stream(machine_events, machines).with_config(
+        kube::runtime::controller::Config::default().concurrency(controller::CONCURRENCY),
     );
     let one = stream::unfold(
         one_rx,
@@ -244,6 +283,32 @@ pub async fn run(
             futures_util::future::ready(())
         })
         .await;
+}
+
+/// What the reflector keeps of a Machine: no managed fields and no client-side apply copy of
+/// the object (nothing here reads them; with server-side apply they are most of a Machine's
+/// size, and the store holds every Machine).
+fn drop_bookkeeping(machine: &mut Machine) {
+    let meta = &mut machine.metadata;
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// What the reflector keeps of a Node: its name and conditions (a Node's status also lists
+/// its images, addresses, capacity…, kilobytes each).
+fn keep_node_readiness(node: &mut Node) {
+    node.metadata.managed_fields = None;
+    node.metadata.annotations = None;
+    node.metadata.labels = None;
+    node.spec = None;
+    if let Some(status) = node.status.as_mut() {
+        *status = k8s_openapi::api::core::v1::NodeStatus {
+            conditions: status.conditions.take(),
+            ..Default::default()
+        };
+    }
 }
 
 /// The CRD step on start: apply it (when allowed), else check one is installed. A missing CRD

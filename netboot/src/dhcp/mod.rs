@@ -147,6 +147,38 @@ pub async fn serve(
     run(socket, settings, machines, shutdown, Ports::STANDARD).await
 }
 
+/// [`serve`] on a thread of its own, with a single-threaded runtime that polls this socket
+/// alone: an answer never waits for other work of the process (a cluster controller writing
+/// a burst of status changes, TLS, JSON) to yield a shared runtime's worker or to poll its I/O
+/// driver. The future ends when that server does (shutdown, or a fatal socket error).
+pub fn serve_on_own_thread(
+    socket: std::net::UdpSocket,
+    settings: Arc<DhcpSettings>,
+    machines: Arc<dyn MachineLookup>,
+    shutdown: CancellationToken,
+) -> impl std::future::Future<Output = io::Result<()>> + Send + 'static {
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("dhcp".into())
+        .spawn(move || {
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .and_then(|runtime| {
+                    runtime.block_on(async move {
+                        serve(UdpSocket::from_std(socket)?, settings, machines, shutdown).await
+                    })
+                });
+            let _ = done.send(result);
+        });
+    async move {
+        spawned?;
+        finished
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("the DHCP thread ended without a result")))
+    }
+}
+
 async fn run(
     socket: UdpSocket,
     settings: Arc<DhcpSettings>,

@@ -10,7 +10,7 @@ use std::time::Duration;
 use http::{Method, Request, Response};
 use k8s_openapi::api::core::v1::Node;
 use kube::client::Body;
-use kube::runtime::reflector::{self, store::Writer, Store};
+use kube::runtime::reflector::{self, store::Writer, ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource};
 use serde_json::{json, Value};
@@ -61,9 +61,21 @@ pub(super) struct Harness {
     pub(super) ctx: Arc<Context>,
     pub(super) table: Arc<Table>,
     pub(super) status: Arc<StatusStore>,
-    pub(super) reconcile_all: mpsc::UnboundedReceiver<()>,
-    pub(super) _machines: Writer<Machine>,
+    /// The Machines the controller is asked to reconcile besides their own events.
+    pub(super) reconcile: mpsc::UnboundedReceiver<ObjectRef<Machine>>,
+    /// The reflector's store of Machines.
+    pub(super) machines: Store<Machine>,
+    pub(super) machine_writer: Writer<Machine>,
     pub(super) _nodes: Writer<Node>,
+}
+
+impl Harness {
+    /// A watch event, as the controller's pipeline takes it: the store first, then the
+    /// verdicts.
+    pub(super) fn watch_event(&mut self, event: watcher::Event<Machine>) {
+        self.machine_writer.apply_watcher_event(&event);
+        self.ctx.observe(&event);
+    }
 }
 
 pub(super) fn ready_store<K>(objects: Vec<K>) -> (Store<K>, Writer<K>)
@@ -80,38 +92,53 @@ where
     (store, writer)
 }
 
+/// The controller's context over a mock API server, with `machines` listed (in the store,
+/// judged, the valid ones in the table) and `nodes` in theirs.
 pub(super) fn harness(machines: Vec<Machine>, nodes: Vec<Node>) -> (Harness, ApiServerHandle) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
-    let (machine_store, machine_writer) = ready_store(machines);
+    let (machine_store, machine_writer) = reflector::store::<Machine>();
     let (node_store, node_writer) = ready_store(nodes);
     let status = StatusStore::open(None);
     let table = Arc::new(Table::with_status(status.clone()));
-    let (all_tx, all_rx) = mpsc::unbounded_channel();
+    let (reconcile_tx, reconcile_rx) = mpsc::unbounded_channel();
     let rules = AddressRules {
         subnet: "10.77.0.0/24".parse().expect("cidr"),
         reserved: vec![Ipv4Addr::new(10, 77, 0, 1)],
     };
     let ctx = Arc::new(Context::new(
         client,
-        machine_store,
         node_store,
         table.clone(),
         status.clone(),
         rules,
-        all_tx,
+        reconcile_tx,
     ));
-    (
-        Harness {
-            ctx,
-            table,
-            status,
-            reconcile_all: all_rx,
-            _machines: machine_writer,
-            _nodes: node_writer,
-        },
-        handle,
-    )
+    let mut h = Harness {
+        ctx,
+        table,
+        status,
+        reconcile: reconcile_rx,
+        machines: machine_store,
+        machine_writer,
+        _nodes: node_writer,
+    };
+    h.watch_event(watcher::Event::Init);
+    for m in machines {
+        h.watch_event(watcher::Event::InitApply(m));
+    }
+    h.watch_event(watcher::Event::InitDone);
+    (h, handle)
+}
+
+/// `ctx` after the first list of the Machines in `machines` (judged, the valid ones served).
+pub(super) fn listed(ctx: Context, machines: &Store<Machine>) -> Arc<Context> {
+    ctx.observe(&watcher::Event::Init);
+    for m in machines.state() {
+        ctx.observe(&watcher::Event::InitApply((*m).clone()));
+    }
+    ctx.observe(&watcher::Event::InitDone);
+    Arc::new(ctx)
 }
 
 /// Takes the next request, checks method and path (query included), returns its JSON body.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use http::{Method, Request, Response};
 use k8s_openapi::api::core::v1::Node;
 use kube::client::Body;
+use kube::runtime::watcher;
 use kube::{Client, Resource};
 use netboot::provisioning::Refusal;
 use netboot::{BootEvent, MacAddr, MachineLookup};
@@ -161,7 +162,11 @@ async fn duplicate_mac_flags_both_machines_and_serves_neither() {
     let a = with_finalizer(machine("a", "52:54:00:00:00:0a", "10.77.0.10"));
     let b = with_finalizer(machine("b", "52:54:00:00:00:0a", "10.77.0.11"));
     let c = with_finalizer(machine("c", "52:54:00:00:00:0c", "10.77.0.12"));
-    let (mut h, mut api) = harness(vec![a.clone(), b.clone(), c.clone()], vec![]);
+    let (mut h, mut api) = harness(vec![a.clone(), c.clone()], vec![]);
+    assert_eq!(h.table.len(), 2);
+    // b arrives with a's MAC: a gets reconciled again, not only b (its own event).
+    h.watch_event(watcher::Event::Apply(b.clone()));
+    assert_eq!(reconcile_requests(&mut h), ["a", "b"]);
     for (object, other) in [(&a, "b"), (&b, "a")] {
         let name = object.meta().name.clone().unwrap_or_default();
         let reconcile = tokio::spawn(controller::reconcile(
@@ -197,10 +202,23 @@ async fn duplicate_mac_flags_both_machines_and_serves_neither() {
     let served: Vec<&str> = all.values().map(|m| m.name.as_str()).collect();
     assert_eq!(served, ["c"], "neither claimant is served");
     assert!(h.status.get("a").is_none() && h.status.get("b").is_none());
-    assert!(
-        h.reconcile_all.try_recv().is_ok(),
-        "a new conflict has every Machine reconciled again"
-    );
+    assert_eq!(reconcile_requests(&mut h), Vec::<String>::new());
+
+    // b is deleted: a is served again and reconciled; c, untouched, is not.
+    h.watch_event(watcher::Event::Delete(b.clone()));
+    assert_eq!(reconcile_requests(&mut h), ["a", "b"]);
+    assert_eq!(h.table.len(), 2);
+    assert!(h.status.get("a").is_some());
+}
+
+/// The Machines the controller was asked to reconcile besides their own events, by name.
+fn reconcile_requests(h: &mut Harness) -> Vec<String> {
+    let mut names = Vec::new();
+    while let Ok(r) = h.reconcile.try_recv() {
+        names.push(r.name);
+    }
+    names.sort();
+    names
 }
 
 #[tokio::test]
@@ -235,12 +253,14 @@ async fn deletion_stops_serving_and_removes_the_finalizer() {
     gone.meta_mut().deletion_timestamp = Some(
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
     );
-    let (h, mut api) = harness(vec![gone.clone()], vec![]);
+    let (mut h, mut api) = harness(vec![live], vec![]);
     // It was served before the deletion.
-    let verdicts = controller::judge(&[Arc::new(live)], &h.ctx.rules, None);
-    h.table.replace(verdicts.served);
     assert_eq!(h.table.len(), 1);
     assert!(h.status.get("node2").is_some());
+    // The deletion's watch event: no longer served, before any reconcile.
+    h.watch_event(watcher::Event::Apply(gone.clone()));
+    assert_eq!(h.table.len(), 0, "a deleted machine is not served");
+    assert!(h.status.get("node2").is_none(), "its status entry is gone");
 
     let reconcile = tokio::spawn(controller::reconcile(Arc::new(gone.clone()), h.ctx.clone()));
     within("finalizer removal", async {
@@ -272,8 +292,6 @@ async fn ready_node_marks_a_joining_machine_ready() {
     }))
     .expect("node");
     let (h, mut api) = harness(vec![m.clone()], vec![node]);
-    let verdicts = controller::judge(&[Arc::new(m.clone())], &h.ctx.rules, None);
-    h.table.replace(verdicts.served);
     h.status
         .report("node2", crate::status::Report::Joining)
         .expect("known");
@@ -308,7 +326,7 @@ fn judge_matches_the_folder_rules() {
     .into_iter()
     .map(Arc::new)
     .collect();
-    let v = controller::judge(&machines, &rules, None);
+    let v = crate::cluster::verdicts::judge(&machines, &rules, None);
     let served: Vec<&str> = v.served.values().map(|m| m.name.as_str()).collect();
     assert_eq!(served, ["e"]);
     let problems: Vec<&str> = v.problems.keys().map(String::as_str).collect();
@@ -319,7 +337,7 @@ fn judge_matches_the_folder_rules() {
     assert!(v.problems["c"].message().contains("server or gateway"));
     assert!(v.problems["d"].message().contains("multicast"));
     // Leaving machines claim nothing: without b, a is served.
-    let v = controller::judge(&machines, &rules, Some("b"));
+    let v = crate::cluster::verdicts::judge(&machines, &rules, Some("b"));
     assert!(v.served.values().any(|m| m.name == "a"));
 }
 
@@ -339,7 +357,7 @@ fn tokens_for(h: &Harness, api_endpoint: Option<&str>) -> Arc<BootstrapTokens> {
         },
         ClusterFacts::default(),
     ));
-    tokens.attach(h.ctx.machines.clone());
+    tokens.attach(h.machines.clone());
     tokens
 }
 
@@ -353,8 +371,6 @@ fn imaged_node2() -> (Harness, ApiServerHandle, Machine) {
 fn imaged_node2_with_token() -> (Harness, ApiServerHandle, Machine, String) {
     let m = with_finalizer(machine("node2", "52:54:00:00:00:02", "10.77.0.2"));
     let (h, api) = harness(vec![m.clone()], vec![]);
-    let verdicts = controller::judge(&[Arc::new(m.clone())], &h.ctx.rules, None);
-    h.table.replace(verdicts.served);
     let served = h
         .table
         .by_mac(&"52:54:00:00:00:02".parse().expect("mac"))
@@ -643,10 +659,9 @@ async fn the_token_secret_is_deleted_when_the_node_is_ready() {
     }))
     .expect("node");
     let (_, node_writer) = ready_store(vec![node]);
-    let ctx = Arc::new(
+    let ctx = listed(
         Context::new(
             h.ctx.client.clone(),
-            h.ctx.machines.clone(),
             node_writer.as_reader(),
             h.table.clone(),
             h.status.clone(),
@@ -654,6 +669,7 @@ async fn the_token_secret_is_deleted_when_the_node_is_ready() {
             mpsc::unbounded_channel().0,
         )
         .with_tokens(Some(tokens)),
+        &h.machines,
     );
     let secret = stored_token_secret("node2", &h.status.provisioning_id("node2").expect("id"), 1);
     let reconcile = tokio::spawn(controller::reconcile(Arc::new(m.clone()), ctx));
@@ -680,10 +696,9 @@ async fn the_token_secret_is_deleted_with_the_machine() {
     gone.meta_mut().deletion_timestamp = Some(
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
     );
-    let ctx = Arc::new(
+    let ctx = listed(
         Context::new(
             h.ctx.client.clone(),
-            h.ctx.machines.clone(),
             h.ctx.nodes.clone(),
             h.table.clone(),
             h.status.clone(),
@@ -691,6 +706,7 @@ async fn the_token_secret_is_deleted_with_the_machine() {
             mpsc::unbounded_channel().0,
         )
         .with_tokens(Some(tokens)),
+        &h.machines,
     );
     let secret = stored_token_secret("node2", "0123456789abcdef", 1);
     let reconcile = tokio::spawn(controller::reconcile(Arc::new(gone.clone()), ctx));
@@ -721,10 +737,9 @@ async fn a_failed_token_cleanup_keeps_the_finalizer() {
     gone.meta_mut().deletion_timestamp = Some(
         k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
     );
-    let ctx = Arc::new(
+    let ctx = listed(
         Context::new(
             h.ctx.client.clone(),
-            h.ctx.machines.clone(),
             h.ctx.nodes.clone(),
             h.table.clone(),
             h.status.clone(),
@@ -732,6 +747,7 @@ async fn a_failed_token_cleanup_keeps_the_finalizer() {
             mpsc::unbounded_channel().0,
         )
         .with_tokens(Some(tokens_for(&h, None))),
+        &h.machines,
     );
     let reconcile = tokio::spawn(controller::reconcile(Arc::new(gone), ctx));
     within("list fails", async {
@@ -926,9 +942,11 @@ async fn a_user_data_replay_is_raised_as_a_condition_and_an_event() {
         .get("node2")
         .expect("node2")
         .user_data_replayed_usec;
-    let replayed =
-        k8s_openapi::jiff::Timestamp::from_microsecond(i64::try_from(replayed_usec).expect("usec"))
-            .expect("time");
+    // In whole seconds, as every time in the status (a `Time` has no fraction on the wire).
+    let replayed = k8s_openapi::jiff::Timestamp::from_second(
+        i64::try_from(replayed_usec / 1_000_000).expect("seconds"),
+    )
+    .expect("time");
 
     let reconcile = tokio::spawn(controller::reconcile(Arc::new(m.clone()), h.ctx.clone()));
     let stored = within("status patch with the condition, then its Event", async {
@@ -1155,4 +1173,51 @@ async fn a_forbidden_crd_apply_uses_the_installed_crd() {
         }
         other => panic!("expected Missing, got {other:?}"),
     }
+}
+
+/// `lastSeen` alone moving by less than a minute is not written (a machine doing DHCP every
+/// second would cost a write per second); with any other change, or a minute later, it is.
+#[test]
+fn last_seen_alone_is_written_at_most_once_a_minute() {
+    use crate::cluster::crd::MachineStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    let at = |second: i64| {
+        Some(Time(
+            k8s_openapi::jiff::Timestamp::from_second(second).expect("time"),
+        ))
+    };
+    let current = MachineStatus {
+        phase: Some("PXEBooting".into()),
+        last_seen: at(1_000),
+        ..MachineStatus::default()
+    };
+    let seen = |second: i64, phase: &str| MachineStatus {
+        phase: Some(phase.into()),
+        last_seen: at(second),
+        ..MachineStatus::default()
+    };
+    assert_eq!(
+        controller::hold_last_seen(seen(1_059, "PXEBooting"), &current),
+        current,
+        "59 s later, nothing else changed: nothing to write"
+    );
+    assert_eq!(
+        controller::hold_last_seen(seen(1_060, "PXEBooting"), &current),
+        seen(1_060, "PXEBooting"),
+        "a minute later: written"
+    );
+    assert_eq!(
+        controller::hold_last_seen(seen(1_005, "Imaging"), &current),
+        seen(1_005, "Imaging"),
+        "with a phase change: the new lastSeen goes along"
+    );
+    let never = MachineStatus {
+        phase: Some("Pending".into()),
+        ..MachineStatus::default()
+    };
+    assert_eq!(
+        controller::hold_last_seen(seen(1_005, "Pending"), &never),
+        seen(1_005, "Pending"),
+        "the first lastSeen: written"
+    );
 }

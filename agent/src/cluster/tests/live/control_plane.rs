@@ -10,6 +10,7 @@
 //! (`PR_SET_PDEATHSIG`: start them from the test's own future, not a spawned task, whose
 //! worker thread may end earlier).
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::BufRead as _;
 use std::net::TcpListener;
@@ -133,11 +134,23 @@ pub(super) struct ControlPlane {
     admin_token: String,
     /// From etcd's start to the API server's first `/readyz` 200.
     pub(super) ready_after: Duration,
+    /// Whether kube-apiserver writes the audit log ([`ControlPlane::agent_requests`]).
+    audit: bool,
 }
 
 impl ControlPlane {
     /// Starts etcd and kube-apiserver and waits until the API server is ready.
     pub(super) async fn start() -> ControlPlane {
+        Self::start_with(true).await
+    }
+
+    /// Without the audit log (the benchmark counts requests from `/metrics` instead: the log
+    /// costs the API server CPU per request).
+    pub(super) async fn start_without_audit() -> ControlPlane {
+        Self::start_with(false).await
+    }
+
+    async fn start_with(audit: bool) -> ControlPlane {
         let bin = std::env::var_os("KUBERNETES_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
@@ -197,6 +210,7 @@ impl ControlPlane {
             api_port: free_port(),
             admin_token,
             ready_after: Duration::ZERO,
+            audit,
             dir,
         };
         plane.start_apiserver().await;
@@ -217,7 +231,7 @@ impl ControlPlane {
     /// long that took.
     pub(super) async fn start_apiserver(&mut self) -> Duration {
         assert!(self.apiserver.is_none(), "kube-apiserver already runs");
-        let args = vec![
+        let mut args = vec![
             format!("--etcd-servers={}", self.etcd_url),
             "--bind-address=127.0.0.1".into(),
             "--advertise-address=127.0.0.1".into(),
@@ -232,11 +246,16 @@ impl ControlPlane {
             format!("--service-account-signing-key-file={}", self.path("sa.key")),
             "--service-cluster-ip-range=10.96.0.0/16".into(),
             "--enable-bootstrap-token-auth=true".into(),
-            format!("--audit-policy-file={}", self.path("audit-policy.yaml")),
-            format!("--audit-log-path={}", self.path("audit.log")),
             format!("--cert-dir={}", self.path("apiserver-certs")),
             "--profiling=false".into(),
         ];
+        if self.audit {
+            args.push(format!(
+                "--audit-policy-file={}",
+                self.path("audit-policy.yaml")
+            ));
+            args.push(format!("--audit-log-path={}", self.path("audit.log")));
+        }
         let started = Instant::now();
         let mut process = Process::spawn(
             &self.bin,
@@ -288,8 +307,7 @@ impl ControlPlane {
     /// admin, without leader election or a serving port.
     pub(super) fn start_controller_manager(&mut self, controllers: &str) {
         assert!(self.controller_manager.is_none());
-        let kubeconfig = self.dir.path().join("admin.kubeconfig");
-        std::fs::write(&kubeconfig, self.kubeconfig(&self.admin_token)).expect("kubeconfig");
+        let kubeconfig = self.write_admin_kubeconfig();
         let args = vec![
             format!("--kubeconfig={}", kubeconfig.display()),
             format!("--controllers={controllers}"),
@@ -370,6 +388,13 @@ impl ControlPlane {
             .expect("client from kubeconfig")
     }
 
+    /// The admin's kubeconfig as a file (for kubectl); returns its path.
+    pub(super) fn write_admin_kubeconfig(&self) -> PathBuf {
+        let path = self.dir.path().join("admin.kubeconfig");
+        std::fs::write(&path, self.kubeconfig(&self.admin_token)).expect("kubeconfig");
+        path
+    }
+
     pub(super) async fn admin_client(&self) -> Client {
         self.connect("admin", &self.admin_token).await.0
     }
@@ -398,6 +423,69 @@ impl ControlPlane {
                 code: e["responseStatus"]["code"].as_u64().unwrap_or(0) as u16,
             })
             .collect()
+    }
+
+    /// The process IDs of kube-apiserver (when running) and etcd.
+    pub(super) fn pids(&self) -> (Option<u32>, u32) {
+        (
+            self.apiserver.as_ref().map(|p| p.child.id()),
+            self.etcd.child.id(),
+        )
+    }
+
+    /// The API server's request counters (`apiserver_request_total` of `/metrics`) for the
+    /// groups the agent uses, by verb, resource (with `/subresource`) and code.
+    pub(super) async fn request_counts(&self) -> BTreeMap<(String, String, u16), u64> {
+        self.apiserver_metric("apiserver_request_total")
+            .await
+            .into_iter()
+            .map(|(k, v)| (k, v as u64))
+            .collect()
+    }
+
+    /// One of the API server's request metrics (`/metrics`) for the groups the agent uses, by
+    /// verb, resource (with `/subresource`) and code (0 where the metric has none), summed
+    /// over its other labels.
+    pub(super) async fn apiserver_metric(
+        &self,
+        metric: &str,
+    ) -> BTreeMap<(String, String, u16), f64> {
+        let client = self.admin_client().await;
+        let request = http::Request::get("/metrics")
+            .body(Vec::new())
+            .expect("request");
+        let text = client.request_text(request).await.expect("/metrics");
+        let prefix = format!("{metric}{{");
+        let mut values = BTreeMap::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(&prefix) else {
+                continue;
+            };
+            let Some((labels, value)) = rest.split_once("} ") else {
+                continue;
+            };
+            let label = |key: &str| {
+                labels
+                    .split("\",")
+                    .find_map(|kv| kv.strip_prefix(&format!("{key}=\"")))
+                    .map(|v| v.trim_end_matches('"').to_string())
+                    .unwrap_or_default()
+            };
+            if !matches!(
+                label("group").as_str(),
+                "provisioner.dev" | "events.k8s.io" | "apiextensions.k8s.io"
+            ) {
+                continue;
+            }
+            let resource = match label("subresource").as_str() {
+                "" => label("resource"),
+                sub => format!("{}/{sub}", label("resource")),
+            };
+            let code = label("code").parse().unwrap_or(0);
+            let value: f64 = value.trim().parse().unwrap_or(0.0);
+            *values.entry((label("verb"), resource, code)).or_insert(0.0) += value;
+        }
+        values
     }
 
     pub(super) fn log_tail(&self, name: &str) -> String {

@@ -6,16 +6,20 @@
 //!
 //! ```sh
 //! tests/kube-live.sh     # unpacks the binaries (tests/lib-kube.sh), then runs these tests
-//! KUBERNETES_BIN=DIR cargo test -p agent --lib --locked -- --ignored cluster::tests::live --test-threads=1 --nocapture
+//! KUBERNETES_BIN=DIR cargo test -p agent --lib --locked -- --ignored cluster::tests::live \
+//!     --skip cluster::tests::live::bench --test-threads=1 --nocapture
 //! ```
 //!
 //! - `flow`: the CRD by the agent's start step, Machines, Conflict, the phases, the bootstrap
 //!   token Secret (signed into `cluster-info` by kube-controller-manager's bootstrapsigner),
 //!   the user-data replay, the deletion (finalizer), the Events.
 //! - `real_server`: a resourceVersion conflict on a status write, the watch across an API server
-//!   restart, the CRD re-applied while Machines exist.
+//!   restart, the CRD re-applied while Machines exist, the printer columns as kubectl shows them.
 //! - `scale`: 1000 Machines at start-up with no failed request.
+//! - `bench`: `tests/bench/status-apiserver.sh`, the `provisioner netboot` process against a
+//!   real API server (not a test: figures).
 
+mod bench;
 mod control_plane;
 mod flow;
 mod real_server;
@@ -52,6 +56,8 @@ struct Live {
     plane: ControlPlane,
     admin: Client,
     agent: Client,
+    /// The agent's ServiceAccount token (for a kubeconfig of its own).
+    agent_token: String,
     facts: join::ClusterFacts,
 }
 
@@ -59,7 +65,10 @@ impl Live {
     /// Starts the control plane, applies `agent/deploy/rbac.yaml` and gets the agent's
     /// ServiceAccount a token.
     async fn start() -> Live {
-        let plane = ControlPlane::start().await;
+        Self::on(ControlPlane::start().await).await
+    }
+
+    async fn on(plane: ControlPlane) -> Live {
         let admin = plane.admin_client().await;
         apply_rbac(&admin).await;
         let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), "kube-system");
@@ -83,6 +92,7 @@ impl Live {
             plane,
             admin,
             agent,
+            agent_token: token,
             facts,
         }
     }

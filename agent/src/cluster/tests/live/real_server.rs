@@ -403,3 +403,142 @@ fn status_writes_of(live: &Live, name: &str) -> usize {
         .filter(|r| r.verb == "patch" && r.uri.contains(&path))
         .count()
 }
+
+/// What `kubectl get machines` shows, as the API server renders the CRD's printer columns (the
+/// Table the server sends kubectl) and as kubectl prints them: Phase, IP, MAC, Node, Progress,
+/// Age; Message with `-o wide` only.
+#[tokio::test]
+#[ignore = "needs kube-apiserver and etcd: tests/kube-live.sh"]
+async fn kubectl_get_machines_shows_mac_and_node() {
+    use k8s_openapi::api::core::v1::Node;
+
+    let live = Live::start().await;
+    live.install_crd().await;
+    let agent = Agent::start(&live, StatusStore::open(None), "10.77.0.0/24");
+    let api = live.machines();
+    api.create(
+        &PostParams::default(),
+        &new_machine("live-p", "52:54:00:77:00:0c", "10.77.0.12"),
+    )
+    .await
+    .expect("create");
+    // A Node of the machine's name (not Ready: the phase stays): the status names it.
+    let nodes: Api<Node> = Api::all(live.admin.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "live-p"}})).expect("node"),
+        )
+        .await
+        .expect("create Node");
+    watch_machine(&api, "live-p", "nodeName", |m| {
+        served_pending(m)
+            && m.status.as_ref().and_then(|s| s.node_name.as_deref()) == Some("live-p")
+    })
+    .await;
+
+    let request = http::Request::get("/apis/provisioner.dev/v1alpha1/machines")
+        .header(
+            "Accept",
+            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
+        )
+        .body(Vec::new())
+        .expect("request");
+    let table: serde_json::Value = serde_json::from_str(
+        &live
+            .admin
+            .request_text(request)
+            .await
+            .expect("Table of Machines"),
+    )
+    .expect("Table JSON");
+    let columns: Vec<(&str, i64)> = table["columnDefinitions"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap_or_default(),
+                c["priority"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            ("Name", 0),
+            ("Phase", 0),
+            ("IP", 0),
+            ("MAC", 0),
+            ("Node", 0),
+            ("Progress", 0),
+            ("Age", 0),
+            ("Message", 1)
+        ]
+    );
+    let cells = &table["rows"][0]["cells"];
+    assert_eq!(
+        cells.as_array().map(|c| c[..6].to_vec()),
+        Some(vec![
+            json!("live-p"),
+            json!("Pending"),
+            json!("10.77.0.12"),
+            json!("52:54:00:77:00:0c"),
+            json!("live-p"),
+            json!(0)
+        ]),
+        "{table}"
+    );
+
+    // kubectl itself, from the same bundle.
+    let bin = std::path::PathBuf::from(std::env::var_os("KUBERNETES_BIN").expect("KUBERNETES_BIN"));
+    let kubeconfig = live.plane.write_admin_kubeconfig();
+    for wide in [false, true] {
+        let mut command = std::process::Command::new(bin.join("kubectl"));
+        command
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(["get", "machines"]);
+        if wide {
+            command.args(["-o", "wide"]);
+        }
+        let out = command.output().expect("kubectl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "kubectl: {out:?}");
+        println!(
+            "kubectl get machines{}:\n{text}",
+            if wide { " -o wide" } else { "" }
+        );
+        let header: Vec<&str> = text
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let mut expected = vec!["NAME", "PHASE", "IP", "MAC", "NODE", "PROGRESS", "AGE"];
+        if wide {
+            expected.push("MESSAGE");
+        }
+        assert_eq!(header, expected);
+        let row: Vec<&str> = text
+            .lines()
+            .nth(1)
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        assert_eq!(
+            row.get(..6),
+            Some(
+                &[
+                    "live-p",
+                    "Pending",
+                    "10.77.0.12",
+                    "52:54:00:77:00:0c",
+                    "live-p",
+                    "0"
+                ][..]
+            )
+        );
+    }
+    agent.stop().await;
+}
