@@ -57,7 +57,9 @@ pub struct Disk {
 }
 
 /// Entry point when running as PID 1. Never returns.
-pub fn run_pid1(after_network: impl FnOnce(&Booted) -> Result<(), String>) -> ! {
+/// An error from `after_network` is the reason printed before the reboot (its message alone:
+/// stage2's errors name their causes in their messages).
+pub fn run_pid1(after_network: impl FnOnce(&Booted) -> anyhow::Result<()>) -> ! {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)
@@ -67,12 +69,12 @@ pub fn run_pid1(after_network: impl FnOnce(&Booted) -> Result<(), String>) -> ! 
     tracing::info!(version = env!("CARGO_PKG_VERSION"), "stage2 starting");
     let mut reboot_delay = BootOptions::default().reboot_delay;
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let booted = boot(&mut reboot_delay).map_err(|e| e.to_string())?;
+        let booted = boot(&mut reboot_delay)?;
         after_network(&booted)
     }));
     let reason = match outcome {
         Ok(Ok(())) => "stage2 finished".to_string(),
-        Ok(Err(reason)) => reason,
+        Ok(Err(error)) => error.to_string(),
         Err(_) => "stage2 crashed (see the panic message above)".to_string(),
     };
     fatal(&reason, reboot_delay)

@@ -90,7 +90,7 @@ fn main() -> ExitCode {
 /// What PID 1 does once the network is up: read the orders, image the disk, report. Any error
 /// is returned as the reason; `run_pid1` prints it, backs off and reboots, so the machine
 /// network-boots again (and netboot, told `failed`, decides what it gets next).
-fn after_network(booted: &stage2::init::Booted) -> Result<(), String> {
+fn after_network(booted: &stage2::init::Booted) -> anyhow::Result<()> {
     tracing::info!(
         interface = booted.interface,
         ip = %booted.lease.address,
@@ -111,7 +111,7 @@ fn after_network(booted: &stage2::init::Booted) -> Result<(), String> {
                     3,
                 );
             }
-            return Err(reason);
+            anyhow::bail!(reason);
         }
     };
     let reporter = Reporter::new(
@@ -127,11 +127,11 @@ fn after_network(booted: &stage2::init::Booted) -> Result<(), String> {
         Pacing::default(),
         &mut console,
     )
-    .map_err(|e| format!("imaging failed: {e}"))?;
+    .map_err(|e| anyhow::anyhow!("imaging failed: {e}"))?;
     eprintln!("stage2: imaged; rebooting into the new system");
     nix::unistd::sync();
     let Err(e) = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
-    Err(format!("imaged, but reboot failed: {e}"))
+    anyhow::bail!("imaged, but reboot failed: {e}")
 }
 
 /// A reporter from `provisioner.url` and `provisioner.token` alone, for reporting orders that

@@ -46,9 +46,15 @@ pub enum ProvisionError {
     #[error("{0}")]
     Write(#[from] crate::image::WriteError),
     #[error("partition table of {path}: {reason}")]
-    PartitionTable { path: PathBuf, reason: String },
+    PartitionTable {
+        path: PathBuf,
+        reason: PartitionTableError,
+    },
     #[error("no root partition on {path}: {reason}")]
-    NoRootPartition { path: PathBuf, reason: String },
+    NoRootPartition {
+        path: PathBuf,
+        reason: RootChoiceError,
+    },
     #[error("mounting {device} on {target}: {reason}")]
     Mount {
         device: PathBuf,
@@ -61,6 +67,45 @@ pub enum ProvisionError {
         #[source]
         source: io::Error,
     },
+}
+
+/// Why the disk's partition table could not be read or re-read. (The io errors are shown in
+/// the message and not chained as sources, so a report prints each cause once.)
+#[derive(Debug, thiserror::Error)]
+pub enum PartitionTableError {
+    #[error("{0}")]
+    Open(io::Error),
+    #[error("reading the GPT header: {0}")]
+    ReadHeader(io::Error),
+    #[error("no GPT header (EFI PART) at LBA 1")]
+    NoGpt,
+    #[error("implausible GPT: {count} entries of {entry_size} bytes")]
+    Implausible { count: u32, entry_size: usize },
+    #[error("reading the GPT entries: {0}")]
+    ReadEntries(io::Error),
+    #[error("BLKRRPART: {0}")]
+    Reread(nix::Error),
+}
+
+/// Why no partition was chosen as the root: never a guess.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RootChoiceError {
+    #[error("several candidates: partitions {}", join_numbers(.0))]
+    Ambiguous(Vec<u32>),
+    #[error(
+        "none typed Linux root (x86-64) or Linux filesystem, nor labelled {}; partitions: {}",
+        ROOT_LABELS.join("/"),
+        .0.iter().map(|(n, label)| format!("{n} {label:?}")).collect::<Vec<_>>().join(", ")
+    )]
+    NoCandidate(Vec<(u32, String)>),
+}
+
+fn join_numbers(numbers: &[u32]) -> String {
+    numbers
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Sends stage2's reports to netboot: `POST {url}/report/{mac}` with the bearer token.
@@ -228,12 +273,12 @@ pub struct GptPartition {
 /// Reads the primary GPT's partition entries from `disk`. Hand-written because it needs three
 /// fields of a fixed little-endian layout (UEFI spec 5.3), read-only; the GPT crates bring
 /// write support and extra dependencies into the static initrd binary for no gain here.
-pub fn read_gpt(disk: &File, sector: u64) -> Result<Vec<GptPartition>, String> {
+pub fn read_gpt(disk: &File, sector: u64) -> Result<Vec<GptPartition>, PartitionTableError> {
     let mut header = [0u8; 92];
     disk.read_exact_at(&mut header, sector)
-        .map_err(|e| format!("reading the GPT header: {e}"))?;
+        .map_err(PartitionTableError::ReadHeader)?;
     if &header[0..8] != b"EFI PART" {
-        return Err("no GPT header (EFI PART) at LBA 1".to_owned());
+        return Err(PartitionTableError::NoGpt);
     }
     let u32_at =
         |o: usize| u32::from_le_bytes([header[o], header[o + 1], header[o + 2], header[o + 3]]);
@@ -243,13 +288,11 @@ pub fn read_gpt(disk: &File, sector: u64) -> Result<Vec<GptPartition>, String> {
     let count = u32_at(80);
     let entry_size = u32_at(84) as usize;
     if !(128..=4096).contains(&entry_size) || count > 1024 {
-        return Err(format!(
-            "implausible GPT: {count} entries of {entry_size} bytes"
-        ));
+        return Err(PartitionTableError::Implausible { count, entry_size });
     }
     let mut table = vec![0u8; count as usize * entry_size];
     disk.read_exact_at(&mut table, entries_lba.saturating_mul(sector))
-        .map_err(|e| format!("reading the GPT entries: {e}"))?;
+        .map_err(PartitionTableError::ReadEntries)?;
     let mut partitions = Vec::new();
     for (index, entry) in table.chunks_exact(entry_size).enumerate() {
         let mut type_guid = [0u8; 16];
@@ -273,18 +316,13 @@ pub fn read_gpt(disk: &File, sector: u64) -> Result<Vec<GptPartition>, String> {
 
 /// The root partition: the one typed "Linux root (x86-64)", else the one labelled root, else
 /// the only "Linux filesystem data" partition. Ambiguity is an error, never a guess.
-pub fn choose_root(partitions: &[GptPartition]) -> Result<&GptPartition, String> {
-    fn only(found: Vec<&GptPartition>) -> Option<Result<&GptPartition, String>> {
+pub fn choose_root(partitions: &[GptPartition]) -> Result<&GptPartition, RootChoiceError> {
+    fn only(found: Vec<&GptPartition>) -> Option<Result<&GptPartition, RootChoiceError>> {
         match found.as_slice() {
             [] => None,
             [one] => Some(Ok(*one)),
-            several => Some(Err(format!(
-                "several candidates: partitions {}",
-                several
-                    .iter()
-                    .map(|p| p.number.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+            several => Some(Err(RootChoiceError::Ambiguous(
+                several.iter().map(|p| p.number).collect(),
             ))),
         }
     }
@@ -304,14 +342,11 @@ pub fn choose_root(partitions: &[GptPartition]) -> Result<&GptPartition, String>
         .or_else(|| only(labelled))
         .or_else(|| only(linux))
         .unwrap_or_else(|| {
-            Err(format!(
-                "none typed Linux root (x86-64) or Linux filesystem, nor labelled {}; partitions: {}",
-                ROOT_LABELS.join("/"),
+            Err(RootChoiceError::NoCandidate(
                 partitions
                     .iter()
-                    .map(|p| format!("{} {:?}", p.number, p.label))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                    .map(|p| (p.number, p.label.clone()))
+                    .collect(),
             ))
         })
 }
@@ -379,10 +414,10 @@ nix::ioctl_none!(blkrrpart, 0x12, 95);
 
 /// Asks the kernel to re-read the partition table of a block device (no-op for a file), and
 /// waits for partition `number` to appear in sysfs.
-pub fn reread_partitions(disk: &File) -> Result<(), String> {
+pub fn reread_partitions(disk: &File) -> Result<(), PartitionTableError> {
     if !disk
         .metadata()
-        .map_err(|e| e.to_string())?
+        .map_err(PartitionTableError::Open)?
         .file_type()
         .is_block_device()
     {
@@ -390,7 +425,7 @@ pub fn reread_partitions(disk: &File) -> Result<(), String> {
     }
     use std::os::fd::AsRawFd;
     // The first attempt may meet EBUSY while udev-less devtmpfs settles; retry briefly.
-    let mut last = String::new();
+    let mut last = nix::Error::UnknownErrno;
     for _ in 0..10 {
         // SAFETY: BLKRRPART takes no argument and touches no user memory; the fd is an open
         // block device for the whole call.
@@ -398,11 +433,11 @@ pub fn reread_partitions(disk: &File) -> Result<(), String> {
         let outcome = unsafe { blkrrpart(disk.as_raw_fd()) };
         match outcome {
             Ok(_) => return Ok(()),
-            Err(e) => last = e.to_string(),
+            Err(e) => last = e,
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    Err(format!("BLKRRPART: {last}"))
+    Err(PartitionTableError::Reread(last))
 }
 
 /// After a verified write: re-reads the partition table, mounts the root partition on
@@ -413,11 +448,11 @@ pub fn configure_root(
     mount_point: &Path,
     seed_url: &str,
 ) -> Result<PathBuf, ProvisionError> {
-    let table_error = |reason: String| ProvisionError::PartitionTable {
+    let table_error = |reason: PartitionTableError| ProvisionError::PartitionTable {
         path: disk.dev_path.clone(),
         reason,
     };
-    let file = File::open(&disk.dev_path).map_err(|e| table_error(e.to_string()))?;
+    let file = File::open(&disk.dev_path).map_err(|e| table_error(PartitionTableError::Open(e)))?;
     reread_partitions(&file).map_err(table_error)?;
     let sector = fs::read_to_string(sys_block.join(&disk.name).join("queue/logical_block_size"))
         .ok()
@@ -601,23 +636,26 @@ mod tests {
         let disk = gpt_disk(&[(GPT_LINUX_DATA, "a"), (GPT_LINUX_DATA, "b")]);
         let parts = read_gpt(disk.as_file(), 512).expect("gpt");
         let error = choose_root(&parts).expect_err("ambiguous");
-        assert!(
-            error.contains("several candidates: partitions 1, 2"),
-            "{error}"
-        );
+        assert_eq!(error, RootChoiceError::Ambiguous(vec![1, 2]));
+        assert_eq!(error.to_string(), "several candidates: partitions 1, 2");
 
         let disk = gpt_disk(&[(ESP, "esp")]);
         let parts = read_gpt(disk.as_file(), 512).expect("gpt");
-        assert!(choose_root(&parts).is_err());
+        let error = choose_root(&parts).expect_err("no root");
+        assert_eq!(
+            error.to_string(),
+            r#"none typed Linux root (x86-64) or Linux filesystem, nor labelled root/rootfs/cloudimg-rootfs; partitions: 1 "esp""#
+        );
     }
 
     #[test]
     fn no_gpt_is_an_error() {
         let file = tempfile::NamedTempFile::new().expect("temp");
         file.as_file().set_len(4096).expect("len");
-        assert!(read_gpt(file.as_file(), 512)
-            .expect_err("no gpt")
-            .contains("EFI PART"));
+        assert!(matches!(
+            read_gpt(file.as_file(), 512),
+            Err(PartitionTableError::NoGpt)
+        ));
     }
 
     #[test]
