@@ -1,6 +1,7 @@
 //! Logs go to journald (structured fields, upper-cased without prefix: `MACHINE=`, `MAC=`, `IP=`)
 //! when our stderr is connected to the journal, as under systemd; to stderr otherwise.
 
+use anyhow::Context;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
@@ -22,9 +23,9 @@ fn stderr_is_journal() -> bool {
 
 /// Logs at `level` (an `EnvFilter` directive such as `debug` or `info,netboot=debug`), else as
 /// `RUST_LOG` says, else at info. A `level` that is not a filter is an error.
-pub fn init(level: Option<&str>) -> Result<(), String> {
+pub fn init(level: Option<&str>) -> anyhow::Result<()> {
     let filter = match level {
-        Some(level) => EnvFilter::try_new(level).map_err(|e| format!("{level:?}: {e}"))?,
+        Some(level) => EnvFilter::try_new(level).with_context(|| format!("{level:?}"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
     let registry = tracing_subscriber::registry().with(filter);

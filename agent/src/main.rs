@@ -152,7 +152,7 @@ fn main() -> ExitCode {
         }
     };
     if let Err(e) = logging::init(cli.log_level.as_deref()) {
-        eprintln!("error: --log-level: {e}");
+        eprintln!("error: --log-level: {e:#}");
         return ExitCode::from(EXIT_CONFIG);
     }
     run(cli.command)

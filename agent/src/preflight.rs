@@ -59,16 +59,37 @@ fn directory(key: &'static str, dir: &Path) -> Option<Finding> {
     })
 }
 
-/// Whether the server would serve `name` from `dir`; why not otherwise.
-fn served_file(dir: &Path, name: &str) -> Result<u64, String> {
+/// Why the servers would not serve a boot file.
+#[derive(Debug, thiserror::Error)]
+enum NotServed {
+    #[error("{name:?} not found in {}", dir.display())]
+    Missing { name: String, dir: PathBuf },
+    #[error(
+        "{name:?} in {} resolves outside it (a symlink): netboot serves only files inside the folder; copy the file there (cp -L)",
+        dir.display()
+    )]
+    OutsideFolder { name: String, dir: PathBuf },
+    #[error("{reason} (in {})", dir.display())]
+    Refused { reason: PathError, dir: PathBuf },
+}
+
+/// The length of `name` in `dir` if the servers would serve it; why not otherwise.
+fn served_file(dir: &Path, name: &str) -> Result<u64, NotServed> {
+    let dir_buf = || dir.to_path_buf();
     match open_confined(dir, name) {
         Ok((_, len, _)) => Ok(len),
-        Err(PathError::NotFound(_)) => Err(format!("{name:?} not found in {}", dir.display())),
-        Err(PathError::Escapes(_)) => Err(format!(
-            "{name:?} in {} resolves outside it (a symlink): netboot serves only files inside the folder; copy the file there (cp -L)",
-            dir.display()
-        )),
-        Err(e) => Err(format!("{e} (in {})", dir.display())),
+        Err(PathError::NotFound(_)) => Err(NotServed::Missing {
+            name: name.to_owned(),
+            dir: dir_buf(),
+        }),
+        Err(PathError::Escapes(_)) => Err(NotServed::OutsideFolder {
+            name: name.to_owned(),
+            dir: dir_buf(),
+        }),
+        Err(reason) => Err(NotServed::Refused {
+            reason,
+            dir: dir_buf(),
+        }),
     }
 }
 
@@ -85,19 +106,19 @@ pub fn boot_files(config: &Config) -> Vec<Finding> {
                 ("bootFiles.biosLoader", files.bios_loader.as_str()),
                 ("bootFiles.uefiLoader", uefi),
             ] {
-                if let Err(message) = served_file(&files.ipxe_dir, name) {
+                if let Err(why) = served_file(&files.ipxe_dir, name) {
                     findings.push(Finding {
                         key,
-                        message,
+                        message: why.to_string(),
                         error: true,
                     });
                 }
             }
             if uefi != HTTP_BOOT_LOADER {
-                if let Err(message) = served_file(&files.ipxe_dir, HTTP_BOOT_LOADER) {
+                if let Err(why) = served_file(&files.ipxe_dir, HTTP_BOOT_LOADER) {
                     findings.push(Finding {
                         key: "bootFiles.ipxeDir",
-                        message: format!("UEFI HTTP Boot clients get no loader: {message}"),
+                        message: format!("UEFI HTTP Boot clients get no loader: {why}"),
                         error: false,
                     });
                 }
@@ -111,10 +132,10 @@ pub fn boot_files(config: &Config) -> Vec<Finding> {
                 ("boot.kernel", &config.boot.kernel),
                 ("boot.initrd", &config.boot.initrd),
             ] {
-                if let Err(message) = served_file(&files.assets_dir, name) {
+                if let Err(why) = served_file(&files.assets_dir, name) {
                     findings.push(Finding {
                         key,
-                        message,
+                        message: why.to_string(),
                         error: true,
                     });
                 }
