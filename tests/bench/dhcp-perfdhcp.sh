@@ -27,7 +27,10 @@ for i in $(seq 1 "$N"); do
     write_machine "$(printf m%03d "$i")" "$mac" "$ip"
     echo "dhcp-host=$mac,$ip,m$(printf %03d "$i")" >>"$WORK/dnsmasq-hosts.conf"
 done
+# perfdhcp sends as a relay agent (giaddr = its address, .250 below): netboot answers relayed
+# packets only from the relays it lists.
 write_config "$WORK/config.yaml" "gateway: $SRV_IP" "dnsServers: [$SRV_IP]" "leaseTime: 3600" \
+    "dhcpRelays: [$SUBNET_PREFIX.250]" \
     "bootFiles: {ipxeDir: /usr/lib/ipxe, uefiLoader: snponly.efi, assetsDir: $WORK/assets}" \
     'boot: {kernel: vmlinuz, initrd: initrd.img, cmdline: "console=ttyS0"}' \
     'listen: {dhcp: "0.0.0.0:67", tftp: "0.0.0.0:69", http: "0.0.0.0:8080"}'
