@@ -113,6 +113,15 @@ mistake no-uefi-loader "p.yaml: bootFiles.uefiLoader: \"ipxe.efi\" not found in 
 setup "$WORK/loader-symlink"; rm "$WORK/loader-symlink/ipxe/snponly.efi"; echo efi > "$WORK/loader-symlink/snponly.efi"
 ln -s "$WORK/loader-symlink/snponly.efi" "$WORK/loader-symlink/ipxe/snponly.efi"
 mistake loader-symlink "p.yaml: bootFiles.uefiLoader: \"snponly.efi\" in $WORK/loader-symlink/ipxe resolves outside it (a symlink)" netboot
+# Debian's iPXE folder as installed (package ipxe): its ipxe.efi is a symlink to
+# /boot/ipxe.efi, which the servers serve (SYSTEM_IPXE_LOADERS); a symlink elsewhere is not.
+setup "$WORK/debian-ipxe"; sed -i "s#ipxeDir: [^,]*,#ipxeDir: /usr/lib/ipxe,#" "$WORK/debian-ipxe/p.yaml"
+check "debian-ipxe: /usr/lib/ipxe/ipxe.efi is a symlink to /boot/ipxe.efi here" \
+    test "$(readlink /usr/lib/ipxe/ipxe.efi)" = /boot/ipxe.efi
+run_check debian-ipxe
+check "debian-ipxe: check-config accepts ipxeDir /usr/lib/ipxe as installed (got $CODE)" [ "$CODE" = 0 ]
+check "debian-ipxe: and has nothing to say about ipxe.efi" \
+    bash -c "! grep -q ipxe.efi '$ERR'"
 setup "$WORK/no-assets-dir"; rm -r "$WORK/no-assets-dir/assets"
 mistake no-assets-dir "p.yaml: bootFiles.assetsDir: $WORK/no-assets-dir/assets does not exist" netboot
 setup "$WORK/no-kernel"; rm "$WORK/no-kernel/assets/vmlinuz"

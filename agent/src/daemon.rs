@@ -271,6 +271,8 @@ impl ServerSettings {
             relays: config.dhcp_relays.clone(),
         });
         let mut tftp = netboot::tftp::TftpSettings::new(config.boot_files.ipxe_dir.clone());
+        // The iPXE folder may be the distribution's own, whose loaders can be symlinks.
+        tftp.outside_root = netboot::path::SYSTEM_IPXE_LOADERS;
         config.limits.tftp.apply(&mut tftp);
         let tftp = Arc::new(tftp);
         let http = Arc::new(netboot::http::HttpSettings {

@@ -4,14 +4,14 @@
 //! refuses to start on any error (exit 2, the same messages), and while it runs
 //! [`watch_boot_files`] notices a boot file that disappears.
 //!
-//! Files are opened the way the servers open them ([`netboot::path::open_confined`]), so a file
+//! Files are opened the way the servers open them ([`netboot::path::open_confined_allowing`]), so a file
 //! the TFTP or HTTP server would refuse (a symlink out of its folder) is refused here too.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use netboot::path::{open_confined, PathError};
+use netboot::path::{open_confined_allowing, PathError, SYSTEM_IPXE_LOADERS};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, Inventory};
@@ -65,7 +65,7 @@ enum NotServed {
     #[error("{name:?} not found in {}", dir.display())]
     Missing { name: String, dir: PathBuf },
     #[error(
-        "{name:?} in {} resolves outside it (a symlink): netboot serves only files inside the folder; copy the file there (cp -L)",
+        "{name:?} in {} resolves outside it (a symlink): netboot serves only files inside the folder (and, from the iPXE folder, the distribution's iPXE files under /usr/lib/ipxe, /usr/share/ipxe or /boot/ipxe.*); copy the file there (cp -L)",
         dir.display()
     )]
     OutsideFolder { name: String, dir: PathBuf },
@@ -73,10 +73,11 @@ enum NotServed {
     Refused { reason: PathError, dir: PathBuf },
 }
 
-/// The length of `name` in `dir` if the servers would serve it; why not otherwise.
-fn served_file(dir: &Path, name: &str) -> Result<u64, NotServed> {
+/// The length of `name` in `dir` if the servers would serve it (a symlink in `dir` may
+/// resolve to `outside`, as for the servers); why not otherwise.
+fn served_file(dir: &Path, name: &str, outside: &[&str]) -> Result<u64, NotServed> {
     let dir_buf = || dir.to_path_buf();
-    match open_confined(dir, name) {
+    match open_confined_allowing(dir, name, outside) {
         Ok((_, len, _)) => Ok(len),
         Err(PathError::NotFound(_)) => Err(NotServed::Missing {
             name: name.to_owned(),
@@ -106,7 +107,7 @@ pub fn boot_files(config: &Config) -> Vec<Finding> {
                 ("bootFiles.biosLoader", files.bios_loader.as_str()),
                 ("bootFiles.uefiLoader", uefi),
             ] {
-                if let Err(why) = served_file(&files.ipxe_dir, name) {
+                if let Err(why) = served_file(&files.ipxe_dir, name, SYSTEM_IPXE_LOADERS) {
                     findings.push(Finding {
                         key,
                         message: why.to_string(),
@@ -115,7 +116,9 @@ pub fn boot_files(config: &Config) -> Vec<Finding> {
                 }
             }
             if uefi != HTTP_BOOT_LOADER {
-                if let Err(why) = served_file(&files.ipxe_dir, HTTP_BOOT_LOADER) {
+                if let Err(why) =
+                    served_file(&files.ipxe_dir, HTTP_BOOT_LOADER, SYSTEM_IPXE_LOADERS)
+                {
                     findings.push(Finding {
                         key: "bootFiles.ipxeDir",
                         message: format!("UEFI HTTP Boot clients get no loader: {why}"),
@@ -132,7 +135,7 @@ pub fn boot_files(config: &Config) -> Vec<Finding> {
                 ("boot.kernel", &config.boot.kernel),
                 ("boot.initrd", &config.boot.initrd),
             ] {
-                if let Err(why) = served_file(&files.assets_dir, name) {
+                if let Err(why) = served_file(&files.assets_dir, name, &[]) {
                     findings.push(Finding {
                         key,
                         message: why.to_string(),

@@ -25,12 +25,35 @@ pub enum PathError {
     Io(String, #[source] io::Error),
 }
 
+/// Where distributions install iPXE's loaders, so that the iPXE folder can be the package's own
+/// as installed: Debian's `/usr/lib/ipxe/ipxe.efi` is a symlink to `/boot/ipxe.efi`. A symlink
+/// in the iPXE folder may resolve to these (an entry ending in `/` is a folder and everything
+/// under it, any other a single file); anything else outside the folder stays refused, so a
+/// symlink to `/boot/initrd.img` or `/etc/shadow` is never served.
+pub const SYSTEM_IPXE_LOADERS: &[&str] = &[
+    "/usr/lib/ipxe/",
+    "/usr/share/ipxe/",
+    "/boot/ipxe.efi",
+    "/boot/ipxe.lkrn",
+];
+
 /// Opens `requested` as a regular file under `root`.
 ///
 /// Rejects absolute paths, `..` components, NUL bytes, and anything whose real path (after
 /// following symlinks) leaves `root`. A leading `/` is tolerated and stripped because PXE
 /// firmware and TFTP clients commonly send it; it never means "from the file system root".
 pub fn open_confined(root: &Path, requested: &str) -> Result<(File, u64, PathBuf), PathError> {
+    open_confined_allowing(root, requested, &[])
+}
+
+/// [`open_confined`], except that the real path may also be one of `outside` (absolute; an
+/// entry ending in `/` is a folder and everything under it, any other names one file), e.g.
+/// [`SYSTEM_IPXE_LOADERS`]. Only the real path after every symlink is compared.
+pub fn open_confined_allowing(
+    root: &Path,
+    requested: &str,
+    outside: &[&str],
+) -> Result<(File, u64, PathBuf), PathError> {
     let rel = requested.trim_start_matches('/');
     if rel.is_empty() || rel.contains('\0') || rel.contains('\\') {
         return Err(PathError::NotAllowed(requested.to_string()));
@@ -52,7 +75,7 @@ pub fn open_confined(root: &Path, requested: &str) -> Result<(File, u64, PathBuf
         }
         Err(e) => return Err(PathError::Io(requested.to_string(), e)),
     };
-    if !real.starts_with(&root_real) {
+    if !real.starts_with(&root_real) && !allowed_outside(&real, outside) {
         return Err(PathError::Escapes(requested.to_string()));
     }
     let file = open_regular(&real).map_err(|e| match e {
@@ -67,6 +90,15 @@ pub fn open_confined(root: &Path, requested: &str) -> Result<(File, u64, PathBuf
         .map_err(|e| PathError::Io(requested.to_string(), e))?
         .len();
     Ok((file, len, real))
+}
+
+/// Whether the real path `real` is one of `outside` (see [`open_confined_allowing`]).
+fn allowed_outside(real: &Path, outside: &[&str]) -> bool {
+    outside.iter().any(|entry| match entry.strip_suffix('/') {
+        // Path::starts_with compares whole components: /usr/lib/ipxe2 is not under /usr/lib/ipxe.
+        Some(folder) => real.starts_with(folder) && real != Path::new(folder),
+        None => real == Path::new(entry),
+    })
 }
 
 /// Why [`open_regular`] failed.
@@ -158,6 +190,61 @@ mod tests {
         assert!(matches!(
             open_confined(&root, ""),
             Err(PathError::NotAllowed(_))
+        ));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn symlinks_may_resolve_to_listed_files_and_folders_only() {
+        let dir = std::env::temp_dir().join(format!("netboot-outside-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["root", "system/ipxe", "system/ipxe2", "boot"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("mkdir");
+        }
+        for file in [
+            "system/ipxe/snp.efi",
+            "system/ipxe2/x.efi",
+            "boot/ipxe.efi",
+            "boot/initrd.img",
+        ] {
+            std::fs::write(dir.join(file), b"loader").expect("write");
+        }
+        for (link, target) in [
+            ("in-folder", "system/ipxe/snp.efi"),
+            ("sibling-folder", "system/ipxe2/x.efi"),
+            ("listed-file", "boot/ipxe.efi"),
+            ("unlisted-file", "boot/initrd.img"),
+            ("the-folder", "system/ipxe"),
+        ] {
+            std::os::unix::fs::symlink(dir.join(target), dir.join("root").join(link))
+                .expect("symlink");
+        }
+        let folder = format!("{}/", dir.join("system/ipxe").display());
+        let file = dir.join("boot/ipxe.efi").display().to_string();
+        let outside = [folder.as_str(), file.as_str()];
+        let root = dir.join("root");
+        for allowed in ["in-folder", "listed-file"] {
+            assert!(
+                open_confined_allowing(&root, allowed, &outside).is_ok(),
+                "{allowed} is served"
+            );
+            assert!(
+                matches!(open_confined(&root, allowed), Err(PathError::Escapes(_))),
+                "{allowed} is refused without the list"
+            );
+        }
+        for refused in ["sibling-folder", "unlisted-file"] {
+            assert!(
+                matches!(
+                    open_confined_allowing(&root, refused, &outside),
+                    Err(PathError::Escapes(_))
+                ),
+                "{refused} is refused"
+            );
+        }
+        assert!(matches!(
+            open_confined_allowing(&root, "the-folder", &outside),
+            Err(PathError::Escapes(_))
         ));
         let _ = std::fs::remove_dir_all(dir);
     }

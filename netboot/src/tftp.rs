@@ -11,7 +11,7 @@
 //!   from other ports are dropped by the kernel instead of being answered with error 5.
 //! * Only reads: a write request gets error 2 (access violation). `netascii` is served byte
 //!   for byte like `octet` (boot files are binary; no PXE client asks for netascii).
-//! * Files are opened with [`crate::path::open_confined`]: absolute names are taken relative to
+//! * Files are opened with [`crate::path::open_confined_allowing`]: absolute names are taken relative to
 //!   the root, `..`, symlinks leaving the root and non-regular files get error 1 or 2 with the
 //!   reason in the message.
 //! * Lost packets are retransmitted after the per-packet timeout, at most `max_retries` times in
@@ -58,7 +58,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::lograte::LogLimit;
-use crate::path::{open_confined, PathError};
+use crate::path::{open_confined_allowing, PathError};
 use crate::MachineLookup;
 use packet::{ErrorCode, Packet, Request};
 
@@ -84,8 +84,12 @@ const LIMITS_REPORT_EVERY: Duration = Duration::from_secs(10);
 /// How the TFTP server behaves.
 #[derive(Debug, Clone)]
 pub struct TftpSettings {
-    /// Directory served; nothing outside it is ever read.
+    /// Directory served; nothing outside it is ever read, but for what `outside_root` lists.
     pub root: PathBuf,
+    /// Files and folders outside `root` that a symlink in it may resolve to (see
+    /// [`crate::path::open_confined_allowing`]); none by default. netboot, whose TFTP root is
+    /// the iPXE folder, lists [`crate::path::SYSTEM_IPXE_LOADERS`].
+    pub outside_root: &'static [&'static str],
     /// Per-packet retransmission timeout when the client does not negotiate `timeout`.
     pub timeout: Duration,
     /// Retransmissions of the same packet or window before a transfer is given up.
@@ -119,6 +123,7 @@ impl TftpSettings {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         TftpSettings {
             root: root.into(),
+            outside_root: &[],
             timeout: Duration::from_secs(1),
             max_retries: 5,
             max_transfers: 64,
@@ -551,8 +556,9 @@ async fn run(
     sock.connect(peer).await?;
 
     let root = settings.root.clone();
+    let outside = settings.outside_root;
     let name = req.filename.clone();
-    let opened = tokio::task::spawn_blocking(move || open_confined(&root, &name))
+    let opened = tokio::task::spawn_blocking(move || open_confined_allowing(&root, &name, outside))
         .await
         .map_err(|e| io::Error::other(format!("file open task failed: {e}")))?;
     let (file, size) = match opened.map_err(refusal) {
