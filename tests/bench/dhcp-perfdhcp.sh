@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # DHCP throughput: perfdhcp (kea-admin) DORA exchanges for N reserved machines against
-# `provisioner netboot`, then against dnsmasq with the same reservations, in the same run.
+# `provisioner netboot`, then against dnsmasq (`leasefile-ro`) and ISC Kea (memfile,
+# `persist: false`, host reservations) with the same reservations, in the same run. Prints
+# each server's exchanges/s, drops, and CPU (user + system, from /proc) per 1000 exchanges.
 # Bounded: each run lasts PERIOD seconds. Run as root after `cargo build -p agent`.
-# Packages: kea-admin (perfdhcp), dnsmasq-base.
+# Packages: kea-admin (perfdhcp), dnsmasq-base, kea-dhcp4-server (installed by
+# tests/bench/install-kea.sh with its service kept from starting on the host).
 #   N=200 PERIOD=5 RATES="500 4000" tests/bench/dhcp-perfdhcp.sh
 TEST_NAME=dhcpbench
 . "$(dirname "$0")/../lib.sh"
@@ -14,18 +17,21 @@ RATES=${RATES:-"500 4000"}
 [ -x "$PROVISIONER" ] || { echo "FAIL: $PROVISIONER not built (cargo build -p agent)"; exit 1; }
 command -v perfdhcp >/dev/null || { echo "FAIL: perfdhcp (kea-admin) missing"; exit 1; }
 command -v dnsmasq >/dev/null || { echo "FAIL: dnsmasq (dnsmasq-base) missing"; exit 1; }
+"$REPO/tests/bench/install-kea.sh" || { echo "FAIL: kea-dhcp4 (kea-dhcp4-server) missing"; exit 1; }
 
 netns_up
 mkdir -p "$WORK/assets"
 stub_boot_files "$WORK/assets" vmlinuz initrd.img
 : >"$WORK/macs.txt"
 : >"$WORK/dnsmasq-hosts.conf"
+kea_reservations=()
 for i in $(seq 1 "$N"); do
     mac=$(printf '52:54:00:bb:%02x:%02x' $((i / 256)) $((i % 256)))
     ip=$SUBNET_PREFIX.$((i + 9))
     echo "$mac" >>"$WORK/macs.txt"
     write_machine "$(printf m%03d "$i")" "$mac" "$ip"
     echo "dhcp-host=$mac,$ip,m$(printf %03d "$i")" >>"$WORK/dnsmasq-hosts.conf"
+    kea_reservations+=("{\"hw-address\": \"$mac\", \"ip-address\": \"$ip\"}")
 done
 # perfdhcp sends as a relay agent (giaddr = its address, .250 below): netboot answers relayed
 # packets only from the relays it lists.
@@ -44,8 +50,25 @@ dhcp-authoritative
 dhcp-range=$SUBNET_PREFIX.0,static,255.255.255.0,1h
 dhcp-option=3,$SRV_IP
 dhcp-option=6,$SRV_IP
-dhcp-leasefile=$WORK/dnsmasq.leases
+leasefile-ro
 conf-file=$WORK/dnsmasq-hosts.conf
+CONF
+# Kea: reservations only (no pool), leases in memory only; logs at INFO (DHCP4_STARTED says it
+# serves) but not a line per lease.
+reservations=$(IFS=,; echo "${kea_reservations[*]}")
+cat >"$WORK/kea.json" <<CONF
+{"Dhcp4": {
+  "interfaces-config": {"interfaces": ["br0"], "dhcp-socket-type": "raw"},
+  "lease-database": {"type": "memfile", "persist": false},
+  "valid-lifetime": 3600,
+  "host-reservation-identifiers": ["hw-address"],
+  "subnet4": [{"id": 1, "subnet": "$SUBNET_PREFIX.0/24",
+    "option-data": [{"name": "routers", "data": "$SRV_IP"},
+                    {"name": "domain-name-servers", "data": "$SRV_IP"}],
+    "reservations": [$reservations]}],
+  "loggers": [{"name": "kea-dhcp4", "severity": "INFO", "output_options": [{"output": "stdout"}]},
+              {"name": "kea-dhcp4.leases", "severity": "WARN", "output_options": [{"output": "stdout"}]}]
+}}
 CONF
 
 add_client perf >/dev/null
@@ -54,39 +77,57 @@ ip netns exec "$CLIENT_NS" ip addr add "$SUBNET_PREFIX.250/24" dev eth0
 
 udp67() { in_srv ss -Hlun 'sport = :67' | grep -q .; }
 
-# run_perf LABEL RATE: prints "LABEL RATE exchanges/s drops sent received"
+# cpu_ticks PID: user + system clock ticks the process has used
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# run_perf LABEL RATE SERVER_PID: prints "LABEL RATE exchanges/s drops sent received CPU"
 run_perf() {
-    local out=$WORK/perf-$1-$2.txt
+    local out=$WORK/perf-$1-$2.txt ticks_before ticks
+    ticks_before=$(cpu_ticks "$3")
     ip netns exec "$CLIENT_NS" timeout $((PERIOD + 15)) perfdhcp -4 -l eth0 -M "$WORK/macs.txt" -R "$N" \
         -r "$2" -p "$PERIOD" -W 1000000 >"$out" 2>&1 || true
-    local rate sent recv drops
+    ticks=$(( $(cpu_ticks "$3") - ticks_before ))
+    local rate sent recv drops cpu
     rate=$(awk '/^Rate:/ {print $2; exit}' "$out")
     # Sum over both exchanges (DISCOVER-OFFER and REQUEST-ACK).
     sent=$(awk -F'[:,]' '/^sent packets:/ {s += $2} END {print s + 0}' "$out")
     recv=$(awk -F'[:,]' '/^received packets:/ {s += $2} END {print s + 0}' "$out")
     drops=$(awk -F'[:,]' '/^drops:/ {s += $2} END {print s + 0}' "$out")
-    printf '%-8s rate=%-6s exchanges/s=%-10s drops=%-6s sent=%-7s received=%s\n' \
-        "$1" "$2" "${rate:-?}" "$drops" "$sent" "$recv"
-    echo "${rate:-0} $drops" >"$WORK/result-$1-$2"
+    # CPU ms per 1000 DORA exchanges; each completed exchange is an OFFER and an ACK received.
+    cpu=$(awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" -v r="$recv" \
+        'BEGIN { if (r > 1) printf "%.1f", t * 1000 / hz / (r / 2) * 1000; else print "n/a" }')
+    printf '%-8s rate=%-6s exchanges/s=%-10s drops=%-6s sent=%-7s received=%-7s cpu_ms/1000=%s\n' \
+        "$1" "$2" "${rate:-?}" "$drops" "$sent" "$recv" "$cpu"
+    echo "${rate:-0} $drops $cpu" >"$WORK/result-$1-$2"
 }
 
 log "$N reservations, ${PERIOD}s per run, rates: $RATES"
 pid=$(start_in_srv netboot env RUST_LOG=warn "$PROVISIONER" netboot --config "$WORK/config.yaml")
 wait_for -p "$pid" 10 udp67 || { echo "FAIL: netboot did not bind udp/67"; tail "$WORK/netboot.log"; exit 1; }
-for r in $RATES; do run_perf ours "$r"; done
+for r in $RATES; do run_perf ours "$r" "$pid"; done
 stop_pid "$pid"
 wait_for 5 not udp67 || true
 
 pid=$(start_in_srv dnsmasq dnsmasq -k -C "$WORK/dnsmasq.conf" --pid-file=)
 wait_for -p "$pid" 10 udp67 || { echo "FAIL: dnsmasq did not bind udp/67"; tail "$WORK/dnsmasq.log"; exit 1; }
-for r in $RATES; do run_perf dnsmasq "$r"; done
+for r in $RATES; do run_perf dnsmasq "$r" "$pid"; done
+stop_pid "$pid"
+wait_for 5 not udp67 || true
+
+# Kea's raw socket does not show in ss; its log says when it serves br0.
+kea_up() { grep -q "DHCP4_STARTED" "$WORK/kea.log"; }
+pid=$(start_in_srv kea env KEA_LOCKFILE_DIR=none KEA_PIDFILE_DIR="$WORK" kea-dhcp4 -c "$WORK/kea.json")
+wait_for -p "$pid" 10 kea_up || { echo "FAIL: kea-dhcp4 did not start"; tail "$WORK/kea.log"; exit 1; }
+for r in $RATES; do run_perf kea "$r" "$pid"; done
 stop_pid "$pid"
 
 for r in $RATES; do
-    read -r ours ours_drops <"$WORK/result-ours-$r"
-    read -r theirs _ <"$WORK/result-dnsmasq-$r"
-    ratio=$(awk -v a="$ours" -v b="$theirs" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')
-    echo "rate $r: ours/dnsmasq = $ratio (ours: $ours exchanges/s, $ours_drops drops)"
+    read -r ours ours_drops ours_cpu <"$WORK/result-ours-$r"
+    for peer in dnsmasq kea; do
+        read -r theirs _ theirs_cpu <"$WORK/result-$peer-$r"
+        ratio=$(awk -v a="$ours" -v b="$theirs" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')
+        echo "rate $r: ours/$peer = $ratio (ours: $ours exchanges/s, $ours_drops drops, $ours_cpu CPU ms/1000; $peer: $theirs exchanges/s, $theirs_cpu CPU ms/1000)"
+    done
 done
 [ "${KEEP_WORK:-0}" = 1 ] && log "raw perfdhcp output in $WORK/perf-*.txt"
 exit 0
