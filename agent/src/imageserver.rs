@@ -120,8 +120,8 @@ pub enum Seed {
     Config(PathBuf),
 }
 
-/// The file server for `options` (without sockets and signals), and the directory holding
-/// a rendered seed, which must live as long as the server: shared with the tests.
+/// The site for `options` (without sockets and signals), and the directory holding a rendered
+/// seed, which must live as long as the server: shared with the tests.
 pub fn file_server(
     options: &Options,
 ) -> anyhow::Result<(netboot::http::FileServer, Option<tempfile::TempDir>)> {
@@ -233,19 +233,21 @@ fn listener(listen: SocketAddr) -> anyhow::Result<(std::net::TcpListener, bool)>
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
-    let (server, _rendered_seed) = file_server(&options)?;
+    let (site, _rendered_seed) = file_server(&options)?;
     let dir = options.dir;
     let (socket, activated) = listener(options.listen)?;
     socket.set_nonblocking(true)?;
     let socket = TcpListener::from_std(socket)?;
     let local = socket.local_addr()?;
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(netboot::http::serve_file_server(
+    let server = tokio::spawn(netboot::http::serve(
         socket,
-        server,
+        site,
+        netboot::http::ServeOptions {
+            grace: SHUTDOWN_GRACE,
+            limits: options.limits.clone(),
+        },
         shutdown.clone(),
-        SHUTDOWN_GRACE,
-        options.limits.clone(),
     ));
     let mut status = format!("serving {} on {local}", dir.display());
     if let Some(Seed::Dir(path) | Seed::Config(path)) = &options.seed {

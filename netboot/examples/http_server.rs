@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::sync::Arc;
 
-use netboot::http::{serve, HttpSettings};
+use netboot::http::{serve, HttpSettings, NetbootSite, ServeOptions};
 use netboot::ipxe::ScriptSettings;
 use netboot::machine::InvalidMac;
 use netboot::{MacAddr, Machine, MachineLookup};
@@ -104,5 +104,11 @@ async fn main() -> std::io::Result<()> {
         }
         stop.cancel();
     });
-    serve(listener, settings, machines, shutdown).await
+    serve(
+        listener,
+        NetbootSite::new(settings, machines),
+        ServeOptions::default(),
+        shutdown,
+    )
+    .await
 }
