@@ -17,11 +17,9 @@
 //! `/nocloud/` paths appear in the log as `/nocloud/<token>/user-data`.
 //!
 //! [`DirSite`] is a plain directory (every path is a file under it, with the same validators,
-//! ranges and confinement). [`FileServer`] (`provisioner imageserver`) adds a NoCloud seed
-//! under `/nocloud/{name}/{meta-data,user-data,vendor-data,network-config}` and a
-//! [`MissingFiles`] hook (the imageserver's pull-through cache). Other sites implement [`Site`]
-//! with the same pieces: [`FileRequest`], [`serve_file`], [`is_missing`], [`decode_path`],
-//! [`plain`], [`get_or_head`], [`not_allowed`] and [`Body`].
+//! ranges and confinement). A site of another crate (`provisioner imageserver`'s) implements
+//! [`Site`] with the same pieces: [`FileRequest`], [`serve_file`], [`is_missing`],
+//! [`decode_path`], [`plain`], [`get_or_head`], [`not_allowed`] and [`Body`].
 //!
 //! `HEAD` is answered like `GET` without a body; any other method gets 405 with `Allow`.
 //! Static files carry `Content-Length`, `Last-Modified`, `ETag` and `Accept-Ranges`, honour
@@ -46,7 +44,6 @@
 //! [`BootEvent::FileServed`]: crate::machine::BootEvent::FileServed
 
 mod body;
-mod file_server;
 mod files;
 pub mod limits;
 mod netboot_site;
@@ -59,7 +56,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use body::Body;
-pub use file_server::{FileServer, FillError, FillFuture, MissingFiles, SEED_FILES};
 pub use files::{
     decode_path, get_or_head, is_missing, not_allowed, parse_range, plain, serve_file, DirSite,
     FileRequest, RangeRequest,

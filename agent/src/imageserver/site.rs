@@ -1,8 +1,7 @@
-//! `provisioner imageserver`'s site: the files of a directory as [`DirSite`](super::DirSite)
-//! serves them, plus
-//! the first machine's NoCloud seed under `/nocloud/{name}/{file}` (from a directory) and, with
-//! a [`MissingFiles`] hook, a file the directory does not have filled in before it is served
-//! (the imageserver's pull-through cache).
+//! What the imageserver answers: the files of its directory as netboot's [`DirSite`] serves
+//! them, plus the first machine's NoCloud seed under `/nocloud/{name}/{file}` (from a
+//! directory) and, with a [`MissingFiles`] hook, a file the directory does not have filled in
+//! before it is served (the pull-through cache, [`super::cache`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,13 +9,11 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use hyper::body::Incoming;
-use hyper::header::{self, HeaderMap, HeaderValue};
-use hyper::{Request, Response, StatusCode};
-
-use super::body::Body;
-use super::files::{is_missing, plain, serve_file, FileRequest};
-use super::server::{Outcome, Site, LOG_TARGET};
+use http::header::{self, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode};
+use netboot::http::{
+    is_missing, plain, serve_file, Body, DirSite, FileRequest, Incoming, Outcome, Site, LOG_TARGET,
+};
 
 /// The file names served under `/nocloud/{name}/`.
 pub const SEED_FILES: [&str; 4] = ["meta-data", "user-data", "vendor-data", "network-config"];
@@ -46,11 +43,11 @@ pub trait MissingFiles: Send + Sync {
     fn fill<'a>(&'a self, rel: &'a str) -> FillFuture<'a>;
 }
 
-/// What the imageserver serves.
+/// The imageserver's site.
 #[derive(Clone)]
-pub struct FileServer {
+pub struct ImageSite {
     /// Every path but the seed's is a regular file under this directory.
-    pub dir: PathBuf,
+    pub files: DirSite,
     /// `/nocloud/{name}/{file}` is `{seed_dir}/{name}/{file}`, for `file` one of the names
     /// cloud-init's NoCloud asks for ([`SEED_FILES`]). A missing `vendor-data` is answered
     /// empty (200) rather than 404: cloud-init 22.4 retries a 404 ten times, one second apart,
@@ -62,7 +59,7 @@ pub struct FileServer {
     pub missing: Option<Arc<dyn MissingFiles>>,
 }
 
-impl Site for FileServer {
+impl Site for ImageSite {
     async fn handle(
         &self,
         _peer: SocketAddr,
@@ -84,7 +81,7 @@ impl Site for FileServer {
                 outcome.note = Some("hidden name".into());
                 return plain(StatusCode::NOT_FOUND, "not found");
             }
-            if is_missing(&self.dir, &file.rel).await {
+            if is_missing(self.files.dir(), &file.rel).await {
                 match missing.fill(&file.rel).await {
                     Ok(()) => {}
                     Err(e @ (FillError::NotFound | FillError::Refused(_))) => {
@@ -98,14 +95,14 @@ impl Site for FileServer {
                 }
             }
         }
-        serve_file(&self.dir, &file.rel, file.head, req.headers(), outcome).await
+        self.files.serve(&file, req.headers(), outcome).await
     }
 
     fn announce(&self) {
         // Under the server's target, with the server's other start-up lines.
         tracing::info!(
             target: LOG_TARGET,
-            dir = %self.dir.display(),
+            dir = %self.files.dir().display(),
             seed_dir = self.seed_dir.as_ref().map(|d| tracing::field::display(d.display())),
             fills_missing = self.missing.is_some(),
             "file server starting"
@@ -113,7 +110,7 @@ impl Site for FileServer {
     }
 
     fn largest_file_dir(&self) -> Option<&Path> {
-        Some(&self.dir)
+        Some(self.files.dir())
     }
 }
 
