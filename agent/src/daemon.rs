@@ -361,14 +361,15 @@ fn spawn_servers(
         machines.clone(),
         shutdown.clone(),
     ));
-    servers.spawn(netboot::http::serve_provisioning(
+    servers.spawn(netboot::http::serve(
         sockets.http,
-        settings.http.clone(),
-        machines,
-        provisioning,
+        netboot::http::NetbootSite::new(settings.http.clone(), machines)
+            .with_provisioning(provisioning),
+        netboot::http::ServeOptions {
+            grace: netboot::http::DEFAULT_SHUTDOWN_GRACE,
+            limits: config.limits.http.clone(),
+        },
         shutdown.clone(),
-        netboot::http::DEFAULT_SHUTDOWN_GRACE,
-        config.limits.http.clone(),
     ));
     match (&config.interface, config.router_advertisements) {
         (Some(interface), true) => match netboot::ra::RaSocket::open(interface) {

@@ -8,9 +8,10 @@
 //! the `laptop:` section of a configuration file (`--bootstrap --config FILE`, `{name}` is the
 //! laptop's host name), or pre-rendered files in `SEED_DIR/{name}/` (`--bootstrap SEED_DIR`).
 //! On the first machine (`--upstream URL`) it is a pull-through cache of the bootstrap
-//! imageserver ([`cache`]).
+//! imageserver ([`cache`]). What each request is answered with is [`ImageSite`].
 
 mod cache;
+mod site;
 #[cfg(test)]
 mod tests;
 
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::systemd;
 
 pub use cache::PullThrough;
+pub use site::{FillError, FillFuture, ImageSite, MissingFiles, SEED_FILES};
 
 /// What `provisioner imageserver` serves, from its flags.
 #[derive(Debug, Clone)]
@@ -120,11 +122,9 @@ pub enum Seed {
     Config(PathBuf),
 }
 
-/// The file server for `options` (without sockets and signals), and the directory holding
-/// a rendered seed, which must live as long as the server: shared with the tests.
-pub fn file_server(
-    options: &Options,
-) -> anyhow::Result<(netboot::http::FileServer, Option<tempfile::TempDir>)> {
+/// The site for `options` (without sockets and signals), and the directory holding a rendered
+/// seed, which must live as long as the server: shared with the tests.
+pub fn file_server(options: &Options) -> anyhow::Result<(ImageSite, Option<tempfile::TempDir>)> {
     if !options.dir.is_dir() {
         bail!("{} is not a directory", options.dir.display());
     }
@@ -145,13 +145,14 @@ pub fn file_server(
         }
     };
     let missing = match &options.upstream {
-        Some(url) => Some(Arc::new(PullThrough::new(options.dir.clone(), url)?)
-            as Arc<dyn netboot::http::MissingFiles>),
+        Some(url) => {
+            Some(Arc::new(PullThrough::new(options.dir.clone(), url)?) as Arc<dyn MissingFiles>)
+        }
         None => None,
     };
     Ok((
-        netboot::http::FileServer {
-            dir: options.dir.clone(),
+        ImageSite {
+            files: netboot::http::DirSite::new(options.dir.clone()),
             seed_dir,
             missing,
         },
@@ -233,19 +234,21 @@ fn listener(listen: SocketAddr) -> anyhow::Result<(std::net::TcpListener, bool)>
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
-    let (server, _rendered_seed) = file_server(&options)?;
+    let (site, _rendered_seed) = file_server(&options)?;
     let dir = options.dir;
     let (socket, activated) = listener(options.listen)?;
     socket.set_nonblocking(true)?;
     let socket = TcpListener::from_std(socket)?;
     let local = socket.local_addr()?;
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(netboot::http::serve_file_server(
+    let server = tokio::spawn(netboot::http::serve(
         socket,
-        server,
+        site,
+        netboot::http::ServeOptions {
+            grace: SHUTDOWN_GRACE,
+            limits: options.limits.clone(),
+        },
         shutdown.clone(),
-        SHUTDOWN_GRACE,
-        options.limits.clone(),
     ));
     let mut status = format!("serving {} on {local}", dir.display());
     if let Some(Seed::Dir(path) | Seed::Config(path)) = &options.seed {

@@ -12,8 +12,9 @@ use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::sync::Arc;
 
-use netboot::http::{serve, HttpSettings};
+use netboot::http::{serve, HttpSettings, NetbootSite, ServeOptions};
 use netboot::ipxe::ScriptSettings;
+use netboot::machine::InvalidMac;
 use netboot::{MacAddr, Machine, MachineLookup};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -21,17 +22,34 @@ use tokio_util::sync::CancellationToken;
 const USAGE: &str =
     "usage: http_server ADDR BOOT_DIR ASSETS_DIR BASE_URL KERNEL INITRD CMDLINE [NAME,MAC,IP[,HOSTNAME]]...";
 
-fn parse_machine(spec: &str) -> Result<Machine, String> {
+/// Why a `NAME,MAC,IP[,HOSTNAME]` argument is not a machine.
+#[derive(Debug, thiserror::Error)]
+enum MachineSpecError {
+    #[error("machine {0:?}: expected NAME,MAC,IP[,HOSTNAME]")]
+    Shape(String),
+    #[error(transparent)]
+    Mac(#[from] InvalidMac),
+    #[error("machine {spec:?}: {source}")]
+    Ip {
+        spec: String,
+        source: std::net::AddrParseError,
+    },
+}
+
+fn parse_machine(spec: &str) -> Result<Machine, MachineSpecError> {
     let parts: Vec<&str> = spec.split(',').collect();
     let (name, mac, ip, hostname) = match parts.as_slice() {
         [name, mac, ip] => (name, mac, ip, None),
         [name, mac, ip, hostname] => (name, mac, ip, Some(hostname.to_string())),
-        _ => return Err(format!("machine {spec:?}: expected NAME,MAC,IP[,HOSTNAME]")),
+        _ => return Err(MachineSpecError::Shape(spec.to_string())),
     };
     Ok(Machine {
         name: name.to_string(),
-        mac: mac.parse().map_err(|e| format!("{e}"))?,
-        ip: ip.parse().map_err(|e| format!("machine {spec:?}: {e}"))?,
+        mac: mac.parse()?,
+        ip: ip.parse().map_err(|source| MachineSpecError::Ip {
+            spec: spec.to_string(),
+            source,
+        })?,
         hostname,
     })
 }
@@ -86,5 +104,11 @@ async fn main() -> std::io::Result<()> {
         }
         stop.cancel();
     });
-    serve(listener, settings, machines, shutdown).await
+    serve(
+        listener,
+        NetbootSite::new(settings, machines),
+        ServeOptions::default(),
+        shutdown,
+    )
+    .await
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use netboot::http::{serve, serve_with_grace, HttpSettings};
+use netboot::http::{serve, HttpSettings, NetbootSite, ServeOptions};
 use netboot::ipxe::ScriptSettings;
 use netboot::{BootEvent, MacAddr, Machine, MachineLookup};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -132,16 +132,19 @@ async fn start(name: &str, grace: Option<Duration>) -> Server {
     });
     let shutdown = CancellationToken::new();
     let lookup: Arc<dyn MachineLookup> = recorder.clone();
-    let task = match grace {
-        Some(g) => tokio::spawn(serve_with_grace(
-            listener,
-            settings,
-            lookup,
-            shutdown.clone(),
-            g,
-        )),
-        None => tokio::spawn(serve(listener, settings, lookup, shutdown.clone())),
+    let options = match grace {
+        Some(grace) => ServeOptions {
+            grace,
+            ..ServeOptions::default()
+        },
+        None => ServeOptions::default(),
     };
+    let task = tokio::spawn(serve(
+        listener,
+        NetbootSite::new(settings, lookup),
+        options,
+        shutdown.clone(),
+    ));
     Server {
         addr,
         dir,

@@ -10,9 +10,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use netboot::http::{serve_provisioning, HttpLimits, HttpSettings};
+use netboot::http::{serve, HttpLimits, HttpSettings, NetbootSite, ServeOptions};
 use netboot::ipxe::ScriptSettings;
-use netboot::provisioning::NoProvisioning;
 use netboot::{MacAddr, Machine, MachineLookup};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -58,14 +57,14 @@ async fn start(name: &str, limits: HttpLimits) -> Server {
     });
     let machines: Arc<dyn MachineLookup> = Arc::new(HashMap::<MacAddr, Machine>::new());
     let shutdown = CancellationToken::new();
-    tokio::spawn(serve_provisioning(
+    tokio::spawn(serve(
         listener,
-        settings,
-        machines,
-        Arc::new(NoProvisioning),
+        NetbootSite::new(settings, machines),
+        ServeOptions {
+            grace: Duration::from_secs(1),
+            limits,
+        },
         shutdown.clone(),
-        Duration::from_secs(1),
-        limits,
     ));
     Server {
         addr,

@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use netboot::http::{serve_files, serve_provisioning, HttpSettings};
+use netboot::http::{serve, DirSite, HttpSettings, NetbootSite, ServeOptions};
 use netboot::ipxe::ScriptSettings;
 use netboot::provisioning::{
     BootAction, BoxFuture, CloudInitDocument, CloudInitFile, DiskHints, ImagingOrders, LocalBoot,
@@ -200,14 +200,14 @@ async fn start_on(bind: &str, action: BootAction) -> Server {
     });
     let shutdown = CancellationToken::new();
     let lookup: Arc<dyn MachineLookup> = Arc::new(machines);
-    tokio::spawn(serve_provisioning(
+    tokio::spawn(serve(
         listener,
-        settings,
-        lookup,
-        fake.clone(),
+        NetbootSite::new(settings, lookup).with_provisioning(fake.clone()),
+        ServeOptions {
+            grace: Duration::from_secs(1),
+            ..ServeOptions::default()
+        },
         shutdown.clone(),
-        Duration::from_secs(1),
-        netboot::http::HttpLimits::default(),
     ));
     Server {
         addr,
@@ -539,7 +539,7 @@ async fn ipv4_clients_of_a_dual_stack_listener_are_ipv4_peers() {
 }
 
 #[tokio::test]
-async fn serve_files_serves_a_directory() {
+async fn dir_site_serves_a_directory() {
     let dir = std::env::temp_dir().join(format!("netboot-files-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("sub")).expect("mkdir");
     let image: Vec<u8> = (0..100_000u32).map(|i| b'a' + (i % 26) as u8).collect();
@@ -547,11 +547,14 @@ async fn serve_files_serves_a_directory() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(serve_files(
+    let task = tokio::spawn(serve(
         listener,
-        dir.clone(),
+        DirSite::new(dir.clone()),
+        ServeOptions {
+            grace: Duration::from_secs(1),
+            ..ServeOptions::default()
+        },
         shutdown.clone(),
-        Duration::from_secs(1),
     ));
     let whole = request(addr, "GET", "/sub/node.raw", &[], b"").await;
     assert_eq!(whole.status, 200);

@@ -33,10 +33,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
-use netboot::http::{FillError, FillFuture, MissingFiles};
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
+
+use super::site::{FillError, FillFuture, MissingFiles};
 
 /// The artifacts' manifest, also what the checks read from the upstream.
 pub const MANIFEST: &str = "manifest.json";

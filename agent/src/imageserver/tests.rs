@@ -107,18 +107,20 @@ impl Server {
 }
 
 async fn start(options: Options) -> Server {
-    let (server, rendered) = file_server(&options).expect("file server");
+    let (site, rendered) = file_server(&options).expect("file server");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
     let shutdown_token = shutdown.clone();
     let task = tokio::spawn(async move {
-        let served = netboot::http::serve_file_server(
+        let served = netboot::http::serve(
             listener,
-            server,
+            site,
+            netboot::http::ServeOptions {
+                grace: Duration::from_secs(1),
+                ..netboot::http::ServeOptions::default()
+            },
             shutdown_token,
-            Duration::from_secs(1),
-            netboot::http::HttpLimits::default(),
         )
         .await;
         drop(rendered);

@@ -1,17 +1,171 @@
-//! Static files: confinement, validators, conditional requests and single byte ranges.
+//! Static files: confinement, validators, conditional requests and single byte ranges; a plain
+//! directory as a [`Site`] ([`DirSite`]); and the pieces a site of its own is built from:
+//! request paths ([`decode_path`], [`FileRequest`]), methods ([`get_or_head`],
+//! [`not_allowed`]), short answers ([`plain`]) and files ([`serve_file`], [`is_missing`]).
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
-use hyper::{Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use tokio::io::AsyncSeekExt;
+use tracing::info;
 
 use super::body::{Body, FileStream};
-use super::{plain, Outcome};
+use super::server::{Outcome, Site, LOG_TARGET};
 use crate::path::{open_confined, PathError};
+
+/// A plain directory: `GET`/`HEAD /{path}` is the regular file `{dir}/{path}`, with the
+/// validators, ranges and confinement of [`serve_file`]; directories are never listed (404).
+#[derive(Debug, Clone)]
+pub struct DirSite {
+    dir: PathBuf,
+}
+
+impl DirSite {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        DirSite { dir: dir.into() }
+    }
+
+    /// The directory served.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Answers a request for `file` from the directory.
+    pub async fn serve(
+        &self,
+        file: &FileRequest,
+        headers: &HeaderMap,
+        outcome: &mut Outcome,
+    ) -> Response<Body> {
+        serve_file(&self.dir, &file.rel, file.head, headers, outcome).await
+    }
+}
+
+impl Site for DirSite {
+    async fn handle(
+        &self,
+        _peer: SocketAddr,
+        req: Request<Incoming>,
+        outcome: &mut Outcome,
+    ) -> Response<Body> {
+        match FileRequest::from_request(&req, outcome) {
+            Ok(file) => self.serve(&file, req.headers(), outcome).await,
+            Err(response) => *response,
+        }
+    }
+
+    fn announce(&self) {
+        info!(target: LOG_TARGET, dir = %self.dir.display(), "file server starting");
+    }
+
+    fn largest_file_dir(&self) -> Option<&Path> {
+        Some(&self.dir)
+    }
+}
+
+/// A request for a file of a directory: `GET` or `HEAD /{rel}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRequest {
+    /// The path without its leading `/`, percent-decoded and checked by [`decode_path`]; not
+    /// empty, and not ending with `/`.
+    pub rel: String,
+    /// A `HEAD`: answered without a body.
+    pub head: bool,
+}
+
+impl FileRequest {
+    /// The file `req` asks for, or the answer to a request that cannot name one: 405 (with
+    /// `Allow: GET, HEAD`) for another method, 400 for a path [`decode_path`] refuses (the
+    /// reason goes to `outcome`), 404 for a directory.
+    pub fn from_request(
+        req: &Request<Incoming>,
+        outcome: &mut Outcome,
+    ) -> Result<FileRequest, Box<Response<Body>>> {
+        let Some(head) = get_or_head(req.method()) else {
+            return Err(Box::new(not_allowed("GET, HEAD")));
+        };
+        let rest = req.uri().path().trim_start_matches('/');
+        let rel = match decode_path(rest) {
+            Ok(rel) => rel,
+            Err(why) => {
+                outcome.note = Some(why.to_string());
+                return Err(Box::new(plain(StatusCode::BAD_REQUEST, why)));
+            }
+        };
+        if rel.is_empty() || rel.ends_with('/') {
+            // A directory: never listed.
+            return Err(Box::new(plain(StatusCode::NOT_FOUND, "not found")));
+        }
+        Ok(FileRequest { rel, head })
+    }
+}
+
+/// A short `text/plain` response with an explicit length.
+pub fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let body = format!("{text}\n");
+    let mut r = Response::new(Body::Empty);
+    *r.status_mut() = status;
+    let headers = r.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    *r.body_mut() = Body::text(body);
+    r
+}
+
+/// `GET`/`HEAD` only: `Some(head)`, `None` for other methods (405).
+pub fn get_or_head(method: &Method) -> Option<bool> {
+    match *method {
+        Method::GET => Some(false),
+        Method::HEAD => Some(true),
+        _ => None,
+    }
+}
+
+/// 405 with `Allow: {allow}`.
+pub fn not_allowed(allow: &'static str) -> Response<Body> {
+    let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// Percent-decodes a request path (after the route prefix) and rejects what no served file can
+/// be called: bad escapes, non-UTF-8, NUL and control bytes, backslashes and `..` segments.
+pub fn decode_path(raw: &str) -> Result<String, &'static str> {
+    // percent_decode_str leaves a `%` without two hex digits as it is: such a path is refused.
+    let bytes = raw.as_bytes();
+    let bad_escape = bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && !bytes
+                .get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if bad_escape {
+        return Err("bad percent-encoding");
+    }
+    let s = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| "path is not UTF-8")?;
+    if s.chars().any(char::is_control) {
+        return Err("control character in path");
+    }
+    if s.contains('\\') {
+        return Err("backslash in path");
+    }
+    if s.split('/').any(|seg| seg == "..") {
+        return Err("'..' in path");
+    }
+    Ok(s.into_owned())
+}
 
 /// What the client asked for, by `Range`.
 #[derive(Debug, PartialEq, Eq)]
@@ -132,7 +286,7 @@ fn if_range_holds(value: &str, v: &Validators) -> bool {
 
 /// Whether `rel` is absent from `root` (anything else, a file or a path [`serve_file`] refuses,
 /// is not "missing").
-pub(crate) async fn is_missing(root: &Path, rel: &str) -> bool {
+pub async fn is_missing(root: &Path, rel: &str) -> bool {
     let root = root.to_path_buf();
     let rel = rel.to_string();
     tokio::task::spawn_blocking(move || {
@@ -143,8 +297,8 @@ pub(crate) async fn is_missing(root: &Path, rel: &str) -> bool {
 }
 
 /// Opens `rel` under `root` and answers per the request headers. `rel` has already been
-/// percent-decoded and checked for `..` and NUL by the router.
-pub(crate) async fn serve_file(
+/// percent-decoded and checked for `..` and NUL by the router ([`decode_path`]).
+pub async fn serve_file(
     root: &Path,
     rel: &str,
     head: bool,
@@ -293,6 +447,21 @@ fn content_type(rel: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decodes_paths() {
+        assert_eq!(decode_path("vmlinuz"), Ok("vmlinuz".into()));
+        assert_eq!(decode_path("a%20b/c%2Fd"), Ok("a b/c/d".into()));
+        assert_eq!(decode_path("52%3A54"), Ok("52:54".into()));
+        assert_eq!(decode_path("caf%C3%A9"), Ok("caf\u{e9}".into()));
+        for bad in [
+            "%", "%2", "%zz", "%+1", "a%00b", "%0a", "%ff", "..", "a/../b", "%2e%2e/x", "a\\b",
+            "a%5Cb",
+        ] {
+            assert!(decode_path(bad).is_err(), "{bad} accepted");
+        }
+        assert_eq!(decode_path("a..b/..c"), Ok("a..b/..c".into()));
+    }
 
     #[test]
     fn parses_single_ranges() {
