@@ -7,7 +7,7 @@
 //! | route | answer |
 //! |---|---|
 //! | `GET /ipxe/{mac}` | the machine's iPXE script (`52-54-00-12-34-56` or `52:54:00:12:34:56`); 400 for a malformed MAC, 404 for a machine we do not know; an imaging script only to the machine's reserved address shortly after its DHCP ACK, else 403 with the reason |
-//! | `GET /boot/{file}` | a file from [`HttpSettings::boot_dir`] (iPXE binaries, for UEFI HTTP Boot) |
+//! | `GET /boot/{file}` | a file from [`HttpSettings::boot_dir`] (iPXE binaries, for UEFI HTTP Boot; a symlink there may resolve to the distribution's iPXE files, [`crate::path::SYSTEM_IPXE_LOADERS`]) |
 //! | `GET /assets/{path}` | a file from [`HttpSettings::assets_dir`] (kernel, initrd) |
 //! | `POST /report/{mac}` | stage2's [`ProgressReport`] (JSON, at most [`MAX_REPORT_BODY`] bytes) with `Authorization: Bearer {token}`: 204; 400 bad JSON, 401 no token, 403 wrong token or not from the machine's reserved address, 404 unknown machine, 409 wrong phase, 413 too large |
 //! | `GET /nocloud/{token}/{meta-data,user-data,vendor-data}` | cloud-init NoCloud files for the holder of the token (NoCloud's `seedfrom` cannot send headers, so the token is in the path); `user-data` is served once per token, a second fetch gets 403, and so does a fetch from another address than the machine's reserved one |

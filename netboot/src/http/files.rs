@@ -17,7 +17,7 @@ use tracing::info;
 
 use super::body::{Body, FileStream};
 use super::server::{Outcome, Site, LOG_TARGET};
-use crate::path::{open_confined, PathError};
+use crate::path::{open_confined, open_confined_allowing, PathError};
 
 /// A plain directory: `GET`/`HEAD /{path}` is the regular file `{dir}/{path}`, with the
 /// validators, ranges and confinement of [`serve_file`]; directories are never listed (404).
@@ -305,10 +305,23 @@ pub async fn serve_file(
     headers: &HeaderMap,
     outcome: &mut Outcome,
 ) -> Response<Body> {
+    serve_file_allowing(root, &[], rel, head, headers, outcome).await
+}
+
+/// [`serve_file`], where a symlink under `root` may also resolve to `outside` (see
+/// [`crate::path::open_confined_allowing`]).
+pub async fn serve_file_allowing(
+    root: &Path,
+    outside: &'static [&'static str],
+    rel: &str,
+    head: bool,
+    headers: &HeaderMap,
+    outcome: &mut Outcome,
+) -> Response<Body> {
     let root: PathBuf = root.to_path_buf();
     let rel_owned = rel.to_string();
     let opened = tokio::task::spawn_blocking(move || {
-        let (file, _len, real) = open_confined(&root, &rel_owned)?;
+        let (file, _len, real) = open_confined_allowing(&root, &rel_owned, outside)?;
         let meta = file
             .metadata()
             .map_err(|e| PathError::Io(real.display().to_string(), e))?;

@@ -18,6 +18,7 @@ use super::files::{self, decode_path, get_or_head, not_allowed, plain};
 use super::server::{loggable_path, Outcome, Site, LOG_TARGET};
 use crate::ipxe::{boot_script, imaging_script, local_boot_script, ScriptSettings};
 use crate::machine::{BootEvent, MacAddr, Machine, MachineLookup};
+use crate::path::SYSTEM_IPXE_LOADERS;
 use crate::provisioning::{
     canonical_peer, valid_token, BootAction, CloudInitFile, NoProvisioning, ProgressReport,
     Provisioning, Refusal, MAX_REPORT_BODY,
@@ -133,8 +134,17 @@ impl NetbootSite {
 
         match kind {
             Route::Script => self.script(&rel, peer, head, outcome),
+            // The iPXE folder may be the distribution's own, whose loaders can be symlinks.
             Route::Boot => {
-                files::serve_file(&self.settings.boot_dir, &rel, head, req.headers(), outcome).await
+                files::serve_file_allowing(
+                    &self.settings.boot_dir,
+                    SYSTEM_IPXE_LOADERS,
+                    &rel,
+                    head,
+                    req.headers(),
+                    outcome,
+                )
+                .await
             }
             Route::Assets => {
                 files::serve_file(
