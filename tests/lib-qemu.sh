@@ -6,8 +6,9 @@
 #   qemu_mk_initrd OUT MARKER        busybox initramfs whose /init prints MARKER, then powers off
 #   qemu_start NAME FW MAC TAP [QEMU ARGS...]
 #                                    FW: seabios (pc, iPXE NIC ROM) | ovmf (q35, OVMF PXE: NIC ROM
-#                                    disabled) | ovmf-ipxe-rom (q35, OVMF with QEMU's EFI iPXE ROM);
-#                                    both OVMF kinds run with the firmware's IPv6 stack off
+#                                    disabled) | ovmf-ipxe-rom (q35, OVMF with QEMU's EFI iPXE ROM) |
+#                                    ovmf-http (q35, OVMF's own UEFI HTTP Boot only: its PXE off);
+#                                    every OVMF kind runs with the firmware's IPv6 stack off
 #                                    sets QEMU_PID and QEMU_T0 (epoch seconds, fractional)
 #   qemu_wait NAME REGEX TIMEOUT     waits up to TIMEOUT more seconds for REGEX on the serial
 #                                    console; sets QEMU_ELAPSED (seconds from qemu_start to the
@@ -62,7 +63,7 @@ qemu_start() {
         seabios)
             # graphics=off: SeaBIOS mirrors the VGA text of SeaBIOS and iPXE onto the serial port
             fwargs=(-machine pc,graphics=off -boot n) ;;
-        ovmf|ovmf-ipxe-rom)
+        ovmf|ovmf-ipxe-rom|ovmf-http)
             cp "$OVMF_VARS" "$WORK/$name.vars.fd"
             fwargs=(-machine q35
                 -drive "if=pflash,format=raw,unit=0,readonly=on,file=$OVMF_CODE"
@@ -73,7 +74,10 @@ qemu_start() {
                 # which nothing here answers. PXEv4 and iPXE's own IPv6 are not affected.
                 -fw_cfg name=opt/org.tianocore/IPv6Support,string=no)
             # without romfile= the "PXE" of OVMF is QEMU's EFI iPXE ROM, not EDK2's own PXE
-            [ "$fw" = ovmf ] && nic="$nic,romfile=" ;;
+            [ "$fw" = ovmf-ipxe-rom ] || nic="$nic,romfile="
+            # PXEv4 off too: the firmware's one network boot option left is HTTP Boot over IPv4
+            [ "$fw" = ovmf-http ] && fwargs+=(-fw_cfg name=opt/org.tianocore/IPv4PXESupport,string=no)
+            ;;
         *) log "qemu_start: unknown firmware $fw"; return 2 ;;
     esac
     : > "$WORK/$name.serial"
