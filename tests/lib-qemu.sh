@@ -74,9 +74,11 @@ qemu_start() {
                 # which nothing here answers. PXEv4 and iPXE's own IPv6 are not affected.
                 -fw_cfg name=opt/org.tianocore/IPv6Support,string=no)
             # without romfile= the "PXE" of OVMF is QEMU's EFI iPXE ROM, not EDK2's own PXE
-            [ "$fw" = ovmf-ipxe-rom ] || nic="$nic,romfile="
+            if [ "$fw" != ovmf-ipxe-rom ]; then nic="$nic,romfile="; fi
             # PXEv4 off too: the firmware's one network boot option left is HTTP Boot over IPv4
-            [ "$fw" = ovmf-http ] && fwargs+=(-fw_cfg name=opt/org.tianocore/IPv4PXESupport,string=no)
+            if [ "$fw" = ovmf-http ]; then
+                fwargs+=(-fw_cfg name=opt/org.tianocore/IPv4PXESupport,string=no)
+            fi
             ;;
         *) log "qemu_start: unknown firmware $fw"; return 2 ;;
     esac
