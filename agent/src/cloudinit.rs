@@ -7,7 +7,7 @@
 //! | `laptop-network-config.yaml` | the first machine's static address (NoCloud network-config v2) |
 //! | `meta-data.yaml` | NoCloud meta-data: instance-id, local-hostname |
 //!
-//! Every value a template prints is written as a JSON string (see [`write_yaml_scalar`]): one
+//! Every value a template prints is written as a JSON string (see `write_yaml_scalar`): one
 //! YAML scalar whatever it holds (quotes, `#`, `: `, newlines), also inside the kubeadm files,
 //! which are YAML block scalars of the cloud-config. Inputs are validated first (host names
 //! RFC 1123, keys on one line, `host:port` endpoints, kubeadm token and CA hash formats), and

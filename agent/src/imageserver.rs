@@ -8,7 +8,7 @@
 //! the `laptop:` section of a configuration file (`--bootstrap --config FILE`, `{name}` is the
 //! laptop's host name), or pre-rendered files in `SEED_DIR/{name}/` (`--bootstrap SEED_DIR`).
 //! On the first machine (`--upstream URL`) it is a pull-through cache of the bootstrap
-//! imageserver ([`cache`]). What each request is answered with is [`ImageSite`].
+//! imageserver (`cache`). What each request is answered with is [`ImageSite`].
 
 mod cache;
 mod site;

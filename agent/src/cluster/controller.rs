@@ -600,7 +600,7 @@ async fn post_event(recorder: &Recorder, name: &str, event: &Event, reference: &
     }
 }
 
-/// Posts Events in the background, [`EVENT_LANES`] at once, each Machine's in order.
+/// Posts Events in the background, `EVENT_LANES` at once, each Machine's in order.
 pub struct EventLanes {
     lanes: Vec<mpsc::Sender<(String, Event, ObjectReference)>>,
 }
@@ -692,7 +692,7 @@ fn events_for(before: &MachineStatus, after: &MachineStatus) -> Vec<Event> {
     events
 }
 
-/// The controller's reconcile function: finalizer first, then [`apply`] or [`cleanup`].
+/// The controller's reconcile function: finalizer first, then `apply` or `cleanup`.
 pub async fn reconcile(machine: Arc<Machine>, ctx: Arc<Context>) -> Result<Action, Error> {
     let api: Api<Machine> = Api::all(ctx.client.clone());
     let machine = ctx.with_known_finalizer(machine);

@@ -5,7 +5,7 @@
 //! [`Judge`] follows the watch events: a status write (most events) changes nothing it depends
 //! on and costs a map lookup; a changed spec re-judges that Machine and the Machines sharing its
 //! old or new MAC or IP only. Judging the whole set on every reconcile cost about 2 ms at 1000
-//! Machines, O(n²) over a burst of status changes. [`judge`] (the whole set at once, through
+//! Machines, O(n²) over a burst of status changes. `judge` (the whole set at once, through
 //! [`machines::judge`]) is the reference it is tested against.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -28,7 +28,7 @@ impl fmt::Display for Key<'_> {
 }
 
 /// The one message of a clash: `macAddress 52:54:00:00:00:0a is also claimed by Machine b`.
-/// `others` are the other claimants' labels ([`label`]).
+/// `others` are the other claimants' labels (`label`).
 pub fn clash(key: &Key<'_>, others: &[&str]) -> String {
     format!("{key} is also claimed by Machine {}", others.join(", "))
 }

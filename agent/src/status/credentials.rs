@@ -165,7 +165,7 @@ impl StatusStore {
     /// The provisioning token for `machine`'s imaging script, asked for by `peer`: only from
     /// the machine's reserved address and within `window` after its last DHCP ACK (see the
     /// module documentation). The first request of a DHCP cycle starts a new provisioning (a
-    /// fresh token, as [`Self::start_imaging`]); a repeated request of the same cycle gets the
+    /// fresh token, as `start_imaging`); a repeated request of the same cycle gets the
     /// same token and changes nothing.
     pub fn imaging_token(
         &self,

@@ -20,7 +20,7 @@ const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
 pub const MAGIC_LEN: usize = 6;
 
 impl Format {
-    /// Recognises the format from the first bytes of a stream (fewer than [`MAGIC_LEN`] only
+    /// Recognises the format from the first bytes of a stream (fewer than `MAGIC_LEN` only
     /// if the stream is that short).
     pub fn detect(head: &[u8]) -> Format {
         if head.starts_with(ZSTD_MAGIC) {
