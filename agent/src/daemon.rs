@@ -260,6 +260,7 @@ impl ServerSettings {
             port => format!("http://{}:{port}", config.server_address),
         };
         let dhcp = Arc::new(netboot::dhcp::DhcpSettings {
+            mode: netboot::dhcp::DhcpMode::Standalone,
             server_ip: config.server_address,
             subnet: config.subnet,
             gateway: config.gateway,
@@ -349,6 +350,7 @@ fn spawn_servers(
         }
         netboot::dhcp::serve_on_own_thread(
             dhcp_socket?,
+            None,
             dhcp_settings,
             dhcp_machines,
             dhcp_shutdown,
