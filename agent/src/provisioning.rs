@@ -8,7 +8,8 @@
 //! | Imaged, Joining, Ready | the local disk (`boot.localBoot`) |
 //!
 //! The imaging script, and with it the token, is given only to a request from the machine's
-//! reserved address within `image.tokenWindow` after netboot acknowledged its DHCP lease;
+//! reserved address within `image.tokenWindow` after netboot acknowledged its DHCP lease (in
+//! proxy mode: after netboot's ProxyDHCP answer to its iPXE);
 //! reports and cloud-init fetches are accepted only from that address ([`StatusStore`] keeps
 //! these rules). Anything else is refused (403) with the reason.
 //!
