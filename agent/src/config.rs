@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
+pub use netboot::dhcp::DhcpMode;
 use serde::Deserialize;
 
 use crate::validate;
@@ -161,27 +162,6 @@ pub enum Inventory {
     /// Machine resources of a cluster: the kubeconfig given, or (`None`) the in-cluster or
     /// default configuration.
     Kubernetes { kubeconfig: Option<PathBuf> },
-}
-
-/// `dhcpMode:` who gives the machines their addresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum DhcpMode {
-    /// netboot is the DHCP server of the provisioning network.
-    #[default]
-    Standalone,
-    /// The LAN's DHCP server gives the addresses; netboot answers network-boot clients of
-    /// reserved machines with ProxyDHCP offers (boot information only).
-    Proxy,
-}
-
-impl From<DhcpMode> for netboot::dhcp::DhcpMode {
-    fn from(mode: DhcpMode) -> Self {
-        match mode {
-            DhcpMode::Standalone => netboot::dhcp::DhcpMode::Standalone,
-            DhcpMode::Proxy => netboot::dhcp::DhcpMode::Proxy,
-        }
-    }
 }
 
 /// The file as written; [`Config::load`] validates it into a [`Config`].
@@ -784,10 +764,6 @@ inventory:
         ))
         .expect("valid");
         assert_eq!(proxy.dhcp_mode, DhcpMode::Proxy);
-        assert_eq!(
-            netboot::dhcp::DhcpMode::from(proxy.dhcp_mode),
-            netboot::dhcp::DhcpMode::Proxy
-        );
         assert_eq!(proxy.listen.pxe, SocketAddr::from(([10, 77, 0, 1], 4011)));
         let standalone = parse(&format!("{GOOD}dhcpMode: standalone\n")).expect("valid");
         assert_eq!(standalone.dhcp_mode, DhcpMode::Standalone);

@@ -296,7 +296,7 @@ impl ServerSettings {
             port => format!("http://{}:{port}", config.server_address),
         };
         let dhcp = Arc::new(netboot::dhcp::DhcpSettings {
-            mode: config.dhcp_mode.into(),
+            mode: config.dhcp_mode,
             server_ip: config.server_address,
             subnet: config.subnet,
             gateway: config.gateway,

@@ -52,8 +52,9 @@ static REFUSED_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new("dhcp re
 /// Receive errors (ICMP feedback arrives per datagram).
 static SOCKET_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new("dhcp socket", 1, 10));
 
-/// Who gives the machines their addresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Who gives the machines their addresses (`dhcpMode:` in the agent's configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub enum DhcpMode {
     /// netboot is the DHCP server of the provisioning network: each reserved machine gets its
     /// reserved address, a lease, the mask, router and DNS servers, and its boot file.
