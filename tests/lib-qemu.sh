@@ -39,7 +39,9 @@ qemu_kernel() {
 
 qemu_mk_initrd() {
     local out=$1 marker=$2 root show=:
-    [ "${3:-}" = cmdline ] && show='echo "cmdline: $(/bin/busybox cat /proc/cmdline)"'
+    if [ "${3:-}" = cmdline ]; then
+        show='echo "cmdline: $(/bin/busybox cat /proc/cmdline)"'
+    fi
     root=$(mktemp -d "$WORK/initrd.XXXXXX")
     mkdir -p "$root"/{bin,proc,sys,dev}
     cp /bin/busybox "$root/bin/busybox"
