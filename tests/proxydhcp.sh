@@ -11,23 +11,26 @@
 #       imaging script (with its token) over HTTP, kernel + initrd, marker.
 #   (c) OVMF's own PXE: address from the LAN's server, snponly.efi by ProxyDHCP over TFTP, then
 #       as (b). Whether the firmware asked the boot-server port (4011) is logged.
+#   (d) OVMF's UEFI HTTP Boot (its PXE off): address from the LAN's server, the HTTPClient proxy
+#       offer's ipxe.efi URL, then as (b).
 # Between (a) and (b), a PXE client asks the boot-server port (UDP 4011) as EDK2 does for a
 # BINL offer (tests/dhcp-client.py): a DHCPACK with the boot file, unicast back, no address.
 # Every frame on br0 is logged (tests/fixtures/dhcp-sniff.py --lines): no reply of netboot
 # carries an address, none is a NAK. Each boot prints its time ("BOOT name seconds=…").
 #
-#   PATHS="seabios ovmf"   which boots to run      TIMEOUT=120 (per boot)     KEEP_WORK=1
+#   PATHS="seabios ovmf httpboot"   which boots to run      TIMEOUT=120 (per boot)     KEEP_WORK=1
 TEST_NAME=proxydhcp
 . "$(dirname "$0")/lib.sh"
 . "$REPO/tests/lib-qemu.sh"
 
-PATHS=${PATHS:-seabios ovmf}
+PATHS=${PATHS:-seabios ovmf httpboot}
 TIMEOUT=${TIMEOUT:-120}
 MARKER=PROXYDHCP-BOOT-OK
 LAN_IP=$SUBNET_PREFIX.254
 SNIFF=$REPO/tests/fixtures/dhcp-sniff.py
 MAC_BIOS=52:54:00:b0:00:01 IP_BIOS=$SUBNET_PREFIX.21
 MAC_UEFI=52:54:00:b0:00:02 IP_UEFI=$SUBNET_PREFIX.22
+MAC_HTTP=52:54:00:b0:00:05 IP_HTTP=$SUBNET_PREFIX.23
 MAC_PLAIN=52:54:00:b0:00:03 IP_PLAIN=$SUBNET_PREFIX.31
 # spec.ipAddress .32, but the LAN's server gives it .42
 MAC_MOVED=52:54:00:b0:00:04 IP_MOVED=$SUBNET_PREFIX.32 IP_MOVED_LAN=$SUBNET_PREFIX.42
@@ -41,6 +44,7 @@ boot_setup "$WORK/boot" "$MARKER"
 qemu_mk_initrd "$WORK/boot/assets/initrd.img" "$MARKER" cmdline
 boot_add_machine "$WORK/boot" node-bios "$MAC_BIOS" "$IP_BIOS"
 boot_add_machine "$WORK/boot" node-uefi "$MAC_UEFI" "$IP_UEFI"
+boot_add_machine "$WORK/boot" node-http "$MAC_HTTP" "$IP_HTTP"
 boot_add_machine "$WORK/boot" node-plain "$MAC_PLAIN" "$IP_PLAIN"
 boot_add_machine "$WORK/boot" node-moved "$MAC_MOVED" "$IP_MOVED"
 # Under systemd the sockets come from the unit; these addresses must stay unused.
@@ -69,6 +73,7 @@ dhcp-range=$SUBNET_PREFIX.100,$SUBNET_PREFIX.199,255.255.255.0,1h
 dhcp-option=option:router,$LAN_IP
 dhcp-host=$MAC_BIOS,$IP_BIOS
 dhcp-host=$MAC_UEFI,$IP_UEFI
+dhcp-host=$MAC_HTTP,$IP_HTTP
 dhcp-host=$MAC_PLAIN,$IP_PLAIN
 dhcp-host=$MAC_MOVED,$IP_MOVED_LAN
 EOF
@@ -188,6 +193,11 @@ boot_path() {
 
 # uefi_got_loader: netboot named the UEFI loader to the OVMF machine (offer, or ACK on 4011)
 uefi_got_loader() { our_replies | grep "chaddr=$MAC_UEFI" | grep -q "vc=PXEClient file=$UEFI_LOADER\$"; }
+# http_got_loader: netboot named ipxe.efi's URL to the HTTP Boot machine, as an HTTPClient offer
+http_got_loader() {
+    our_replies | grep "chaddr=$MAC_HTTP" |
+        grep -q "vc=HTTPClient file=http://$SRV_IP:$BOOT_HTTP_PORT/boot/ipxe.efi\$"
+}
 
 for p in $PATHS; do
     case "$p" in
@@ -195,6 +205,9 @@ for p in $PATHS; do
         ovmf)
             boot_path ovmf-pxe-snponly ovmf "$MAC_UEFI" "$IP_UEFI"
             check "ovmf-pxe-snponly: the firmware got $UEFI_LOADER by ProxyDHCP" uefi_got_loader ;;
+        httpboot)
+            boot_path ovmf-http ovmf-http "$MAC_HTTP" "$IP_HTTP"
+            check "ovmf-http: the firmware got the HTTPClient offer of /boot/ipxe.efi" http_got_loader ;;
         *) fail "unknown path $p" ;;
     esac
 done
