@@ -102,6 +102,20 @@ check "valid: node3's script has its own image and its disk hint" grep -qF \
 check "valid: node3 is said to be imaged with its own image, on the disk of serial DISK-B" grep -qF \
     "imaged with its own spec.image: http://10.77.0.1:8081/own.img.zst (sha256 $OWN_SHA, 1048576 bytes); disk: the one matching serial=\"DISK-B\"" "$OUT"
 check "valid: and once imaged, the local disk" grep -qF "    once imaged: the local disk" "$OUT"
+check "valid: stand-alone DHCP by default, with what it hands out" grep -qF \
+    "DHCP: stand-alone server: each Machine gets its spec.ipAddress with the mask of 10.77.0.0/24, a 3600 s lease" "$OUT"
+
+# --- proxy mode: accepted, and what it means ------------------------------------------------
+setup "$WORK/proxy"; echo "dhcpMode: proxy" >> "$WORK/proxy/p.yaml"
+run_check proxy
+check "proxy: exit 0 (got $CODE)" [ "$CODE" = 0 ]
+check "proxy: says the mode and what the LAN's server must do" grep -qF \
+    "DHCP: proxy beside the LAN's server: netboot gives no addresses" "$OUT"
+check "proxy: names the keys it does not send" grep -qF "gateway, dnsServers and leaseTime are not sent" "$OUT"
+check "proxy: lists the PXE boot-server port" grep -qF "PXE boot server 0.0.0.0:4011" "$OUT"
+check "proxy: the machines' answers are the same" grep -qF "  UEFI PXE        -> TFTP snponly.efi" "$OUT"
+setup "$WORK/bad-mode"; echo "dhcpMode: relay" >> "$WORK/bad-mode/p.yaml"
+mistake bad-mode "unknown variant \`relay\`, expected \`standalone\` or \`proxy\`" netboot
 
 # --- mistakes of the configuration: check-config and netboot --------------------------------
 setup "$WORK/no-ipxe-dir"; rm -r "$WORK/no-ipxe-dir/ipxe"

@@ -3,7 +3,9 @@
 # enslaved to br0; their serial console goes to $WORK/<name>.serial.
 #
 #   qemu_kernel                      newest /boot/vmlinuz-* (prints the path)
-#   qemu_mk_initrd OUT MARKER        busybox initramfs whose /init prints MARKER, then powers off
+#   qemu_mk_initrd OUT MARKER [cmdline]
+#                                    busybox initramfs whose /init prints MARKER, then powers off;
+#                                    with "cmdline", the kernel command line first
 #   qemu_start NAME FW MAC TAP [QEMU ARGS...]
 #                                    FW: seabios (pc, iPXE NIC ROM) | ovmf (q35, OVMF PXE: NIC ROM
 #                                    disabled) | ovmf-ipxe-rom (q35, OVMF with QEMU's EFI iPXE ROM) |
@@ -36,7 +38,10 @@ qemu_kernel() {
 }
 
 qemu_mk_initrd() {
-    local out=$1 marker=$2 root
+    local out=$1 marker=$2 root show=:
+    if [ "${3:-}" = cmdline ]; then
+        show='echo "cmdline: $(/bin/busybox cat /proc/cmdline)"'
+    fi
     root=$(mktemp -d "$WORK/initrd.XXXXXX")
     mkdir -p "$root"/{bin,proc,sys,dev}
     cp /bin/busybox "$root/bin/busybox"
@@ -44,6 +49,7 @@ qemu_mk_initrd() {
     cat > "$root/init" <<EOF
 #!/bin/sh
 /bin/busybox mount -t proc proc /proc
+$show
 echo "$marker uptime=\$(/bin/busybox cut -d' ' -f1 /proc/uptime)"
 /bin/busybox poweroff -f
 EOF

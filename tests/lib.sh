@@ -135,6 +135,10 @@ netns_up() {
     ip netns add "$NS_SRV"
     in_srv ip link set lo up
     in_srv ip link add br0 type bridge
+    # A fixed address: a bridge without one takes its lowest port's, so adding a client later
+    # could change it under the clients' ARP caches, and their frames to the old address would
+    # be flooded and never reach the server's IP stack.
+    in_srv ip link set br0 address 02:00:00:77:00:01
     in_srv ip link set br0 type bridge stp_state 0 forward_delay 0
     in_srv ip addr add "$SRV_IP/24" dev br0
     in_srv ip -6 addr add fd77::1/64 dev br0 nodad

@@ -37,6 +37,7 @@ NETWORK_TESTS=(
 QEMU_TESTS=(
     tests/boot-chain.sh
     tests/http-boot.sh
+    tests/proxydhcp.sh
     tests/stage2-boot.sh
     tests/e2e-provision.sh
     tests/stage2-faults.sh

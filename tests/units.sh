@@ -44,6 +44,9 @@ check "netboot.path is wanted by multi-user.target" grep -qx 'WantedBy=multi-use
 for unit in netboot.service netboot-dhcp.socket netboot-tftp.socket netboot-http.socket; do
     check "$unit is started only through netboot.path (no WantedBy=)" bash -c "! grep -q '^WantedBy=' '$REPO/units/$unit'"
 done
+check "netboot-dhcp.socket listens on the DHCP port and the PXE boot-server port (proxy mode)" bash -c "
+    grep -qx 'ListenDatagram=0.0.0.0:67' '$REPO/units/netboot-dhcp.socket' &&
+    grep -qx 'ListenDatagram=0.0.0.0:4011' '$REPO/units/netboot-dhcp.socket'"
 check "netboot.path and netboot.service name the same trigger" bash -c "
     [ \"\$(sed -n 's/^PathExists=//p' '$REPO/units/netboot.path')\" = \"\$(sed -n 's/^ConditionPathExists=//p' '$REPO/units/netboot.service')\" ]"
 

@@ -21,7 +21,7 @@ use netboot::ipxe::{boot_script, imaging_script, local_boot_script};
 use netboot::provisioning::{ImagingOrders, LocalBoot, Token};
 use netboot::Machine;
 
-use crate::config::{Config, Image, Inventory};
+use crate::config::{Config, DhcpMode, Image, Inventory};
 use crate::daemon::ServerSettings;
 use crate::machines::{folder, ImagingSpec, Snapshot};
 use crate::preflight;
@@ -136,9 +136,40 @@ fn meaning(
             .map(|g| format!(", gateway {g}"))
             .unwrap_or_default(),
     );
+    match config.dhcp_mode {
+        DhcpMode::Standalone => {
+            let _ = writeln!(
+                out,
+                "DHCP: stand-alone server: each Machine gets its spec.ipAddress with the mask of {}, a {} s lease{}{}; other MACs get nothing",
+                config.subnet,
+                config.lease_time.as_secs(),
+                config
+                    .gateway
+                    .map(|g| format!(", router {g}"))
+                    .unwrap_or_default(),
+                if config.dns_servers.is_empty() {
+                    String::new()
+                } else {
+                    let dns: Vec<String> =
+                        config.dns_servers.iter().map(|d| d.to_string()).collect();
+                    format!(", DNS {}", dns.join(" "))
+                },
+            );
+        }
+        DhcpMode::Proxy => {
+            let _ = writeln!(
+                out,
+                "DHCP: proxy beside the LAN's server: netboot gives no addresses, only ProxyDHCP answers (boot file, no address) to the PXE, iPXE and UEFI HTTP Boot clients of the Machines below; the LAN's DHCP server must give each Machine its spec.ipAddress (a reservation for its MAC), or its imaging script is refused; gateway, dnsServers and leaseTime are not sent"
+            );
+        }
+    }
+    let pxe = match config.dhcp_mode {
+        DhcpMode::Proxy => format!(", PXE boot server {}", config.listen.pxe),
+        DhcpMode::Standalone => String::new(),
+    };
     let _ = writeln!(
         out,
-        "listens (without systemd's sockets): DHCP {}, TFTP {}, HTTP {} (machines reach it as {})",
+        "listens (without systemd's sockets): DHCP {}{pxe}, TFTP {}, HTTP {} (machines reach it as {})",
         config.listen.dhcp, config.listen.tftp, config.listen.http, settings.base_url
     );
     match &config.image {

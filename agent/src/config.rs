@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
+pub use netboot::dhcp::DhcpMode;
 use serde::Deserialize;
 
 use crate::validate;
@@ -110,6 +111,9 @@ pub struct Image {
 pub struct Listen {
     #[serde(default = "default_dhcp")]
     pub dhcp: SocketAddr,
+    /// The PXE boot-server port (UDP 4011), bound in proxy mode only.
+    #[serde(default = "default_pxe")]
+    pub pxe: SocketAddr,
     #[serde(default = "default_tftp")]
     pub tftp: SocketAddr,
     #[serde(default = "default_http")]
@@ -120,6 +124,7 @@ impl Default for Listen {
     fn default() -> Self {
         Listen {
             dhcp: default_dhcp(),
+            pxe: default_pxe(),
             tftp: default_tftp(),
             http: default_http(),
         }
@@ -128,6 +133,9 @@ impl Default for Listen {
 
 fn default_dhcp() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 67))
+}
+fn default_pxe() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], netboot::dhcp::BOOT_SERVER_PORT))
 }
 fn default_tftp() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 69))
@@ -161,6 +169,8 @@ pub enum Inventory {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawConfig {
     interface: Option<String>,
+    #[serde(default)]
+    dhcp_mode: DhcpMode,
     #[serde(default = "default_true")]
     router_advertisements: bool,
     server_address: String,
@@ -361,6 +371,10 @@ pub struct Config {
     pub interface: Option<String>,
     /// Answer IPv6 router solicitations on `interface` so iPXE does not wait for IPv6.
     pub router_advertisements: bool,
+    /// Stand-alone DHCP server or ProxyDHCP beside the LAN's (`dhcpMode`). In proxy mode
+    /// `gateway`, `dnsServers` and `leaseTime` are not used, and `subnet` only bounds the
+    /// Machines' addresses.
+    pub dhcp_mode: DhcpMode,
     pub server_address: Ipv4Addr,
     pub subnet: Ipv4Net,
     pub gateway: Option<Ipv4Addr>,
@@ -625,6 +639,7 @@ impl Config {
         Ok(Config {
             interface: raw.interface,
             router_advertisements: raw.router_advertisements,
+            dhcp_mode: raw.dhcp_mode,
             server_address,
             subnet,
             gateway,
@@ -736,6 +751,24 @@ inventory:
             let e = error(&format!("{GOOD}{bad}"));
             assert!(e.contains(key), "{e}");
         }
+    }
+
+    #[test]
+    fn dhcp_mode_and_the_boot_server_port() {
+        let config = parse(GOOD).expect("valid");
+        assert_eq!(config.dhcp_mode, DhcpMode::Standalone, "the default");
+        assert_eq!(config.listen.pxe, SocketAddr::from(([0, 0, 0, 0], 4011)));
+        let proxy = parse(&format!("{GOOD}dhcpMode: proxy\n").replace(
+            "  http: 0.0.0.0:8080",
+            "  http: 0.0.0.0:8080\n  pxe: 10.77.0.1:4011",
+        ))
+        .expect("valid");
+        assert_eq!(proxy.dhcp_mode, DhcpMode::Proxy);
+        assert_eq!(proxy.listen.pxe, SocketAddr::from(([10, 77, 0, 1], 4011)));
+        let standalone = parse(&format!("{GOOD}dhcpMode: standalone\n")).expect("valid");
+        assert_eq!(standalone.dhcp_mode, DhcpMode::Standalone);
+        let bad = error(&format!("{GOOD}dhcpMode: relay\n"));
+        assert!(bad.contains("relay") && bad.contains("proxy"), "{bad}");
     }
 
     #[test]

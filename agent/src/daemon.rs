@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster;
-use crate::config::{Config, Inventory};
+use crate::config::{Config, DhcpMode, Inventory};
 use crate::machines::{folder, AddressRules, Table};
 use crate::provisioning::{Imaging, NodeCloudInit};
 use crate::status::{self, StatusStore};
@@ -26,14 +26,21 @@ const INVENTORY_WAIT: Duration = Duration::from_secs(60);
 
 struct Sockets {
     dhcp: UdpSocket,
+    /// The PXE boot-server port, in proxy mode only.
+    pxe: Option<UdpSocket>,
     tftp: UdpSocket,
     http: TcpListener,
     activated: bool,
 }
 
-/// A UDP socket for DHCP: broadcast allowed, bound to the provisioning interface so replies to
-/// 255.255.255.255 leave through it and requests from other links are never seen.
-fn bind_dhcp(addr: SocketAddr, interface: Option<&str>) -> anyhow::Result<std::net::UdpSocket> {
+/// A UDP socket for DHCP (`what`: DHCP, or the PXE boot server): broadcast allowed, bound to
+/// the provisioning interface so replies to 255.255.255.255 leave through it and requests from
+/// other links are never seen.
+fn bind_dhcp(
+    what: &str,
+    addr: SocketAddr,
+    interface: Option<&str>,
+) -> anyhow::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_address(true)?;
@@ -41,11 +48,11 @@ fn bind_dhcp(addr: SocketAddr, interface: Option<&str>) -> anyhow::Result<std::n
     if let Some(interface) = interface {
         socket
             .bind_device(Some(interface.as_bytes()))
-            .with_context(|| format!("binding the DHCP socket to interface {interface}"))?;
+            .with_context(|| format!("binding the {what} socket to interface {interface}"))?;
     }
     socket
         .bind(&addr.into())
-        .with_context(|| format!("binding DHCP to {addr}"))?;
+        .with_context(|| format!("binding {what} to {addr}"))?;
     Ok(socket.into())
 }
 
@@ -54,7 +61,25 @@ fn sockets(config: &Config) -> anyhow::Result<Sockets> {
     let activated = !(passed.udp.is_empty() && passed.tcp.is_empty());
     let dhcp = match passed.udp.remove("dhcp") {
         Some(s) => s,
-        None => bind_dhcp(config.listen.dhcp, config.interface.as_deref())?,
+        None => bind_dhcp("DHCP", config.listen.dhcp, config.interface.as_deref())?,
+    };
+    // The boot-server port only matters beside another DHCP server: in stand-alone mode every
+    // offer names the boot file, and a socket systemd passes for it is closed.
+    let pxe = match (config.dhcp_mode, passed.udp.remove("pxe")) {
+        (DhcpMode::Proxy, Some(s)) => Some(s),
+        (DhcpMode::Proxy, None) => Some(bind_dhcp(
+            "PXE boot server",
+            config.listen.pxe,
+            config.interface.as_deref(),
+        )?),
+        (DhcpMode::Standalone, passed) => {
+            if passed.is_some() {
+                tracing::debug!(
+                    "closing the PXE boot-server socket systemd passed: stand-alone mode does not use it"
+                );
+            }
+            None
+        }
     };
     let tftp = match passed.udp.remove("tftp") {
         Some(s) => s,
@@ -68,37 +93,48 @@ fn sockets(config: &Config) -> anyhow::Result<Sockets> {
     };
     for name in passed.udp.keys().chain(passed.tcp.keys()) {
         tracing::warn!(
-            "ignoring socket {name:?} passed by systemd: expected names dhcp, tftp, http"
+            "ignoring socket {name:?} passed by systemd: expected names dhcp, pxe, tftp, http"
         );
     }
-    for s in [&dhcp, &tftp] {
+    for s in [&dhcp, &tftp].into_iter().chain(pxe.as_ref()) {
         s.set_nonblocking(true)?;
     }
     http.set_nonblocking(true)?;
     Ok(Sockets {
         dhcp: UdpSocket::from_std(dhcp)?,
+        pxe: pxe.map(UdpSocket::from_std).transpose()?,
         tftp: UdpSocket::from_std(tftp)?,
         http: TcpListener::from_std(http)?,
         activated,
     })
 }
 
-/// `serving 3 machines: 1 imaging 42%, 2 ready; DHCP 0.0.0.0:67, …`
-fn status_line(summary: &str, sockets: &[(&str, String)]) -> String {
+/// `serving 3 machines: 1 imaging 42%, 2 ready; DHCP 0.0.0.0:67, …; DHCP: proxy beside the
+/// LAN's server`
+fn status_line(summary: &str, sockets: &[(&str, String)], mode: netboot::dhcp::DhcpMode) -> String {
     let listening: Vec<String> = sockets
         .iter()
         .map(|(proto, addr)| format!("{proto} {addr}"))
         .collect();
-    format!("serving {summary}; {}", listening.join(", "))
+    format!(
+        "serving {summary}; {}; DHCP: {}",
+        listening.join(", "),
+        mode.describe()
+    )
 }
 
 /// READY=1 with the cluster inventory means its Machines are served: waits for the first list
 /// of Machines in the table, at most [`INVENTORY_WAIT`] (then READY=1 all the same, with the
 /// API server's state in `STATUS=`, rather than systemd failing the start).
-async fn wait_for_inventory(api_state: &cluster::ApiState, endpoints: &[(&str, String)]) {
+async fn wait_for_inventory(
+    api_state: &cluster::ApiState,
+    endpoints: &[(&str, String)],
+    mode: netboot::dhcp::DhcpMode,
+) {
     systemd::notify_status(&status_line(
         "no machine yet: waiting for the cluster's Machines",
         endpoints,
+        mode,
     ));
     let watchdog = systemd::watchdog_interval();
     let mut tick = tokio::time::interval(watchdog.unwrap_or(INVENTORY_WAIT));
@@ -260,6 +296,7 @@ impl ServerSettings {
             port => format!("http://{}:{port}", config.server_address),
         };
         let dhcp = Arc::new(netboot::dhcp::DhcpSettings {
+            mode: config.dhcp_mode,
             server_ip: config.server_address,
             subnet: config.subnet,
             gateway: config.gateway,
@@ -338,6 +375,7 @@ fn spawn_servers(
     let mut servers = Servers::new();
     // DHCP on a thread of its own: status writes never delay an answer.
     let dhcp_socket = sockets.dhcp.into_std();
+    let pxe_socket = sockets.pxe.map(UdpSocket::into_std).transpose();
     let (dhcp_settings, dhcp_machines) = (settings.dhcp.clone(), machines.clone());
     let dhcp_shutdown = shutdown.clone();
     servers.spawn(async move {
@@ -349,6 +387,7 @@ fn spawn_servers(
         }
         netboot::dhcp::serve_on_own_thread(
             dhcp_socket?,
+            pxe_socket?,
             dhcp_settings,
             dhcp_machines,
             dhcp_shutdown,
@@ -400,12 +439,13 @@ struct StatusLine {
     store: Arc<StatusStore>,
     api_state: Arc<cluster::ApiState>,
     endpoints: Vec<(&'static str, String)>,
+    mode: netboot::dhcp::DhcpMode,
     boot_files: Arc<crate::preflight::BootFilesState>,
 }
 
 impl StatusLine {
     fn current(&self) -> String {
-        let mut line = status_line(&self.store.summary(), &self.endpoints);
+        let mut line = status_line(&self.store.summary(), &self.endpoints, self.mode);
         if !self.api_state.reachable() {
             line.push_str("; Kubernetes API unreachable, serving the last known machines");
         }
@@ -483,11 +523,12 @@ async fn supervise(
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let sockets = sockets(&config)?;
     let settings = ServerSettings::new(&config, sockets.http.local_addr()?.port());
-    let endpoints = vec![
-        ("DHCP", sockets.dhcp.local_addr()?.to_string()),
-        ("TFTP", sockets.tftp.local_addr()?.to_string()),
-        ("HTTP", sockets.http.local_addr()?.to_string()),
-    ];
+    let mut endpoints = vec![("DHCP", sockets.dhcp.local_addr()?.to_string())];
+    if let Some(pxe) = &sockets.pxe {
+        endpoints.push(("PXE", pxe.local_addr()?.to_string()));
+    }
+    endpoints.push(("TFTP", sockets.tftp.local_addr()?.to_string()));
+    endpoints.push(("HTTP", sockets.http.local_addr()?.to_string()));
     let activated = sockets.activated;
 
     let store = StatusStore::open(
@@ -546,10 +587,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store: store.clone(),
         api_state: api_state.clone(),
         endpoints,
+        mode: settings.dhcp.mode,
         boot_files,
     };
     if folder.is_none() {
-        wait_for_inventory(&api_state, &status_line.endpoints).await;
+        wait_for_inventory(&api_state, &status_line.endpoints, status_line.mode).await;
     }
     let status = status_line.current();
     tracing::info!(
@@ -557,6 +599,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         machines = table.len(),
         base_url = %settings.base_url,
         interface = config.interface.as_deref().unwrap_or(""),
+        dhcp_mode = %settings.dhcp.mode,
         "netboot ready: {status}"
     );
     systemd::notify_ready(&status);

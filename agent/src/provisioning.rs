@@ -8,7 +8,8 @@
 //! | Imaged, Joining, Ready | the local disk (`boot.localBoot`) |
 //!
 //! The imaging script, and with it the token, is given only to a request from the machine's
-//! reserved address within `image.tokenWindow` after netboot acknowledged its DHCP lease;
+//! reserved address within `image.tokenWindow` after netboot acknowledged its DHCP lease (in
+//! proxy mode: after netboot's ProxyDHCP answer to its iPXE);
 //! reports and cloud-init fetches are accepted only from that address ([`StatusStore`] keeps
 //! these rules). Anything else is refused (403) with the reason.
 //!
@@ -711,6 +712,38 @@ mod tests {
             p.boot_action(&m, v6, false),
             Err(Refusal::WrongPeer { .. })
         ));
+    }
+
+    #[test]
+    fn in_proxy_mode_the_answer_to_ipxe_opens_the_window() {
+        let (store, p) = setup(None);
+        let m = node2();
+        // The proxy offer to the firmware (PXE, HTTP Boot) names a loader, not the script: it
+        // marks the machine as booting and opens nothing.
+        store.observe(&m, &BootEvent::ProxyOffered);
+        assert_eq!(phase(&store), Phase::PxeBooting);
+        assert!(matches!(
+            p.boot_action(&m, PEER, false),
+            Err(Refusal::NoRecentLease { .. })
+        ));
+        // The proxy answer to its iPXE, which names the script URL, opens it as an ACK does;
+        // the address rule stays: only the reservation gets the script.
+        store.observe(&m, &BootEvent::ProxyScriptOffered);
+        assert!(matches!(
+            p.boot_action(&m, INTRUDER, false),
+            Err(Refusal::WrongPeer { .. })
+        ));
+        let token = token_of(p.boot_action(&m, PEER, false).expect("script"));
+        let later = Instant::now() + DEFAULT_TOKEN_WINDOW + Duration::from_secs(1);
+        assert!(matches!(
+            store.imaging_token_at(&m, PEER, DEFAULT_TOKEN_WINDOW, later),
+            Err(Refusal::NoRecentLease { .. })
+        ));
+        p.report(&m, PEER, &token, imaging(5)).expect("accepted");
+        // The next network boot's answer to iPXE is a new cycle: a new token.
+        store.observe(&m, &BootEvent::ProxyScriptOffered);
+        let next = token_of(p.boot_action(&m, PEER, false).expect("script"));
+        assert_ne!(next, token);
     }
 
     #[test]

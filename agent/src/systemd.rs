@@ -38,7 +38,9 @@ pub fn activated_sockets() -> anyhow::Result<ActivatedSockets> {
         let owned = unsafe { OwnedFd::from_raw_fd(fd.into_raw_fd()) };
         match getsockopt(&owned, sockopt::SockType).with_context(|| format!("socket {name:?}"))? {
             SockType::Datagram => {
-                sockets.udp.insert(name, UdpSocket::from(owned));
+                let socket = UdpSocket::from(owned);
+                let name = datagram_name(name, &socket);
+                sockets.udp.insert(name, socket);
             }
             SockType::Stream => {
                 sockets.tcp.insert(name, TcpListener::from(owned));
@@ -47,6 +49,18 @@ pub fn activated_sockets() -> anyhow::Result<ActivatedSockets> {
         }
     }
     Ok(sockets)
+}
+
+/// netboot-dhcp.socket listens on the DHCP port and on the PXE boot-server port (UDP 4011),
+/// so both sockets carry its `FileDescriptorName=dhcp`: the one bound to port 4011 is filed
+/// as `pxe` (the name a socket unit of its own would give it).
+fn datagram_name(name: String, socket: &UdpSocket) -> String {
+    let port = socket.local_addr().map(|a| a.port()).ok();
+    if name == "dhcp" && port == Some(netboot::dhcp::BOOT_SERVER_PORT) {
+        "pxe".to_string()
+    } else {
+        name
+    }
 }
 
 fn send(states: &[NotifyState]) {
@@ -95,6 +109,19 @@ fn credential_in(dir: Option<&Path>, name: &str) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_dhcp_units_boot_server_socket_is_filed_as_pxe() {
+        let any = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        assert_eq!(datagram_name("dhcp".into(), &any), "dhcp");
+        assert_eq!(datagram_name("tftp".into(), &any), "tftp");
+        // Port 4011 itself may be taken on a busy host: then only the other half is checked.
+        if let Ok(pxe) = UdpSocket::bind(("127.0.0.1", netboot::dhcp::BOOT_SERVER_PORT)) {
+            assert_eq!(datagram_name("dhcp".into(), &pxe), "pxe");
+            assert_eq!(datagram_name("pxe".into(), &pxe), "pxe");
+            assert_eq!(datagram_name("other".into(), &pxe), "other");
+        }
+    }
 
     #[test]
     fn credential_is_the_named_file_of_the_credentials_directory() {

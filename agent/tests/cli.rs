@@ -137,6 +137,11 @@ fn notifies_ready_with_status_and_stops_on_sigterm() {
             && status.contains("HTTP 127.0.0.1:"),
         "{status}"
     );
+    assert!(status.contains("DHCP: stand-alone server"), "{status}");
+    assert!(
+        !status.contains("PXE "),
+        "no boot-server port in stand-alone mode: {status}"
+    );
 
     // A new manifest is picked up without a restart, and STATUS follows.
     std::fs::write(
@@ -188,6 +193,114 @@ fn notifies_ready_with_status_and_stops_on_sigterm() {
     let started = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "clean exit after SIGTERM: {status:?}");
+}
+
+/// A PXE boot-server request (UDP 4011) as EDK2 sends it for a BINL offer: DHCPREQUEST from
+/// the client's address (`ciaddr`), PXEClient, architecture 7.
+fn boot_server_request(mac: [u8; 6], ciaddr: [u8; 4]) -> Vec<u8> {
+    let mut packet = vec![0u8; 236];
+    packet[0] = 1; // BOOTREQUEST
+    packet[1] = 1; // Ethernet
+    packet[2] = 6;
+    packet[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    packet[12..16].copy_from_slice(&ciaddr);
+    packet[28..34].copy_from_slice(&mac);
+    packet.extend_from_slice(&[99, 130, 83, 99]);
+    packet.extend_from_slice(&[53, 1, 3]);
+    packet.extend_from_slice(&[93, 2, 0, 7]);
+    let class = b"PXEClient:Arch:00007:UNDI:003000";
+    packet.extend_from_slice(&[60, class.len() as u8]);
+    packet.extend_from_slice(class);
+    packet.push(255);
+    packet
+}
+
+#[test]
+fn proxy_mode_says_so_and_answers_the_boot_server_port() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), "dhcpMode: proxy\n");
+    let text = std::fs::read_to_string(&config).expect("read").replace(
+        "  http: 127.0.0.1:0\n",
+        "  http: 127.0.0.1:0\n  pxe: 127.0.0.1:0\n",
+    );
+    std::fs::write(&config, text).expect("write");
+    let notify_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut guard = KillOnDrop(
+        Command::new(BIN)
+            .args(["netboot", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    let ready = recv_until(&socket, "READY=1", Instant::now() + Duration::from_secs(20));
+    let status = ready
+        .iter()
+        .flat_map(|m| m.lines())
+        .find(|l| l.starts_with("STATUS="))
+        .map(str::to_string)
+        .expect("READY comes with a STATUS line");
+    assert!(
+        status.contains("DHCP: proxy beside the LAN's server"),
+        "{status}"
+    );
+    let port: u16 = status
+        .split("PXE 127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no PXE boot-server socket in {status}"));
+
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind client");
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    client
+        .send_to(
+            &boot_server_request([0x52, 0x54, 0, 0, 0, 2], [127, 0, 0, 1]),
+            ("127.0.0.1", port),
+        )
+        .expect("send");
+    let mut buf = [0u8; 1500];
+    let (n, _) = client
+        .recv_from(&mut buf)
+        .expect("an ACK from the boot server");
+    let ack = &buf[..n];
+    assert!(n > 240, "{n} bytes");
+    assert_eq!(ack[0], 2, "BOOTREPLY");
+    assert_eq!(
+        &ack[16..20],
+        &[0, 0, 0, 0],
+        "yiaddr: no address in proxy mode"
+    );
+    assert_eq!(&ack[20..24], &[10, 77, 0, 1], "siaddr: the TFTP server");
+    assert!(
+        ack[108..236].starts_with(b"snponly.efi\0"),
+        "file: {:?}",
+        String::from_utf8_lossy(&ack[108..236])
+    );
+    assert!(ack[240..].windows(3).any(|w| w == [53, 1, 5]), "a DHCPACK");
+
+    let pid = nix::unistd::Pid::from_raw(guard.0.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = guard.0.try_wait().expect("wait") {
             break status;
         }
         assert!(

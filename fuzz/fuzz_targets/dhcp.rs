@@ -2,14 +2,18 @@
 //! machine whose MAC is known (every MAC is, here), so the whole decision path runs. Each
 //! packet is handled as sent from each kind of sender (no address yet, the reservation, a
 //! configured relay, another host), so the relay and RELEASE/DECLINE checks run too; a reply
-//! carries at least the fixed BOOTP header.
+//! carries at least the fixed BOOTP header. In proxy mode too, on the DHCP port and on the PXE
+//! boot-server port, where a reply never carries an address and is never a NAK.
 #![no_main]
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use netboot::dhcp::{decode_request, handle, DhcpSettings};
+use std::net::SocketAddrV4;
+
+use dhcproto::v4::MessageType;
+use netboot::dhcp::{decode_request, handle, handle_boot_server, DhcpMode, DhcpSettings};
 use netboot::{BootEvent, MacAddr, Machine, MachineLookup};
 
 /// The configured relay agent.
@@ -42,6 +46,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let settings = DhcpSettings {
+        mode: DhcpMode::Standalone,
         server_ip: Ipv4Addr::new(10, 77, 0, 1),
         subnet: "10.77.0.0/24".parse().expect("subnet"),
         gateway: Some(Ipv4Addr::new(10, 77, 0, 1)),
@@ -52,6 +57,10 @@ fuzz_target!(|data: &[u8]| {
         http_base: "http://10.77.0.1".into(),
         relays: vec![RELAY],
     };
+    let proxy = DhcpSettings {
+        mode: DhcpMode::Proxy,
+        ..settings.clone()
+    };
     for from in SENDERS {
         let outcome = handle(&request, from, &settings, &Everyone);
         if let Some(reply) = outcome.reply() {
@@ -59,6 +68,27 @@ fuzz_target!(|data: &[u8]| {
                 reply.wire().len() >= 240,
                 "reply shorter than a BOOTP header"
             );
+        }
+        let proxied = [
+            handle(&request, from, &proxy, &Everyone),
+            handle_boot_server(&request, SocketAddrV4::new(from, 4011), &proxy, &Everyone),
+        ];
+        for outcome in proxied {
+            if let Some(reply) = outcome.reply() {
+                assert!(
+                    reply.wire().len() >= 240,
+                    "reply shorter than a BOOTP header"
+                );
+                assert!(
+                    reply.message.yiaddr().is_unspecified(),
+                    "an address in proxy mode"
+                );
+                assert_ne!(
+                    reply.message_type(),
+                    Some(MessageType::Nak),
+                    "a NAK in proxy mode"
+                );
+            }
         }
     }
 });

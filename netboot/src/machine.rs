@@ -82,6 +82,13 @@ pub enum BootEvent {
     DhcpAcked,
     DhcpReleased,
     DhcpDeclined,
+    /// Proxy mode: a ProxyDHCP answer gave the machine's firmware (PXE or UEFI HTTP Boot) its
+    /// boot file. Its address comes from the LAN's DHCP server.
+    ProxyOffered,
+    /// Proxy mode: a ProxyDHCP answer gave the machine's iPXE the URL of its script. Opens the
+    /// window for its imaging script as a DHCP ACK does in stand-alone mode: iPXE asks for the
+    /// script right after this exchange, from the address the LAN's DHCP server gave it.
+    ProxyScriptOffered,
     /// A boot file was sent completely over TFTP or HTTP.
     FileServed {
         path: String,

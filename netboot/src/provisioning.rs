@@ -6,8 +6,10 @@
 //!    agent hands back the provisioning token in [`ImagingOrders`]), boot the local disk, or
 //!    the configured kernel as before imaging existed. A token is bound to its machine: it is
 //!    only given to a request from the machine's reserved address shortly after netboot
-//!    acknowledged the machine's DHCP lease, and the reports and cloud-init fetches made with it
-//!    must come from that address too ([`Refusal::WrongPeer`], [`Refusal::NoRecentLease`]).
+//!    acknowledged the machine's DHCP lease (in proxy mode, where the LAN's DHCP server gives
+//!    the lease: shortly after netboot's ProxyDHCP answer to the machine's iPXE), and the
+//!    reports and cloud-init fetches made with it must come from that address too
+//!    ([`Refusal::WrongPeer`], [`Refusal::NoRecentLease`]).
 //! 2. The imaging script boots stage2 with its orders on the kernel command line
 //!    ([`ImagingOrders::kernel_args`], from `wire`).
 //! 3. stage2 sends `POST {provisioner.url}/report/{mac}` with `Authorization: Bearer {token}`
@@ -122,9 +124,12 @@ pub enum Refusal {
     /// The request does not come from the machine's reserved address: a token is bound to it.
     #[error("request from {peer}, not from the machine's reserved address")]
     WrongPeer { machine: String, peer: IpAddr },
-    /// No DHCP lease of the machine was acknowledged recently: its imaging script (and token)
-    /// is only given out within `window_secs` after a DHCP ACK.
-    #[error("no DHCP lease acknowledged for the machine in the last {window_secs} s")]
+    /// No DHCP lease of the machine was acknowledged recently (in proxy mode: no ProxyDHCP
+    /// answer went to its iPXE): its imaging script (and token) is only given out within
+    /// `window_secs` after that.
+    #[error(
+        "no DHCP lease acknowledged for the machine (in proxy mode: no ProxyDHCP answer to its iPXE) in the last {window_secs} s"
+    )]
     NoRecentLease { machine: String, window_secs: u64 },
 }
 

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use dhcproto::v4::{DhcpOption, Message, MessageType, OptionCode};
 use dhcproto::{Decodable, Decoder};
-use netboot::dhcp::{boot_client, decode_request, handle, BootClient, DhcpSettings, Outcome};
+use netboot::dhcp::{
+    boot_client, decode_request, handle, BootClient, DhcpMode, DhcpSettings, Outcome,
+};
 use netboot::{BootEvent, MacAddr, Machine};
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
@@ -18,6 +20,7 @@ const SCRIPT_URL: &str = "http://10.77.0.1:8080/ipxe/52-54-00-12-34-56";
 
 fn settings() -> DhcpSettings {
     DhcpSettings {
+        mode: DhcpMode::Standalone,
         server_ip: SERVER,
         subnet: "10.77.0.0/24".parse().expect("subnet"),
         gateway: Some(SERVER),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use dhcproto::v4::{DhcpOption, Message, MessageType, OptionCode};
 use dhcproto::{Decodable, Decoder};
-use netboot::dhcp::{handle, DhcpSettings, Outcome};
+use netboot::dhcp::{handle, DhcpMode, DhcpSettings, Outcome};
 use netboot::{MacAddr, Machine};
 use stage2::init::dhcp::{discover, lease_from_ack, parse_reply, request, Lease};
 
@@ -18,6 +18,7 @@ const RESERVED: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 20);
 
 fn settings() -> DhcpSettings {
     DhcpSettings {
+        mode: DhcpMode::Standalone,
         server_ip: SERVER,
         subnet: "10.77.0.0/24".parse().unwrap_or_else(|e| panic!("{e}")),
         gateway: Some(SERVER),

@@ -98,9 +98,10 @@ impl StatusStore {
         journal::token_issued(machine);
     }
 
-    /// netboot acknowledged the DHCP lease of the machine called `name` at `at`: a new DHCP
-    /// cycle, in which its next script request may be given a token. The previous cycle's
-    /// token text is forgotten (the token itself keeps working until another one is minted).
+    /// netboot acknowledged the DHCP lease of the machine called `name` at `at` (in proxy
+    /// mode: answered its iPXE by ProxyDHCP): a new DHCP cycle, in which its next script
+    /// request may be given a token. The previous cycle's token text is forgotten (the token
+    /// itself keeps working until another one is minted).
     pub(super) fn lease_acked(&self, name: &str, at: Instant) {
         let mut inner = self.lock();
         if !inner.machines.contains_key(name) {

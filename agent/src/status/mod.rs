@@ -9,7 +9,10 @@
 //!
 //! * A token is handed out ([`StatusStore::imaging_token`]) only to a request from the
 //!   machine's reserved address, within a window after netboot acknowledged the machine's DHCP
-//!   lease (a *DHCP cycle*: each ACK starts a new one).
+//!   lease (a *DHCP cycle*: each ACK starts a new one). In proxy mode the LAN's DHCP server
+//!   sends the ACK: netboot's ProxyDHCP answer to the machine's iPXE (the one that names its
+//!   script URL) starts the cycle instead, and the reserved address is the one the LAN's server
+//!   must give the machine.
 //! * A live token is never replaced by another request of the same cycle: a repeated script
 //!   request (iPXE retrying) gets the same token. Only a new cycle (the machine booted from the
 //!   network again) or a new provisioning (reimage) mints a new one. To give the same token

@@ -199,13 +199,17 @@ impl StatusStore {
     /// it is PXE booting unless it is further along (an imaged machine's own OS also does DHCP,
     /// stage2 does DHCP while imaging). A failed machine that boots again is retrying.
     pub fn observe(&self, machine: &Machine, event: &BootEvent) {
-        if *event == BootEvent::DhcpAcked {
+        // A DHCP ACK, or in proxy mode the answer to the machine's iPXE (the ACK is the LAN
+        // server's), starts the window in which its imaging script may be fetched.
+        if matches!(event, BootEvent::DhcpAcked | BootEvent::ProxyScriptOffered) {
             self.lease_acked(&machine.name, Instant::now());
         }
         let now = now_usec();
         let entering = match event {
             BootEvent::DhcpOffered => Some("DHCP offer sent"),
             BootEvent::DhcpAcked => Some("DHCP lease acknowledged"),
+            BootEvent::ProxyOffered => Some("ProxyDHCP boot offer sent"),
+            BootEvent::ProxyScriptOffered => Some("ProxyDHCP offer sent to iPXE"),
             BootEvent::IpxeScriptServed => Some("iPXE script served"),
             _ => None,
         };

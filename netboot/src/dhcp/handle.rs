@@ -69,6 +69,15 @@ pub enum Ignored {
     NoAddress,
     /// The reservation is outside the served subnet (inventory error).
     OutsideSubnet(Ipv4Addr),
+    /// Proxy mode: not a network-boot client we have a boot file for (an ordinary DHCP client,
+    /// or firmware of an architecture without a loader): the LAN's DHCP server answers it.
+    NotBootClient,
+    /// Proxy mode: a message only the LAN's DHCP server answers (a REQUEST without our server
+    /// identifier, RELEASE, DECLINE, INFORM).
+    LanServer(MessageType),
+    /// A boot-server request (UDP 4011) from a sender without an address, or not from the
+    /// address it names as `ciaddr`: the answer is unicast to the sender.
+    NoClientAddress { ciaddr: Ipv4Addr, from: Ipv4Addr },
     /// Relayed (`giaddr` set) but `giaddr` or the sender is not a configured relay.
     UntrustedRelay { giaddr: Ipv4Addr, from: Ipv4Addr },
     /// Claims an address (`ciaddr` of a RENEWING REQUEST or an INFORM) that is not the
@@ -90,6 +99,7 @@ impl Ignored {
             self,
             Ignored::UntrustedRelay { .. }
                 | Ignored::NotFromClient { .. }
+                | Ignored::NoClientAddress { .. }
                 | Ignored::NotTheClient { .. }
         )
     }
@@ -104,11 +114,22 @@ pub enum Outcome {
         machine: Machine,
         event: Option<BootEvent>,
         client: BootClient,
+        /// Proxy mode: an address the client says it has or asks for (ciaddr, option 50, the
+        /// sender) that is not its reservation. Always `None` in stand-alone mode, where such
+        /// requests are NAKed.
+        foreign_address: Option<Ipv4Addr>,
     },
     /// Nothing to send, something to report (RELEASE, DECLINE).
     Report {
         machine: Machine,
         event: BootEvent,
+    },
+    /// Proxy mode: nothing to send, but the machine names an address that is not its
+    /// reservation (`address`: what the LAN's DHCP server gave it or offers it).
+    ForeignAddress {
+        machine: Machine,
+        address: Ipv4Addr,
+        ignored: Ignored,
     },
     /// Not a reserved MAC: stay silent.
     UnknownMac(MacAddr),
@@ -124,21 +145,21 @@ impl Outcome {
     }
 }
 
-fn server_id(msg: &Message) -> Option<Ipv4Addr> {
+pub(super) fn server_id(msg: &Message) -> Option<Ipv4Addr> {
     match msg.opts().get(OptionCode::ServerIdentifier) {
         Some(DhcpOption::ServerIdentifier(ip)) => Some(*ip),
         _ => None,
     }
 }
 
-fn requested_ip(msg: &Message) -> Option<Ipv4Addr> {
+pub(super) fn requested_ip(msg: &Message) -> Option<Ipv4Addr> {
     match msg.opts().get(OptionCode::RequestedIpAddress) {
         Some(DhcpOption::RequestedIpAddress(ip)) => Some(*ip),
         _ => None,
     }
 }
 
-fn nonzero(ip: Ipv4Addr) -> Option<Ipv4Addr> {
+pub(super) fn nonzero(ip: Ipv4Addr) -> Option<Ipv4Addr> {
     (!ip.is_unspecified()).then_some(ip)
 }
 
@@ -147,7 +168,11 @@ fn nonzero(ip: Ipv4Addr) -> Option<Ipv4Addr> {
 /// unicast to it. Otherwise broadcast: the client has no address yet, and a unicast to
 /// `yiaddr` would need a static ARP entry, i.e. CAP_NET_ADMIN, which we do not have. NAKs are
 /// always broadcast unless relayed (RFC 2131 §4.3.2).
-fn destination(request: &Message, kind: MessageType, unicast: Option<Ipv4Addr>) -> SocketAddr {
+pub(super) fn destination(
+    request: &Message,
+    kind: MessageType,
+    unicast: Option<Ipv4Addr>,
+) -> SocketAddr {
     let to = |ip: Ipv4Addr, port| SocketAddr::V4(SocketAddrV4::new(ip, port));
     if let Some(giaddr) = nonzero(request.giaddr()) {
         return to(giaddr, SERVER_PORT);
@@ -159,7 +184,7 @@ fn destination(request: &Message, kind: MessageType, unicast: Option<Ipv4Addr>) 
 }
 
 /// The reply skeleton: BOOTREPLY echoing xid, flags, giaddr and chaddr.
-fn skeleton(request: &Message, kind: MessageType, settings: &DhcpSettings) -> Message {
+pub(super) fn skeleton(request: &Message, kind: MessageType, settings: &DhcpSettings) -> Message {
     let mut msg = Message::default();
     msg.set_opcode(Opcode::BootReply)
         .set_htype(HType::Eth)
@@ -206,7 +231,7 @@ const ESSENTIAL: [OptionCode; 4] = [
 
 /// Builds the reply, dropping the least wanted options (last in wire order) until it fits the
 /// client's maximum message size.
-fn finish(
+pub(super) fn finish(
     request: &Message,
     mut message: Message,
     kind: MessageType,
@@ -321,35 +346,56 @@ fn configure(
     finish(request, msg, kind, unicast)
 }
 
+/// The checks every request passes first: an Ethernet BOOTREQUEST with a DHCP message type,
+/// relayed only by a configured relay, from a reserved MAC inside the subnet. Gives the message
+/// type and the machine, or the outcome to stop at.
+pub(super) fn admit(
+    request: &Message,
+    from: Ipv4Addr,
+    settings: &DhcpSettings,
+    machines: &dyn MachineLookup,
+) -> Result<(MessageType, Machine), Outcome> {
+    if request.opcode() != Opcode::BootRequest || request.htype() != HType::Eth {
+        return Err(Outcome::Ignored(Ignored::NotEthernetRequest));
+    }
+    let Some(mac) = MacAddr::from_slice(request.chaddr()).filter(|_| request.hlen() == 6) else {
+        return Err(Outcome::Ignored(Ignored::NotEthernetRequest));
+    };
+    let Some(kind) = request.opts().msg_type() else {
+        return Err(Outcome::Ignored(Ignored::Bootp));
+    };
+    if let Some(giaddr) = nonzero(request.giaddr()) {
+        if !settings.relays.contains(&giaddr) || !settings.relays.contains(&from) {
+            return Err(Outcome::Ignored(Ignored::UntrustedRelay { giaddr, from }));
+        }
+    }
+    let Some(machine) = machines.by_mac(&mac) else {
+        return Err(Outcome::UnknownMac(mac));
+    };
+    if !settings.subnet.contains(&machine.ip) {
+        return Err(Outcome::Ignored(Ignored::OutsideSubnet(machine.ip)));
+    }
+    Ok((kind, machine))
+}
+
 /// Decides the answer to one decoded request, which came from `from` (the datagram's source
-/// address: 0.0.0.0 for a client without one). Replies only for reserved MACs.
+/// address: 0.0.0.0 for a client without one) to the DHCP server port. Replies only for
+/// reserved MACs. In proxy mode ([`DhcpMode::Proxy`](super::DhcpMode)) see
+/// [`super::proxy`]: boot information only, never an address.
 pub fn handle(
     request: &Message,
     from: Ipv4Addr,
     settings: &DhcpSettings,
     machines: &dyn MachineLookup,
 ) -> Outcome {
-    if request.opcode() != Opcode::BootRequest || request.htype() != HType::Eth {
-        return Outcome::Ignored(Ignored::NotEthernetRequest);
+    if settings.mode == super::DhcpMode::Proxy {
+        return super::proxy::handle_dhcp_port(request, from, settings, machines);
     }
-    let Some(mac) = MacAddr::from_slice(request.chaddr()).filter(|_| request.hlen() == 6) else {
-        return Outcome::Ignored(Ignored::NotEthernetRequest);
-    };
-    let Some(kind) = request.opts().msg_type() else {
-        return Outcome::Ignored(Ignored::Bootp);
+    let (kind, machine) = match admit(request, from, settings, machines) {
+        Ok(admitted) => admitted,
+        Err(outcome) => return outcome,
     };
     let relayed = nonzero(request.giaddr());
-    if let Some(giaddr) = relayed {
-        if !settings.relays.contains(&giaddr) || !settings.relays.contains(&from) {
-            return Outcome::Ignored(Ignored::UntrustedRelay { giaddr, from });
-        }
-    }
-    let Some(machine) = machines.by_mac(&mac) else {
-        return Outcome::UnknownMac(mac);
-    };
-    if !settings.subnet.contains(&machine.ip) {
-        return Outcome::Ignored(Ignored::OutsideSubnet(machine.ip));
-    }
     let client = boot_client(request);
     let sid = server_id(request);
     let other_server = sid.filter(|id| *id != settings.server_ip);
@@ -369,6 +415,7 @@ pub fn handle(
         machine: machine.clone(),
         event,
         client,
+        foreign_address: None,
     };
     match kind {
         MessageType::Discover => {

@@ -5,6 +5,11 @@
 //! [`boot_file`]); stays silent for everyone else. The protocol core ([`handle`]) is pure; the
 //! [`serve`] loop only decodes, calls it, sends, logs and reports [`BootEvent`]s.
 //!
+//! In proxy mode ([`DhcpMode::Proxy`]) the LAN's own DHCP server gives the addresses and this
+//! one only answers network-boot clients of reserved machines with ProxyDHCP offers (boot
+//! information, no address; see [`proxy`]), and [`serve_boot_server`] answers the PXE
+//! boot-server port (UDP 4011).
+//!
 //! The socket should be bound to the provisioning interface (`SO_BINDTODEVICE`, or
 //! `BindToDevice=` in the socket unit): replies to clients without an address are broadcast to
 //! 255.255.255.255, which otherwise leaves by whatever interface the routing table picks.
@@ -15,11 +20,12 @@
 mod boot;
 mod handle;
 mod packet;
+pub mod proxy;
 mod socket;
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -31,6 +37,7 @@ pub use boot::{
 };
 pub use handle::{handle, Ignored, Outcome, Reply, CLIENT_PORT, SERVER_PORT};
 pub use packet::{decode_request, PacketError};
+pub use proxy::{handle_boot_server, BOOT_SERVER_PORT};
 
 use crate::lograte::{KeyedLogLimit, LogLimit};
 use crate::{BootEvent, MacAddr, MachineLookup};
@@ -45,9 +52,45 @@ static REFUSED_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new("dhcp re
 /// Receive errors (ICMP feedback arrives per datagram).
 static SOCKET_LOG: LazyLock<LogLimit> = LazyLock::new(|| LogLimit::new("dhcp socket", 1, 10));
 
+/// Who gives the machines their addresses (`dhcpMode:` in the agent's configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum DhcpMode {
+    /// netboot is the DHCP server of the provisioning network: each reserved machine gets its
+    /// reserved address, a lease, the mask, router and DNS servers, and its boot file.
+    #[default]
+    Standalone,
+    /// ProxyDHCP beside the LAN's DHCP server, which gives the addresses: netboot answers only
+    /// network-boot clients of reserved machines, with their boot file and no address, and
+    /// never NAKs (see [`proxy`]).
+    Proxy,
+}
+
+impl DhcpMode {
+    /// How the mode reads in logs and status lines.
+    pub fn describe(self) -> &'static str {
+        match self {
+            DhcpMode::Standalone => "stand-alone server",
+            DhcpMode::Proxy => "proxy beside the LAN's server",
+        }
+    }
+}
+
+impl std::fmt::Display for DhcpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DhcpMode::Standalone => "standalone",
+            DhcpMode::Proxy => "proxy",
+        })
+    }
+}
+
 /// What the DHCP server hands out besides each machine's reserved address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DhcpSettings {
+    /// Stand-alone DHCP server, or ProxyDHCP beside the LAN's server. In proxy mode `subnet`
+    /// only bounds the reservations, and `gateway`, `dns_servers` and `lease_time` are unused.
+    pub mode: DhcpMode,
     /// Our address: server identifier (54), `siaddr` and TFTP server (66).
     pub server_ip: Ipv4Addr,
     /// The provisioning subnet: its mask is option 1; reservations outside it are not served.
@@ -136,6 +179,15 @@ impl Ports {
     }
 }
 
+/// Which port a serve loop answers.
+#[derive(Debug, Clone, Copy)]
+enum Listener {
+    /// The DHCP server port ([`handle`]); replies go to [`Ports`].
+    Dhcp(Ports),
+    /// The PXE boot-server port ([`handle_boot_server`]); replies go back to the sender.
+    BootServer,
+}
+
 /// Serves DHCP on an already-bound socket (usually `0.0.0.0:67` on the provisioning interface,
 /// possibly passed by systemd) until `shutdown` is cancelled. Sets `SO_BROADCAST` itself.
 pub async fn serve(
@@ -144,15 +196,35 @@ pub async fn serve(
     machines: Arc<dyn MachineLookup>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    run(socket, settings, machines, shutdown, Ports::STANDARD).await
+    run(
+        socket,
+        settings,
+        machines,
+        shutdown,
+        Listener::Dhcp(Ports::STANDARD),
+    )
+    .await
 }
 
-/// [`serve`] on a thread of its own, with a single-threaded runtime that polls this socket
-/// alone: an answer never waits for other work of the process (a cluster controller writing
-/// a burst of status changes, TLS, JSON) to yield a shared runtime's worker or to poll its I/O
-/// driver. The future ends when that server does (shutdown, or a fatal socket error).
+/// Serves the PXE boot-server port (usually `0.0.0.0:4011`) until `shutdown` is cancelled:
+/// proxy mode's answer to firmware that asks there for its boot file ([`handle_boot_server`]).
+pub async fn serve_boot_server(
+    socket: UdpSocket,
+    settings: Arc<DhcpSettings>,
+    machines: Arc<dyn MachineLookup>,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    run(socket, settings, machines, shutdown, Listener::BootServer).await
+}
+
+/// [`serve`] (and [`serve_boot_server`] on `boot_server`, when given) on a thread of its own,
+/// with a single-threaded runtime that polls these sockets alone: an answer never waits for
+/// other work of the process (a cluster controller writing a burst of status changes, TLS,
+/// JSON) to yield a shared runtime's worker or to poll its I/O driver. The future ends when
+/// the servers do (shutdown, or a fatal socket error of either).
 pub fn serve_on_own_thread(
     socket: std::net::UdpSocket,
+    boot_server: Option<std::net::UdpSocket>,
     settings: Arc<DhcpSettings>,
     machines: Arc<dyn MachineLookup>,
     shutdown: CancellationToken,
@@ -166,7 +238,24 @@ pub fn serve_on_own_thread(
                 .build()
                 .and_then(|runtime| {
                     runtime.block_on(async move {
-                        serve(UdpSocket::from_std(socket)?, settings, machines, shutdown).await
+                        let dhcp = serve(
+                            UdpSocket::from_std(socket)?,
+                            settings.clone(),
+                            machines.clone(),
+                            shutdown.clone(),
+                        );
+                        match boot_server {
+                            Some(boot_server) => {
+                                let boot_server = serve_boot_server(
+                                    UdpSocket::from_std(boot_server)?,
+                                    settings,
+                                    machines,
+                                    shutdown,
+                                );
+                                tokio::try_join!(dhcp, boot_server).map(|_| ())
+                            }
+                            None => dhcp.await,
+                        }
                     })
                 });
             let _ = done.send(result);
@@ -179,20 +268,46 @@ pub fn serve_on_own_thread(
     }
 }
 
+/// The warning about a reserved machine that uses or asks for another address than its
+/// reservation (proxy mode: the LAN's DHCP server gave it that address).
+fn warn_foreign_address(machine: &crate::Machine, address: Ipv4Addr) {
+    tracing::warn!(
+        machine = %machine.name, mac = %machine.mac, ip = %address, reserved = %machine.ip,
+        "the machine uses or asks for {address}, not its reserved address {}: reserve it for this MAC in the LAN's DHCP server (its imaging script is only served to the reserved address; logged once a minute per MAC)",
+        machine.ip
+    );
+}
+
 async fn run(
     socket: UdpSocket,
     settings: Arc<DhcpSettings>,
     machines: Arc<dyn MachineLookup>,
     shutdown: CancellationToken,
-    ports: Ports,
+    listener: Listener,
 ) -> io::Result<()> {
     let socket = socket::PktInfoSocket::new(socket)?;
     // Absorb bursts (a rack powering on): best effort, capped by net.core.rmem_max.
     if let Err(e) = socket2::SockRef::from(socket.inner()).set_recv_buffer_size(1 << 20) {
         tracing::debug!(error = %e, "cannot enlarge the DHCP receive buffer");
     }
-    tracing::info!(local = %socket.local_addr()?, server_ip = %settings.server_ip, "DHCP server ready");
+    let local = socket.local_addr()?;
+    match (listener, settings.mode) {
+        (Listener::Dhcp(_), DhcpMode::Standalone) => tracing::info!(
+            %local, server_ip = %settings.server_ip, mode = %settings.mode,
+            "DHCP server ready: {}", settings.mode.describe()
+        ),
+        (Listener::Dhcp(_), DhcpMode::Proxy) => tracing::info!(
+            %local, server_ip = %settings.server_ip, mode = %settings.mode,
+            "DHCP server ready: {}, boot information only (the LAN's DHCP server gives the addresses)",
+            settings.mode.describe()
+        ),
+        (Listener::BootServer, _) => tracing::info!(
+            %local, server_ip = %settings.server_ip, mode = %settings.mode,
+            "PXE boot server ready"
+        ),
+    }
     let mut unknown = LogLimiter::new(4096, Duration::from_secs(60));
+    let mut foreign = LogLimiter::new(4096, Duration::from_secs(60));
     let mut buf = vec![0u8; 2048];
     loop {
         let received = tokio::select! {
@@ -228,12 +343,22 @@ async fn run(
                 None => continue,
             },
         };
-        match handle(&request, from, &settings, machines.as_ref()) {
+        let outcome = match listener {
+            Listener::Dhcp(_) => handle(&request, from, &settings, machines.as_ref()),
+            Listener::BootServer => handle_boot_server(
+                &request,
+                SocketAddrV4::new(from, peer.port()),
+                &settings,
+                machines.as_ref(),
+            ),
+        };
+        match outcome {
             Outcome::Reply {
                 reply,
                 machine,
                 event,
                 client,
+                foreign_address,
             } => {
                 let kind = reply.message_type();
                 let bytes = reply.wire();
@@ -245,18 +370,31 @@ async fn run(
                     }
                     continue;
                 }
+                if let Some(address) = foreign_address {
+                    if log && foreign.allow(machine.mac, Instant::now()) {
+                        warn_foreign_address(&machine, address);
+                    }
+                }
                 let file = reply.message.fname_str().and_then(Result::ok).unwrap_or("");
                 if let BootClient::Unknown { arch } = client {
                     if log {
                         tracing::warn!(machine = %machine.name, mac = %machine.mac, arch = ?arch, "unsupported network-boot architecture: plain DHCP, no boot file");
                     }
                 }
-                let destination = ports.map(reply.destination);
+                let destination = match listener {
+                    Listener::Dhcp(ports) => ports.map(reply.destination),
+                    Listener::BootServer => reply.destination,
+                };
+                let what = match (listener, settings.mode) {
+                    (Listener::Dhcp(_), DhcpMode::Standalone) => "DHCP reply sent",
+                    (Listener::Dhcp(_), DhcpMode::Proxy) => "ProxyDHCP reply sent",
+                    (Listener::BootServer, _) => "PXE boot server reply sent",
+                };
                 match socket.send(bytes, destination, ifindex).await {
                     Ok(_) if log => tracing::info!(
                         machine = %machine.name, mac = %machine.mac, ip = %machine.ip,
                         reply = ?kind.unwrap_or(dhcproto::v4::MessageType::Unknown(0)),
-                        client = ?client, file, to = %destination, "DHCP reply sent"
+                        client = ?client, file, to = %destination, mode = %settings.mode, "{what}"
                     ),
                     Ok(_) => {}
                     Err(e) => {
@@ -283,6 +421,16 @@ async fn run(
                 }
                 machines.observe(&machine, event);
             }
+            Outcome::ForeignAddress {
+                machine,
+                address,
+                ignored,
+            } => {
+                if foreign.allow(machine.mac, Instant::now()) && MACHINE_LOG.allow(&machine.mac) {
+                    warn_foreign_address(&machine, address);
+                }
+                tracing::debug!(%peer, mac = %machine.mac, reason = ?ignored, "DHCP request left to the LAN's server");
+            }
             Outcome::UnknownMac(mac) => {
                 if unknown.allow(mac, Instant::now()) {
                     let skipped = unknown.take_suppressed();
@@ -306,7 +454,10 @@ async fn run(
             }
         }
     }
-    tracing::info!("DHCP server stopped");
+    match listener {
+        Listener::Dhcp(_) => tracing::info!("DHCP server stopped"),
+        Listener::BootServer => tracing::info!("PXE boot server stopped"),
+    }
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! Unit tests on hand-built requests.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ const UUID: [u8; 17] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16
 
 fn settings() -> DhcpSettings {
     DhcpSettings {
+        mode: DhcpMode::Standalone,
         server_ip: SERVER,
         subnet: "10.77.0.0/24".parse().expect("subnet"),
         gateway: Some(SERVER),
@@ -132,7 +133,8 @@ fn bytes_opt(msg: &Message, code: u8) -> Option<Vec<u8>> {
         | DhcpOption::BootfileName(v)
         | DhcpOption::TFTPServerName(v)
         | DhcpOption::ClientMachineIdentifier(v)
-        | DhcpOption::ClientIdentifier(v) => Some(v.clone()),
+        | DhcpOption::ClientIdentifier(v)
+        | DhcpOption::VendorExtensions(v) => Some(v.clone()),
         DhcpOption::Unknown(u) => Some(u.data().to_vec()),
         other => panic!("option {code} is not bytes: {other:?}"),
     }
@@ -1028,6 +1030,503 @@ fn unknown_macs_are_logged_once_a_minute_with_bounded_memory() {
     assert!(limiter.seen.len() <= 2);
 }
 
+// ---- proxy mode ------------------------------------------------------------------------------
+
+/// The address the LAN's DHCP server gives the machine, when it is not the reservation.
+const LAN_GIVEN: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 157);
+/// The LAN's DHCP server.
+const LAN_SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 254);
+
+fn proxy_settings() -> DhcpSettings {
+    DhcpSettings {
+        mode: DhcpMode::Proxy,
+        relays: vec![RELAY],
+        ..settings()
+    }
+}
+
+/// `msg` to the DHCP port in proxy mode, as sent from `from`.
+fn run_proxy(msg: &Message, from: Ipv4Addr) -> Outcome {
+    handle(msg, from, &proxy_settings(), &inventory())
+}
+
+/// `msg` to the boot-server port (4011) in proxy mode, as sent from `from`.
+fn run_boot_server(msg: &Message, from: SocketAddrV4) -> Outcome {
+    handle_boot_server(msg, from, &proxy_settings(), &inventory())
+}
+
+/// The proxy reply to `msg` through the wire both ways, with its outcome's event and foreign
+/// address.
+fn proxy_reply_of(outcome: &Outcome) -> (Message, Reply, Option<BootEvent>, Option<Ipv4Addr>) {
+    let Outcome::Reply {
+        reply,
+        event,
+        foreign_address,
+        ..
+    } = outcome
+    else {
+        panic!("no reply: {outcome:?}")
+    };
+    let wire = reply.to_bytes().expect("encode reply");
+    assert!(wire.len() >= 300, "reply shorter than the BOOTP minimum");
+    let back = Message::decode(&mut Decoder::new(&wire)).expect("decode reply");
+    (back, (**reply).clone(), event.clone(), *foreign_address)
+}
+
+/// Through the wire: encoded by the test, decoded by the server's own decoder.
+fn decoded(msg: &Message) -> Message {
+    decode_request(&encode(msg)).expect("decode request")
+}
+
+/// What every ProxyDHCP answer is: boot information from us, no address, no lease, none of
+/// the LAN server's options.
+fn assert_proxy_shape(reply: &Message, kind: MessageType) {
+    assert_eq!(reply.opts().msg_type(), Some(kind));
+    assert_eq!(reply.opcode(), Opcode::BootReply);
+    assert_eq!(reply.xid(), 0x1234_5678);
+    assert_eq!(reply.chaddr(), &MAC.0);
+    assert_eq!(reply.yiaddr(), Ipv4Addr::UNSPECIFIED, "never an address");
+    assert_eq!(reply.siaddr(), SERVER);
+    assert_eq!(opt(reply, 54), Some(&DhcpOption::ServerIdentifier(SERVER)));
+    for code in [1, 3, 6, 12, 51, 58, 59, 175] {
+        assert_eq!(opt(reply, code), None, "option {code} is the LAN server's");
+    }
+}
+
+fn assert_pxe_proxy(reply: &Message, boot_file: &str) {
+    assert_eq!(bytes_opt(reply, 60), Some(b"PXEClient".to_vec()));
+    assert_eq!(
+        bytes_opt(reply, 43),
+        Some(vec![6, 1, 8, 255]),
+        "discovery control 8: boot the file in this offer"
+    );
+    assert_eq!(bytes_opt(reply, 97), Some(UUID.to_vec()));
+    assert_eq!(file(reply).as_deref(), Some(boot_file));
+    assert_eq!(bytes_opt(reply, 67), Some(boot_file.as_bytes().to_vec()));
+}
+
+#[test]
+fn proxy_offer_to_bios_pxe() {
+    let outcome = run_proxy(
+        &decoded(&with(request(MessageType::Discover, MAC), pxe(0))),
+        Ipv4Addr::UNSPECIFIED,
+    );
+    let (offer, reply, event, foreign) = proxy_reply_of(&outcome);
+    assert_proxy_shape(&offer, MessageType::Offer);
+    assert_pxe_proxy(&offer, "undionly.kpxe");
+    assert_eq!(bytes_opt(&offer, 66), Some(b"10.77.0.1".to_vec()));
+    assert_eq!(reply.destination, broadcast());
+    assert_eq!(event, Some(BootEvent::ProxyOffered));
+    assert_eq!(foreign, None);
+}
+
+#[test]
+fn proxy_offer_to_uefi_pxe() {
+    for arch in [7, 9] {
+        let outcome = run_proxy(
+            &decoded(&with(request(MessageType::Discover, MAC), pxe(arch))),
+            Ipv4Addr::UNSPECIFIED,
+        );
+        let (offer, reply, event, _) = proxy_reply_of(&outcome);
+        assert_proxy_shape(&offer, MessageType::Offer);
+        assert_pxe_proxy(&offer, "snponly.efi");
+        assert_eq!(reply.destination, broadcast());
+        assert_eq!(event, Some(BootEvent::ProxyOffered), "arch {arch}");
+    }
+}
+
+#[test]
+fn proxy_offer_to_ipxe_names_its_script_and_opens_the_window() {
+    let outcome = run_proxy(
+        &decoded(&with(request(MessageType::Discover, MAC), ipxe(0))),
+        Ipv4Addr::UNSPECIFIED,
+    );
+    let (offer, reply, event, _) = proxy_reply_of(&outcome);
+    assert_proxy_shape(&offer, MessageType::Offer);
+    // iPXE takes an offer with PXEClient, siaddr and a file name as ProxyDHCP with PXE options
+    // present: no ProxyDHCPREQUEST, and the script URL is its filename.
+    assert_pxe_proxy(&offer, "http://10.77.0.1:8080/ipxe/52-54-00-12-34-56");
+    assert_eq!(reply.destination, broadcast());
+    assert_eq!(event, Some(BootEvent::ProxyScriptOffered));
+}
+
+#[test]
+fn proxy_offer_to_uefi_http_boot() {
+    let mut opts = pxe(16);
+    opts[1] = DhcpOption::ClassIdentifier(b"HTTPClient:Arch:00016:UNDI:003001".to_vec());
+    let outcome = run_proxy(
+        &decoded(&with(request(MessageType::Discover, MAC), opts)),
+        Ipv4Addr::UNSPECIFIED,
+    );
+    let (offer, _, event, _) = proxy_reply_of(&outcome);
+    assert_proxy_shape(&offer, MessageType::Offer);
+    let url = "http://10.77.0.1:8080/boot/ipxe.efi";
+    assert_eq!(bytes_opt(&offer, 60), Some(b"HTTPClient".to_vec()));
+    assert_eq!(bytes_opt(&offer, 67), Some(url.as_bytes().to_vec()));
+    assert_eq!(file(&offer).as_deref(), Some(url));
+    assert_eq!(bytes_opt(&offer, 97), Some(UUID.to_vec()));
+    assert_eq!(
+        opt(&offer, 43),
+        None,
+        "PXE vendor options are for PXE clients"
+    );
+    assert_eq!(event, Some(BootEvent::ProxyOffered));
+}
+
+#[test]
+fn proxy_mode_answers_no_stranger_and_no_ordinary_client() {
+    for kind in [MessageType::Discover, MessageType::Request] {
+        assert_eq!(
+            run_proxy(
+                &with(request(kind, STRANGER), pxe(0)),
+                Ipv4Addr::UNSPECIFIED
+            ),
+            Outcome::UnknownMac(STRANGER)
+        );
+    }
+    // An ordinary DHCP client of a reserved machine (its installed OS, stage2, udhcpc), and
+    // firmware of an architecture without a loader: the LAN's server answers them, we do not.
+    let udhcpc = vec![
+        DhcpOption::ClassIdentifier(b"udhcp 1.35.0".to_vec()),
+        DhcpOption::ParameterRequestList(vec![OptionCode::SubnetMask, OptionCode::Router]),
+    ];
+    for opts in [vec![], udhcpc, pxe(11)] {
+        let discover = with(request(MessageType::Discover, MAC), opts.clone());
+        assert_eq!(
+            run_proxy(&discover, Ipv4Addr::UNSPECIFIED),
+            Outcome::Ignored(Ignored::NotBootClient),
+            "{opts:?}"
+        );
+        let ours = with(
+            request(MessageType::Request, MAC),
+            opts.iter()
+                .cloned()
+                .chain([DhcpOption::ServerIdentifier(SERVER)]),
+        );
+        assert_eq!(
+            run_proxy(&ours, Ipv4Addr::UNSPECIFIED),
+            Outcome::Ignored(Ignored::NotBootClient)
+        );
+    }
+}
+
+#[test]
+fn proxy_request_with_our_server_id_is_acked_without_an_address() {
+    // PXE firmware that REQUESTs from the proxy (server id ours, broadcast, no address yet):
+    // an ACK of the offer's shape, as dnsmasq's proxy answers it.
+    let msg = with(
+        request(MessageType::Request, MAC),
+        pxe(7)
+            .into_iter()
+            .chain([DhcpOption::ServerIdentifier(SERVER)]),
+    );
+    let outcome = run_proxy(&decoded(&msg), Ipv4Addr::UNSPECIFIED);
+    let (ack, reply, event, foreign) = proxy_reply_of(&outcome);
+    assert_proxy_shape(&ack, MessageType::Ack);
+    assert_pxe_proxy(&ack, "snponly.efi");
+    assert_eq!(reply.destination, broadcast());
+    assert_eq!(event, Some(BootEvent::ProxyOffered));
+    assert_eq!(foreign, None);
+
+    // From a client with an address (sent from it): unicast there, and an address that is not
+    // the reservation is flagged.
+    let mut bound = msg.clone();
+    bound.set_ciaddr(LAN_GIVEN);
+    let outcome = run_proxy(&decoded(&bound), LAN_GIVEN);
+    let (ack, reply, _, foreign) = proxy_reply_of(&outcome);
+    assert_proxy_shape(&ack, MessageType::Ack);
+    assert_eq!(ack.ciaddr(), LAN_GIVEN);
+    assert_eq!(
+        reply.destination,
+        SocketAddr::from((LAN_GIVEN, CLIENT_PORT))
+    );
+    assert_eq!(foreign, Some(LAN_GIVEN));
+    // A ciaddr the packet was not sent from is not a destination.
+    let outcome = run_proxy(&decoded(&bound), Ipv4Addr::UNSPECIFIED);
+    assert_eq!(proxy_reply_of(&outcome).1.destination, broadcast());
+}
+
+#[test]
+fn proxy_leaves_the_lan_servers_messages_alone_and_flags_foreign_addresses() {
+    // The REQUEST to the LAN's server names the address it offered: not the reservation.
+    let to_lan = with(
+        request(MessageType::Request, MAC),
+        ipxe(0).into_iter().chain([
+            DhcpOption::ServerIdentifier(LAN_SERVER),
+            DhcpOption::RequestedIpAddress(LAN_GIVEN),
+        ]),
+    );
+    assert_eq!(
+        run_proxy(&to_lan, Ipv4Addr::UNSPECIFIED),
+        Outcome::ForeignAddress {
+            machine: node2(),
+            address: LAN_GIVEN,
+            ignored: Ignored::OtherServer(LAN_SERVER),
+        }
+    );
+    // The same with the reserved address: nothing to say.
+    let fine = with(
+        request(MessageType::Request, MAC),
+        ipxe(0).into_iter().chain([
+            DhcpOption::ServerIdentifier(LAN_SERVER),
+            DhcpOption::RequestedIpAddress(RESERVED),
+        ]),
+    );
+    assert_eq!(
+        run_proxy(&fine, Ipv4Addr::UNSPECIFIED),
+        Outcome::Ignored(Ignored::OtherServer(LAN_SERVER))
+    );
+    // Renewing (ciaddr, no server id), INIT-REBOOT (option 50, no server id), INFORM,
+    // RELEASE and DECLINE, even with our server id: the LAN server's; nothing is reported.
+    let mut renewing = request(MessageType::Request, MAC);
+    renewing.set_ciaddr(LAN_GIVEN);
+    assert!(matches!(
+        run_proxy(&renewing, LAN_GIVEN),
+        Outcome::ForeignAddress {
+            address: LAN_GIVEN,
+            ignored: Ignored::LanServer(MessageType::Request),
+            ..
+        }
+    ));
+    let reboot = with(
+        request(MessageType::Request, MAC),
+        [DhcpOption::RequestedIpAddress(RESERVED)],
+    );
+    assert_eq!(
+        run_proxy(&reboot, Ipv4Addr::UNSPECIFIED),
+        Outcome::Ignored(Ignored::LanServer(MessageType::Request))
+    );
+    for kind in [
+        MessageType::Inform,
+        MessageType::Release,
+        MessageType::Decline,
+    ] {
+        let mut msg = with(
+            request(kind, MAC),
+            [
+                DhcpOption::ServerIdentifier(SERVER),
+                DhcpOption::RequestedIpAddress(RESERVED),
+            ],
+        );
+        msg.set_ciaddr(RESERVED);
+        assert_eq!(
+            run_proxy(&msg, RESERVED),
+            Outcome::Ignored(Ignored::LanServer(kind)),
+            "{kind:?}"
+        );
+    }
+    // A DISCOVER asking for another address is still answered (with no address), and flagged.
+    let asking = with(
+        request(MessageType::Discover, MAC),
+        ipxe(0)
+            .into_iter()
+            .chain([DhcpOption::RequestedIpAddress(LAN_GIVEN)]),
+    );
+    let (offer, _, _, foreign) = proxy_reply_of(&run_proxy(&asking, Ipv4Addr::UNSPECIFIED));
+    assert_eq!(offer.yiaddr(), Ipv4Addr::UNSPECIFIED);
+    assert_eq!(foreign, Some(LAN_GIVEN));
+}
+
+#[test]
+fn proxy_replies_go_to_configured_relays_only() {
+    let mut relayed = with(request(MessageType::Discover, MAC), pxe(0));
+    relayed.set_giaddr(RELAY);
+    let (offer, reply, _, foreign) = proxy_reply_of(&run_proxy(&relayed, RELAY));
+    assert_proxy_shape(&offer, MessageType::Offer);
+    assert_eq!(reply.destination, SocketAddr::from((RELAY, SERVER_PORT)));
+    assert_eq!(foreign, None, "a relay's address is not the client's");
+    let from = Ipv4Addr::new(10, 77, 0, 99);
+    relayed.set_giaddr(from);
+    assert_eq!(
+        run_proxy(&relayed, from),
+        Outcome::Ignored(Ignored::UntrustedRelay { giaddr: from, from })
+    );
+}
+
+/// A boot-server request as EDK2 sends it for a BINL offer: REQUEST from its new address
+/// (`ciaddr`), from port 4011 to our port 4011.
+fn boot_server_request(client: Vec<DhcpOption>, ciaddr: Ipv4Addr) -> Message {
+    let mut msg = with(request(MessageType::Request, MAC), client);
+    msg.set_ciaddr(ciaddr);
+    msg
+}
+
+#[test]
+fn boot_server_request_gets_the_boot_file_unicast_to_the_sender() {
+    let peer = SocketAddrV4::new(RESERVED, BOOT_SERVER_PORT);
+    let outcome = run_boot_server(&decoded(&boot_server_request(pxe(7), RESERVED)), peer);
+    let (ack, reply, event, foreign) = proxy_reply_of(&outcome);
+    assert_proxy_shape(&ack, MessageType::Ack);
+    assert_pxe_proxy(&ack, "snponly.efi");
+    assert_eq!(ack.ciaddr(), RESERVED);
+    assert_eq!(
+        reply.destination,
+        SocketAddr::V4(peer),
+        "back to address:port"
+    );
+    assert_eq!(event, Some(BootEvent::ProxyOffered));
+    assert_eq!(foreign, None);
+
+    // BIOS PXE, iPXE (its script: the window opens) and from another port.
+    let peer = SocketAddrV4::new(RESERVED, 68);
+    let (ack, reply, _, _) = proxy_reply_of(&run_boot_server(
+        &decoded(&boot_server_request(pxe(0), RESERVED)),
+        peer,
+    ));
+    assert_pxe_proxy(&ack, "undionly.kpxe");
+    assert_eq!(reply.destination, SocketAddr::V4(peer));
+    let (ack, _, event, _) = proxy_reply_of(&run_boot_server(
+        &decoded(&boot_server_request(ipxe(7), RESERVED)),
+        peer,
+    ));
+    assert_pxe_proxy(&ack, "http://10.77.0.1:8080/ipxe/52-54-00-12-34-56");
+    assert_eq!(event, Some(BootEvent::ProxyScriptOffered));
+
+    // From the address the LAN's server gave instead of the reservation: answered (the boot
+    // file is no secret), and flagged.
+    let elsewhere = SocketAddrV4::new(LAN_GIVEN, BOOT_SERVER_PORT);
+    let (ack, reply, _, foreign) = proxy_reply_of(&run_boot_server(
+        &decoded(&boot_server_request(pxe(7), LAN_GIVEN)),
+        elsewhere,
+    ));
+    assert_eq!(ack.yiaddr(), Ipv4Addr::UNSPECIFIED);
+    assert_eq!(reply.destination, SocketAddr::V4(elsewhere));
+    assert_eq!(foreign, Some(LAN_GIVEN));
+}
+
+#[test]
+fn boot_server_answers_only_clients_with_an_address() {
+    let msg = boot_server_request(pxe(7), RESERVED);
+    // No sender address, or a ciaddr that is not the sender: nowhere to unicast to.
+    for (from, ciaddr) in [
+        (Ipv4Addr::UNSPECIFIED, RESERVED),
+        (Ipv4Addr::BROADCAST, RESERVED),
+        (LAN_GIVEN, RESERVED),
+    ] {
+        let mut m = msg.clone();
+        m.set_ciaddr(ciaddr);
+        assert_eq!(
+            run_boot_server(&m, SocketAddrV4::new(from, BOOT_SERVER_PORT)),
+            Outcome::Ignored(Ignored::NoClientAddress { ciaddr, from }),
+            "{from} {ciaddr}"
+        );
+    }
+    let peer = SocketAddrV4::new(RESERVED, BOOT_SERVER_PORT);
+    assert_eq!(
+        run_boot_server(&with(request(MessageType::Request, STRANGER), pxe(7)), peer),
+        Outcome::UnknownMac(STRANGER)
+    );
+    assert_eq!(
+        run_boot_server(&boot_server_request(vec![], RESERVED), peer),
+        Outcome::Ignored(Ignored::NotBootClient)
+    );
+    for kind in [
+        MessageType::Discover,
+        MessageType::Release,
+        MessageType::Decline,
+    ] {
+        let mut m = with(request(kind, MAC), pxe(7));
+        m.set_ciaddr(RESERVED);
+        assert_eq!(
+            run_boot_server(&m, peer),
+            Outcome::Ignored(Ignored::UnexpectedType(kind))
+        );
+    }
+    // giaddr plays no part: still unicast to the sender.
+    let mut relayed = msg.clone();
+    relayed.set_giaddr(Ipv4Addr::new(10, 77, 9, 9));
+    let (_, reply, _, _) = proxy_reply_of(&run_boot_server(&relayed, peer));
+    assert_eq!(reply.destination, SocketAddr::V4(peer));
+}
+
+#[test]
+fn proxy_mode_never_gives_an_address_and_never_naks() {
+    let kinds = [
+        MessageType::Discover,
+        MessageType::Request,
+        MessageType::Inform,
+        MessageType::Release,
+        MessageType::Decline,
+    ];
+    let clients = [pxe(0), pxe(7), pxe(11), ipxe(0), ipxe(7), vec![], {
+        let mut http = pxe(16);
+        http[1] = DhcpOption::ClassIdentifier(b"HTTPClient:Arch:00016:UNDI:003001".to_vec());
+        http
+    }];
+    let server_ids = [None, Some(SERVER), Some(LAN_SERVER)];
+    let asked = [
+        None,
+        Some(RESERVED),
+        Some(LAN_GIVEN),
+        Some(Ipv4Addr::new(192, 168, 1, 9)),
+    ];
+    let senders = [Ipv4Addr::UNSPECIFIED, RESERVED, LAN_GIVEN];
+    let mut replies = 0;
+    for kind in kinds {
+        for client in &clients {
+            for sid in server_ids {
+                for ask in asked {
+                    for ciaddr in [Ipv4Addr::UNSPECIFIED, RESERVED, LAN_GIVEN] {
+                        for from in senders {
+                            let mut msg = with(request(kind, MAC), client.clone());
+                            if let Some(sid) = sid {
+                                msg.opts_mut().insert(DhcpOption::ServerIdentifier(sid));
+                            }
+                            if let Some(ask) = ask {
+                                msg.opts_mut().insert(DhcpOption::RequestedIpAddress(ask));
+                            }
+                            msg.set_ciaddr(ciaddr);
+                            let outcomes = [
+                                run_proxy(&msg, from),
+                                run_boot_server(&msg, SocketAddrV4::new(from, BOOT_SERVER_PORT)),
+                            ];
+                            for outcome in outcomes {
+                                assert!(
+                                    !matches!(outcome, Outcome::Report { .. }),
+                                    "lease event in proxy mode: {outcome:?}"
+                                );
+                                let Some(reply) = outcome.reply() else {
+                                    continue;
+                                };
+                                replies += 1;
+                                let wire = reply.to_bytes().expect("encode");
+                                let back =
+                                    Message::decode(&mut Decoder::new(&wire)).expect("decode");
+                                assert_eq!(back.yiaddr(), Ipv4Addr::UNSPECIFIED, "{msg:?}");
+                                assert!(
+                                    matches!(
+                                        back.opts().msg_type(),
+                                        Some(MessageType::Offer | MessageType::Ack)
+                                    ),
+                                    "{back:?}"
+                                );
+                                assert_eq!(opt(&back, 51), None);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        replies > 100,
+        "only {replies} replies: the sweep answers nothing"
+    );
+}
+
+#[test]
+fn proxy_and_boot_server_decode_captured_firmware() {
+    // The EDK2 DISCOVER of the fixtures, as real firmware sends it, gets a proxy offer.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/dhcp/ovmf-pxe-discover.bin");
+    let bytes = std::fs::read(&path).expect("fixture");
+    let msg = decode_request(&bytes).expect("fixture decodes");
+    let outcome = run_proxy(&msg, Ipv4Addr::UNSPECIFIED);
+    let (offer, _, _, _) = proxy_reply_of(&outcome);
+    assert_eq!(offer.yiaddr(), Ipv4Addr::UNSPECIFIED);
+    assert_eq!(file(&offer).as_deref(), Some("snponly.efi"));
+}
+
 // ---- the serve loop, on loopback ------------------------------------------------------------
 
 #[derive(Default)]
@@ -1072,10 +1571,10 @@ async fn serves_relayed_requests_on_loopback_and_stops() {
         }),
         recorder.clone(),
         shutdown.clone(),
-        Ports {
+        Listener::Dhcp(Ports {
             client: relay_port,
             relay: relay_port,
-        },
+        }),
     ));
 
     let relayed = |kind, mac: MacAddr, opts: Vec<DhcpOption>| {
@@ -1172,4 +1671,66 @@ async fn serves_relayed_requests_on_loopback_and_stops() {
             ("node2".to_string(), BootEvent::DhcpOffered),
         ]
     );
+}
+
+#[tokio::test]
+async fn boot_server_answers_on_loopback_to_the_sender_and_stops() {
+    let server = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind server");
+    let server_addr = server.local_addr().expect("addr");
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind client");
+    let recorder = Arc::new(Recorder {
+        inner: inventory(),
+        ..Recorder::default()
+    });
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(super::serve_boot_server(
+        server,
+        Arc::new(DhcpSettings {
+            mode: DhcpMode::Proxy,
+            ..settings()
+        }),
+        recorder.clone(),
+        shutdown.clone(),
+    ));
+    let mut buf = [0u8; 1500];
+    // A stranger and a DISCOVER first: no answer, so the next datagram answers the REQUEST.
+    let mut stranger = with(request(MessageType::Request, STRANGER), pxe(7));
+    stranger.set_ciaddr(Ipv4Addr::LOCALHOST);
+    client
+        .send_to(&encode(&stranger), server_addr)
+        .await
+        .expect("send");
+    let mut discover = with(request(MessageType::Discover, MAC), pxe(7));
+    discover.set_ciaddr(Ipv4Addr::LOCALHOST);
+    client
+        .send_to(&encode(&discover), server_addr)
+        .await
+        .expect("send");
+    let mut req = with(request(MessageType::Request, MAC), pxe(7));
+    req.set_ciaddr(Ipv4Addr::LOCALHOST);
+    client
+        .send_to(&encode(&req), server_addr)
+        .await
+        .expect("send");
+    let (n, from) = tokio::time::timeout(Duration::from_secs(10), client.recv_from(&mut buf))
+        .await
+        .expect("ack in time")
+        .expect("recv");
+    assert_eq!(from, server_addr);
+    let ack = Message::decode(&mut Decoder::new(&buf[..n])).expect("decode");
+    assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(ack.yiaddr(), Ipv4Addr::UNSPECIFIED);
+    assert_eq!(file(&ack).as_deref(), Some("snponly.efi"));
+
+    shutdown.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("stops in time");
+    result.expect("no panic").expect("returns Ok");
+    let events = recorder.events.lock().expect("lock").clone();
+    assert_eq!(events, vec![("node2".to_string(), BootEvent::ProxyOffered)]);
 }
