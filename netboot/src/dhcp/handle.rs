@@ -19,7 +19,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use dhcproto::v4::{DhcpOption, HType, Message, MessageType, Opcode, OptionCode};
 
-use super::boot::{boot_client, boot_file, BootClient};
+use super::boot::{boot_client, boot_file, BootClient, BootFile};
 use super::packet::{encode_ordered, max_payload, PacketError};
 use super::DhcpSettings;
 use crate::{BootEvent, MacAddr, Machine, MachineLookup};
@@ -184,7 +184,7 @@ pub(super) fn destination(
 }
 
 /// The reply skeleton: BOOTREPLY echoing xid, flags, giaddr and chaddr.
-pub(super) fn skeleton(request: &Message, kind: MessageType, settings: &DhcpSettings) -> Message {
+fn skeleton(request: &Message, kind: MessageType, settings: &DhcpSettings) -> Message {
     let mut msg = Message::default();
     msg.set_opcode(Opcode::BootReply)
         .set_htype(HType::Eth)
@@ -287,6 +287,25 @@ fn lease_secs(settings: &DhcpSettings) -> u32 {
         .max(1)
 }
 
+/// What every reply that boots `client` starts with, stand-alone or proxy: the skeleton, the
+/// boot file's `siaddr` and, in an ACK, the client's `ciaddr`; and the boot file, whose name and
+/// options the caller adds.
+pub(super) fn boot_reply(
+    request: &Message,
+    kind: MessageType,
+    machine: &Machine,
+    client: BootClient,
+    settings: &DhcpSettings,
+) -> (Message, BootFile) {
+    let mut msg = skeleton(request, kind, settings);
+    let boot = boot_file(client, machine, settings);
+    msg.set_siaddr(boot.next_server);
+    if kind == MessageType::Ack {
+        msg.set_ciaddr(request.ciaddr());
+    }
+    (msg, boot)
+}
+
 /// OFFER, ACK, or ACK to an INFORM (no `yiaddr`, no lease); `unicast`: the client's own
 /// address, when the reply may go there.
 fn configure(
@@ -298,12 +317,7 @@ fn configure(
     client: BootClient,
     settings: &DhcpSettings,
 ) -> Reply {
-    let mut msg = skeleton(request, kind, settings);
-    let boot = boot_file(client, machine, settings);
-    msg.set_siaddr(boot.next_server);
-    if kind == MessageType::Ack {
-        msg.set_ciaddr(request.ciaddr());
-    }
+    let (mut msg, boot) = boot_reply(request, kind, machine, client, settings);
     if !inform {
         msg.set_yiaddr(machine.ip);
     }

@@ -31,9 +31,10 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use dhcproto::v4::{DhcpOption, Message, MessageType, OptionCode};
 
-use super::boot::{boot_client, boot_file, BootClient, HTTP_CLIENT, PXE_CLIENT};
+use super::boot::{boot_client, BootClient, HTTP_CLIENT, PXE_CLIENT};
 use super::handle::{
-    admit, destination, finish, nonzero, requested_ip, server_id, skeleton, Ignored, Outcome, Reply,
+    admit, boot_reply, destination, finish, nonzero, requested_ip, server_id, Ignored, Outcome,
+    Reply,
 };
 use super::DhcpSettings;
 use crate::{BootEvent, Machine, MachineLookup};
@@ -73,12 +74,7 @@ fn proxy_reply(
     client: BootClient,
     settings: &DhcpSettings,
 ) -> Reply {
-    let mut msg = skeleton(request, kind, settings);
-    let boot = boot_file(client, machine, settings);
-    msg.set_siaddr(boot.next_server);
-    if kind == MessageType::Ack {
-        msg.set_ciaddr(request.ciaddr());
-    }
+    let (mut msg, boot) = boot_reply(request, kind, machine, client, settings);
     let opts = msg.opts_mut();
     if let Some(file) = &boot.file {
         opts.insert(DhcpOption::BootfileName(file.clone().into_bytes()));
