@@ -71,6 +71,14 @@ fn config_errors_exit_2_and_name_the_key() {
 }
 
 /// Stops the daemon when a test fails half-way, so no server outlives its test.
+/// A notify socket `dir/notify.sock` for a daemon's `NOTIFY_SOCKET`, read with `timeout`.
+fn notify_socket(dir: &Path, timeout: Duration) -> (std::path::PathBuf, UnixDatagram) {
+    let path = dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&path).expect("bind notify socket");
+    socket.set_read_timeout(Some(timeout)).expect("timeout");
+    (path, socket)
+}
+
 struct KillOnDrop(std::process::Child);
 
 impl Drop for KillOnDrop {
@@ -106,11 +114,7 @@ fn recv_until(socket: &UnixDatagram, want: &str, deadline: Instant) -> Vec<Strin
 fn notifies_ready_with_status_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), "");
-    let notify_path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&notify_path).expect("bind notify socket");
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .expect("timeout");
+    let (notify_path, socket) = notify_socket(dir.path(), Duration::from_millis(200));
 
     let mut guard = KillOnDrop(
         Command::new(BIN)
@@ -233,11 +237,7 @@ fn proxy_mode_says_so_and_answers_the_boot_server_port() {
         "  http: 127.0.0.1:0\n  pxe: 127.0.0.1:0\n",
     );
     std::fs::write(&config, text).expect("write");
-    let notify_path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&notify_path).expect("bind notify socket");
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .expect("timeout");
+    let (notify_path, socket) = notify_socket(dir.path(), Duration::from_millis(200));
     let mut guard = KillOnDrop(
         Command::new(BIN)
             .args(["netboot", "--config"])
@@ -414,11 +414,7 @@ fn feeds_the_watchdog() {
     const WATCHDOG_USEC: u64 = 1_000_000;
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), "");
-    let notify_path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&notify_path).expect("bind notify socket");
-    socket
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .expect("timeout");
+    let (notify_path, socket) = notify_socket(dir.path(), Duration::from_millis(100));
     // `exec` keeps the shell's PID, so WATCHDOG_PID=$$ is the daemon's own PID, as systemd
     // sets it.
     let netboot = |watchdog_pid: &str| {
@@ -579,11 +575,7 @@ fn ready_waits_for_the_cluster_inventory() {
         let (listed, release) = (listed.clone(), release.clone());
         std::thread::spawn(move || fake_api_server(api, listed, release));
     }
-    let notify_path = dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&notify_path).expect("bind notify socket");
-    socket
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .expect("timeout");
+    let (notify_path, socket) = notify_socket(dir.path(), Duration::from_millis(100));
     let _daemon = KillOnDrop(
         Command::new(BIN)
             .args(["netboot", "--config"])

@@ -1698,24 +1698,18 @@ async fn boot_server_answers_on_loopback_to_the_sender_and_stops() {
     ));
     let mut buf = [0u8; 1500];
     // A stranger and a DISCOVER first: no answer, so the next datagram answers the REQUEST.
-    let mut stranger = with(request(MessageType::Request, STRANGER), pxe(7));
-    stranger.set_ciaddr(Ipv4Addr::LOCALHOST);
-    client
-        .send_to(&encode(&stranger), server_addr)
-        .await
-        .expect("send");
-    let mut discover = with(request(MessageType::Discover, MAC), pxe(7));
-    discover.set_ciaddr(Ipv4Addr::LOCALHOST);
-    client
-        .send_to(&encode(&discover), server_addr)
-        .await
-        .expect("send");
-    let mut req = with(request(MessageType::Request, MAC), pxe(7));
-    req.set_ciaddr(Ipv4Addr::LOCALHOST);
-    client
-        .send_to(&encode(&req), server_addr)
-        .await
-        .expect("send");
+    for (kind, mac) in [
+        (MessageType::Request, STRANGER),
+        (MessageType::Discover, MAC),
+        (MessageType::Request, MAC),
+    ] {
+        let mut msg = with(request(kind, mac), pxe(7));
+        msg.set_ciaddr(Ipv4Addr::LOCALHOST);
+        client
+            .send_to(&encode(&msg), server_addr)
+            .await
+            .expect("send");
+    }
     let (n, from) = tokio::time::timeout(Duration::from_secs(10), client.recv_from(&mut buf))
         .await
         .expect("ack in time")
