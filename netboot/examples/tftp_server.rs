@@ -1,7 +1,8 @@
 //! Stand-alone TFTP server for manual and shell tests: `tftp_server ADDR ROOT`.
 //!
 //! Binds ADDR (e.g. `10.77.0.1:69`), serves ROOT read-only, stops on SIGINT or SIGTERM after
-//! in-flight transfers finish. Log level from `RUST_LOG` (default `info`).
+//! in-flight transfers finish. Log level from `RUST_LOG` (default `info`). `TFTP_MAX_TRANSFERS`
+//! sets [`TftpSettings::max_transfers`] (benchmarks with more clients at once than the default).
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -28,7 +29,16 @@ async fn main() -> std::io::Result<()> {
         std::process::exit(2);
     };
     let socket = tokio::net::UdpSocket::bind(addr.as_str()).await?;
-    let settings = Arc::new(TftpSettings::new(root));
+    let mut settings = TftpSettings::new(root);
+    if let Ok(max) = std::env::var("TFTP_MAX_TRANSFERS") {
+        settings.max_transfers = max.parse().map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("TFTP_MAX_TRANSFERS={max:?}: {e}"),
+            )
+        })?;
+    }
+    let settings = Arc::new(settings);
     let machines: Arc<dyn MachineLookup> = Arc::new(HashMap::<MacAddr, Machine>::new());
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
