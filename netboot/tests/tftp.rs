@@ -186,10 +186,13 @@ async fn fetch(
         let (pkt, from) = recv(&sock).await;
         match tid {
             None => {
-                assert_ne!(
-                    from, server,
-                    "transfers use a new TID, not the listening port"
-                );
+                if from == server {
+                    // A refusal (busy) comes from the listening port; nothing else does.
+                    let Pkt::Error(code, msg) = pkt else {
+                        panic!("transfers use a new TID, not the listening port: {pkt:?}")
+                    };
+                    return Err((code, msg));
+                }
                 tid = Some(from);
             }
             Some(t) => assert_eq!(from, t, "all packets come from one TID"),
@@ -361,15 +364,34 @@ async fn uefi_tsize_probe_then_abort_then_fetch() {
         s.max_retries = 5;
     })
     .await;
+    // Asks until the answer is not "busy": a transfer the client just ended frees its place
+    // once its thread has seen the ERROR (the bound only keeps a broken server from looping
+    // forever: a loaded machine may take seconds to get there). A transfer whose client ended
+    // it but whose thread had not seen that yet may be stopped for the new request (it never
+    // looked answered): its "stopped" notice comes from its own TID and is not the answer.
+    async fn ask(sock: &UdpSocket, req: &[u8], to: SocketAddr) -> (Pkt, SocketAddr) {
+        let started = Instant::now();
+        sock.send_to(req, to).await.expect("send");
+        loop {
+            match recv(sock).await {
+                (Pkt::Error(0, msg), from) if from != to && msg.contains("stopped") => {}
+                (Pkt::Error(0, msg), _) if started.elapsed() < Duration::from_secs(20) => {
+                    assert!(msg.contains("busy"), "{msg}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    sock.send_to(req, to).await.expect("send");
+                }
+                other => break other,
+            }
+        }
+    }
     for _ in 0..3 {
         let sock = client().await;
-        sock.send_to(
+        let (pkt, tid) = ask(
+            &sock,
             &rrq("f20000", &[("tsize", "0"), ("blksize", "1468")]),
             srv.addr,
         )
-        .await
-        .expect("send");
-        let (pkt, tid) = recv(&sock).await;
+        .await;
         assert_eq!(
             pkt,
             Pkt::Oack(vec![
@@ -382,21 +404,8 @@ async fn uefi_tsize_probe_then_abort_then_fetch() {
             .expect("abort");
 
         // The same client port asks again right away, as firmware does; "busy" until the
-        // aborted transfer's task has ended (the bound only keeps a broken server from
-        // looping forever: a loaded machine may take seconds to get there).
-        let started = Instant::now();
-        let result = loop {
-            sock.send_to(&rrq("f20000", &[("blksize", "1468")]), srv.addr)
-                .await
-                .expect("send");
-            match recv(&sock).await {
-                (Pkt::Error(0, msg), _) if started.elapsed() < Duration::from_secs(20) => {
-                    assert!(msg.contains("busy"), "{msg}");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                other => break other,
-            }
-        };
+        // aborted transfer has ended.
+        let result = ask(&sock, &rrq("f20000", &[("blksize", "1468")]), srv.addr).await;
         let (Pkt::Oack(_), tid2) = result else {
             panic!("second request failed: {result:?}")
         };
@@ -405,22 +414,38 @@ async fn uefi_tsize_probe_then_abort_then_fetch() {
             .await
             .expect("abort");
 
-        // The probe's socket is closed: talking to it draws an ICMP port unreachable.
+        // The probe's socket is closed: talking to it draws an ICMP port unreachable. (A
+        // probe stopped for the new request, as above, may still send its notice first.)
         let probe = client().await;
         probe.connect(tid).await.expect("connect");
-        probe.send(&ack(0)).await.expect("send");
-        let mut buf = [0u8; 16];
-        let r = tokio::time::timeout(WAIT, probe.recv(&mut buf))
-            .await
-            .expect("an answer");
+        let mut buf = [0u8; 600];
+        let r = loop {
+            probe.send(&ack(0)).await.expect("send");
+            let r = tokio::time::timeout(WAIT, probe.recv(&mut buf))
+                .await
+                .expect("an answer");
+            match r {
+                Ok(n) if matches!(parse(&buf[..n]), Pkt::Error(0, ref m) if m.contains("stopped")) =>
+                    {}
+                other => break other,
+            }
+        };
         assert_eq!(
             r.map_err(|e| e.kind()),
             Err(io::ErrorKind::ConnectionRefused)
         );
     }
-    let (data, _) = fetch(srv.addr, "f20000", &[("tsize", "0")])
-        .await
-        .expect("fetch");
+    let started = Instant::now();
+    let (data, _) = loop {
+        match fetch(srv.addr, "f20000", &[("tsize", "0")]).await {
+            Err((0, msg))
+                if msg.contains("busy") && started.elapsed() < Duration::from_secs(20) =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            other => break other.expect("fetch"),
+        }
+    };
     assert_eq!(data, file(&srv, "f20000"));
 }
 
