@@ -6,7 +6,8 @@
 # full tables are printed, so the remaining exposures are visible in the CI log); the sysusers
 # and tmpfiles entries apply to an empty root; netboot.path is the only netboot unit with an
 # [Install] target; netboot.service and imageserver.service set LimitNOFILE=, MemoryMax= and
-# TasksMax= consistent with the HTTP connection cap and the runtime's threads, and rate exposure
+# TasksMax= consistent with the HTTP connection cap and the runtime's threads (netboot's: and a
+# thread per TFTP transfer), and rate exposure
 # 1.5 or lower (provisioner-pod-network.service: 2.0 or lower).
 TEST_NAME=units
 . "$(dirname "$0")/lib.sh"
@@ -67,15 +68,17 @@ const() { sed -n "s/.*const $2: usize = \([0-9]*\);.*/\1/p" "$REPO/$1"; }
 http_cap=$(sed -n 's/^    maxConnections: \([0-9]*\)$/\1/p' "$REPO/provisioner.yaml.example")
 imageserver_cap=$("$PROVISIONER" imageserver --help 2>/dev/null | sed -n '/--max-connections <MAX_CONNECTIONS>/,/default:/s/.*\[default: \([0-9]*\)\].*/\1/p' | head -1)
 threads=$(( $(const agent/src/main.rs MAX_WORKER_THREADS) + $(const agent/src/main.rs MAX_BLOCKING_THREADS) ))
-log "HTTP cap netboot ${http_cap:-?}, imageserver ${imageserver_cap:-?}; runtime threads at most $threads"
-for pair in "netboot.service:${http_cap:-0}" "imageserver.service:${imageserver_cap:-0}"; do
-    unit=${pair%%:*} cap=${pair#*:}
+# netboot also runs each TFTP transfer on a thread of its own (netboot/src/tftp.rs).
+tftp_transfers=$(sed -n 's/^    maxTransfers: \([0-9]*\)$/\1/p' "$REPO/provisioner.yaml.example")
+log "HTTP cap netboot ${http_cap:-?}, imageserver ${imageserver_cap:-?}; runtime threads at most $threads, TFTP transfers ${tftp_transfers:-?}"
+for pair in "netboot.service:${http_cap:-0}:$((threads + ${tftp_transfers:-1000}))" "imageserver.service:${imageserver_cap:-0}:$threads"; do
+    IFS=: read -r unit cap unit_threads <<<"$pair"
     nofile=$(unit_value "$unit" LimitNOFILE) memmax=$(unit_value "$unit" MemoryMax) tasks=$(unit_value "$unit" TasksMax)
     log "$unit: LimitNOFILE=$nofile MemoryMax=$memmax TasksMax=$tasks"
     check "$unit LimitNOFILE=${nofile:-unset} holds $cap connections of two descriptors plus 256" \
         bash -c '[[ $1 =~ ^[0-9]+$ ]] && [ "$2" -gt 0 ] && [ $(( ($1 - 256) / 2 )) -ge "$2" ]' _ "$nofile" "$cap"
-    check "$unit TasksMax=${tasks:-unset} above the runtime's $threads threads (+16 for the rest)" \
-        bash -c '[[ $1 =~ ^[0-9]+$ ]] && [ "$1" -ge $(( $2 + 16 )) ]' _ "$tasks" "$threads"
+    check "$unit TasksMax=${tasks:-unset} above its $unit_threads threads (+16 for the rest)" \
+        bash -c '[[ $1 =~ ^[0-9]+$ ]] && [ "$1" -ge $(( $2 + 16 )) ]' _ "$tasks" "$unit_threads"
     check "$unit MemoryMax=${memmax:-unset} set, at least 128M" \
         bash -c '[[ $1 =~ ^([0-9]+)([MG])$ ]] && { [ "${BASH_REMATCH[2]}" = G ] || [ "${BASH_REMATCH[1]}" -ge 128 ]; }' _ "$memmax"
 done
