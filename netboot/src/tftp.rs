@@ -1101,8 +1101,7 @@ mod tests {
         let data = vec![1u8; 4096];
         let (mut sender, _client) = sender_for(&data, 512, 1, &abort, &place);
         // The client never acknowledges; another request takes the place (full, never
-        // answered): the transfer ends as stopped, long before its 5 s timeout.
-        let t = Instant::now();
+        // answered): the transfer ends as stopped, not after its retries of 5 s (timed out).
         let result = std::thread::scope(|scope| {
             let ended = scope.spawn(|| sender.send_file());
             let (_newer, stopped) = transfers.admit(ip).expect("room made");
@@ -1110,19 +1109,16 @@ mod tests {
             ended.join().expect("sender")
         });
         assert!(matches!(result, Err(TransferError::Stopped)), "{result:?}");
-        assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
 
         let other = Transfers::new(1, 1, Duration::from_secs(1));
         let (place, _) = other.admit(ip).expect("a place");
         let (mut sender, _client) = sender_for(&data, 512, 1, &abort, &place);
-        let t = Instant::now();
         let result = std::thread::scope(|scope| {
             let ended = scope.spawn(|| sender.send_file());
             abort.cancel();
             ended.join().expect("sender")
         });
         assert!(matches!(result, Err(TransferError::Aborted)), "{result:?}");
-        assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     }
 
     #[test]
