@@ -138,6 +138,8 @@ storm() {
 }
 
 # summarize N OUT: "aggregate_MB/s slowest_s failed wrong", and the failures' messages on stderr.
+# The aggregate counts the clients that got the whole file, over the time from the first start
+# to the last end of any client; the slowest is of all clients.
 summarize() {
     local n=$1 out=$2 i failed=0 wrong=0 line
     for i in $(seq 1 "$n"); do
@@ -151,10 +153,10 @@ summarize() {
             echo "client $i: got cksum $4 size $5, expected $CKSUM" >&2
         fi
     done
-    cat "$out"/[0-9]* 2>/dev/null | awk -v n="$n" -v bytes="$BYTES" -v f="$failed" -v w="$wrong" '
+    cat "$out"/[0-9]* 2>/dev/null | awk -v ok=$((n - failed - wrong)) -v bytes="$BYTES" -v f="$failed" -v w="$wrong" '
         NR == 1 || $2 < s { s = $2 } NR == 1 || $3 > e { e = $3 }
         $3 - $2 > slow { slow = $3 - $2 }
-        END { printf "%.1f %.3f %d %d\n", n * bytes / (e - s) / 1e6, slow, f, w }'
+        END { printf "%.1f %.3f %d %d\n", (e > s) ? ok * bytes / (e - s) / 1e6 : 0, slow, f, w }'
 }
 
 HPA_IP=$SUBNET_PREFIX.2
