@@ -39,12 +39,10 @@ set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 . "$REPO/tests/lib-qemu.sh"
 . "$REPO/tests/lib-kube.sh"
+. "$REPO/tests/lib-image.sh"
 
 LAPTOP_TIMEOUT=${LAPTOP_TIMEOUT:-1500}
 NODE_TIMEOUT=${NODE_TIMEOUT:-1200}
-IMAGE_CACHE=${IMAGE_CACHE:-/var/tmp/provisioner-test-cache}
-STATIC_TARGET_DIR=${STATIC_TARGET_DIR:-$REPO/target/static}
-STAGE2=$STATIC_TARGET_DIR/x86_64-unknown-linux-gnu/debug/stage2
 LAPTOP_MAC=52:54:00:5e:00:50
 LAPTOP_IP=$SUBNET_PREFIX.2
 NODE_MAC=52:54:00:5e:00:52
@@ -78,39 +76,7 @@ BUNDLE=$(kube_bundle_dir) || { fail "the Kubernetes bundle is found (KUBERNETES_
 step_done "cargo build provisioner and static stage2"
 
 IMAGE_T0=$(date +%s.%N)
-if [ -n "${CLUSTER_IMAGE_DIR:-}" ]; then
-    IMG=$CLUSTER_IMAGE_DIR
-    log "image: using $IMG as it is (CLUSTER_IMAGE_DIR)"
-else
-    key=$( (cd "$REPO" && cat image-builder/build.sh image-builder/apt-sources.py \
-        image-builder/kubernetes.sh image-builder/kubernetes/* image-builder/profiles/debian-kubeadm.conf \
-        image-builder/provisioner.yaml units/*.* "$BUNDLE/SHA256SUMS"; \
-        sha256sum "$PROVISIONER" "$STAGE2" | cut -d' ' -f1) | sha256sum | cut -c1-16)
-    IMG=$IMAGE_CACHE/kubeadm-image-$key
-    if [ -f "$IMG/manifest.json" ]; then
-        log "image: cached build $IMG"
-    else
-        mkdir -p "$IMAGE_CACHE"
-        # Older builds take 600 MB and more each: keep only the one being made.
-        rm -rf --one-file-system "$IMAGE_CACHE"/kubeadm-image-*
-        tmp=$(mktemp -d "$IMAGE_CACHE/kubeadm-image-tmp.XXXXXX")
-        log "image: building debian-kubeadm into $IMG (build log $WORK/image-build.log)"
-        if ! "$REPO/image-builder/build.sh" --profile debian-kubeadm --kubernetes "$BUNDLE" \
-            --out "$tmp" --apt-cache "$IMAGE_CACHE/apt" --provisioner "$PROVISIONER" --stage2 "$STAGE2" \
-            > "$WORK/image-build.log" 2>&1; then
-            tail -n 30 "$WORK/image-build.log" >&2
-            rm -rf --one-file-system "$tmp"
-            fail "image-builder/build.sh --profile debian-kubeadm"
-            finish
-        fi
-        grep -E '^\[image [^]]*\] (done|stage|disk)' "$WORK/image-build.log" >&2 || true
-        rm -rf --one-file-system "$tmp/rootfs"
-        mv "$tmp" "$IMG"
-    fi
-fi
-for f in manifest.json image.raw.zst vmlinuz stage2.img; do
-    [ -f "$IMG/$f" ] || { fail "the image build has $f"; finish; }
-done
+kubeadm_image "$BUNDLE" || finish
 manifest() { python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(eval("m"+sys.argv[2]))' "$IMG/manifest.json" "$1"; }
 RAW_SHA256=$(manifest '["image"]["rawSha256"]')
 RAW_SIZE=$(manifest '["image"]["rawSize"]')

@@ -2,8 +2,8 @@
 # Installs what the tests and the demo need on a fresh Debian 12 (bookworm) or Ubuntu 24.04 host:
 # packages from the distribution's own archive only, and for tests/fuzz.sh rustup's nightly
 # toolchain (minimal profile) and cargo-fuzz (crates.io). Services shipped by these packages
-# (tftpd-hpa) are kept from starting on the host: the tests run their servers inside network
-# namespaces.
+# (tftpd-hpa; libvirt-daemon ships no unit, libvirtd is started by tests/libvirt-lab.sh itself)
+# are kept from starting on the host: the tests run their servers inside network namespaces.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
@@ -28,6 +28,10 @@ PACKAGES=(
     openssl pkg-config libssl-dev libzstd-dev   # stage2-write bench: image data; building coreos-installer
     fio                                # stage2-write bench: the device written alone, several writes in flight
     gcc g++                            # the linker cargo calls; g++: libFuzzer's C++ sources (tests/fuzz.sh)
+    # tests/libvirt-lab.sh: libvirtd (QEMU driver), virsh, and iptables for the isolated network's
+    # rules (in the test's namespace). Not libvirt-daemon-system: no units, users or default
+    # network; the test starts libvirtd itself with a private configuration.
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients iptables
 )
 
 missing=()

@@ -16,9 +16,23 @@
 #   image_outside_root_sha256 FILE        sha256 of FILE's first IMAGE_BYTES without the root
 #                                         partition (what stays byte-identical after stage2 adds
 #                                         its drop-in)
+#
+# The product's debian-kubeadm image, for the tests that boot it (cluster-flow.sh,
+# libvirt-lab.sh):
+#
+#   kubeadm_image BUNDLE                  sets IMG to the build output (manifest.json,
+#                                         image.raw.zst, vmlinuz, stage2.img): $CLUSTER_IMAGE_DIR
+#                                         as it is when set, else the build cached in $IMAGE_CACHE
+#                                         for this set of inputs (build.sh, kubernetes.sh, the
+#                                         profile, units, the bundle's SHA256SUMS, $PROVISIONER and
+#                                         $STAGE2), built when missing; on failure says why (FAIL
+#                                         line) and returns 1
 
 SYSTEMD_BOOT=${SYSTEMD_BOOT:-/usr/lib/systemd/boot/efi/systemd-bootx64.efi}
 SYSLINUX_GPTMBR=${SYSLINUX_GPTMBR:-/usr/lib/SYSLINUX/gptmbr.bin}
+IMAGE_CACHE=${IMAGE_CACHE:-/var/tmp/provisioner-test-cache}
+STATIC_TARGET_DIR=${STATIC_TARGET_DIR:-$REPO/target/static}
+STAGE2=${STAGE2:-$STATIC_TARGET_DIR/x86_64-unknown-linux-gnu/debug/stage2}
 IMAGE_ROOT_START_MIB=25 # 1 MiB GPT area + 24 MiB ESP
 IMAGE_ROOT_MIB=8
 
@@ -89,4 +103,41 @@ image_outside_root_sha256() {
         head -c $((IMAGE_ROOT_START_MIB * mib)) "$file"
         head -c "$IMAGE_BYTES" "$file" | tail -c +$(((IMAGE_ROOT_START_MIB + IMAGE_ROOT_MIB) * mib + 1))
     } | sha256sum | cut -d' ' -f1
+}
+
+kubeadm_image() {
+    local bundle=$1 key tmp f
+    if [ -n "${CLUSTER_IMAGE_DIR:-}" ]; then
+        IMG=$CLUSTER_IMAGE_DIR
+        log "image: using $IMG as it is (CLUSTER_IMAGE_DIR)"
+    else
+        key=$( (cd "$REPO" && cat image-builder/build.sh image-builder/apt-sources.py \
+            image-builder/kubernetes.sh image-builder/kubernetes/* image-builder/profiles/debian-kubeadm.conf \
+            image-builder/provisioner.yaml units/*.* "$bundle/SHA256SUMS"; \
+            sha256sum "$PROVISIONER" "$STAGE2" | cut -d' ' -f1) | sha256sum | cut -c1-16)
+        IMG=$IMAGE_CACHE/kubeadm-image-$key
+        if [ -f "$IMG/manifest.json" ]; then
+            log "image: cached build $IMG"
+        else
+            mkdir -p "$IMAGE_CACHE"
+            # Older builds take 600 MB and more each: keep only the one being made.
+            rm -rf --one-file-system "$IMAGE_CACHE"/kubeadm-image-*
+            tmp=$(mktemp -d "$IMAGE_CACHE/kubeadm-image-tmp.XXXXXX")
+            log "image: building debian-kubeadm into $IMG (build log $WORK/image-build.log)"
+            if ! "$REPO/image-builder/build.sh" --profile debian-kubeadm --kubernetes "$bundle" \
+                --out "$tmp" --apt-cache "$IMAGE_CACHE/apt" --provisioner "$PROVISIONER" --stage2 "$STAGE2" \
+                > "$WORK/image-build.log" 2>&1; then
+                tail -n 30 "$WORK/image-build.log" >&2
+                rm -rf --one-file-system "$tmp"
+                fail "image-builder/build.sh --profile debian-kubeadm"
+                return 1
+            fi
+            grep -E '^\[image [^]]*\] (done|stage|disk)' "$WORK/image-build.log" >&2 || true
+            rm -rf --one-file-system "$tmp/rootfs"
+            mv "$tmp" "$IMG"
+        fi
+    fi
+    for f in manifest.json image.raw.zst vmlinuz stage2.img; do
+        [ -f "$IMG/$f" ] || { fail "the image build has $f"; return 1; }
+    done
 }

@@ -41,7 +41,8 @@ QEMU_TESTS=(
     tests/stage2-boot.sh
     tests/e2e-provision.sh
     tests/stage2-faults.sh
-    # image-build.sh, nspawn.sh and cluster-flow.sh run after these (they share the image it builds).
+    # image-build.sh, nspawn.sh, cluster-flow.sh and libvirt-lab.sh run after these (they share
+    # the image it builds).
 )
 
 tiers=(unit network qemu)
@@ -109,10 +110,13 @@ tier_qemu() {
     else
         run tests/nspawn.sh
     fi
+    # The libvirt lab boots the same image as the laptop of a libvirtd the test starts.
     if [ -f "$image_dir/out/manifest.json" ]; then
         run tests/cluster-flow.sh CLUSTER_IMAGE_DIR="$image_dir/out"
+        run tests/libvirt-lab.sh CLUSTER_IMAGE_DIR="$image_dir/out"
     else
         run tests/cluster-flow.sh
+        run tests/libvirt-lab.sh
     fi
 }
 
