@@ -33,7 +33,7 @@ LAB_TIMEOUT=${LAB_TIMEOUT:-1500}
 NODE_TIMEOUT=${NODE_TIMEOUT:-900}
 LAB=$REPO/tests/lab/libvirt.sh
 LAB_DIR=/var/tmp/pv-lab-$TEST_NAME-$$
-LAB_NAME=pvlab
+LAB_NAME=pvl$$ # libvirt names and the bridge: unique per run
 LVD=$WORK/libvirtd
 URI="qemu:///system?socket=$LVD/run/libvirt/libvirt-sock"
 TEST_T0=$(date +%s)
@@ -73,11 +73,12 @@ log "image $IMG ($(since)s)"
 
 # What must be the same after the test: the host's libvirt directories, links, iptables rules.
 host_state() {
-    find /etc/libvirt /run/libvirt /var/lib/libvirt /var/log/libvirt /var/cache/libvirt 2>/dev/null | sort
+    # (find fails on the directories that do not exist: what is listed is what counts)
+    find /etc/libvirt /run/libvirt /var/lib/libvirt /var/log/libvirt /var/cache/libvirt 2>/dev/null | sort || true
     # links a libvirtd on the host would make (other tests' veths come and go meanwhile)
     ip -o link show | awk -F': ' '{print $2}' | grep -E "^($LAB_NAME|vnet|virbr|tap)" | sort || true
-    iptables -S 2>/dev/null
-    find /sys/fs/cgroup -maxdepth 3 \( -name '*machine*' -o -name '*libvirt*' -o -name '*qemu*' \) 2>/dev/null | sort
+    iptables -S 2>/dev/null || true
+    find /sys/fs/cgroup -maxdepth 3 \( -name '*machine*' -o -name '*libvirt*' -o -name '*qemu*' \) 2>/dev/null | sort || true
 }
 host_state >"$WORK/host-before"
 
