@@ -152,7 +152,8 @@ check "the lab network is isolated and has no DHCP (no <forward>, no <dhcp>, DNS
 check "the bridge ${LAB_NAME}0 has the host's address only" bash -c \
     "[ \"\$(ip netns exec '$NS_SRV' ip -o addr show dev ${LAB_NAME}0 | awk '\$3 == \"inet\" {print \$4}')\" = '$SUBNET_PREFIX.1/24' ]"
 check "libvirt started no dnsmasq" not pgrep -f "libvirt/dnsmasq/$LAB_NAME"
-QEMU_PIDS=$(cat "$LVD"/run/libvirt/qemu/*.pid 2>/dev/null | tr '\n' ' ')
+# one PID file per domain (without a final newline), beside the driver's own driver.pid
+QEMU_PIDS=$(for f in "$LVD/run/libvirt/qemu/$LAB_NAME"-*.pid; do [ -f "$f" ] && echo "$(cat "$f")"; done | tr '\n' ' ')
 log "QEMU pids: $QEMU_PIDS"
 check "both domains run QEMU with -accel tcg" bash -c \
     "n=0; for p in $QEMU_PIDS; do tr '\\0' ' ' </proc/\$p/cmdline | grep -q -- '-accel tcg' && n=\$((n + 1)); done; [ \$n = 2 ]"
