@@ -2,8 +2,8 @@
 # Installs what the tests and the demo need on a fresh Debian 12 (bookworm) or Ubuntu 24.04 host:
 # packages from the distribution's own archive only, and for tests/fuzz.sh rustup's nightly
 # toolchain (minimal profile) and cargo-fuzz (crates.io). Services shipped by these packages
-# (tftpd-hpa; libvirt-daemon ships no unit, libvirtd is started by tests/libvirt-lab.sh itself)
-# are kept from starting on the host: the tests run their servers inside network namespaces.
+# (tftpd-hpa, nginx; libvirt-daemon ships no unit, libvirtd is started by tests/libvirt-lab.sh
+# itself) are kept from starting on the host: the tests run their servers inside network namespaces.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
@@ -27,6 +27,7 @@ PACKAGES=(
     umoci                              # image builder, kubeadm profiles: OCI archives of the control-plane images
     openssl pkg-config libssl-dev libzstd-dev   # stage2-write bench: image data; building coreos-installer
     fio                                # stage2-write bench: the device written alone, several writes in flight
+    nginx-light                        # http bench: the reference static file server (its service disabled below)
     gcc g++                            # the linker cargo calls; g++: libFuzzer's C++ sources (tests/fuzz.sh)
     # tests/libvirt-lab.sh: libvirtd (QEMU driver), virsh, and iptables for the isolated network's
     # rules (in the test's namespace). Not libvirt-daemon-system: no units, users or default
@@ -49,9 +50,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
     [ "$created_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
-    # tftpd-hpa's unit may still be enabled for the next boot: it must not serve the host's links.
+    # tftpd-hpa's and nginx's units may still be enabled for the next boot: they must not serve the
+    # host's links.
     if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
         systemctl disable --now tftpd-hpa 2>/dev/null || true
+        systemctl disable --now nginx 2>/dev/null || true
     fi
 fi
 
