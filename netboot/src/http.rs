@@ -25,14 +25,25 @@
 //! Static files carry `Content-Length`, `Last-Modified`, `ETag` and `Accept-Ranges`, honour
 //! `If-None-Match`/`If-Modified-Since` (304) and a single `Range` (206, or 416 when no byte of
 //! it is in the file, with `If-Range`). A `Range` naming several ranges gets the whole file with
-//! 200 rather than a multipart body, which RFC 9110 allows. Files are streamed in 64 KiB chunks.
+//! 200 rather than a multipart body, which RFC 9110 allows.
 //! Directories are never listed (404). Request paths are percent-decoded once; a bad escape,
 //! a NUL or control byte, a backslash or a `..` segment is a 400.
 //!
+//! **Files are sent with `sendfile(2)`.** The server reads each request head itself (httparse,
+//! as hyper does); a `GET` or `HEAD` without a body that the site answers with a file
+//! ([`Site::static_file`]: netboot's `/boot/` and `/assets/`, every path of a [`DirSite`], the
+//! imageserver's files it has) gets its response head written by the server and its body sent
+//! by the kernel from the page cache, on the runtime's worker threads: no copy, no blocking
+//! thread per chunk, whatever the number of downloads. Every other request (scripts, reports,
+//! cloud-init, a cache miss) is handed to hyper with the bytes already read, and the
+//! connection comes back after its response, so one keep-alive connection mixes both. The
+//! answers, headers, log line and limits are the same on both paths.
+//!
 //! Connections are bounded by [`HttpLimits`] (see [`limits`]): header, write and total
 //! response deadlines, a per-peer and a global connection cap below the file descriptor limit,
-//! and small write buffers (hyper's `max_buf_size` of [`MAX_BUF`]), so a slow reader holds
-//! about 200 KiB of memory (hyper's queue, a file chunk, the file's read buffer) and never more.
+//! and small buffers (a request head of at most [`MAX_BUF`], hyper's `max_buf_size` too), so a
+//! slow reader of a file holds its head's buffer and an open file; on hyper's path, at most
+//! about 200 KiB (hyper's queue, a 64 KiB file chunk, the file's read buffer).
 //!
 //! Completed asset downloads are not reported as [`BootEvent::FileServed`]: a request for
 //! `/assets/vmlinuz` carries nothing that names the machine (the lookup is by MAC only, and the
@@ -44,6 +55,7 @@
 //! [`BootEvent::FileServed`]: crate::machine::BootEvent::FileServed
 
 mod body;
+mod fast;
 mod files;
 pub mod limits;
 mod netboot_site;

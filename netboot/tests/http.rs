@@ -780,3 +780,255 @@ async fn serves_concurrent_clients() {
     }
     assert_eq!(n, 32);
 }
+
+/// Reads one response from a kept-alive connection: its head, then exactly `Content-Length`
+/// body bytes (none for a HEAD or a 304). Bytes read past it are left in `pending`.
+async fn read_response(
+    s: &mut TcpStream,
+    pending: &mut Vec<u8>,
+    head_only: bool,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let run = async {
+        let end = loop {
+            if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            let mut chunk = [0u8; 8192];
+            let n = s.read(&mut chunk).await.expect("read head");
+            assert!(n > 0, "closed before a response head");
+            pending.extend_from_slice(&chunk[..n]);
+        };
+        let (status, headers) = parse_head(&pending[..end]);
+        pending.drain(..end + 4);
+        let len: usize = if head_only || status == 304 {
+            0
+        } else {
+            headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+                .map(|(_, v)| v.parse().expect("numeric Content-Length"))
+                .expect("Content-Length")
+        };
+        while pending.len() < len {
+            let mut chunk = vec![0u8; 64 * 1024];
+            let n = s.read(&mut chunk).await.expect("read body");
+            assert!(n > 0, "closed within a body");
+            pending.extend_from_slice(&chunk[..n]);
+        }
+        let body = pending.drain(..len).collect();
+        (status, headers, body)
+    };
+    tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("response in time")
+}
+
+fn header_of<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// One keep-alive connection, one request at a time: files (sent by the server's own path),
+/// the script and a report with a body (hyper's), a range, a HEAD, a 404 and a 304, in turns.
+#[tokio::test]
+async fn keep_alive_mixes_file_and_other_requests() {
+    let srv = start("mix", None).await;
+    let mut s = TcpStream::connect(srv.addr).await.expect("connect");
+    let mut pending = Vec::new();
+    let vmlinuz = srv.asset("vmlinuz");
+    let mut etag = String::new();
+    for round in 0..2 {
+        s.write_all(b"GET /assets/vmlinuz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let (status, headers, body) = read_response(&mut s, &mut pending, false).await;
+        assert_eq!(status, 200);
+        assert_eq!(body, vmlinuz, "round {round}");
+        assert_eq!(header_of(&headers, "accept-ranges"), Some("bytes"));
+        assert_eq!(
+            header_of(&headers, "content-type"),
+            Some("application/octet-stream")
+        );
+        assert!(header_of(&headers, "last-modified").is_some());
+        assert!(header_of(&headers, "date").is_some());
+        assert_eq!(header_of(&headers, "connection"), None);
+        etag = header_of(&headers, "etag").expect("etag").to_string();
+
+        s.write_all(b"GET /ipxe/52-54-00-12-34-56 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let (status, _, body) = read_response(&mut s, &mut pending, false).await;
+        assert_eq!(status, 200);
+        assert_eq!(String::from_utf8_lossy(&body), expected_script(srv.addr));
+
+        // A body hyper reads: the connection comes back after it.
+        let report = b"{\"phase\":\"imaged\"}";
+        s.write_all(
+            format!(
+                "POST /report/52-54-00-12-34-56 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                report.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write");
+        s.write_all(report).await.expect("write body");
+        let (status, _, _) = read_response(&mut s, &mut pending, false).await;
+        assert_eq!(status, 404, "no provisioning: reports are not enabled");
+
+        s.write_all(b"GET /assets/vmlinuz HTTP/1.1\r\nHost: x\r\nRange: bytes=1000-1999\r\n\r\n")
+            .await
+            .expect("write");
+        let (status, headers, body) = read_response(&mut s, &mut pending, false).await;
+        assert_eq!(status, 206);
+        assert_eq!(
+            header_of(&headers, "content-range"),
+            Some("bytes 1000-1999/300000")
+        );
+        assert_eq!(body, &vmlinuz[1000..2000]);
+
+        s.write_all(b"HEAD /boot/ipxe.efi HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let (status, headers, _) = read_response(&mut s, &mut pending, true).await;
+        assert_eq!(status, 200);
+        assert_eq!(header_of(&headers, "content-length"), Some("4096"));
+
+        s.write_all(b"GET /assets/missing HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let (status, _, body) = read_response(&mut s, &mut pending, false).await;
+        assert_eq!((status, body.as_slice()), (404, b"Not Found\n".as_slice()));
+
+        s.write_all(
+            format!("GET /assets/vmlinuz HTTP/1.1\r\nHost: x\r\nIf-None-Match: {etag}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("write");
+        let (status, headers, _) = read_response(&mut s, &mut pending, false).await;
+        assert_eq!(status, 304);
+        assert_eq!(header_of(&headers, "content-length"), None);
+    }
+    assert!(pending.is_empty());
+    assert!(!etag.is_empty());
+}
+
+/// Every request at once on one connection, files and others mixed: answered in order.
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let srv = start("pipelined", None).await;
+    let report = "{\"phase\":\"imaged\"}";
+    let request = format!(
+        "GET /assets/initrd.img HTTP/1.1\r\nHost: x\r\n\r\n\
+         GET /ipxe/52-54-00-12-34-56 HTTP/1.1\r\nHost: x\r\n\r\n\
+         HEAD /assets/vmlinuz HTTP/1.1\r\nHost: x\r\n\r\n\
+         POST /report/52-54-00-12-34-56 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nContent-Length: {}\r\n\r\n{report}\
+         GET /assets/vmlinuz HTTP/1.1\r\nHost: x\r\nRange: bytes=-10\r\n\r\n\
+         GET /assets/sub/file%20name.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        report.len()
+    );
+    let raw = raw_exchange(srv.addr, request.as_bytes()).await;
+    let mut s = std::io::Cursor::new(raw);
+    let mut next = |head_only: bool| {
+        let rest = &s.get_ref()[s.position() as usize..];
+        let end = rest
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a response head");
+        let (status, headers) = parse_head(&rest[..end]);
+        let len: usize = if head_only {
+            0
+        } else {
+            header_of(&headers, "content-length")
+                .expect("Content-Length")
+                .parse()
+                .expect("number")
+        };
+        let body = rest[end + 4..end + 4 + len].to_vec();
+        s.set_position(s.position() + (end + 4 + len) as u64);
+        (status, headers, body)
+    };
+    let (status, _, body) = next(false);
+    assert_eq!((status, body), (200, pattern(70_001, 2)));
+    let (status, _, body) = next(false);
+    assert_eq!(status, 200);
+    assert_eq!(String::from_utf8_lossy(&body), expected_script(srv.addr));
+    let (status, headers, _) = next(true);
+    assert_eq!(status, 200);
+    assert_eq!(header_of(&headers, "content-length"), Some("300000"));
+    let (status, _, _) = next(false);
+    assert_eq!(status, 404);
+    let (status, _, body) = next(false);
+    assert_eq!(status, 206);
+    assert_eq!(body, &pattern(300_000, 1)[299_990..]);
+    let (status, headers, body) = next(false);
+    assert_eq!((status, body.as_slice()), (200, b"spaced\n".as_slice()));
+    assert_eq!(header_of(&headers, "connection"), Some("close"));
+    assert_eq!(
+        s.position() as usize,
+        s.get_ref().len(),
+        "nothing after the last"
+    );
+}
+
+/// A request head that arrives in pieces is answered once whole.
+#[tokio::test]
+async fn a_request_head_split_across_reads_is_answered() {
+    let srv = start("split", None).await;
+    let mut s = TcpStream::connect(srv.addr).await.expect("connect");
+    for piece in [
+        &b"GET /assets/init"[..],
+        b"rd.img HTTP/1.1\r\nHo",
+        b"st: x\r\nRange: bytes=0-9\r",
+        b"\n\r\n",
+    ] {
+        s.write_all(piece).await.expect("write");
+        s.flush().await.expect("flush");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let mut pending = Vec::new();
+    let (status, _, body) = read_response(&mut s, &mut pending, false).await;
+    assert_eq!((status, body), (206, pattern(70_001, 2)[..10].to_vec()));
+}
+
+/// A head larger than the server's buffer is refused as hyper refuses it (431), and the
+/// connection is closed.
+#[tokio::test]
+async fn a_too_large_request_head_is_refused() {
+    let srv = start("largehead", None).await;
+    let request = format!(
+        "GET /assets/vmlinuz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(80 * 1024)
+    );
+    let run = async {
+        let mut s = TcpStream::connect(srv.addr).await.expect("connect");
+        // The server may answer and close before it read all of it.
+        let _ = s.write_all(request.as_bytes()).await;
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw).await;
+        raw
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("answered in time");
+    assert!(
+        raw.starts_with(b"HTTP/1.1 431"),
+        "{:?}",
+        String::from_utf8_lossy(&raw[..raw.len().min(200)])
+    );
+    assert_eq!(get(srv.addr, "/assets/empty").await.status, 200);
+}
+
+/// HTTP/1.0 gets an HTTP/1.0 answer and the connection closes after it, as hyper does.
+#[tokio::test]
+async fn http_1_0_file_requests_close_after_the_response() {
+    let srv = start("http10", None).await;
+    let raw = raw_exchange(srv.addr, b"GET /assets/initrd.img HTTP/1.0\r\n\r\n").await;
+    assert!(raw.starts_with(b"HTTP/1.0 200 OK\r\n"), "{:?}", &raw[..20]);
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("head");
+    assert_eq!(&raw[end + 4..], pattern(70_001, 2).as_slice());
+}

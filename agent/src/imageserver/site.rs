@@ -98,6 +98,30 @@ impl Site for ImageSite {
         self.files.serve(&file, req.headers(), outcome).await
     }
 
+    /// A file the directory has, by `sendfile(2)`; the seed, hidden names and files to fill
+    /// from upstream go to [`Site::handle`].
+    async fn static_file(
+        &self,
+        _peer: SocketAddr,
+        req: &Request<()>,
+        outcome: &mut Outcome,
+    ) -> Option<Response<Body>> {
+        let file = match FileRequest::from_request(req, outcome) {
+            Ok(file) => file,
+            Err(response) => return Some(*response),
+        };
+        if self.seed_dir.is_some() && file.rel.starts_with("nocloud/") {
+            return None;
+        }
+        if self.missing.is_some()
+            && (file.rel.split('/').any(|segment| segment.starts_with('.'))
+                || is_missing(self.files.dir(), &file.rel).await)
+        {
+            return None;
+        }
+        Some(self.files.serve(&file, req.headers(), outcome).await)
+    }
+
     fn announce(&self) {
         // Under the server's target, with the server's other start-up lines.
         tracing::info!(

@@ -1,6 +1,8 @@
-//! Response bodies: nothing, a small buffer, or a file streamed in bounded chunks.
+//! Response bodies: nothing, a small buffer, or a file: sent with `sendfile(2)` by the
+//! server's fast path ([`super::fast`]), or streamed to hyper in bounded chunks.
 
-use std::io;
+use std::io::{self, Seek};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -24,11 +26,17 @@ impl Body {
     }
 }
 
-/// `len` bytes of `file` from its current position. Logs when dropped before the end (client
-/// went away, or shutdown aborted it) and calls `on_complete` once the last byte was handed to
-/// hyper.
+/// `len` bytes of `file` from `offset`. Logs when dropped before the end (client went away, or
+/// shutdown aborted it) and calls `on_complete` once the last byte was sent (handed to hyper,
+/// or to the kernel by the fast path).
 pub struct FileStream {
-    file: tokio::fs::File,
+    /// The file as opened, until hyper reads it through `reader`; the fast path sends from it
+    /// by offset and never moves its position.
+    file: Option<std::fs::File>,
+    /// The file for hyper's path: made (and positioned) on its first read.
+    reader: Option<tokio::fs::File>,
+    /// Where the next byte comes from.
+    offset: u64,
     remaining: u64,
     len: u64,
     buf: Vec<u8>,
@@ -37,9 +45,11 @@ pub struct FileStream {
 }
 
 impl FileStream {
-    pub fn new(file: tokio::fs::File, len: u64, path: String) -> Self {
+    pub fn new(file: std::fs::File, offset: u64, len: u64, path: String) -> Self {
         FileStream {
-            file,
+            file: Some(file),
+            reader: None,
+            offset,
             remaining: len,
             len,
             buf: Vec::new(),
@@ -51,6 +61,30 @@ impl FileStream {
     pub fn on_complete(mut self, f: impl FnOnce() + Send + Sync + 'static) -> Self {
         self.on_complete = Some(Box::new(f));
         self
+    }
+
+    /// The open file, the offset of the next byte and the bytes left, for `sendfile(2)`; `None`
+    /// once hyper has started reading it.
+    pub(crate) fn sendfile_source(&self) -> Option<(BorrowedFd<'_>, u64, u64)> {
+        let file = self.file.as_ref()?;
+        Some((file.as_fd(), self.offset, self.remaining))
+    }
+
+    /// `n` more bytes were sent by the fast path.
+    pub(crate) fn advance(&mut self, n: u64) {
+        let n = n.min(self.remaining);
+        self.offset += n;
+        self.remaining -= n;
+        if self.remaining == 0 {
+            if let Some(done) = self.on_complete.take() {
+                done();
+            }
+        }
+    }
+
+    /// Bytes not sent yet.
+    pub(crate) fn remaining(&self) -> u64 {
+        self.remaining
     }
 }
 
@@ -115,8 +149,23 @@ impl FileStream {
         // between chunks: a connection whose client does not read holds one chunk less.
         let mut buf = std::mem::take(&mut self.buf);
         buf.resize(want, 0);
+        if self.reader.is_none() {
+            let Some(mut file) = self.file.take() else {
+                return Poll::Ready(Some(Err(io::Error::other("file already closed"))));
+            };
+            // lseek on a regular file does no I/O: fine on a worker thread.
+            if self.offset > 0 {
+                if let Err(e) = file.seek(io::SeekFrom::Start(self.offset)) {
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            self.reader = Some(tokio::fs::File::from_std(file));
+        }
+        let Some(reader) = self.reader.as_mut() else {
+            return Poll::Ready(Some(Err(io::Error::other("file already closed"))));
+        };
         let mut read = ReadBuf::new(&mut buf[..want]);
-        match Pin::new(&mut self.file).poll_read(cx, &mut read) {
+        match Pin::new(reader).poll_read(cx, &mut read) {
             Poll::Pending => {
                 self.buf = buf;
                 Poll::Pending
@@ -133,6 +182,7 @@ impl FileStream {
                     ))));
                 }
                 self.remaining -= n as u64;
+                self.offset += n as u64;
                 buf.truncate(n);
                 let chunk = Bytes::from(buf);
                 if self.remaining == 0 {

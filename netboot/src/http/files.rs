@@ -12,7 +12,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use tokio::io::AsyncSeekExt;
 use tracing::info;
 
 use super::body::{Body, FileStream};
@@ -60,6 +59,19 @@ impl Site for DirSite {
         }
     }
 
+    /// Every request is for a file.
+    async fn static_file(
+        &self,
+        _peer: SocketAddr,
+        req: &Request<()>,
+        outcome: &mut Outcome,
+    ) -> Option<Response<Body>> {
+        Some(match FileRequest::from_request(req, outcome) {
+            Ok(file) => self.serve(&file, req.headers(), outcome).await,
+            Err(response) => *response,
+        })
+    }
+
     fn announce(&self) {
         info!(target: LOG_TARGET, dir = %self.dir.display(), "file server starting");
     }
@@ -83,8 +95,8 @@ impl FileRequest {
     /// The file `req` asks for, or the answer to a request that cannot name one: 405 (with
     /// `Allow: GET, HEAD`) for another method, 400 for a path [`decode_path`] refuses (the
     /// reason goes to `outcome`), 404 for a directory.
-    pub fn from_request(
-        req: &Request<Incoming>,
+    pub fn from_request<B>(
+        req: &Request<B>,
         outcome: &mut Outcome,
     ) -> Result<FileRequest, Box<Response<Body>>> {
         let Some(head) = get_or_head(req.method()) else {
@@ -415,18 +427,11 @@ pub async fn serve_file_allowing(
     let body = if head {
         Body::Empty
     } else {
-        let mut file = tokio::fs::File::from_std(file);
-        if start > 0 {
-            if let Err(e) = file.seek(io::SeekFrom::Start(start)).await {
-                outcome.note = Some(format!("seek failed: {e}"));
-                return plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
-            }
-        }
         outcome.bytes = count;
         let path = rel.to_string();
         let full = status == StatusCode::OK;
         Body::File(
-            FileStream::new(file, count, rel.to_string()).on_complete(move || {
+            FileStream::new(file, start, count, rel.to_string()).on_complete(move || {
                 tracing::debug!(path = %path, bytes = count, full, "file transfer complete");
             }),
         )

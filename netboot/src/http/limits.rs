@@ -131,12 +131,19 @@ pub(crate) struct ConnState {
     deadline: AtomicU64,
     /// The connection was closed by a deadline (for the counters).
     timed_out: AtomicBool,
+    /// Responses finished (their bodies dropped) on this connection.
+    finished: AtomicU64,
 }
 
 impl ConnState {
     /// The connection was closed by a deadline hyper enforces (the header timeout).
     pub fn mark_timed_out(&self) {
         self.timed_out.store(true, Ordering::Relaxed);
+    }
+
+    /// Responses finished on this connection so far.
+    pub fn finished(&self) -> u64 {
+        self.finished.load(Ordering::Acquire)
     }
 }
 
@@ -352,6 +359,36 @@ impl Registry {
         state.deadline.store(at.max(1), Ordering::Relaxed);
     }
 
+    /// Marks the end of the request in flight on `state` (its response written or given up).
+    pub fn request_finished(&self, state: &ConnState) {
+        state.busy.store(false, Ordering::Relaxed);
+        state.finished.fetch_add(1, Ordering::Release);
+    }
+
+    /// Bytes were read from or written to the connection.
+    pub fn progress(&self, state: &ConnState) {
+        state.last_progress.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Bytes were written: the connection is no longer waiting for its client to read.
+    pub fn wrote(&self, state: &ConnState) {
+        self.progress(state);
+        state.write_blocked.store(0, Ordering::Relaxed);
+    }
+
+    /// A write has started waiting for the client to read.
+    pub fn write_blocked(&self, state: &ConnState) {
+        state.write_blocked.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Time left until the response's total deadline on `state`, if one is set.
+    pub fn until_deadline(&self, state: &ConnState) -> Option<Duration> {
+        match state.deadline.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(Duration::from_millis(at.saturating_sub(self.now_ms()))),
+        }
+    }
+
     /// Counts a connection closed by one of its deadlines.
     pub fn count_timeout(&self, state: &ConnState) {
         if state.timed_out.load(Ordering::Relaxed) {
@@ -375,6 +412,7 @@ impl<B> Tracked<B> {
 impl<B> Drop for Tracked<B> {
     fn drop(&mut self) {
         self.state.busy.store(false, Ordering::Relaxed);
+        self.state.finished.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -416,6 +454,11 @@ impl<T> GuardedIo<T> {
             state,
             stall: None,
         }
+    }
+
+    /// The wrapped socket.
+    pub fn into_inner(self) -> T {
+        self.inner
     }
 
     fn progress(&self) {

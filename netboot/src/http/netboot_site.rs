@@ -71,6 +71,24 @@ impl Site for NetbootSite {
         self.route(req, canonical_peer(peer.ip()), outcome).await
     }
 
+    /// `/boot/` and `/assets/` are files.
+    async fn static_file(
+        &self,
+        _peer: SocketAddr,
+        req: &Request<()>,
+        outcome: &mut Outcome,
+    ) -> Option<Response<Body>> {
+        let path = req.uri().path();
+        let (kind, rest) = if let Some(rest) = path.strip_prefix("/boot/") {
+            (Route::Boot, rest)
+        } else if let Some(rest) = path.strip_prefix("/assets/") {
+            (Route::Assets, rest)
+        } else {
+            return None;
+        };
+        Some(self.file(kind, rest, req, outcome).await)
+    }
+
     fn announce(&self) {
         info!(target: LOG_TARGET, base_url = %self.settings.base_url, "HTTP server starting");
     }
@@ -115,10 +133,32 @@ impl NetbootSite {
             return plain(StatusCode::NOT_FOUND, "not found");
         };
 
+        if kind != Route::Script {
+            return self.file(kind, rest, &req, outcome).await;
+        }
         let Some(head) = get_or_head(req.method()) else {
             return not_allowed("GET, HEAD");
         };
+        match decode_path(rest) {
+            Ok(rel) => self.script(&rel, peer, head, outcome),
+            Err(why) => {
+                outcome.note = Some(why.to_string());
+                plain(StatusCode::BAD_REQUEST, why)
+            }
+        }
+    }
 
+    /// `/boot/{rest}` or `/assets/{rest}`: a file of its folder.
+    async fn file<B>(
+        &self,
+        kind: Route,
+        rest: &str,
+        req: &Request<B>,
+        outcome: &mut Outcome,
+    ) -> Response<Body> {
+        let Some(head) = get_or_head(req.method()) else {
+            return not_allowed("GET, HEAD");
+        };
         let rel = match decode_path(rest) {
             Ok(rel) => rel,
             Err(why) => {
@@ -126,14 +166,11 @@ impl NetbootSite {
                 return plain(StatusCode::BAD_REQUEST, why);
             }
         };
-
-        if kind != Route::Script && (rel.is_empty() || rel.ends_with('/')) {
+        if rel.is_empty() || rel.ends_with('/') {
             // A directory: never listed.
             return plain(StatusCode::NOT_FOUND, "not found");
         }
-
         match kind {
-            Route::Script => self.script(&rel, peer, head, outcome),
             // The iPXE folder may be the distribution's own, whose loaders can be symlinks.
             Route::Boot => {
                 files::serve_file_allowing(
@@ -146,7 +183,7 @@ impl NetbootSite {
                 )
                 .await
             }
-            Route::Assets => {
+            Route::Assets | Route::Script => {
                 files::serve_file(
                     &self.settings.assets_dir,
                     &rel,
@@ -397,7 +434,7 @@ fn bearer_token(headers: &hyper::HeaderMap) -> Option<String> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_string())
 }
 
-#[derive(PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Route {
     Script,
     Boot,

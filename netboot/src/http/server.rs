@@ -7,7 +7,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, LazyLock};
+use std::task::Poll;
 use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
 
 use hyper::body::Incoming;
 use hyper::header;
@@ -21,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::body::Body;
+use super::fast::{self, Replay};
 use super::limits::{self, Admitted, GuardedIo, HttpLimits, Registry, Tracked};
 use crate::lograte::LogLimit;
 
@@ -55,6 +59,21 @@ pub trait Site: Send + Sync + 'static {
         req: Request<Incoming>,
         outcome: &mut Outcome,
     ) -> impl Future<Output = Response<Body>> + Send;
+
+    /// Answers a `GET` or `HEAD` without a body before hyper sees it, when it asks for a static
+    /// file: the server then writes the response itself and sends a file body with
+    /// `sendfile(2)`. `None` (the default) leaves the request to [`Site::handle`] through hyper.
+    /// An answer must be what `handle` would give; a site answers here the routes that are
+    /// files (their errors too), and leaves everything else to `handle`.
+    fn static_file(
+        &self,
+        peer: SocketAddr,
+        req: &Request<()>,
+        outcome: &mut Outcome,
+    ) -> impl Future<Output = Option<Response<Body>>> + Send {
+        let _ = (peer, req, outcome);
+        async { None }
+    }
 
     /// Logs what the site serves, once, before the server listens.
     fn announce(&self);
@@ -248,6 +267,9 @@ fn report_limits(registry: &Registry) {
     }
 }
 
+/// One connection: each request head is read here ([`fast::next_request`]); a static file
+/// ([`Site::static_file`]) is answered here with `sendfile(2)`, any other request is handed to
+/// hyper with the bytes already read, and the connection comes back after its response.
 async fn connection<S: Site>(
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -257,14 +279,152 @@ async fn connection<S: Site>(
     admitted: Admitted,
 ) {
     let state = admitted.state.clone();
+    let mut stream = stream;
+    let mut buf = BytesMut::new();
+    loop {
+        // Waiting for a request: idle, so it may be shed; shutdown closes it now.
+        let next = tokio::select! {
+            biased;
+            _ = admitted.shed.cancelled() => {
+                debug!(target: LOG_TARGET, %peer, "HTTP connection closed to make room");
+                return;
+            }
+            _ = shutdown.cancelled() => return,
+            next = fast::next_request(&mut stream, &mut buf, &registry, &state) => next,
+        };
+        let head = match next {
+            fast::Next::Request(head) => head,
+            fast::Next::Hyper => {
+                let replay = Replay {
+                    stream,
+                    buf,
+                    limit: None,
+                };
+                by_hyper(replay, peer, &site, &shutdown, &registry, &admitted).await;
+                return;
+            }
+            fast::Next::Closed => return,
+            fast::Next::TimedOut => {
+                state.mark_timed_out();
+                registry.count_timeout(&state);
+                debug!(target: LOG_TARGET, %peer, "HTTP connection closed: no request within the header deadline");
+                return;
+            }
+            fast::Next::Failed(e) => {
+                debug!(target: LOG_TARGET, %peer, error = %e, "HTTP connection ended with an error");
+                return;
+            }
+        };
+        if head.is_plain_read() {
+            let served = tokio::select! {
+                biased;
+                _ = admitted.shed.cancelled() => {
+                    debug!(target: LOG_TARGET, %peer, "HTTP connection closed to make room");
+                    return;
+                }
+                served = static_file(&stream, &head, peer, site.as_ref(), &shutdown, &registry, &state) => served,
+            };
+            match served {
+                Some(Ok(keep_alive)) => {
+                    buf.advance(head.len);
+                    if keep_alive {
+                        continue;
+                    }
+                    return;
+                }
+                Some(Err(e)) => {
+                    registry.count_timeout(&state);
+                    debug!(target: LOG_TARGET, %peer, error = %e, "HTTP connection ended with an error");
+                    return;
+                }
+                None => {}
+            }
+        }
+        // Not a static file: hyper answers this request, and only this one when its length
+        // is known; a request whose end only hyper can find takes the connection with it.
+        let limit = head.wire_len();
+        let keep_alive = head.keep_alive;
+        let replay = Replay { stream, buf, limit };
+        match by_hyper(replay, peer, &site, &shutdown, &registry, &admitted).await {
+            Some(replay) if limit.is_some() && keep_alive && replay.request_read() => {
+                stream = replay.stream;
+                buf = replay.buf;
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Answers `head` with the site's static file, if it is one: `Some(Ok(keep_alive))` once
+/// the response is written, `Some(Err)` when writing it failed (the connection ends), `None`
+/// when the site leaves the request to hyper.
+async fn static_file<S: Site>(
+    stream: &tokio::net::TcpStream,
+    head: &fast::Head,
+    peer: SocketAddr,
+    site: &S,
+    shutdown: &CancellationToken,
+    registry: &Registry,
+    state: &Arc<limits::ConnState>,
+) -> Option<io::Result<bool>> {
+    let req = &head.request;
+    registry.request_started(state);
+    let mut outcome = Outcome::default();
+    let Some(response) = site.static_file(peer, req, &mut outcome).await else {
+        return None;
+    };
+    let raw_path = site.logged_path(req.uri().path());
+    let response = log_request(peer, req.method(), &raw_path, response, outcome);
+    let len = hyper::body::Body::size_hint(response.body())
+        .upper()
+        .unwrap_or(0);
+    registry.response_started(state, len);
+    // Shutdown requested: this response is the connection's last (hyper's graceful shutdown).
+    let keep_alive = head.keep_alive && !shutdown.is_cancelled();
+    let head_only = req.method() == Method::HEAD;
+    let written = fast::write_response(
+        stream,
+        response,
+        req.version(),
+        keep_alive,
+        head_only,
+        registry,
+        state,
+    )
+    .await;
+    registry.request_finished(state);
+    Some(written.map(|()| keep_alive))
+}
+
+/// What [`by_hyper`]'s wait for hyper ended with.
+enum HyperEnd {
+    Done(hyper::Result<()>),
+    Shed,
+}
+
+/// Serves requests from `replay` with hyper: one request when `replay` has a limit (the
+/// connection is given back after its response), else to the connection's end. `None` when the
+/// connection is finished.
+async fn by_hyper<S: Site>(
+    replay: Replay,
+    peer: SocketAddr,
+    site: &Arc<S>,
+    shutdown: &CancellationToken,
+    registry: &Arc<Registry>,
+    admitted: &Admitted,
+) -> Option<Replay> {
+    let state = admitted.state.clone();
+    let one_request = replay.limit.is_some();
+    let finished_before = state.finished();
     let svc = {
         let registry = registry.clone();
         let state = state.clone();
+        let site = site.clone();
         service_fn(move |req| {
             let site = site.clone();
             let registry = registry.clone();
             let state = state.clone();
-            async move {
+            let answer: ResponseFuture = Box::pin(async move {
                 registry.request_started(&state);
                 let response = handle(site.as_ref(), peer, req).await;
                 let len = hyper::body::Body::size_hint(response.body())
@@ -272,7 +432,8 @@ async fn connection<S: Site>(
                     .unwrap_or(0);
                 registry.response_started(&state, len);
                 Ok::<_, Infallible>(response.map(|body| Tracked::new(body, state)))
-            }
+            });
+            answer
         })
     };
     let limits = registry.limits();
@@ -281,32 +442,64 @@ async fn connection<S: Site>(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(MAX_BUF);
-    let io = GuardedIo::new(stream, registry.clone(), state.clone());
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
-    let mut conn = std::pin::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = admitted.shed.cancelled() => {
+    let io = GuardedIo::new(replay, registry.clone(), state.clone());
+    let mut conn = builder.serve_connection(TokioIo::new(io), svc);
+    let mut stopping = false;
+    let mut shed = std::pin::pin!(admitted.shed.cancelled());
+    let mut shutting_down = std::pin::pin!(shutdown.cancelled());
+    let end = std::future::poll_fn(|cx| loop {
+        if shed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(HyperEnd::Shed);
+        }
+        if let Poll::Ready(r) = conn.poll_without_shutdown(cx) {
+            return Poll::Ready(HyperEnd::Done(r));
+        }
+        if stopping {
+            return Poll::Pending;
+        }
+        // The one request answered (hyper now waits for a next one it will never be given),
+        // or shutdown requested (the request in flight, if any, is finished, then hyper
+        // stops): either way hyper finishes without closing the socket.
+        let answered = one_request && state.finished() > finished_before;
+        if answered || shutting_down.as_mut().poll(cx).is_ready() {
+            std::pin::Pin::new(&mut conn).graceful_shutdown();
+            stopping = true;
+            continue;
+        }
+        return Poll::Pending;
+    })
+    .await;
+    match end {
+        HyperEnd::Shed => {
             debug!(target: LOG_TARGET, %peer, "HTTP connection closed to make room");
-            return;
+            None
         }
-        _ = shutdown.cancelled() => {
-            // Finish the request in flight (if any), then close; idle connections close now.
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                r = conn => r,
-                _ = admitted.shed.cancelled() => return,
+        HyperEnd::Done(Err(e)) => {
+            if e.is_timeout() {
+                state.mark_timed_out();
             }
+            registry.count_timeout(&state);
+            debug!(target: LOG_TARGET, %peer, error = %e, "HTTP connection ended with an error");
+            None
         }
-    };
-    if let Err(e) = result {
-        if e.is_timeout() {
-            state.mark_timed_out();
+        HyperEnd::Done(Ok(())) => {
+            if shutdown.is_cancelled() || !one_request {
+                return None;
+            }
+            let parts = conn.into_parts();
+            // hyper holds bytes it read but did not use: the rest of a body the site did not
+            // read. The request's end is then unknown here: the connection ends.
+            if !parts.read_buf.is_empty() {
+                return None;
+            }
+            Some(parts.io.into_inner().into_inner())
         }
-        registry.count_timeout(&state);
-        debug!(target: LOG_TARGET, %peer, error = %e, "HTTP connection ended with an error");
     }
 }
+
+/// The future of hyper's service: boxed, so the connection can be polled in place.
+type ResponseFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<Response<Tracked<Body>>, Infallible>> + Send>>;
 
 /// The request path as netboot's routes log it: the token of a `/nocloud/` path is replaced,
 /// and a path longer than [`LOGGED_PATH_MAX`] is cut there (its length is said).
@@ -343,6 +536,17 @@ async fn handle<S: Site>(site: &S, peer: SocketAddr, req: Request<Incoming>) -> 
     let method = req.method().clone();
     let raw_path = site.logged_path(req.uri().path());
     let response = site.handle(peer, req, &mut outcome).await;
+    log_request(peer, &method, &raw_path, response, outcome)
+}
+
+/// Writes the log line of one request (within its budget), whichever path answered it.
+fn log_request(
+    peer: SocketAddr,
+    method: &Method,
+    raw_path: &str,
+    response: Response<Body>,
+    mut outcome: Outcome,
+) -> Response<Body> {
     let status = response.status();
     if outcome.bytes == 0 && method != Method::HEAD {
         outcome.bytes = response
