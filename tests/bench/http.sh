@@ -10,8 +10,9 @@
 # Files are random and read once before the first round, so both servers serve from the page
 # cache. Each part runs ROUNDS times (default 3), ours and nginx interleaved; the best round
 # counts. Prints MB/s (10^6 bytes/s: all bytes / wall time from the first request to the last
-# byte), the slowest client's time, ratios ours/nginx, our server's peak thread count, and the
-# load average at the start of each part. Every byte count is checked; curl gives up after 120 s.
+# byte), the slowest client's time, ratios ours/nginx, our server's peak thread count, the CPU
+# time each server used (user + system, nginx's workers included), and the load average at the
+# start of each part. Every byte count is checked; curl gives up after 120 s.
 # Run as root; needs nginx (tests/install-deps.sh) and curl. Big files go to /var/tmp.
 #   ROUNDS=3 CLIENTS=50 tests/bench/http.sh
 TEST_NAME=httpbench
@@ -99,6 +100,18 @@ for url in "http://$SRV_IP:$OURS_PORT/assets/vmlinuz" "http://$SRV_IP:$IMAGE_POR
 done
 
 threads_of() { awk '/^Threads:/ {print $2}' "/proc/$1/status" 2>/dev/null; }
+# cpu_ticks PID: user + system clock ticks of PID and of its children (nginx's workers).
+cpu_ticks() {
+    local p total=0 stat
+    for p in "$1" $(pgrep -P "$1" || true); do
+        stat=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+        stat=${stat##*) }
+        set -- $stat
+        total=$((total + ${12} + ${13}))
+    done
+    echo "$total"
+}
+TICKS=$(getconf CLK_TCK)
 # sample_threads PID FILE: the peak thread count of PID, written to FILE, sampled every 20 ms
 # while FILE.run exists (at most 10 minutes).
 sample_threads() {
@@ -125,7 +138,8 @@ run_clients() {
     touch "$WORK/threads.run"
     sample_threads "$pid" "$WORK/threads" &
     local sampler=$!
-    local curls=()
+    local curls=() c0
+    c0=$(cpu_ticks "$pid")
     t0=$(now_us)
     for i in $(seq 1 "$n"); do
         local args=()
@@ -137,6 +151,7 @@ run_clients() {
     # Bounded by curl's own --max-time.
     wait "${curls[@]}" 2>/dev/null || true
     t1=$(now_us)
+    echo $(( $(cpu_ticks "$pid") - c0 )) >"$WORK/cpu"
     rm -f "$WORK/threads.run"
     wait "$sampler"
     cat "$dir"/*.err >&2
@@ -149,7 +164,7 @@ run_clients() {
               printf "%.0f %.3f %.0f\n", bytes / (t / 1e6) / 1e6, slow, bytes }' "$dir"/[0-9]*
 }
 
-declare -A BEST SLOW PEAK
+declare -A BEST SLOW PEAK CPU
 measure() {
     local key=$1 pid=$2 want=$3; shift 3
     local r mbs slow bytes
@@ -159,8 +174,10 @@ measure() {
         fail "$key: clients got $bytes bytes, expected $want"
         return
     fi
-    log "$key: $mbs MB/s, slowest client ${slow} s, peak threads $(cat "$WORK/threads")"
-    if [ "$mbs" -gt "${BEST[$key]:-0}" ]; then BEST[$key]=$mbs; SLOW[$key]=$slow; fi
+    local cpu
+    cpu=$(awk -v t="$(cat "$WORK/cpu")" -v hz="$TICKS" 'BEGIN { printf "%.2f", t / hz }')
+    log "$key: $mbs MB/s, slowest client ${slow} s, server CPU ${cpu} s, peak threads $(cat "$WORK/threads")"
+    if [ "$mbs" -gt "${BEST[$key]:-0}" ]; then BEST[$key]=$mbs; SLOW[$key]=$slow; CPU[$key]=$cpu; fi
     if [ "$(cat "$WORK/threads")" -gt "${PEAK[$key]:-0}" ]; then PEAK[$key]=$(cat "$WORK/threads"); fi
 }
 
@@ -197,5 +214,6 @@ printf '%-44s %10s %10s %7s %11ss %11ss %14s\n' \
     "(b) $IMAGE_CLIENTS clients x ${IMAGE_MIB} MiB, imageserver" \
     "${BEST[ours-image]:-}" "${BEST[nginx-image]:-}" "$(ratio "${BEST[ours-image]:-}" "${BEST[nginx-image]:-}")" \
     "${SLOW[ours-image]:-}" "${SLOW[nginx-image]:-}" "$IMAGE_IDLE_THREADS -> ${PEAK[ours-image]:-}"
+echo "server CPU seconds in the best round: (a) ours ${CPU[ours-storm]:-} nginx ${CPU[nginx-storm]:-}; (b) ours ${CPU[ours-image]:-} nginx ${CPU[nginx-image]:-}"
 echo "load average at the start: (a) $LOAD_A; (b) $LOAD_B"
 finish

@@ -82,7 +82,7 @@ impl Head {
 pub(crate) enum Parsed {
     /// Not a whole head yet.
     Partial,
-    Head(Head),
+    Head(Box<Head>),
     /// Something hyper must answer (a malformed or oversized head): it gets the connection.
     Hyper,
 }
@@ -150,18 +150,18 @@ pub(crate) fn parse(buf: &[u8]) -> Parsed {
     if body != RequestBody::Unknown {
         body = RequestBody::Length(length.unwrap_or(0));
     }
-    Parsed::Head(Head {
+    Parsed::Head(Box::new(Head {
         request,
         len,
         body,
         keep_alive: !close,
-    })
+    }))
 }
 
 /// What waiting for the next request gave.
 #[derive(Debug)]
 pub(crate) enum Next {
-    Request(Head),
+    Request(Box<Head>),
     /// hyper must take the connection from here (see [`Parsed::Hyper`]), or the head grew past
     /// [`MAX_BUF`] (hyper answers 431).
     Hyper,

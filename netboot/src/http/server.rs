@@ -370,9 +370,7 @@ async fn static_file<S: Site>(
     let req = &head.request;
     registry.request_started(state);
     let mut outcome = Outcome::default();
-    let Some(response) = site.static_file(peer, req, &mut outcome).await else {
-        return None;
-    };
+    let response = site.static_file(peer, req, &mut outcome).await?;
     let raw_path = site.logged_path(req.uri().path());
     let response = log_request(peer, req.method(), &raw_path, response, outcome);
     let len = hyper::body::Body::size_hint(response.body())
