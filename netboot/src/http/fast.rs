@@ -271,8 +271,16 @@ pub(crate) async fn write_response(
             writer.write_all(&out, false).await
         }
         Body::File(file) if send_body && body_len > 0 => {
-            writer.write_all(&out, true).await?;
-            writer.send_file(file).await
+            // Corked while the file goes out (nginx's `tcp_nopush`): whole segments only, the
+            // head in the first; uncorking sends the tail at once.
+            let sock = socket2::SockRef::from(stream);
+            let corked = sock.set_cork(true).is_ok();
+            writer.write_all(&out, !corked).await?;
+            let sent = writer.send_file(file).await;
+            if corked {
+                let _ = sock.set_cork(false);
+            }
+            sent
         }
         _ => writer.write_all(&out, false).await,
     }
