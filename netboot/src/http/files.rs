@@ -296,16 +296,28 @@ fn if_range_holds(value: &str, v: &Validators) -> bool {
     value == v.last_modified
 }
 
+/// Files being opened (and looked up) at once, each on a blocking thread: a storm of requests
+/// waits here instead of growing the blocking pool by one thread per request. An open is
+/// `O_NONBLOCK` after an `lstat`, so a turn is short.
+static OPENS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
+/// Runs `f` (a file lookup or open) on a blocking thread, at most [`OPENS`] at once.
+async fn blocking_open<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    // Never closed: acquiring cannot fail; if it did, the open runs without a turn.
+    let _turn = OPENS.acquire().await.ok();
+    tokio::task::spawn_blocking(f).await
+}
+
 /// Whether `rel` is absent from `root` (anything else, a file or a path [`serve_file`] refuses,
 /// is not "missing").
 pub async fn is_missing(root: &Path, rel: &str) -> bool {
     let root = root.to_path_buf();
     let rel = rel.to_string();
-    tokio::task::spawn_blocking(move || {
-        matches!(open_confined(&root, &rel), Err(PathError::NotFound(_)))
-    })
-    .await
-    .unwrap_or(false)
+    blocking_open(move || matches!(open_confined(&root, &rel), Err(PathError::NotFound(_))))
+        .await
+        .unwrap_or(false)
 }
 
 /// Opens `rel` under `root` and answers per the request headers. `rel` has already been
@@ -332,7 +344,7 @@ pub async fn serve_file_allowing(
 ) -> Response<Body> {
     let root: PathBuf = root.to_path_buf();
     let rel_owned = rel.to_string();
-    let opened = tokio::task::spawn_blocking(move || {
+    let opened = blocking_open(move || {
         let (file, _len, real) = open_confined_allowing(&root, &rel_owned, outside)?;
         let meta = file
             .metadata()
