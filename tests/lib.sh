@@ -13,7 +13,9 @@ SUBNET_PREFIX=${SUBNET_PREFIX:-10.77.0}
 SRV_IP=$SUBNET_PREFIX.1
 TEST_NAME=${TEST_NAME:-$(basename "$0" .sh)}
 NS_SRV="pv-${TEST_NAME:0:8}-$$"
-WORK=$(mktemp -d "/tmp/pv-${TEST_NAME}.XXXXXX")
+# PV_TMPDIR: where the work directory goes (/tmp unless set; a test with large files sets
+# /var/tmp).
+WORK=$(mktemp -d "${PV_TMPDIR:-/tmp}/pv-${TEST_NAME}.XXXXXX")
 _CLIENT_NS=()
 _PIDS=()
 FAILURES=0

@@ -12,7 +12,7 @@ export TFTP_SERVER=$PWD/target/release/examples/tftp_server
 PV_TRACK_DIR=$(mktemp -d /var/tmp/pv-track.XXXXXX)
 export PV_TRACK_DIR
 trap 'rm -rf "$PV_TRACK_DIR"' EXIT
-for b in netboot-memory dbus-status status-patch status-apiserver dhcp-perfdhcp tftp http pxe-chain stage2-write; do
+for b in netboot-memory dbus-status status-patch status-apiserver boot-storm dhcp-perfdhcp tftp http pxe-chain stage2-write; do
     printf '\n=== %s\n' "$b"
     bash "tests/bench/$b.sh" || echo "benchmark $b failed"
 done

@@ -36,6 +36,8 @@ use super::control_plane::ControlPlane;
 use super::{has_condition, Live};
 use crate::cluster::crd::Machine;
 
+mod storm;
+
 struct Settings {
     machines: usize,
     burst: usize,
@@ -193,6 +195,11 @@ impl Netboot {
             ),
         )
         .expect("config");
+        Self::spawn(&settings.provisioner, &dir, &config)
+    }
+
+    /// `provisioner` (`netboot --config CONFIG`) with its notify socket and log in `dir`.
+    fn spawn(provisioner: &Path, dir: &Path, config: &Path) -> Netboot {
         let notify_path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
@@ -202,9 +209,9 @@ impl Netboot {
         let log_path = dir.join("netboot.log");
         let log = std::fs::File::create(&log_path).expect("log");
         let started = Instant::now();
-        let child = Command::new(&settings.provisioner)
+        let child = Command::new(provisioner)
             .args(["netboot", "--config"])
-            .arg(&config)
+            .arg(config)
             .env("NOTIFY_SOCKET", &notify_path)
             .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
             .stdin(Stdio::null())

@@ -18,6 +18,8 @@
 //! - `scale`: 1000 Machines at start-up with no failed request.
 //! - `bench`: `tests/bench/status-apiserver.sh`, the `provisioner netboot` process against a
 //!   real API server (not a test: figures).
+//!   `bench::storm`: `tests/bench/boot-storm.sh`, N machines booting at once through the whole
+//!   chain against that process (figures too).
 
 mod bench;
 mod control_plane;
