@@ -390,6 +390,18 @@ async fn run(
                     (Listener::Dhcp(_), DhcpMode::Proxy) => "ProxyDHCP reply sent",
                     (Listener::BootServer, _) => "PXE boot server reply sent",
                 };
+                // What opens the machine's window for its imaging script (an ACK; in proxy
+                // mode the answer to its iPXE) is recorded before the reply leaves: iPXE asks
+                // for the script as soon as it has the reply, and a request that overtook the
+                // record would be refused (seen in a boot storm: 403 "no recent DHCP lease").
+                // Should the send fail, the client asks again and starts a new cycle anyway.
+                let event = match event {
+                    Some(event @ (BootEvent::DhcpAcked | BootEvent::ProxyScriptOffered)) => {
+                        machines.observe(&machine, event);
+                        None
+                    }
+                    other => other,
+                };
                 match socket.send(bytes, destination, ifindex).await {
                     Ok(_) if log => tracing::info!(
                         machine = %machine.name, mac = %machine.mac, ip = %machine.ip,

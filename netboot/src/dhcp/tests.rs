@@ -1673,6 +1673,90 @@ async fn serves_relayed_requests_on_loopback_and_stops() {
     );
 }
 
+/// A [`Recorder`] that takes its time to record (a loaded machine).
+struct SlowRecorder(Recorder);
+
+impl MachineLookup for SlowRecorder {
+    fn by_mac(&self, mac: &MacAddr) -> Option<Machine> {
+        self.0.by_mac(mac)
+    }
+    fn observe(&self, machine: &Machine, event: BootEvent) {
+        std::thread::sleep(Duration::from_millis(300));
+        self.0.observe(machine, event);
+    }
+}
+
+/// iPXE asks for its script as soon as it has the ACK, and the script's token is given only
+/// within the window the ACK opens: the ACK must be recorded before it is sent, however long
+/// recording takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ack_is_recorded_before_the_client_has_it() {
+    let server = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind server");
+    let server_addr = server.local_addr().expect("addr");
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind relay");
+    let relay_port = relay.local_addr().expect("addr").port();
+    let recorder = Arc::new(SlowRecorder(Recorder {
+        inner: inventory(),
+        ..Recorder::default()
+    }));
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(super::run(
+        server,
+        Arc::new(DhcpSettings {
+            relays: vec![Ipv4Addr::LOCALHOST],
+            ..settings()
+        }),
+        recorder.clone(),
+        shutdown.clone(),
+        Listener::Dhcp(Ports {
+            client: relay_port,
+            relay: relay_port,
+        }),
+    ));
+    let relayed = |kind, opts: Vec<DhcpOption>| {
+        let mut msg = with(request(kind, MAC), opts);
+        msg.set_giaddr(Ipv4Addr::LOCALHOST);
+        encode(&msg)
+    };
+    let mut buf = [0u8; 1500];
+    for (kind, opts, answer) in [
+        (MessageType::Discover, ipxe(0), MessageType::Offer),
+        (
+            MessageType::Request,
+            vec![
+                DhcpOption::ServerIdentifier(SERVER),
+                DhcpOption::RequestedIpAddress(RESERVED),
+            ],
+            MessageType::Ack,
+        ),
+    ] {
+        relay
+            .send_to(&relayed(kind, opts), server_addr)
+            .await
+            .expect("send");
+        let (n, _) = tokio::time::timeout(Duration::from_secs(10), relay.recv_from(&mut buf))
+            .await
+            .expect("answer in time")
+            .expect("recv");
+        let reply = Message::decode(&mut Decoder::new(&buf[..n])).expect("decode");
+        assert_eq!(reply.opts().msg_type(), Some(answer));
+    }
+    let events = recorder.0.events.lock().expect("lock").clone();
+    assert!(
+        events.contains(&("node2".to_string(), BootEvent::DhcpAcked)),
+        "the ACK arrived before it was recorded: {events:?}"
+    );
+    shutdown.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("stops in time");
+    result.expect("no panic").expect("returns Ok");
+}
+
 #[tokio::test]
 async fn boot_server_answers_on_loopback_to_the_sender_and_stops() {
     let server = tokio::net::UdpSocket::bind("127.0.0.1:0")
