@@ -19,7 +19,8 @@
 #
 # Sizes: KERNEL_SIZE + INITRD_SIZE bytes per machine (8 MiB + 32 MiB), scaled down (1:4 kept)
 # when N x (kernel + initrd) would pass TRAFFIC_MAX bytes (4 GiB): 100 machines fetch 8 + 32
-# MiB, 1000 machines 0.8 + 3.3 MiB. Work files under PV_TMPDIR (/var/tmp). Run as root.
+# MiB, 1000 machines 0.8 + 3.3 MiB. STORM_HTTP_MAX_CONNECTIONS sets netboot's
+# limits.http.maxConnections (default 512). Work files under PV_TMPDIR (/var/tmp). Run as root.
 #   SIZES="100 1000" STORM_FOLDER=1 STORM_PXE=0 STORM_REPORTS=2 STORM_TIMEOUT=300 tests/bench/boot-storm.sh
 TEST_NAME=storm
 REPO_DIR=$(cd "$(dirname "$0")/../.." && pwd)
@@ -67,6 +68,7 @@ for n in $SIZES; do
         STORM_KERNEL_SIZE="$kernel" STORM_INITRD_SIZE="$initrd" \
         STORM_FOLDER="${STORM_FOLDER:-1}" STORM_PXE="${STORM_PXE:-0}" \
         STORM_REPORTS="${STORM_REPORTS:-2}" STORM_TIMEOUT="${STORM_TIMEOUT:-300}" \
+        ${STORM_HTTP_MAX_CONNECTIONS:+STORM_HTTP_MAX_CONNECTIONS="$STORM_HTTP_MAX_CONNECTIONS"} \
         timeout 1200 "$exe" --ignored --exact cluster::tests::live::bench::storm::boot_storm_against_kube_apiserver \
         --nocapture --test-threads=1 >"$run/out.log" 2>&1 || status=$?
     grep -vE '^(running|test |$|successes:|failures:|test result)' "$run/out.log" | grep -vE '^\s+cluster::' || true

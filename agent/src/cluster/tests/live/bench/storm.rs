@@ -16,6 +16,7 @@
 //! `Imaging` in the API; per step the failures (by error) and the times (median, p99, max);
 //! the slowest machine with its step times; netboot's CPU seconds, resident memory (before,
 //! peak) and threads (peak); the API server's + etcd's CPU seconds and requests.
+//! `STORM_HTTP_MAX_CONNECTIONS` sets netboot's `limits.http.maxConnections`.
 //! Bounded: the client stops every machine `STORM_TIMEOUT` s after its start, the watch waits
 //! 60 s more at most.
 
@@ -48,6 +49,8 @@ struct Settings {
     timeout: u64,
     folder: bool,
     pxe: bool,
+    /// netboot's `limits.http.maxConnections` (its default, 512, unless set).
+    http_max_connections: Option<u64>,
     work: PathBuf,
     client_ns: String,
     /// The MAC of the client namespace's `eth0`, where every machine's address is.
@@ -76,6 +79,9 @@ impl Settings {
             timeout: number("STORM_TIMEOUT", 300),
             folder: number("STORM_FOLDER", 1) != 0,
             pxe: number("STORM_PXE", 0) != 0,
+            http_max_connections: std::env::var("STORM_HTTP_MAX_CONNECTIONS")
+                .ok()
+                .and_then(|v| v.parse().ok()),
             work: PathBuf::from(var("BENCH_WORK")),
             client_ns: var("BENCH_CLIENT_NS"),
             client_mac: var("BENCH_CLIENT_MAC"),
@@ -202,8 +208,12 @@ fn netboot_dir(s: &Settings, mode: &str, inventory: &str) -> (PathBuf, PathBuf) 
              boot: {{kernel: vmlinuz, initrd: initrd.img, cmdline: \"console=ttyS0\"}}\n\
              image: {{url: \"http://10.80.0.1:8080/node.raw.zst\", sha256: \"{sha}\", size: 2147483648}}\n\
              listen: {{dhcp: \"0.0.0.0:67\", tftp: \"0.0.0.0:69\", http: \"0.0.0.0:8080\"}}\n\
-             stateFile: {state}\ninventory: {inventory}\n",
+             stateFile: {state}\ninventory: {inventory}\n{limits}",
             assets = assets.display(),
+            limits = s
+                .http_max_connections
+                .map(|n| format!("limits: {{http: {{maxConnections: {n}}}}}\n"))
+                .unwrap_or_default(),
             sha = "ab".repeat(32),
             state = dir.join("state.yaml").display(),
         ),
@@ -403,7 +413,7 @@ fn figures(s: &Settings, machines: &[MachineOut], usage: &Usage) -> u64 {
             distribution(&mut ok)
         );
         let mut errors: Vec<_> = errors.into_iter().collect();
-        errors.sort_by(|a, b| b.1.cmp(&a.1));
+        errors.sort_by_key(|e| std::cmp::Reverse(e.1));
         for (e, count) in errors.iter().take(4) {
             println!("      {count:5} x {e}");
         }
@@ -446,11 +456,13 @@ async fn boot_storm_against_kube_apiserver() {
     let s = Settings::from_env();
     let n = s.machines;
     println!(
-        "== boot storm of {n} machines: kernel {:.2} MiB + initrd {:.2} MiB each ({:.2} GiB in all), {} reports each; load average at start {}",
+        "== boot storm of {n} machines: kernel {:.2} MiB + initrd {:.2} MiB each ({:.2} GiB in all), {} reports each, HTTP maxConnections {}; load average at start {}",
         s.kernel_size as f64 / (1 << 20) as f64,
         s.initrd_size as f64 / (1 << 20) as f64,
         (s.kernel_size + s.initrd_size) as f64 * n as f64 / (1u64 << 30) as f64,
         s.reports,
+        s.http_max_connections
+            .map_or("512 (default)".to_string(), |n| n.to_string()),
         load_average()
     );
     let live = Live::on(ControlPlane::start_without_audit().await).await;
