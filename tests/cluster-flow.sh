@@ -315,17 +315,7 @@ check "the laptop reaches the Pod on node2 (ping)" laptop ping -c 2 -W 5 "$POD_I
 # What an operator reads on the laptop: the journal's phase records of node2 (one MESSAGE_ID per
 # phase), D-Bus, and systemctl status.
 laptop sudo journalctl -u netboot.service -o json MACHINE=node2 > "$WORK/node2.journal" 2>/dev/null || true
-PHASES=$(python3 -c '
-import json, sys
-seen = []
-for line in open(sys.argv[1]):
-    try:
-        e = json.loads(line)
-    except ValueError:
-        continue
-    if "PHASE" in e and "MESSAGE_ID" in e and (not seen or seen[-1] != e["PHASE"]):
-        seen.append(e["PHASE"])
-print(" ".join(seen))' "$WORK/node2.journal")
+PHASES=$(journal_phases "$WORK/node2.journal")
 log "node2's phase records in netboot's journal: $PHASES"
 check "journal: node2 went PXEBooting → Imaging → Imaged → Joining → Ready, one record each with its MESSAGE_ID" \
     bash -c "echo '$PHASES' | grep -qE '(^| )PXEBooting Imaging Imaged Joining Ready\$'"

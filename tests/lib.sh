@@ -176,6 +176,22 @@ udhcpc_bind() {
     ip netns exec "$1" busybox udhcpc -i eth0 -q -n -f -t 5 -T 1 -s "$script" >/dev/null 2>&1
 }
 
+# journal_phases FILE: the phases of netboot's phase records in FILE (`journalctl -o json`
+# lines), in order, a repeat of the same phase once, on one line.
+journal_phases() {
+    python3 -c '
+import json, sys
+seen = []
+for line in open(sys.argv[1]):
+    try:
+        e = json.loads(line)
+    except ValueError:
+        continue
+    if "PHASE" in e and "MESSAGE_ID" in e and (not seen or seen[-1] != e["PHASE"]):
+        seen.append(e["PHASE"])
+print(" ".join(seen))' "$1"
+}
+
 # stub_boot_files DIR NAME...: small stand-ins for boot files a test's configuration names but
 # no client of the test boots (netboot refuses to start when one is missing); an existing file
 # is left as it is.

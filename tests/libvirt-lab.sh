@@ -179,17 +179,7 @@ else
 fi
 laptop sudo kubectl get machines -o wide >&2 || true
 laptop sudo journalctl -u netboot.service -o json MACHINE=node-bios >"$WORK/node.journal" 2>/dev/null || true
-PHASES=$(python3 -c '
-import json, sys
-seen = []
-for line in open(sys.argv[1]):
-    try:
-        e = json.loads(line)
-    except ValueError:
-        continue
-    if "PHASE" in e and "MESSAGE_ID" in e and (not seen or seen[-1] != e["PHASE"]):
-        seen.append(e["PHASE"])
-print(" ".join(seen))' "$WORK/node.journal")
+PHASES=$(journal_phases "$WORK/node.journal")
 log "node-bios's phase records in netboot's journal on the laptop: $PHASES"
 check "netboot's journal on the laptop: node-bios PXEBooting, then Imaging" bash -c \
     "echo '$PHASES' | grep -qE '(^| )PXEBooting Imaging( |\$)'"
