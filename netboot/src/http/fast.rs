@@ -178,7 +178,6 @@ pub(crate) async fn next_request(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     registry: &Registry,
-    state: &ConnState,
 ) -> Next {
     let deadline = Instant::now() + registry.limits().header_timeout;
     // Bytes already known to hold no line end: a head can only end in a new one, so a client
@@ -201,7 +200,7 @@ pub(crate) async fn next_request(
         match tokio::time::timeout_at(deadline, stream.read_buf(buf)).await {
             Err(_) => return Next::TimedOut,
             Ok(Ok(0)) => return Next::Closed,
-            Ok(Ok(_)) => registry.progress(state),
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => return Next::Failed(e),
         }
     }

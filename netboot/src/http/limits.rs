@@ -13,14 +13,18 @@
 //! * **Caps**: at most [`HttpLimits::max_connections_per_peer`] connections per client
 //!   address, and [`HttpLimits::max_connections`] in all, clamped below the file descriptor
 //!   limit (each connection may hold a socket and a file). When the table is full, a
-//!   connection is closed to make room: of those that are idle (no request in flight: reading
-//!   headers or kept alive) or whose response is waiting for the client to read, the one
-//!   that has waited longest. Only when every connection is busy and moving (or waiting on the
-//!   server itself, e.g. a cache fetch) is a newcomer refused (503). A flood from many
-//!   addresses, however fast, thus churns through its own connections instead of holding out
-//!   the next legitimate client, whose own waits are short (a download that is reading
-//!   resets its wait with every write). A grace period before a connection may be closed
-//!   would let a fast enough flood refill every place as soon as it became free.
+//!   connection that has waited at least [`SHED_AFTER`] is closed to make room: first the one
+//!   idle the longest (no request in flight: its headers not yet read, or kept alive after a
+//!   response; bytes trickling in do not count), else the response that has waited longest
+//!   for its client to read. When none has, the newcomer waits for a place
+//!   ([`Registry::wait_for_place`]; the accept loop holds the next clients in the listen
+//!   backlog, in order) and is refused (503) only if none comes within the header deadline.
+//!   The grace is for boot storms: a thousand clients arriving at once are accepted faster
+//!   than their requests are read, and each download waits on its client now and then as
+//!   they share the link. Closing at the first wait cut most of a 1000-machine storm.
+//!   A flood from many addresses, however fast, still churns through its own connections
+//!   instead of holding out the next legitimate client: its connections age past the grace
+//!   while the newcomers queue behind them, and the legitimate client's turn comes in order.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -113,6 +117,18 @@ pub(crate) fn nofile_limit() -> Option<u64> {
     }
 }
 
+/// How long a connection must have been idle, or its response waiting for its client to read,
+/// before it may be closed to make room for a newcomer (see the module documentation).
+pub const SHED_AFTER: Duration = Duration::from_secs(2);
+
+/// How often a newcomer waiting for a place looks again when no connection closes (a stalled
+/// one becomes eligible with time).
+const PLACE_POLL: Duration = Duration::from_millis(100);
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Stored times count from here, so that 0 ("none") is never a time and a time minus a few
 /// seconds stays one.
 const TIME_BASE: u64 = 1 << 32;
@@ -122,8 +138,10 @@ const TIME_BASE: u64 = 1 << 32;
 pub(crate) struct ConnState {
     /// A request is in flight: from its headers until its response body is dropped.
     busy: AtomicBool,
-    /// Milliseconds since the registry's epoch of the last byte read or written.
-    last_progress: AtomicU64,
+    /// Milliseconds since the registry's epoch of the admission or the last byte written: for
+    /// an idle connection, about when it became idle. Bytes read do not count, so that a client
+    /// trickling its headers (slowloris) does not look fresh.
+    idle_from: AtomicU64,
     /// Milliseconds since the epoch from which a write has been waiting for the client to
     /// read; 0: no write is waiting.
     write_blocked: AtomicU64,
@@ -199,6 +217,8 @@ pub(crate) struct Registry {
     cap: usize,
     epoch: Instant,
     table: Mutex<Table>,
+    /// Signalled when a connection leaves the table.
+    freed: tokio::sync::Notify,
     pub counters: Counters,
     reported: Mutex<([u64; 4], Instant)>,
 }
@@ -222,7 +242,9 @@ pub(crate) struct Admitted {
 impl Drop for Admitted {
     fn drop(&mut self) {
         let mut table = self.registry.lock();
-        table.remove(self.id);
+        if table.remove(self.id).is_some() {
+            self.registry.freed.notify_one();
+        }
     }
 }
 
@@ -234,6 +256,7 @@ impl Registry {
             cap,
             epoch: now,
             table: Mutex::new(Table::default()),
+            freed: tokio::sync::Notify::new(),
             counters: Counters::default(),
             reported: Mutex::new(([0; 4], now)),
         })
@@ -262,8 +285,9 @@ impl Registry {
         self.lock().conns.len()
     }
 
-    /// Takes a place for a connection from `peer`, closing the idle or write-blocked connection
-    /// that has waited longest when the table is full.
+    /// Takes a place for a connection from `peer`, closing an idle connection or a response
+    /// stalled on its client when the table is full (see the module documentation). A full
+    /// table is counted as a refusal only by [`Registry::wait_for_place`], which gives up.
     pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Result<Admitted, Refused> {
         let now = self.now_ms();
         let mut table = self.lock();
@@ -274,27 +298,28 @@ impl Registry {
             return Err(Refused::PerPeer);
         }
         if table.conns.len() >= self.cap {
+            let waited_from = now.saturating_sub(millis(SHED_AFTER));
+            // Idle ones first, then responses stalled on their client; the longest wait first;
+            // none that has waited less than SHED_AFTER.
             let victim = table
                 .conns
                 .iter()
                 .filter_map(|(id, e)| {
-                    if !e.state.busy.load(Ordering::Relaxed) {
-                        return Some((e.state.last_progress.load(Ordering::Relaxed), *id));
-                    }
-                    match e.state.write_blocked.load(Ordering::Relaxed) {
-                        0 => None,
-                        since => Some((since, *id)),
-                    }
+                    let (kind, since) = if e.state.busy.load(Ordering::Relaxed) {
+                        (1, e.state.write_blocked.load(Ordering::Relaxed))
+                    } else {
+                        (0, e.state.idle_from.load(Ordering::Relaxed))
+                    };
+                    (since != 0 && since <= waited_from).then_some((kind, since, *id))
                 })
                 .min()
-                .map(|(_, id)| id);
+                .map(|(_, _, id)| id);
             match victim.and_then(|id| table.remove(id)) {
                 Some(entry) => {
                     entry.cancel.cancel();
                     self.counters.shed.fetch_add(1, Ordering::Relaxed);
                 }
                 None => {
-                    self.counters.refused_full.fetch_add(1, Ordering::Relaxed);
                     return Err(Refused::Full);
                 }
             }
@@ -302,7 +327,7 @@ impl Registry {
         let id = table.next_id;
         table.next_id += 1;
         let state = Arc::new(ConnState::default());
-        state.last_progress.store(now, Ordering::Relaxed);
+        state.idle_from.store(now, Ordering::Relaxed);
         let shed = CancellationToken::new();
         table.conns.insert(
             id,
@@ -319,6 +344,37 @@ impl Registry {
             state,
             shed,
         })
+    }
+
+    /// [`Registry::admit`], but when the table is full and no connection may be closed yet,
+    /// waits for a place: until one frees or a stalled response has waited long enough, for
+    /// at most the header deadline (a client that has waited that long would have been closed
+    /// for slowness once admitted). Refused at once from a peer at its cap, and on `shutdown`.
+    pub async fn wait_for_place(
+        self: &Arc<Self>,
+        peer: IpAddr,
+        shutdown: &CancellationToken,
+    ) -> Result<Admitted, Refused> {
+        let give_up = tokio::time::Instant::now() + self.limits.header_timeout;
+        loop {
+            // Registered before looking, so that a place freed in between is not missed.
+            let freed = self.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            match self.admit(peer) {
+                Err(Refused::Full) if tokio::time::Instant::now() < give_up => {}
+                Err(Refused::Full) => {
+                    self.counters.refused_full.fetch_add(1, Ordering::Relaxed);
+                    return Err(Refused::Full);
+                }
+                admitted => return admitted,
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Err(Refused::Full),
+                _ = freed => {}
+                _ = tokio::time::sleep(PLACE_POLL) => {}
+            }
+        }
     }
 
     /// The counters' changes since the last report, at most every `every`; `None` when nothing
@@ -365,14 +421,9 @@ impl Registry {
         state.finished.fetch_add(1, Ordering::Release);
     }
 
-    /// Bytes were read from or written to the connection.
-    pub fn progress(&self, state: &ConnState) {
-        state.last_progress.store(self.now_ms(), Ordering::Relaxed);
-    }
-
     /// Bytes were written: the connection is no longer waiting for its client to read.
     pub fn wrote(&self, state: &ConnState) {
-        self.progress(state);
+        state.idle_from.store(self.now_ms(), Ordering::Relaxed);
         state.write_blocked.store(0, Ordering::Relaxed);
     }
 
@@ -461,14 +512,10 @@ impl<T> GuardedIo<T> {
         self.inner
     }
 
-    fn progress(&self) {
-        self.state
-            .last_progress
-            .store(self.registry.now_ms(), Ordering::Relaxed);
-    }
-
     fn wrote(&mut self) {
-        self.progress();
+        self.state
+            .idle_from
+            .store(self.registry.now_ms(), Ordering::Relaxed);
         self.stall = None;
         self.state.write_blocked.store(0, Ordering::Relaxed);
     }
@@ -535,13 +582,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardedIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.progress();
-        }
-        result
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
 
@@ -618,10 +659,12 @@ mod tests {
         // b's connection is busy and moving (or waiting on the server): never shed.
         let b1 = registry.admit(b).expect("b");
         registry.request_started(&b1.state);
-        // Full: the idle connection that made no progress for the longest goes (a1, the oldest).
-        a2.state
-            .last_progress
-            .store(registry.now_ms() + 10, Ordering::Relaxed);
+        // Full, but nobody has waited long: nothing goes.
+        assert_eq!(registry.admit(c).err(), Some(Refused::Full));
+        // Idle for longer than SHED_AFTER: the one idle the longest goes (a1).
+        let old = registry.now_ms() - millis(SHED_AFTER);
+        a1.state.idle_from.store(old - 20, Ordering::Relaxed);
+        a2.state.idle_from.store(old - 10, Ordering::Relaxed);
         let c1 = registry.admit(c).expect("c takes a1's place");
         assert!(a1.shed.is_cancelled());
         assert!(!a2.shed.is_cancelled());
@@ -633,21 +676,85 @@ mod tests {
         registry.request_started(&a2.state);
         registry.request_started(&c1.state);
         assert_eq!(registry.admit(c).err(), Some(Refused::Full));
-        // A response waiting for its client to read goes.
+        // A response that has waited a moment for its client to read is a download in a
+        // crowd: it keeps its place.
         c1.state
             .write_blocked
             .store(registry.now_ms() - 10, Ordering::Relaxed);
+        assert_eq!(registry.admit(c).err(), Some(Refused::Full));
+        // One that has waited longer than SHED_AFTER goes.
+        c1.state.write_blocked.store(
+            registry.now_ms() - millis(SHED_AFTER) - 10,
+            Ordering::Relaxed,
+        );
         let c2 = registry.admit(c).expect("c2 takes c1's place");
         assert!(c1.shed.is_cancelled());
         // A place freed: admitted.
         drop(c2);
         let _c3 = registry.admit(c).expect("room again");
         assert_eq!(registry.counters.shed.load(Ordering::Relaxed), 2);
-        assert_eq!(registry.counters.refused_full.load(Ordering::Relaxed), 1);
         assert_eq!(
             registry.counters.refused_per_peer.load(Ordering::Relaxed),
             1
         );
         drop(b1);
+    }
+
+    #[test]
+    fn idle_connections_go_before_stalled_responses() {
+        let registry = Registry::new(limits(2, 2), 2);
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let stalled = registry.admit(a).expect("first");
+        registry.request_started(&stalled.state);
+        stalled.state.write_blocked.store(
+            registry.now_ms() - millis(SHED_AFTER) - 1000,
+            Ordering::Relaxed,
+        );
+        let idle = registry.admit(a).expect("second");
+        idle.state.idle_from.store(
+            registry.now_ms() - millis(SHED_AFTER) - 10,
+            Ordering::Relaxed,
+        );
+        let _new = registry
+            .admit("10.0.0.2".parse().expect("ip"))
+            .expect("third");
+        assert!(idle.shed.is_cancelled());
+        assert!(!stalled.shed.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_newcomer_waits_for_a_place_then_is_refused() {
+        let registry = Registry::new(limits(1, 1), 1);
+        let shutdown = CancellationToken::new();
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        let busy = registry.admit(a).expect("first");
+        registry.request_started(&busy.state);
+        // At its per-peer cap: refused at once, not held.
+        assert_eq!(
+            registry.wait_for_place(a, &shutdown).await.err(),
+            Some(Refused::PerPeer)
+        );
+        // Full of a moving download: b waits, and gets the place when it frees.
+        let waiting = tokio::spawn({
+            let registry = registry.clone();
+            let shutdown = shutdown.clone();
+            async move { registry.wait_for_place(b, &shutdown).await.is_ok() }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiting.is_finished());
+        drop(busy);
+        assert!(waiting.await.expect("task"));
+        assert_eq!(registry.counters.refused_full.load(Ordering::Relaxed), 0);
+        // Nothing frees within the header deadline: refused, and counted.
+        let busy = registry.admit(a).expect("again");
+        registry.request_started(&busy.state);
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            registry.wait_for_place(b, &shutdown).await.err(),
+            Some(Refused::Full)
+        );
+        assert!(started.elapsed() >= HttpLimits::default().header_timeout);
+        assert_eq!(registry.counters.refused_full.load(Ordering::Relaxed), 1);
     }
 }

@@ -209,7 +209,9 @@ pub(crate) async fn run<S: Site>(
                 }
             }
         };
-        let admitted = match registry.admit(peer.ip()) {
+        // While the table is full of connections that may not be closed yet, this holds the
+        // accept loop: the next clients wait in the listen backlog, in order.
+        let admitted = match registry.wait_for_place(peer.ip(), &shutdown).await {
             Ok(admitted) => admitted,
             Err(why) => {
                 debug!(target: LOG_TARGET, %peer, reason = ?why, "HTTP connection refused");
@@ -290,7 +292,7 @@ async fn connection<S: Site>(
                 return;
             }
             _ = shutdown.cancelled() => return,
-            next = fast::next_request(&mut stream, &mut buf, &registry, &state) => next,
+            next = fast::next_request(&mut stream, &mut buf, &registry) => next,
         };
         let head = match next {
             fast::Next::Request(head) => head,
