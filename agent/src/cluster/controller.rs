@@ -52,6 +52,9 @@ pub const LAST_SEEN_WRITE: Duration = Duration::from_secs(60);
 const EVENT_LANES: usize = 4;
 /// Events waiting per lane, at most; beyond that a reconcile waits for room.
 const EVENT_BACKLOG: usize = 1024;
+/// An Event waits while status writes are in flight, so that in a burst (a rack powering on)
+/// the API server spends its CPU on the statuses first; but no longer than this.
+pub(crate) const EVENT_YIELD_MAX: Duration = Duration::from_secs(10);
 
 pub const CONDITION_SERVED: &str = "Served";
 pub const CONDITION_CONFLICT: &str = "Conflict";
@@ -600,30 +603,55 @@ async fn post_event(recorder: &Recorder, name: &str, event: &Event, reference: &
     }
 }
 
-/// Posts Events in the background, `EVENT_LANES` at once, each Machine's in order.
+/// Posts Events in the background, `EVENT_LANES` at once, each Machine's in order, after the
+/// status writes in flight (for at most [`EVENT_YIELD_MAX`]).
 pub struct EventLanes {
     lanes: Vec<mpsc::Sender<(String, Event, ObjectReference)>>,
+    /// Status writes in flight.
+    writing: Arc<watch::Sender<usize>>,
+}
+
+/// A status write in flight; Events wait for none to be.
+pub struct StatusWriting(Arc<watch::Sender<usize>>);
+
+impl Drop for StatusWriting {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl EventLanes {
     /// The lanes' tasks end when the lanes are dropped, after posting what they hold.
     pub fn start(recorder: Recorder) -> EventLanes {
+        let writing = Arc::new(watch::Sender::new(0usize));
         let lanes = (0..EVENT_LANES)
             .map(|_| {
                 let (tx, mut rx) = mpsc::channel::<(String, Event, ObjectReference)>(EVENT_BACKLOG);
                 let recorder = recorder.clone();
+                let mut writes = writing.subscribe();
                 tokio::spawn(async move {
                     while let Some((name, event, reference)) = rx.recv().await {
+                        let _ = tokio::time::timeout(
+                            EVENT_YIELD_MAX,
+                            writes.wait_for(|in_flight| *in_flight == 0),
+                        )
+                        .await;
                         post_event(&recorder, &name, &event, &reference).await;
                     }
                 });
                 tx
             })
             .collect();
-        EventLanes { lanes }
+        EventLanes { lanes, writing }
     }
 
-    async fn post(&self, name: &str, event: Event, reference: ObjectReference) {
+    /// Marks a status write in flight until the guard is dropped.
+    pub fn writing(&self) -> StatusWriting {
+        self.writing.send_modify(|n| *n += 1);
+        StatusWriting(self.writing.clone())
+    }
+
+    pub(crate) async fn post(&self, name: &str, event: Event, reference: ObjectReference) {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         name.hash(&mut hasher);
@@ -751,6 +779,7 @@ async fn apply(machine: Arc<Machine>, ctx: &Context) -> Result<Action, Error> {
     );
     if machine.status.as_ref() != Some(&desired) {
         let api: Api<Machine> = Api::all(ctx.client.clone());
+        let writing = ctx.event_lanes.as_ref().map(EventLanes::writing);
         let patch = serde_json::json!({
             "apiVersion": "provisioner.dev/v1alpha1",
             "kind": "Machine",
@@ -769,6 +798,7 @@ async fn apply(machine: Arc<Machine>, ctx: &Context) -> Result<Action, Error> {
             written.resource_version(),
             desired.clone(),
         );
+        drop(writing);
         let reference = machine.object_ref(&());
         for event in events_for(&current, &desired) {
             match &ctx.event_lanes {

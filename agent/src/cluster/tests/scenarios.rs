@@ -1221,3 +1221,67 @@ fn last_seen_alone_is_written_at_most_once_a_minute() {
         "the first lastSeen: written"
     );
 }
+
+/// In a burst (a rack powering on) the API server's CPU goes to the statuses first: an Event
+/// waits while a status write is in flight, and no longer than `EVENT_YIELD_MAX`.
+#[tokio::test(start_paused = true)]
+async fn events_wait_for_the_status_writes_in_flight() {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let (service, mut api) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let reporter = Reporter {
+        controller: "provisioner".to_string(),
+        instance: None,
+    };
+    let lanes = controller::EventLanes::start(Recorder::new(client, reporter));
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        kind: Some("Machine".to_string()),
+        name: Some("node2".to_string()),
+        ..Default::default()
+    };
+    let event = |reason: &str| Event {
+        type_: EventType::Normal,
+        reason: reason.to_string(),
+        note: None,
+        action: "Provision".to_string(),
+        secondary: None,
+    };
+
+    let writing = lanes.writing();
+    lanes
+        .post("node2", event("PXEBooting"), reference.clone())
+        .await;
+    let early = tokio::time::timeout(Duration::from_secs(5), api.next_request()).await;
+    assert!(early.is_err(), "an Event was posted during a status write");
+    drop(writing);
+    let (request, send) = within("the Event once the write is done", api.next_request())
+        .await
+        .expect("a request");
+    assert_eq!(request.method(), Method::POST);
+    assert!(
+        request.uri().path().ends_with("/events"),
+        "{}",
+        request.uri()
+    );
+    respond(send, &json!({}));
+
+    // A write that never ends holds Events back for EVENT_YIELD_MAX, no longer.
+    let _stuck = lanes.writing();
+    let asked = tokio::time::Instant::now();
+    lanes
+        .post("node2", event("Imaging"), reference.clone())
+        .await;
+    let (request, _send) = tokio::time::timeout(
+        controller::EVENT_YIELD_MAX + Duration::from_secs(1),
+        api.next_request(),
+    )
+    .await
+    .expect("the Event within EVENT_YIELD_MAX")
+    .expect("a request");
+    assert!(asked.elapsed() >= controller::EVENT_YIELD_MAX);
+    assert!(
+        request.uri().path().ends_with("/events"),
+        "{}",
+        request.uri()
+    );
+}
