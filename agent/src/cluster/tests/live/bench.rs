@@ -354,14 +354,22 @@ fn perfdhcp(settings: &Settings, macfile: &Path, rate: u32) -> Perf {
     }
 }
 
-/// When each Machine was first seen `Served` and first seen in phase PXEBooting (monotonic
-/// ns), from a watch of the operator's.
+/// When each Machine was first seen `Served` and first seen in each phase (monotonic ns), and
+/// the phase it was last seen in, from a watch of the operator's ([`watch_machines`]).
 #[derive(Default)]
-struct Seen {
-    served: HashMap<String, u64>,
-    pxe_booting: HashMap<String, u64>,
+pub(super) struct Seen {
+    pub served: HashMap<String, u64>,
+    /// Phase -> Machine -> first seen in it.
+    pub first_in: HashMap<String, HashMap<String, u64>>,
     /// The phase each Machine was last seen in.
-    phase: HashMap<String, String>,
+    pub phase: HashMap<String, String>,
+}
+
+impl Seen {
+    /// When each Machine was first seen in `phase`.
+    pub fn first_in(&self, phase: &str) -> HashMap<String, u64> {
+        self.first_in.get(phase).cloned().unwrap_or_default()
+    }
 }
 
 fn record(seen: &Mutex<Seen>, m: &Machine) {
@@ -376,10 +384,72 @@ fn record(seen: &Mutex<Seen>, m: &Machine) {
         .as_ref()
         .and_then(|s| s.phase.clone())
         .unwrap_or_default();
-    if phase == "PXEBooting" {
-        seen.pxe_booting.entry(name.clone()).or_insert(now);
-    }
+    seen.first_in
+        .entry(phase.clone())
+        .or_default()
+        .entry(name.clone())
+        .or_insert(now);
     seen.phase.insert(name, phase);
+}
+
+/// Starts a watch of every Machine that records what it sees; returns once its first list is
+/// in. Abort the task to stop it.
+pub(super) async fn watch_machines(
+    api: kube::Api<Machine>,
+) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let (listed_tx, mut listed) = tokio::sync::watch::channel(false);
+    let recorder = {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let events = watcher(api, watcher::Config::default().any_semantic());
+            let mut events = std::pin::pin!(events);
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(watcher::Event::Apply(m) | watcher::Event::InitApply(m)) => {
+                        record(&seen, &m)
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        let _ = listed_tx.send(true);
+                    }
+                    Ok(_) => {}
+                    Err(e) => eprintln!("benchmark watch: {e}"),
+                }
+            }
+        })
+    };
+    listed.wait_for(|w| *w).await.expect("recorder watch");
+    (seen, recorder)
+}
+
+/// Waits (at most 300 s) until all `n` Machines have been seen `Served`, prints how long after
+/// `started_ns` the last one was, and returns that time (monotonic ns).
+pub(super) async fn wait_all_served(seen: &Mutex<Seen>, n: usize, started_ns: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let served = seen.lock().expect("seen").served.len();
+        if served >= n {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {served} of {n} Machines Served after 300 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let all_served = seen
+        .lock()
+        .expect("seen")
+        .served
+        .values()
+        .max()
+        .copied()
+        .unwrap_or(started_ns);
+    println!(
+        "  all {n} Machines Served {:.2} s after netboot started",
+        all_served.saturating_sub(started_ns) as f64 / 1e9
+    );
+    all_served
 }
 
 fn print_requests(
@@ -523,29 +593,7 @@ async fn status_pipeline_against_kube_apiserver() {
 
     // Cluster mode.
     println!("-- cluster mode (load average {})", load_average());
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let (watched_tx, mut watched) = tokio::sync::watch::channel(false);
-    let recorder = {
-        let seen = seen.clone();
-        let api = api.clone();
-        tokio::spawn(async move {
-            let events = watcher(api, watcher::Config::default().any_semantic());
-            let mut events = std::pin::pin!(events);
-            while let Some(event) = events.next().await {
-                match event {
-                    Ok(watcher::Event::Apply(m) | watcher::Event::InitApply(m)) => {
-                        record(&seen, &m)
-                    }
-                    Ok(watcher::Event::InitDone) => {
-                        let _ = watched_tx.send(true);
-                    }
-                    Ok(_) => {}
-                    Err(e) => eprintln!("benchmark watch: {e}"),
-                }
-            }
-        })
-    };
-    watched.wait_for(|w| *w).await.expect("recorder watch");
+    let (seen, recorder) = watch_machines(api.clone()).await;
     let kubeconfig = s.work.join("agent.kubeconfig");
     std::fs::write(&kubeconfig, live.plane.kubeconfig(&live.agent_token)).expect("kubeconfig");
     let (apiserver_pid, etcd_pid) = live.plane.pids();
@@ -561,30 +609,7 @@ async fn status_pipeline_against_kube_apiserver() {
     );
     let (ready, status) = netboot.ready();
     println!("  READY after {:.2} s: {status}", ready.as_secs_f64());
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let served = seen.lock().expect("seen").served.len();
-        if served >= n {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {served} of {n} Machines Served after 300 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let all_served = seen
-        .lock()
-        .expect("seen")
-        .served
-        .values()
-        .max()
-        .copied()
-        .unwrap_or(start_ns);
-    println!(
-        "  all {n} Machines Served {:.2} s after netboot started",
-        (all_served - start_ns) as f64 / 1e9
-    );
+    wait_all_served(&seen, n, start_ns).await;
     // Quiet: nothing more written for two seconds.
     let mut last = live.plane.request_counts().await;
     loop {
@@ -622,7 +647,7 @@ async fn status_pipeline_against_kube_apiserver() {
             let seen = seen.lock().expect("seen");
             sent.iter()
                 .filter_map(|(mac, sent, _)| {
-                    let at = seen.pxe_booting.get(names.get(mac)?)?;
+                    let at = seen.first_in.get("PXEBooting")?.get(names.get(mac)?)?;
                     Some(at.saturating_sub(*sent) as f64 / 1e6)
                 })
                 .collect()

@@ -20,26 +20,22 @@
 //! Bounded: the client stops every machine `STORM_TIMEOUT` s after its start, the watch waits
 //! 60 s more at most.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{stream, StreamExt as _, TryStreamExt as _};
 use kube::api::PostParams;
-use kube::runtime::watcher;
-use kube::ResourceExt as _;
 use serde::Deserialize;
 
 use super::{
     cpu_seconds, distribution, ip_of, load_average, mac_of, memory, monotonic_ns, name_of,
-    print_requests, Netboot,
+    print_requests, wait_all_served, watch_machines, Netboot,
 };
-use crate::cluster::crd::Machine;
 use crate::cluster::tests::harness::new_machine;
 use crate::cluster::tests::live::control_plane::ControlPlane;
-use crate::cluster::tests::live::{has_condition, Live};
+use crate::cluster::tests::live::Live;
 
 struct Settings {
     machines: usize,
@@ -516,43 +512,7 @@ async fn boot_storm_against_kube_apiserver() {
     }
 
     println!("-- cluster mode (load average {})", load_average());
-    // First time each Machine was seen Served, and in phase Imaging (monotonic ns).
-    #[derive(Default)]
-    struct Seen {
-        served: HashMap<String, u64>,
-        imaging: HashMap<String, u64>,
-    }
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let (watched_tx, mut watched) = tokio::sync::watch::channel(false);
-    let recorder = {
-        let seen = seen.clone();
-        let api = api.clone();
-        tokio::spawn(async move {
-            let events = watcher(api, watcher::Config::default().any_semantic());
-            let mut events = std::pin::pin!(events);
-            while let Some(event) = events.next().await {
-                match event {
-                    Ok(watcher::Event::Apply(m) | watcher::Event::InitApply(m)) => {
-                        let now = monotonic_ns();
-                        let m: Machine = m;
-                        let mut seen = seen.lock().expect("seen");
-                        if has_condition(&m, "Served", "True") {
-                            seen.served.entry(m.name_any()).or_insert(now);
-                        }
-                        if m.status.as_ref().and_then(|st| st.phase.as_deref()) == Some("Imaging") {
-                            seen.imaging.entry(m.name_any()).or_insert(now);
-                        }
-                    }
-                    Ok(watcher::Event::InitDone) => {
-                        let _ = watched_tx.send(true);
-                    }
-                    Ok(_) => {}
-                    Err(e) => eprintln!("benchmark watch: {e}"),
-                }
-            }
-        })
-    };
-    watched.wait_for(|w| *w).await.expect("recorder watch");
+    let (seen, recorder) = watch_machines(api.clone()).await;
     let kubeconfig = s.work.join("agent.kubeconfig");
     std::fs::write(&kubeconfig, live.plane.kubeconfig(&live.agent_token)).expect("kubeconfig");
     let (dir, config) = netboot_dir(
@@ -564,30 +524,7 @@ async fn boot_storm_against_kube_apiserver() {
     let mut netboot = Netboot::spawn(&s.provisioner, &dir, &config);
     let (ready, status) = netboot.ready();
     println!("  READY after {:.2} s: {status}", ready.as_secs_f64());
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let served = seen.lock().expect("seen").served.len();
-        if served >= n {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {served} of {n} Machines Served after 300 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let all_served = seen
-        .lock()
-        .expect("seen")
-        .served
-        .values()
-        .max()
-        .copied()
-        .unwrap_or(started);
-    println!(
-        "  all {n} Machines Served {:.2} s after netboot started",
-        seconds_since(started, all_served)
-    );
+    wait_all_served(&seen, n, started).await;
     let (apiserver_pid, etcd_pid) = live.plane.pids();
     let apiserver_pid = apiserver_pid.expect("kube-apiserver runs");
     let server_cpu = || cpu_seconds(apiserver_pid) + cpu_seconds(etcd_pid);
@@ -599,7 +536,7 @@ async fn boot_storm_against_kube_apiserver() {
     // The reports are in netboot; their phase reaches the API through the status pipeline.
     let settle = Instant::now() + Duration::from_secs(60);
     let imaging = loop {
-        let imaging = seen.lock().expect("seen").imaging.clone();
+        let imaging = seen.lock().expect("seen").first_in("Imaging");
         if imaging.len() >= n || Instant::now() > settle {
             break imaging;
         }
