@@ -74,7 +74,7 @@ pub use files::{
 };
 /// The request body type a [`Site`] is handed.
 pub use hyper::body::Incoming;
-pub use limits::HttpLimits;
+pub use limits::{HttpLimits, SHED_AFTER};
 pub use netboot_site::{HttpSettings, NetbootSite};
 pub use server::{Outcome, ServeOptions, Site, DEFAULT_SHUTDOWN_GRACE, LOG_TARGET, MAX_BUF};
 
