@@ -275,8 +275,7 @@ impl Registry {
 
     /// Milliseconds since the epoch, counted from [`TIME_BASE`].
     fn now_ms(&self) -> u64 {
-        TIME_BASE
-            .saturating_add(u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX))
+        TIME_BASE.saturating_add(millis(self.epoch.elapsed()))
     }
 
     /// Connections in the table.
@@ -409,9 +408,7 @@ impl Registry {
     /// Sets the deadline of the response about to be written: its body is `len` bytes.
     pub fn response_started(&self, state: &ConnState, len: u64) {
         let deadline = self.limits.response_deadline(len);
-        let at = self
-            .now_ms()
-            .saturating_add(u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX));
+        let at = self.now_ms().saturating_add(millis(deadline));
         state.deadline.store(at.max(1), Ordering::Relaxed);
     }
 
@@ -513,11 +510,8 @@ impl<T> GuardedIo<T> {
     }
 
     fn wrote(&mut self) {
-        self.state
-            .idle_from
-            .store(self.registry.now_ms(), Ordering::Relaxed);
+        self.registry.wrote(&self.state);
         self.stall = None;
-        self.state.write_blocked.store(0, Ordering::Relaxed);
     }
 
     fn timed_out(&self, what: &'static str) -> io::Error {
